@@ -1,0 +1,55 @@
+"""Every knob of a job, with its default, in one place."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class JobConfig:
+    model: dict = field(default_factory=lambda: {"name": "mlp"})  # model spec (pipeline.models)
+    seed: int = 0               # initial weights: layer i from (seed, i); shuffling: (seed, epoch)
+    epochs: int = 1             # an epoch is N passes, one per peer of the ring
+    batch_size: int = 32        # samples per optimizer step
+    microbatches: int = 1       # a step's batch is cut into this many microbatches (gradients accumulate)
+    optimizer: str = "sgd"      # sgd | adam, one optimizer state per layer, moving with the layer
+    lr: float = 0.05
+    momentum: float = 0.0       # sgd only
+    weight_decay: float = 0.0
+    shuffle: bool = True        # heads visit their shard in a seeded random order each epoch
+    scheme: str = "nsplit"      # how the chain runs a step (nsplit: one microbatch at a time)
+    recv_timeout: float = 120.0  # seconds a stage waits for a neighbour before the job fails
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.microbatches >= 1, "microbatches must be >= 1"),
+            (self.optimizer in ("sgd", "adam"), f"unknown optimizer {self.optimizer!r} (sgd, adam)"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.momentum >= 0 and self.weight_decay >= 0, "momentum and weight_decay must be >= 0"),
+            (self.scheme in ("nsplit",), f"unknown scheme {self.scheme!r}"),
+            (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),
+        ]
+        for ok, text in checks:
+            if not ok:
+                raise ConfigError(text)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobConfig":
+        if not isinstance(d, dict):
+            raise ConfigError("job config must be a map")
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ConfigError(f"unknown job config field(s): {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None

@@ -1,0 +1,124 @@
+"""Datasets and the order samples are visited in.
+
+Sources: `digits` (scikit-learn's bundled 8x8 digits, pixels scaled to [0, 1]; a fixed split: a
+permutation from numpy's PCG64 seeded with 0, the first 1437 samples train, the last 360 held out),
+`FILE.npz` (arrays `x` float32 and `y` int64, optional held-out `x_test`, `y_test`), or none.
+`--shard k/n` keeps the k-th of n contiguous, disjoint blocks of the train split.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DIGITS_TRAIN = 1437
+
+
+class DataError(ValueError):
+    """Data that cannot be used, with a message saying why."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def n_test(self) -> int:
+        return 0 if self.y_test is None else len(self.y_test)
+
+
+def empty() -> Dataset:
+    return Dataset("none", torch.empty(0, 0), torch.empty(0, dtype=torch.int64))
+
+
+def digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    x = torch.from_numpy((d.data[order] / 16.0).astype(np.float32))
+    y = torch.from_numpy(d.target[order].astype(np.int64))
+    return Dataset("digits", x[:DIGITS_TRAIN], y[:DIGITS_TRAIN], x[DIGITS_TRAIN:], y[DIGITS_TRAIN:])
+
+
+def _pair(arrays, xk: str, yk: str, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = arrays[xk], arrays[yk]
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{path}: {xk} must be floating point (float32), got {x.dtype}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: {yk} must be integer class labels (int64), got {y.dtype}")
+    if y.ndim != 1 or x.ndim < 2 or len(x) != len(y):
+        raise DataError(f"{path}: {xk} must be (N, ...) and {yk} (N,); got {x.shape} and {y.shape}")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{path}: {yk} has negative labels")
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(y.astype(np.int64))
+
+
+def npz(path: str) -> Dataset:
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a readable .npz file: {e}") from None
+    missing = {"x", "y"} - arrays.keys()
+    if missing:
+        raise DataError(f"{path} lacks array(s) {sorted(missing)}: an .npz needs 'x' (float32) and 'y' (int64)")
+    x, y = _pair(arrays, "x", "y", path)
+    ds = Dataset(os.path.basename(path), x, y)
+    if "x_test" in arrays and "y_test" in arrays:
+        ds.x_test, ds.y_test = _pair(arrays, "x_test", "y_test", path)
+    return ds
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    k, sep, n = text.partition("/")
+    try:
+        k_i, n_i = int(k), int(n)
+    except ValueError:
+        raise DataError(f"--shard must look like k/n, got {text!r}") from None
+    if not sep or n_i < 1 or not 0 <= k_i < n_i:
+        raise DataError(f"--shard {text!r}: need 0 <= k < n")
+    return k_i, n_i
+
+
+def load(source: str | None, shard: str | None = None) -> Dataset:
+    """The train split (this peer's shard of it) and held-out split of a data source."""
+    if not source:
+        return empty()
+    ds = digits() if source == "digits" else npz(source)
+    k, n = parse_shard(shard)
+    block = np.array_split(np.arange(len(ds)), n)[k]
+    ds.x, ds.y = ds.x[block], ds.y[block]
+    return ds
+
+
+def pass_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """Indices a head visits its shard in during the pass of `epoch`."""
+    if not shuffle:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """Sizes of the batches (optimizer steps) of an n-sample pass; the last may be short."""
+    return [min(batch_size, n - s) for s in range(0, n, batch_size)]
+
+
+def microbatch_sizes(batch: int, microbatches: int) -> list[int]:
+    """A batch cut into at most `microbatches` near-equal non-empty parts (as torch.tensor_split)."""
+    return [len(p) for p in np.array_split(np.arange(batch), min(microbatches, batch))]

@@ -1,0 +1,147 @@
+"""Model specs: an ordered list of L layers, layer i built from (spec, seed, i) alone.
+
+A spec is a JSON-able dict: {"name": "mlp", ...options}, {"name": "cnn"} or
+{"name": "package.module:function", ...options} where function(**options) returns a list of
+zero-argument callables, one per layer, each building that layer's nn.Module. The code is importable
+on every peer; its source is part of the spec hash, so peers running different code are refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from typing import Callable
+
+import torch
+from torch import nn
+
+LayerFactory = Callable[[], nn.Module]
+
+
+class SpecError(ValueError):
+    """A model spec this peer cannot build."""
+
+
+def mlp(in_features: int = 64, depth: int = 2, width: int = 128, classes: int = 10) -> list[LayerFactory]:
+    """`depth` hidden Linear+ReLU layers of `width`, then a Linear classifier: depth+1 layers."""
+    sizes = [in_features] + [width] * depth
+    hidden = [lambda i=i, o=o: nn.Sequential(nn.Linear(i, o), nn.ReLU()) for i, o in zip(sizes, sizes[1:])]
+    return hidden + [lambda: nn.Linear(sizes[-1], classes)]
+
+
+def cnn(channels: int = 16, classes: int = 10) -> list[LayerFactory]:
+    """A small CNN for flattened 8x8 images (digits): 4 layers."""
+    c = channels
+    return [
+        lambda: nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, c, 3, padding=1), nn.ReLU()),
+        lambda: nn.Sequential(nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(2 * c * 16, 64), nn.ReLU()),
+        lambda: nn.Linear(64, classes),
+    ]
+
+
+BUILTIN: dict[str, Callable[..., list[LayerFactory]]] = {"mlp": mlp, "cnn": cnn}
+INPUT_SHAPES = {"mlp": lambda o: (o.get("in_features", 64),), "cnn": lambda o: (64,)}
+
+
+def _resolve(spec: dict) -> Callable[..., list[LayerFactory]]:
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise SpecError(f"a model spec is a map with a 'name', got {spec!r}")
+    name = spec["name"]
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if ":" not in name:
+        raise SpecError(f"unknown model {name!r}: built-ins are {sorted(BUILTIN)}, or use 'module:function'")
+    module_name, func_name = name.split(":", 1)
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"model {name!r} is not importable on this peer: {e}") from None
+    return func
+
+
+def options(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k not in ("name", "input_shape")}
+
+
+def layer_factories(spec: dict) -> list[LayerFactory]:
+    try:
+        factories = _resolve(spec)(**options(spec))
+    except TypeError as e:
+        raise SpecError(f"bad options for model {spec['name']!r}: {e}") from None
+    if not factories:
+        raise SpecError(f"model {spec['name']!r} has no layers")
+    return list(factories)
+
+
+def num_layers(spec: dict) -> int:
+    return len(layer_factories(spec))
+
+
+def input_shape(spec: dict) -> tuple[int, ...]:
+    """Shape of one input sample (without the batch dimension)."""
+    if "input_shape" in spec:
+        return tuple(spec["input_shape"])
+    if spec["name"] in INPUT_SHAPES:
+        return INPUT_SHAPES[spec["name"]](options(spec))
+    raise SpecError(f"model {spec['name']!r} needs an 'input_shape' option")
+
+
+def layer_seed(seed: int, index: int) -> int:
+    digest = hashlib.sha256(f"splitring-layer:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def build_layer(spec: dict, seed: int, index: int, factories: list[LayerFactory] | None = None) -> nn.Module:
+    """Layer `index`, its initial weights a function of (spec, seed, index) only."""
+    factories = factories or layer_factories(spec)
+    if not 0 <= index < len(factories):
+        raise SpecError(f"layer {index} out of range: model has {len(factories)} layers")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(layer_seed(seed, index))
+        return factories[index]()
+
+
+def build_model(spec: dict | str, seed: int = 0) -> nn.Sequential:
+    """The whole model, built layer by layer exactly as peers build their parts."""
+    spec = {"name": spec} if isinstance(spec, str) else spec
+    factories = layer_factories(spec)
+    return nn.Sequential(*(build_layer(spec, seed, i, factories) for i in range(len(factories))))
+
+
+def activation_shapes(spec: dict) -> list[tuple[int, ...]]:
+    """Per-sample output shape of every layer, computed on the meta device (no memory, no weights)."""
+    factories = layer_factories(spec)
+    x = torch.empty((1, *input_shape(spec)), device="meta")
+    shapes = []
+    with torch.device("meta"):
+        for f in factories:
+            x = f()(x)
+            shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
+def spec_hash(spec: dict) -> str:
+    """Hash of the spec and of the source code that builds it."""
+    func = _resolve(spec)
+    try:
+        source = inspect.getsource(inspect.getmodule(func))
+    except (OSError, TypeError):
+        source = func.__qualname__
+    blob = json.dumps(spec, sort_keys=True).encode() + b"\0" + source.encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_spec(name: str, opts: str = "") -> dict:
+    """CLI form: --model mlp --model-options depth=4,width=256 (values parsed as JSON where possible)."""
+    spec: dict = {"name": name}
+    for item in filter(None, (s.strip() for s in opts.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SpecError(f"model option {item!r} is not key=value")
+        try:
+            spec[key] = json.loads(value)
+        except json.JSONDecodeError:
+            spec[key] = value
+    return spec

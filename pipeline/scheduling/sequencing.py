@@ -1,0 +1,133 @@
+"""One helper's task order: timing a given order, dispatch rules, and small improvements.
+
+A sequence is a list of (client, FORWARD | BACKWARD) in the order the helper runs them; each task
+starts as early as the order, its release and the helper allow (no preemption, no idle time that
+an earlier start could remove). Helpers are independent once the assignment is fixed.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+
+from pipeline.scheduling.instance import Instance
+from pipeline.scheduling.schedule import BACKWARD, FORWARD, Schedule
+
+Sequence = list[tuple[int, int]]
+# A rule maps (instance, helper, client, kind, release) to a key; the ready task with the smallest key runs next.
+Rule = Callable[[Instance, int, int, int, float], tuple]
+
+
+def span(inst: Instance, h: int, seq: Sequence) -> float:
+    """Makespan of helper h's clients when it runs `seq`."""
+    return timing(inst, h, seq)[1]
+
+
+def timing(inst: Instance, h: int, seq: Sequence) -> tuple[dict[int, list[float]], float]:
+    """Start times {client: [forward, backward]} and the latest client end for `seq` on helper h."""
+    t, end, starts = 0.0, 0.0, {}
+    for j, kind in seq:
+        if kind == FORWARD:
+            start = max(t, inst.release[j][h])
+            starts[j] = [start, 0.0]
+            t = start + inst.forward[j][h]
+        else:
+            start = max(t, starts[j][0] + inst.forward[j][h] + inst.delay[j][h])
+            starts[j][1] = start
+            t = start + inst.backward[j][h]
+            end = max(end, t + inst.tail[j][h])
+    return starts, end
+
+
+def _remaining(inst: Instance, h: int, j: int, kind: int) -> float:
+    """Length of the client's path from the start of this task to its end, if nothing waits."""
+    rest = inst.backward[j][h] + inst.tail[j][h]
+    return rest if kind == BACKWARD else rest + inst.forward[j][h] + inst.delay[j][h]
+
+
+def fcfs(inst, h, j, kind, release):
+    """First come, first served: the task whose input arrived first."""
+    return (release, kind, j)
+
+
+def longest_path(inst, h, j, kind, release):
+    """Jackson's rule extended to both tasks: the longest remaining path first."""
+    return (-_remaining(inst, h, j, kind), j)
+
+
+def forward_first(inst, h, j, kind, release):
+    """Forwards before backwards, so clients' part-3 work overlaps the helper's; longest path within."""
+    return (kind, -_remaining(inst, h, j, kind), j)
+
+
+def backward_first(inst, h, j, kind, release):
+    """Backwards before forwards, so clients finish early; longest path within."""
+    return (-kind, -_remaining(inst, h, j, kind), j)
+
+
+RULES: tuple[Rule, ...] = (fcfs, longest_path, forward_first, backward_first)
+
+
+def dispatch(inst: Instance, h: int, clients: Iterable[int], rule: Rule) -> Sequence:
+    """Non-delay list schedule: whenever the helper is free it runs the ready task the rule prefers
+    (or waits for the next arrival if none is ready). A backward becomes ready when its gradient arrives."""
+    pending = [(inst.release[j][h], j, FORWARD) for j in clients]
+    heapq.heapify(pending)
+    ready: list[tuple[tuple, int, int]] = []
+    seq, t = [], 0.0
+    while pending or ready:
+        if not ready and pending[0][0] > t:
+            t = pending[0][0]
+        while pending and pending[0][0] <= t:
+            release, j, kind = heapq.heappop(pending)
+            heapq.heappush(ready, (rule(inst, h, j, kind, release), j, kind))
+        _, j, kind = heapq.heappop(ready)
+        seq.append((j, kind))
+        if kind == FORWARD:
+            t = max(t, inst.release[j][h]) + inst.forward[j][h]
+            heapq.heappush(pending, (t + inst.delay[j][h], j, BACKWARD))
+        else:
+            t += inst.backward[j][h]
+    return seq
+
+
+def best_dispatch(inst: Instance, h: int, clients: Iterable[int],
+                  rules: tuple[Rule, ...] = RULES) -> tuple[float, Sequence]:
+    """The best (makespan, sequence) over the rules; ties go to the earlier rule."""
+    clients = list(clients)
+    return min(((span(inst, h, seq), seq) for seq in (dispatch(inst, h, clients, r) for r in rules)),
+               key=lambda x: x[0])
+
+
+def polish(inst: Instance, h: int, seq: Sequence, max_passes: int = 3) -> tuple[float, Sequence]:
+    """Swap neighbouring tasks of different clients while that shortens the helper's makespan."""
+    seq, best = list(seq), span(inst, h, seq)
+    for _ in range(max_passes):
+        improved = False
+        for i in range(len(seq) - 1):
+            if seq[i][0] == seq[i + 1][0]:
+                continue  # a client's backward never precedes its forward
+            seq[i], seq[i + 1] = seq[i + 1], seq[i]
+            value = span(inst, h, seq)
+            if value < best - 1e-9:
+                best, improved = value, True
+            else:
+                seq[i], seq[i + 1] = seq[i + 1], seq[i]
+        if not improved:
+            break
+    return best, seq
+
+
+def to_schedule(inst: Instance, assignment: list[int], sequences: list[Sequence]) -> Schedule:
+    """The schedule that runs each helper's sequence as early as possible."""
+    starts: dict[int, list[float]] = {}
+    for h, seq in enumerate(sequences):
+        starts.update(timing(inst, h, seq)[0])
+    return Schedule(tuple(assignment), tuple(tuple(starts[j]) for j in range(inst.clients)))
+
+
+def groups(inst: Instance, assignment: list[int]) -> list[list[int]]:
+    """Clients of each helper, in client order."""
+    out: list[list[int]] = [[] for _ in range(inst.helpers)]
+    for j, h in enumerate(assignment):
+        out[h].append(j)
+    return out

@@ -1,0 +1,138 @@
+"""A stage: the contiguous layers [a, b) one peer owns, each with its own optimizer.
+
+One optimizer per layer makes a layer's whole training state self-contained, so a swap moves
+(parameters, optimizer state) per layer; SGD and Adam update each parameter independently, so this
+equals one optimizer over all layers. Forward buffers keep, per microbatch, what backward needs.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Hashable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.config import JobConfig
+from pipeline.models import build_layer, layer_factories
+
+
+def make_optimizer(cfg: JobConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class Stage:
+    def __init__(self, cfg: JobConfig, layers: dict[int, nn.Module]):
+        self.cfg = cfg
+        self.layers: dict[int, nn.Module] = {}
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.buffers: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, module in layers.items():
+            self.add(i, module)
+
+    @classmethod
+    def build(cls, cfg: JobConfig, start: int, stop: int) -> "Stage":
+        factories = layer_factories(cfg.model)
+        return cls(cfg, {i: build_layer(cfg.model, cfg.seed, i, factories) for i in range(start, stop)})
+
+    # ownership -------------------------------------------------------------------------------
+    def add(self, index: int, module: nn.Module, optim_state: dict | None = None) -> None:
+        opt = make_optimizer(self.cfg, module.parameters())
+        if optim_state:
+            opt.load_state_dict({"state": optim_state, "param_groups": opt.state_dict()["param_groups"]})
+        self.layers[index] = module
+        self.optimizers[index] = opt
+        self.layers = dict(sorted(self.layers.items()))
+
+    def remove(self, index: int) -> None:
+        del self.layers[index], self.optimizers[index]
+
+    @property
+    def range(self) -> tuple[int, int]:
+        keys = list(self.layers)
+        return (keys[0], keys[-1] + 1) if keys else (0, 0)
+
+    def contiguous(self) -> bool:
+        keys = list(self.layers)
+        return keys == list(range(keys[0], keys[-1] + 1)) if keys else True
+
+    # compute ---------------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.layers.values():
+            x = module(x)
+        return x
+
+    def forward(self, key: Hashable, x: torch.Tensor, needs_input_grad: bool) -> torch.Tensor:
+        """Forward one microbatch, keeping its buffer for backward; returns the detached output."""
+        x = x.detach().requires_grad_(needs_input_grad)
+        y = self._run(x)
+        self.buffers[key] = (x, y)
+        return y.detach()
+
+    def forward_loss(self, key: Hashable, x: torch.Tensor, labels: torch.Tensor, batch: int,
+                     needs_input_grad: bool) -> tuple[float, int]:
+        """Tail forward: loss of one microbatch, scaled so that microbatch gradients sum to the
+        batch-mean gradient. Returns (summed loss, correct predictions)."""
+        x = x.detach().requires_grad_(needs_input_grad)
+        logits = self._run(x)
+        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        self.buffers[key] = (x, loss_sum / batch)
+        return loss_sum.item(), int((logits.argmax(1) == labels).sum())
+
+    def backward(self, key: Hashable, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Backward one microbatch (grad of its output; None at the tail), freeing its buffer.
+        Returns the gradient of its input (None at the head)."""
+        x, y = self.buffers.pop(key)
+        y.backward(grad)
+        return x.grad
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+    # state -----------------------------------------------------------------------------------
+    def export(self, indices=None) -> dict[int, dict]:
+        """Per layer: parameters/buffers and optimizer state, as plain tensors (copies)."""
+        out = {}
+        for i in (self.layers if indices is None else indices):
+            params = {k: v.detach().clone() for k, v in self.layers[i].state_dict().items()}
+            state = {int(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                     for p, s in self.optimizers[i].state_dict()["state"].items()}
+            out[int(i)] = {"params": params, "optim": state}
+        return out
+
+    def install(self, layers: dict[int, dict]) -> None:
+        """Add layers exported by another stage (tensors are copied, never aliased)."""
+        factories = layer_factories(self.cfg.model)
+        for i, entry in layers.items():
+            module = build_layer(self.cfg.model, self.cfg.seed, i, factories)
+            module.load_state_dict({k: v.clone() for k, v in entry["params"].items()})
+            optim = {int(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                     for p, s in entry["optim"].items()}
+            self.add(int(i), module, optim)
+
+
+def checksum(layers: dict[int, dict]) -> str:
+    """sha256 over every tensor of exported layers, in a canonical order."""
+    h = hashlib.sha256()
+
+    def walk(obj, path: str):
+        if torch.is_tensor(obj):
+            t = obj.detach().contiguous()
+            h.update(f"{path}:{t.dtype}:{list(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                walk(obj[k], f"{path}/{k}")
+        else:
+            h.update(f"{path}={obj!r}".encode())
+
+    walk({int(k): v for k, v in layers.items()}, "")
+    return h.hexdigest()

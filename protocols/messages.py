@@ -1,0 +1,84 @@
+"""Message schema: every message is a map with `v` (protocol version) and `type`.
+
+`validate` checks the version, the type and each field's type before anything else reads the message.
+Tensor fields are checked for being tensors here; their dtype and shape against what a stage expects are
+checked by the receiver, which knows what it expects.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from protocols.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+Int, Float, Str, Tensor, Dict, List, Bool = int, (int, float), str, torch.Tensor, dict, list, bool
+
+# type -> required fields and their types. Optional fields: OPTIONAL.
+SCHEMAS: dict[str, dict[str, Any]] = {
+    # data plane (WebSocket, CBOR frames)
+    "hello": {"peer": Str, "ring": Str},
+    "fwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "n_mb": Int, "batch": Int,
+            "mode": Str, "origin": Str, "x": Tensor, "y": Tensor},
+    "bwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "grad": Tensor, "loss_sum": Float},
+    "eval_result": {"job": Str, "rotation": Int, "step": Int, "correct": Int, "total": Int, "loss_sum": Float},
+    "error": {"code": Str, "message": Str},
+    # control plane (HTTP, JSON bodies)
+    "job_prepare": {"job": Dict},
+    "job_assign": {"job": Str, "rotation": Int, "chain": List, "ranges": Dict},
+    "job_pass": {"job": Str, "rotation": Int},
+    "job_eval": {"job": Str, "rotation": Int},
+    "swap_send": {"job": Str, "rotation": Int, "moves": List},
+    "swap_receive": {"job": Str, "rotation": Int, "layers": Dict, "checksum": Str},
+    "swap_commit": {"job": Str, "rotation": Int, "chain": List, "ranges": Dict},
+    "job_end": {"job": Str},
+    "job_start": {"config": Dict},
+}
+OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "bwd": {"origin": Str}}
+
+
+def _type_ok(value, expected) -> bool:
+    if expected is Int or expected is Float or expected == Float:
+        if isinstance(value, bool):
+            return False
+    return isinstance(value, expected)
+
+
+def validate(msg: Any, expected_types: set[str] | None = None) -> dict:
+    """Return msg if it is a well-formed message of a known (and, if given, expected) type."""
+    if not isinstance(msg, dict):
+        raise ProtocolError("malformed", "a message must be a map")
+    v = msg.get("v")
+    if v != PROTOCOL_VERSION:
+        if isinstance(v, int) and not isinstance(v, bool):
+            side = "this agent" if v > PROTOCOL_VERSION else "the sender"
+            raise ProtocolError("version", f"protocol version {v} is not supported (this agent speaks "
+                                           f"{PROTOCOL_VERSION}); upgrade {side}")
+        raise ProtocolError("version", f"missing or malformed protocol version: {v!r}")
+    kind = msg.get("type")
+    if kind not in SCHEMAS or (expected_types is not None and kind not in expected_types):
+        raise ProtocolError("unknown_type", f"unknown or unexpected message type {kind!r}")
+    for field, expected in SCHEMAS[kind].items():
+        if field not in msg:
+            raise ProtocolError("malformed", f"{kind}: missing field {field!r}")
+        if not _type_ok(msg[field], expected):
+            raise ProtocolError("malformed", f"{kind}: field {field!r} has the wrong type")
+        if expected is Int and msg[field] < 0:
+            raise ProtocolError("malformed", f"{kind}: field {field!r} must be >= 0")
+    for field, expected in OPTIONAL.get(kind, {}).items():
+        if field in msg and not _type_ok(msg[field], expected):
+            raise ProtocolError("malformed", f"{kind}: field {field!r} has the wrong type")
+    return msg
+
+
+def message(kind: str, **fields) -> dict:
+    return {"v": PROTOCOL_VERSION, "type": kind, **fields}
+
+
+def error_message(code: str, text: str, ref: dict | None = None) -> dict:
+    msg = message("error", code=code, message=text)
+    if ref:
+        msg["ref"] = ref
+    return msg
