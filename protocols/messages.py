@@ -20,23 +20,21 @@ Int, Float, Str, Tensor, Dict, List, Bool = int, (int, float), str, torch.Tensor
 SCHEMAS: dict[str, dict[str, Any]] = {
     # data plane (WebSocket, CBOR frames)
     "hello": {"peer": Str, "ring": Str},
-    "fwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "n_mb": Int, "batch": Int,
-            "mode": Str, "origin": Str, "x": Tensor, "y": Tensor},
-    "bwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "grad": Tensor, "loss_sum": Float},
-    "eval_result": {"job": Str, "rotation": Int, "step": Int, "correct": Int, "total": Int, "loss_sum": Float},
+    "fwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "mode": Str, "x": Tensor, "y": Tensor},
+    "bwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "grad": Tensor},
     "error": {"code": Str, "message": Str},
     # control plane (HTTP, JSON bodies)
-    "job_prepare": {"job": Dict},
-    "job_assign": {"job": Str, "rotation": Int, "chain": List, "ranges": Dict},
-    "job_pass": {"job": Str, "rotation": Int},
-    "job_eval": {"job": Str, "rotation": Int},
+    "job_prepare": {"job": Str, "config": Dict, "ring": List, "coordinator": Str, "spec_hash": Str},
+    "job_commit": {"job": Str, "rotation": Int, "chain": List, "ranges": Dict, "head_samples": Int,
+                   "head_test_samples": Int},
+    "job_pass": {"job": Str, "rotation": Int, "mode": Str},
     "swap_send": {"job": Str, "rotation": Int, "moves": List},
     "swap_receive": {"job": Str, "rotation": Int, "layers": Dict, "checksum": Str},
-    "swap_commit": {"job": Str, "rotation": Int, "chain": List, "ranges": Dict},
     "job_end": {"job": Str},
+    "job_abort": {"job": Str, "reason": Str},
     "job_start": {"config": Dict},
 }
-OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "bwd": {"origin": Str}}
+OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}}
 
 
 def _type_ok(value, expected) -> bool:

@@ -1,0 +1,325 @@
+"""The device agent: one aiohttp application (HTTP control + WebSocket data) on one port."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+import torch
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from pipeline.config import ConfigError, JobConfig
+from pipeline.data import Dataset
+from pipeline.models import SpecError, input_shape, spec_hash
+from peer.coordinator import Coordinator
+from peer.dataplane import MAX_WS_FRAME, Codec, Links
+from peer.discovery import Discovery
+from peer.state import StateDir
+from peer.worker import JobError, JobRuntime
+from protocols import PROTOCOL_VERSION, ProtocolError, decode_frame, encode_frame, error_message, message, validate
+
+log = logging.getLogger("splitring.agent")
+CAPABILITIES = ["nsplit"]
+MAX_CONTROL_BODY = 1 << 30  # swaps carry layer state through the control plane
+
+
+def json_error(status: int, code: str, text: str) -> web.Response:
+    return web.json_response({"error": code, "message": text}, status=status)
+
+
+class Agent:
+    def __init__(self, ring: str, state: StateDir, data: Dataset, host: str, port: int, interface: str,
+                 advertise: str, join: list[str], threads: int = 1):
+        self.ring, self.state, self.data = ring, state, data
+        self.peer_id = state.peer_id
+        self.host, self.port, self.interface, self.advertise, self.join = host, port, interface, advertise, join
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=torch.set_num_threads,
+                                          initargs=(threads,))
+        self.codec = Codec()
+        self.jobs: dict[str, JobRuntime] = {}
+        self.coordinated: dict[str, Coordinator] = {}
+        self.registry = CollectorRegistry()
+        self.m_messages = Counter("splitring_messages", "data-plane messages received", ["type"], registry=self.registry)
+        self.m_rejected = Counter("splitring_rejected", "messages refused", ["code"], registry=self.registry)
+        self.m_bytes = Counter("splitring_received_bytes", "data-plane bytes received", registry=self.registry)
+        self.m_peers = Gauge("splitring_peers_seen", "peers of the ring seen", registry=self.registry)
+        self.session: aiohttp.ClientSession | None = None
+        self.discovery: Discovery | None = None
+        self.links: Links | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.advertise}:{self.port}"
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_CONTROL_BODY)
+        app.add_routes([
+            web.get("/status", self.h_status), web.get("/metrics", self.h_metrics), web.get("/ws", self.h_ws),
+            web.post("/jobs", self.h_start_job), web.get("/jobs/{job}", self.h_job),
+            web.get("/jobs/{job}/model", self.h_model), web.post("/jobs/{job}/cancel", self.h_cancel),
+            web.post("/job/prepare", self.h_prepare), web.post("/job/commit", self.h_commit),
+            web.post("/job/pass", self.h_pass), web.post("/job/swap/send", self.h_swap_send),
+            web.post("/job/swap/receive", self.h_swap_receive), web.post("/job/abort", self.h_abort),
+            web.post("/job/end", self.h_end), web.get("/job/{job}/params", self.h_params),
+        ])
+        return app
+
+    async def start(self):
+        self.session = aiohttp.ClientSession()
+        self.links = Links(self.peer_id, self.ring, self.session, self.codec)
+        self.discovery = Discovery(self.ring, self.peer_id, self.port, self.interface, self.advertise, self.join)
+        await self.discovery.start()
+
+    async def close(self):
+        for rt in self.jobs.values():
+            rt.abort("agent shutting down")
+            if rt.rotation >= 0:
+                rt.checkpoint()
+        for c in self.coordinated.values():
+            if c.task and not c.task.done():
+                c.task.cancel()
+        if self.discovery:
+            await self.discovery.close()
+        if self.links:
+            await self.links.close()
+        if self.session:
+            await self.session.close()
+        self.codec.close()
+        self.compute.shutdown(wait=False, cancel_futures=True)
+        self.state.close()
+
+    # --- reading requests ---------------------------------------------------------------------
+    async def read(self, request: web.Request, kind: str) -> dict:
+        body = await request.read()
+        if request.content_type == "application/json":
+            try:
+                msg = json.loads(body)
+            except ValueError as e:
+                raise ProtocolError("malformed", f"body is not JSON: {e}") from None
+        else:
+            msg = await self.codec.decode(body, MAX_CONTROL_BODY)
+        return validate(msg, {kind})
+
+    def runtime(self, job: str) -> JobRuntime:
+        rt = self.jobs.get(job)
+        if rt is None:
+            raise ProtocolError("unknown_job", f"job {job} is not known to peer {self.peer_id}")
+        return rt
+
+    @staticmethod
+    def guarded(handler):
+        async def wrapper(self, request):
+            try:
+                return await handler(self, request)
+            except ProtocolError as e:
+                self.m_rejected.labels(e.code).inc()
+                log.warning("%s %s refused: %s", request.method, request.path, e.message)
+                return json_error(400, e.code, e.message)
+            except (JobError, SpecError, ConfigError) as e:
+                log.warning("%s %s failed: %s", request.method, request.path, e)
+                return json_error(409, "job", str(e))
+        return wrapper
+
+    # --- public -------------------------------------------------------------------------------
+    async def h_status(self, request):
+        return web.json_response({
+            "peer": self.peer_id, "ring": self.ring, "version": PROTOCOL_VERSION, "capabilities": CAPABILITIES,
+            "url": self.url, "interface": self.interface,
+            "peers": [r.public() for r in self.discovery.view.values()], "conflicts": self.discovery.conflicts,
+            "data": {"name": self.data.name, "samples": len(self.data), "test_samples": self.data.n_test},
+            "stages": [{"job": j, "rotation": rt.rotation, "layers": list(rt.stage.range),
+                        "position": rt.position, "progress": rt.progress} for j, rt in self.jobs.items()],
+            "jobs": {j: (c.events[-1] if c.events else {}) for j, c in self.coordinated.items()},
+        })
+
+    async def h_metrics(self, request):
+        self.m_peers.set(len(self.discovery.view))
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
+    # --- data plane ---------------------------------------------------------------------------
+    async def h_ws(self, request):
+        ws = web.WebSocketResponse(max_msg_size=MAX_WS_FRAME)
+        await ws.prepare(request)
+        sender = None
+        async for frame in ws:
+            if frame.type != aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(encode_frame(error_message("malformed", "binary CBOR frames only")))
+                continue
+            self.m_bytes.inc(len(frame.data))
+            ref = None
+            try:
+                msg = validate(await self.codec.decode(frame.data, MAX_WS_FRAME))
+                ref = {k: msg[k] for k in ("type", "job", "rotation", "step", "mb") if k in msg}
+                self.m_messages.labels(msg["type"]).inc()
+                if sender is None:
+                    if msg["type"] != "hello":
+                        raise ProtocolError("hello_first", "say hello (peer, ring) before anything else")
+                    if msg["ring"] != self.ring:
+                        raise ProtocolError("wrong_ring", f"this peer belongs to ring {self.ring!r}, not {msg['ring']!r}")
+                    sender = msg["peer"]
+                    await ws.send_bytes(encode_frame(message("hello", peer=self.peer_id, ring=self.ring)))
+                elif msg["type"] in ("fwd", "bwd"):
+                    self.runtime(msg["job"]).accept(sender, msg)
+                else:
+                    raise ProtocolError("unknown_type", f"{msg['type']!r} is not a data-plane message")
+            except ProtocolError as e:
+                self.m_rejected.labels(e.code).inc()
+                log.warning("data plane: refused a message from %s: %s", sender or request.remote, e.message)
+                await ws.send_bytes(encode_frame(error_message(e.code, e.message, ref)))
+        return ws
+
+    # --- jobs: the coordinator side -----------------------------------------------------------
+    @guarded
+    async def h_start_job(self, request):
+        msg = await self.read(request, "job_start")
+        cfg = JobConfig.from_dict(msg["config"])
+        spec_hash(cfg.model)  # an unknown model is refused here, before anything starts
+        coord = Coordinator(self, cfg)
+        self.coordinated[coord.job] = coord
+        queue: asyncio.Queue = asyncio.Queue()
+        coord.listeners.add(queue)
+        coord.task = asyncio.create_task(coord.run())
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            while True:
+                event = await queue.get()
+                await resp.write((json.dumps(event) + "\n").encode())
+                if event["event"] in ("done", "failed"):
+                    break
+        finally:
+            coord.listeners.discard(queue)
+        return resp
+
+    async def h_job(self, request):
+        coord = self.coordinated.get(request.match_info["job"])
+        if coord is None:
+            return json_error(404, "unknown_job", "no such job coordinated here")
+        return web.json_response({"job": coord.job, "events": coord.events[-5:], "summary": coord.summary})
+
+    async def h_model(self, request):
+        coord = self.coordinated.get(request.match_info["job"])
+        if coord is None or coord.state_dict is None:
+            return json_error(404, "unknown_job", "no finished job with that id here")
+        return web.Response(body=coord.model_bytes(), content_type="application/octet-stream")
+
+    async def h_cancel(self, request):
+        coord = self.coordinated.get(request.match_info["job"])
+        if coord is None:
+            return json_error(404, "unknown_job", "no such job coordinated here")
+        if coord.task and not coord.task.done():
+            coord.task.cancel()
+        return web.json_response({"cancelled": coord.job})
+
+    # --- jobs: every peer's side --------------------------------------------------------------
+    @guarded
+    async def h_prepare(self, request):
+        msg = await self.read(request, "job_prepare")
+        cfg = JobConfig.from_dict(msg["config"])
+        mine = spec_hash(cfg.model)
+        if mine != msg["spec_hash"]:
+            raise JobError(f"model spec hash differs: peer {self.peer_id} has {mine}, coordinator has "
+                           f"{msg['spec_hash']}; run the same splitring version and model code on every peer")
+        if len(self.data) and tuple(self.data.x.shape[1:]) != input_shape(cfg.model):
+            raise JobError(f"peer {self.peer_id}'s data has samples of shape {list(self.data.x.shape[1:])}, "
+                           f"model {cfg.model['name']} expects {list(input_shape(cfg.model))}")
+        if msg["job"] in self.jobs:
+            raise ProtocolError("duplicate", f"job {msg['job']} is already prepared")
+        self.jobs[msg["job"]] = JobRuntime(msg["job"], cfg, self.peer_id, msg["ring"], msg["coordinator"],
+                                           self.data, self.links, self.compute, self.state)
+        return web.json_response({"samples": len(self.data), "test_samples": self.data.n_test})
+
+    @guarded
+    async def h_commit(self, request):
+        msg = await self.read(request, "job_commit")
+        rt = self.runtime(msg["job"])
+        out = await asyncio.get_running_loop().run_in_executor(
+            self.compute, rt.commit, msg["rotation"], msg["chain"], msg["ranges"], msg["head_samples"],
+            msg["head_test_samples"])
+        return web.json_response(out)
+
+    @guarded
+    async def h_pass(self, request):
+        msg = await self.read(request, "job_pass")
+        rt = self.runtime(msg["job"])
+        if msg["rotation"] != rt.rotation or msg["mode"] not in ("train", "eval"):
+            raise ProtocolError("stale", f"pass for rotation {msg['rotation']}; this stage is at {rt.rotation}")
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+
+        async def on_step(step, result, size):
+            steps = rt.progress["steps"]
+            await resp.write((json.dumps({"event": "step", "step": step, "steps": steps, "samples": result.samples,
+                                          "loss": result.loss_sum / max(size, 1), "correct": result.correct})
+                              + "\n").encode())
+
+        rt.task = asyncio.current_task()
+        try:
+            out = await rt.run_pass(msg["mode"], on_step)
+            await resp.write((json.dumps({"event": "end", **out}) + "\n").encode())
+        except (JobError, TimeoutError, ProtocolError, ConnectionError, aiohttp.ClientError) as e:
+            log.error("job %s: pass failed: %s", rt.job, e)
+            await resp.write((json.dumps({"error": str(e)}) + "\n").encode())
+        return resp
+
+    @guarded
+    async def h_swap_send(self, request):
+        msg = await self.read(request, "swap_send")
+        return web.json_response(await self.runtime(msg["job"]).swap_send(msg["rotation"], msg["moves"]))
+
+    @guarded
+    async def h_swap_receive(self, request):
+        msg = await self.read(request, "swap_receive")
+        rt = self.runtime(msg["job"])
+        digest = await asyncio.get_running_loop().run_in_executor(
+            self.compute, rt.receive_layers, msg["rotation"], msg["layers"], msg["checksum"])
+        return web.json_response({"checksum": digest})
+
+    @guarded
+    async def h_abort(self, request):
+        msg = await self.read(request, "job_abort")
+        rt = self.jobs.pop(msg["job"], None)
+        if rt:
+            log.warning("job %s aborted: %s", msg["job"], msg["reason"])
+            rt.abort(msg["reason"])
+        return web.json_response({"aborted": rt is not None})
+
+    @guarded
+    async def h_end(self, request):
+        msg = await self.read(request, "job_end")
+        rt = self.jobs.pop(msg["job"], None)
+        if rt:
+            rt.checkpoint()
+        return web.json_response({"ended": rt is not None})
+
+    @guarded
+    async def h_params(self, request):
+        rt = self.runtime(request.match_info["job"])
+        layers = {i: {k: v.detach() for k, v in m.state_dict().items()} for i, m in rt.stage.layers.items()}
+        return web.Response(body=await self.codec.encode({"layers": layers}), content_type="application/cbor")
+
+
+async def serve(agent: Agent, ready=None) -> None:
+    """Run until SIGINT/SIGTERM; then checkpoint, withdraw the mDNS record and close."""
+    runner = web.AppRunner(agent.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, agent.host, agent.port)
+    await site.start()
+    if agent.port == 0:
+        agent.port = runner.addresses[0][1]
+    await agent.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready:
+        ready(agent)
+    await stop.wait()
+    log.info("shutting down")
+    await agent.close()
+    await runner.cleanup()

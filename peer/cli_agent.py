@@ -1,0 +1,50 @@
+"""`splitring agent`: run this device's agent until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from peer.cli_common import add_ring_options, resolve_interface
+
+
+def register(sub) -> None:
+    p = sub.add_parser("agent", help="run a device agent", description=__doc__)
+    add_ring_options(p, peer=False)
+    p.add_argument("--data", default=None,
+                   help="digits (scikit-learn's bundled digits) or FILE.npz (x float32, y int64, optional "
+                        "x_test/y_test); omit to give compute only")
+    p.add_argument("--shard", default=None, help="k/n: keep the k-th of n disjoint blocks of the train split")
+    p.add_argument("--port", type=int, default=7000, help="HTTP + WebSocket port (0: any free port)")
+    p.add_argument("--listen", default=None, help="address to bind (default: the --interface address)")
+    p.add_argument("--state-dir", required=True, help="where the peer id and checkpoints live (one per agent)")
+    p.add_argument("--join", action="append", default=[], metavar="HOST:PORT",
+                   help="a known peer, polled over HTTP where mDNS does not reach (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for this agent's compute")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvloop
+
+    from peer.agent import Agent, serve
+    from peer.state import StateDir, StateDirInUse
+    from pipeline.data import DataError, load
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        data = load(args.data, args.shard)
+        state = StateDir(args.state_dir)
+    except (DataError, StateDirInUse) as e:
+        print(f"splitring agent: {e}", file=sys.stderr)
+        return 2
+    address = resolve_interface(args.interface)
+    agent = Agent(args.ring, state, data, args.listen or address, args.port, address, address, args.join,
+                  args.threads)
+
+    def ready(a):
+        print(f"splitring agent {a.peer_id} ring={a.ring} listening on {a.url} data={data.name} "
+              f"samples={len(data)}", flush=True)
+
+    uvloop.run(serve(agent, ready))
+    return 0

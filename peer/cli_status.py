@@ -1,0 +1,39 @@
+"""`splitring status`: what a peer sees: itself, the ring's peers and where they were seen, its stages."""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+
+from peer.cli_common import add_ring_options, find_peer
+
+
+def register(sub) -> None:
+    p = sub.add_parser("status", help="show a peer's view of the ring", description=__doc__)
+    add_ring_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    url = find_peer(args)
+    try:
+        with urllib.request.urlopen(f"{url}/status", timeout=10) as r:
+            st = json.load(r)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"splitring status: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"peer {st['peer']} ring {st['ring']!r} protocol v{st['version']} at {st['url']} "
+          f"(mDNS on {st['interface']}); data {st['data']['name']}: {st['data']['samples']} samples")
+    print(f"sees {len(st['peers'])} peer(s):")
+    for p in st["peers"]:
+        print(f"  {p['peer']}  {p['url']}  via {p['source']}, seen {p['seen_s_ago']}s ago, protocol v{p['version']}")
+    for c in st["conflicts"]:
+        print(f"  CONFLICT: {c}")
+    for s in st["stages"]:
+        print(f"stage of job {s['job']}: layers [{s['layers'][0]}, {s['layers'][1]}) rotation {s['rotation']}")
+    return 0

@@ -1,0 +1,103 @@
+"""`splitring train`: start a job on the ring from any of its peers and follow it to the end."""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+
+from peer.cli_common import add_ring_options, find_peer
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model on the ring", description=__doc__)
+    add_ring_options(p)
+    p.add_argument("--model", default="mlp", help="mlp, cnn, or module:function (see pipeline/models.py)")
+    p.add_argument("--model-options", default="", help="k=v,k=v, e.g. depth=4,width=256")
+    p.add_argument("--epochs", type=int, default=1, help="an epoch is one pass per peer")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--microbatches", type=int, default=1, help="microbatches per step (gradients accumulate)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffle", choices=["on", "off"], default="on")
+    p.add_argument("--scheme", choices=["nsplit"], default="nsplit")
+    p.add_argument("--out", default=None, help="write the trained model's state dict here (torch.save)")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON (no progress bar)")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args) -> dict:
+    from pipeline.config import JobConfig
+    from pipeline.models import parse_spec
+
+    return JobConfig(model=parse_spec(args.model, args.model_options), seed=args.seed, epochs=args.epochs,
+                     batch_size=args.batch_size, microbatches=args.microbatches, optimizer=args.optimizer,
+                     lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                     shuffle=args.shuffle == "on", scheme=args.scheme).to_dict()
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from pipeline.config import ConfigError
+    from pipeline.models import SpecError
+
+    try:
+        config = config_from_args(args)
+    except (ConfigError, SpecError) as e:
+        print(f"splitring train: {e}", file=sys.stderr)
+        return 2
+    url = find_peer(args)
+    body = json.dumps({"v": 1, "type": "job_start", "config": config}).encode()
+    req = urllib.request.Request(f"{url}/jobs", data=body, headers={"Content-Type": "application/json"})
+    bar, summary = None, None
+    try:
+        with urllib.request.urlopen(req) as resp:
+            for line in resp:
+                ev = json.loads(line)
+                kind = ev["event"]
+                if kind == "started" and not args.json:
+                    bar = tqdm(total=ev["total_steps"], unit="step", dynamic_ncols=True)
+                    bar.write(f"job {ev['job']} on ring of {len(ev['ring'])} peers, {ev['layers']} layers; "
+                              f"coordinator {ev['coordinator']}")
+                elif kind == "step" and bar:
+                    bar.update(1)
+                    bar.set_postfix_str(f"epoch {ev['epoch']} head {ev['head'][:6]} step {ev['step']}/{ev['steps']} "
+                                        f"loss {ev['loss']:.4f} {ev['samples_per_s']:.0f} samples/s")
+                elif kind == "epoch" and bar:
+                    acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
+                    bar.write(f"epoch {ev['epoch']}: loss {ev['loss']:.4f}, held-out accuracy {acc}")
+                elif kind == "failed":
+                    if bar:
+                        bar.close()
+                    print(f"splitring train: job failed: {ev['error']}", file=sys.stderr)
+                    return 1
+                elif kind == "done":
+                    summary = ev["summary"]
+    except urllib.error.HTTPError as e:
+        detail = json.loads(e.read() or b"{}")
+        print(f"splitring train: {url} refused the job: {detail.get('message', e)}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as e:
+        print(f"splitring train: cannot reach {url}: {e.reason}", file=sys.stderr)
+        return 1
+    if bar:
+        bar.close()
+    if summary is None:
+        print("splitring train: the coordinator closed the stream before the job ended", file=sys.stderr)
+        return 1
+    if args.out:
+        with urllib.request.urlopen(f"{url}/jobs/{summary['job']}/model") as resp, open(args.out, "wb") as f:
+            f.write(resp.read())
+        summary["out"] = args.out
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        acc = "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f}%"
+        print(f"done: {summary['epochs']} epochs, final loss {summary['final_loss']:.4f}, held-out accuracy {acc}, "
+              f"{summary['samples_per_s']:.0f} samples/s, {summary['seconds']:.1f}s"
+              + (f"; model written to {args.out}" if args.out else ""))
+    return 0

@@ -1,0 +1,233 @@
+"""One job as seen by one peer: its stage, the chain of the current rotation, and how it runs a pass,
+an evaluation and a swap. Decisions come from the coordinator; the math from pipeline."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from pipeline import schedule as S
+from pipeline.config import JobConfig
+from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
+from pipeline.execute import Recv, Send, StepInput, run_step
+from pipeline.local import make_step_input
+from pipeline.models import activation_shapes, input_shape
+from pipeline.stage import Stage, checksum
+from peer.dataplane import Links, Mailbox
+from protocols import ProtocolError, message
+
+log = logging.getLogger("splitring.worker")
+EVAL_BATCH = 256
+
+
+class JobError(RuntimeError):
+    """A job cannot go on; the message says why (it reaches the CLI)."""
+
+
+class JobRuntime:
+    def __init__(self, job: str, cfg: JobConfig, me: str, ring: list[dict], coordinator: str,
+                 data: Dataset, links: Links, compute: ThreadPoolExecutor, state_dir):
+        self.job, self.cfg, self.me = job, cfg, me
+        self.urls = {p["peer"]: p["url"] for p in ring}
+        self.ring = [p["peer"] for p in ring]
+        self.coordinator = coordinator
+        self.data, self.links, self.compute, self.state_dir = data, links, compute, state_dir
+        self.shapes = [input_shape(cfg.model)] + activation_shapes(cfg.model)  # shapes[i] = input of layer i
+        self.stage = Stage(cfg, {})
+        self.pending: dict[int, dict[int, dict]] = {}   # rotation -> received layers awaiting commit
+        self.rotation = -1
+        self.chain: list[str] = []
+        self.ranges: dict[str, tuple[int, int]] = {}
+        self.head_samples = self.head_test_samples = 0
+        self.mailbox = Mailbox()
+        self.progress = {"rotation": -1, "step": 0, "loss": None}
+        self.task: asyncio.Task | None = None
+
+    # --- helpers ------------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        return self.chain.index(self.me) if self.me in self.chain else -1
+
+    def neighbour(self, offset: int) -> str:
+        return self.chain[self.position + offset]
+
+    async def _compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    # --- ownership: commit a rotation's assignment ---------------------------------------------
+    def commit(self, rotation: int, chain: list[str], ranges: dict[str, list[int]], head_samples: int,
+               head_test_samples: int) -> dict:
+        """Take ownership for `rotation`: install received layers, free moved ones, checkpoint."""
+        if rotation <= self.rotation:
+            raise ProtocolError("stale", f"rotation {rotation} is not after the current {self.rotation}")
+        a, b = ranges.get(self.me, (0, 0))
+        if self.rotation < 0:  # first assignment: build own layers from (spec, seed, i)
+            self.stage = Stage.build(self.cfg, a, b)
+        else:
+            self.stage.install(self.pending.pop(rotation, {}))
+            for i in [i for i in self.stage.layers if not a <= i < b]:
+                self.stage.remove(i)
+        if sorted(self.stage.layers) != list(range(a, b)):
+            raise JobError(f"peer {self.me} should own layers [{a},{b}) for rotation {rotation} but holds "
+                           f"{sorted(self.stage.layers)}: a transfer is missing")
+        self.rotation, self.chain = rotation, list(chain)
+        self.ranges = {p: tuple(r) for p, r in ranges.items()}
+        self.head_samples, self.head_test_samples = head_samples, head_test_samples
+        self.pending = {r: v for r, v in self.pending.items() if r > rotation}
+        self.mailbox.new_rotation(rotation)
+        self.checkpoint()
+        return {"layers": [a, b]}
+
+    def checkpoint(self):
+        self.state_dir.save_checkpoint(self.job, {"job": self.job, "rotation": self.rotation,
+                                                  "config": self.cfg.to_dict(), "layers": self.stage.export()})
+
+    # --- swap ---------------------------------------------------------------------------------
+    async def swap_send(self, rotation: int, moves: list[list]) -> dict:
+        """Phase 1: send each moving layer (parameters + optimizer state) to its new owner, which
+        verifies the checksum. Nothing is freed here: that waits for the commit."""
+        by_dest: dict[str, list[int]] = {}
+        for layer, src, dst in moves:
+            if src == self.me:
+                if layer not in self.stage.layers:
+                    raise JobError(f"asked to send layer {layer} which {self.me} does not hold")
+                by_dest.setdefault(dst, []).append(layer)
+        sent = 0
+        for dst, layers in by_dest.items():
+            state = self.stage.export(layers)
+            digest = await self._compute(checksum, state)
+            msg = message("swap_receive", job=self.job, rotation=rotation, layers=state, checksum=digest)
+            reply = await self.links_post(dst, "/job/swap/receive", msg)
+            if reply.get("checksum") != digest:
+                raise JobError(f"layer transfer to {dst} failed verification")
+            sent += len(layers)
+        return {"sent": sent}
+
+    async def links_post(self, peer: str, path: str, msg: dict) -> dict:
+        frame = await self.links.codec.encode(msg)
+        async with self.links.session.post(self.urls[peer] + path, data=frame,
+                                           headers={"Content-Type": "application/cbor"}) as r:
+            reply = await r.json()
+            if r.status != 200:
+                raise JobError(f"{peer} refused {path}: {reply.get('message')}")
+            return reply
+
+    def receive_layers(self, rotation: int, layers: dict, digest: str) -> str:
+        if rotation <= self.rotation:
+            raise ProtocolError("stale", f"layers for rotation {rotation}, already at {self.rotation}")
+        layers = {int(k): v for k, v in layers.items()}
+        if checksum(layers) != digest:
+            raise ProtocolError("checksum", "layer state does not match its checksum")
+        self.pending.setdefault(rotation, {}).update(layers)
+        return digest
+
+    # --- data plane input ---------------------------------------------------------------------
+    def accept(self, sender: str, msg: dict) -> None:
+        """Check a fwd/bwd message against what this stage expects, then deliver it."""
+        rot, kind = msg["rotation"], msg["type"]
+        if rot != self.rotation or self.position < 0:
+            raise ProtocolError("stale", f"message for rotation {rot}; this stage is at {self.rotation}")
+        want_from = self.neighbour(-1) if kind == "fwd" else (
+            self.neighbour(1) if self.position + 1 < len(self.chain) else None)
+        if kind == "fwd" and self.position == 0 or sender != want_from:
+            raise ProtocolError("unexpected", f"{kind} from {sender} is not expected by stage {self.position}")
+        mode = msg.get("mode", "train")
+        if mode not in ("train", "eval"):
+            raise ProtocolError("malformed", f"unknown mode {mode!r}")
+        size = self._mb_size(mode, msg["step"], msg["mb"])
+        a, b = self.stage.range
+        if kind == "fwd":
+            self._check(msg["x"], (size, *self.shapes[a]), torch.float32, "activation")
+            self._check(msg["y"], (size,), torch.int64, "labels")
+            payload = {"x": msg["x"], "y": msg["y"]}
+        else:
+            self._check(msg["grad"], (size, *self.shapes[b]), torch.float32, "gradient")
+            payload = {"grad": msg["grad"]}
+        self.mailbox.deliver((rot, mode, msg["step"], kind, msg["mb"]), payload)
+
+    def _mb_size(self, mode: str, step: int, mb: int) -> int:
+        n = self.head_samples if mode == "train" else self.head_test_samples
+        steps = batch_sizes(n, self.cfg.batch_size if mode == "train" else EVAL_BATCH)
+        if step >= len(steps):
+            raise ProtocolError("unexpected", f"step {step} out of range ({len(steps)} steps in this pass)")
+        mbs = microbatch_sizes(steps[step], self.cfg.microbatches if mode == "train" else 1)
+        if mb >= len(mbs):
+            raise ProtocolError("unexpected", f"microbatch {mb} out of range ({len(mbs)})")
+        return mbs[mb]
+
+    @staticmethod
+    def _check(t: torch.Tensor, shape: tuple, dtype: torch.dtype, what: str):
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ProtocolError("bad_shape", f"{what}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+
+    # --- running a pass -----------------------------------------------------------------------
+    async def _drive(self, gen, mode: str, step: int):
+        pos, n = self.position, len(self.chain)
+
+        def advance(value):
+            try:
+                return False, gen.send(value)
+            except StopIteration as stop:
+                return True, stop.value
+
+        done, req = await self._compute(advance, None)
+        while not done:
+            if isinstance(req, Recv):
+                value = await self.mailbox.get((self.rotation, mode, step, req.kind, req.mb), self.cfg.recv_timeout)
+            else:
+                assert isinstance(req, Send)
+                dst = self.chain[pos + 1] if req.kind == "fwd" else self.chain[pos - 1]
+                msg = message(req.kind, job=self.job, rotation=self.rotation, step=step, mb=req.mb, **req.payload)
+                if req.kind == "fwd":
+                    msg["mode"] = mode
+                await self.links.send(self.urls[dst], msg)
+                value = None
+            done, req = await self._compute(advance, value)
+        return req
+
+    def _head_batches(self, mode: str):
+        if mode == "train":
+            epoch = self.rotation // len(self.ring)
+            order = pass_order(len(self.data), self.cfg.seed, epoch, self.cfg.shuffle)
+            ds, size, mbs = self.data, self.cfg.batch_size, self.cfg.microbatches
+        else:
+            ds = Dataset("test", self.data.x_test, self.data.y_test)
+            order, size, mbs = torch.arange(len(ds)), EVAL_BATCH, 1
+        start = 0
+        for n in batch_sizes(len(order), size):
+            yield make_step_input(ds, order[start:start + n], mbs)
+            start += n
+
+    async def run_pass(self, mode: str, on_step) -> dict:
+        """This stage's part of the current rotation's pass (mode "train") or evaluation ("eval").
+        on_step(step, result) is called at the tail after each step."""
+        pos, n = self.position, len(self.chain)
+        if pos < 0:
+            return {"steps": 0}
+        total = self.head_samples if mode == "train" else self.head_test_samples
+        sizes = batch_sizes(total, self.cfg.batch_size if mode == "train" else EVAL_BATCH)
+        if pos == 0 and mode == "train" and len(self.data) != total:
+            raise JobError(f"head {self.me} has {len(self.data)} samples, the coordinator expected {total}")
+        inputs = self._head_batches(mode) if pos == 0 else None
+        program_for = S.SCHEDULES[self.cfg.scheme]
+        t0 = time.perf_counter()
+        for step, size in enumerate(sizes):
+            head_input: StepInput | None = next(inputs) if inputs else None
+            if mode == "train":
+                program = program_for(pos, n, len(microbatch_sizes(size, self.cfg.microbatches)))
+            else:
+                program = S.evaluation(pos, n)
+            gen = run_step(self.stage, program, pos, n, size, head_input, train=mode == "train")
+            result = await self._drive(gen, mode, step)
+            self.progress = {"rotation": self.rotation, "mode": mode, "step": step + 1, "steps": len(sizes)}
+            if pos == n - 1:
+                await on_step(step, result, size)
+        return {"steps": len(sizes), "seconds": time.perf_counter() - t0}
+
+    def abort(self, reason: str) -> None:
+        self.mailbox.fail(JobError(reason))
+        if self.task and not self.task.done():
+            self.task.cancel()

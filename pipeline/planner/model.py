@@ -1,0 +1,171 @@
+"""The planner's data model and cost model: what a layer costs, what a device offers, what a plan is.
+
+Cost model, per microbatch, for a chain of stages cut into contiguous layer ranges:
+- a stage computes forward + backward of its layers on its own device;
+- every used stage except the last (the tail, which computes the loss) sends its output activation
+  forward and receives the gradient of the same size back over its outgoing link: 2 * (latency +
+  bytes / bandwidth). A position that owns no layers is skipped, and so is its link: the stage
+  before it sends over its own link straight to the next used stage.
+
+Schemes (`step_s` of a plan):
+- "nsplit": microbatches go through the chain one after another: step = M * one microbatch's time.
+- "fast" (Fast N-split, a flow shop of identical jobs): step = one microbatch's time + (M - 1) *
+  bottleneck, the bottleneck being the busiest stage (forward + backward) or link direction
+  (bytes / bandwidth; links are full duplex, latency delays a tensor but does not occupy the link).
+  With M = 1 both schemes agree.
+
+Memory model, per stage [a, b): parameters + gradients (same bytes) + optimizer state of its layers,
+plus the activations it keeps for backward, per microbatch in flight: its input (layer a-1's output;
+the head's raw input is its data, not counted) and every layer's output. Microbatches in flight:
+1 for "nsplit", M for "fast" (all forwards before the first backward, the worst case).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+SCHEMES = ("nsplit", "fast")
+DEFAULT_BANDWIDTH = 100e6 / 8   # bytes/s: a 100 Mbit/s LAN or a good Wi-Fi link
+DEFAULT_LATENCY = 1e-3          # seconds, one way
+
+
+class PlanInfeasible(ValueError):
+    """The devices cannot hold the model. `short_bytes`: how much more budget the last peer of the
+    chain would need to take every layer left over (0 when the problem is not memory);
+    `layers`: the range [a, b) that could not be placed; `peers`: the peers that were full."""
+
+    def __init__(self, message: str, short_bytes: int, layers: tuple[int, int], peers: tuple[str, ...]):
+        super().__init__(message)
+        self.short_bytes, self.layers, self.peers = short_bytes, layers, peers
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer, per microbatch. Times are on the reference device (see `Device.speed`)."""
+    forward_s: float
+    backward_s: float
+    param_bytes: int
+    optim_bytes: int        # optimizer state (SGD with momentum: = param_bytes; Adam: 2x)
+    activation_bytes: int   # this layer's output: what crosses the wire if the chain is cut after it
+
+
+@dataclass(frozen=True)
+class Device:
+    """One peer as the planner sees it. Its layer times are its own measurements (`forward_s` and
+    `backward_s`, one entry per layer) if given, else the reference times divided by `speed`."""
+    name: str
+    memory_budget: int | None = None          # bytes for its stage; None: no limit
+    speed: float = 1.0                        # 2.0: twice as fast as the reference device
+    forward_s: tuple[float, ...] | None = None
+    backward_s: tuple[float, ...] | None = None
+    bandwidth: float = DEFAULT_BANDWIDTH      # bytes/s on the link to its successor in the ring
+    latency: float = DEFAULT_LATENCY          # seconds, one way, on that link
+
+    def layer_times(self, layers: list[LayerCost]) -> list[float]:
+        """Forward + backward seconds of each layer, for one microbatch on this device."""
+        if self.forward_s is None or self.backward_s is None:
+            return [(l.forward_s + l.backward_s) / self.speed for l in layers]
+        if not len(self.forward_s) == len(self.backward_s) == len(layers):
+            raise ValueError(f"device {self.name}: {len(self.forward_s)} forward and {len(self.backward_s)} "
+                             f"backward times for {len(layers)} layers")
+        return [f + b for f, b in zip(self.forward_s, self.backward_s)]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one chain position does in a step (all M microbatches)."""
+    peer: str
+    layers: tuple[int, int]     # [a, b); a == b: the position is skipped
+    compute_s: float            # forward + backward of its layers
+    send_s: float               # its outgoing transfers, both directions (0 for the tail and skipped)
+    memory_bytes: int
+    memory_budget: int | None
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_budget is None or self.memory_bytes <= self.memory_budget
+
+
+@dataclass(frozen=True)
+class Plan:
+    scheme: str
+    microbatches: int
+    stages: tuple[StagePlan, ...]   # one per chain position, head first
+    step_s: float                   # predicted time of one step (see the module docstring)
+    bottleneck_s: float             # busiest stage or link direction, per microbatch
+    bytes_moved: int = 0            # parameters + optimizer state moved from the previous assignment
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return [s.layers for s in self.stages]
+
+    @property
+    def assignment(self) -> dict[str, tuple[int, int]]:
+        """Peer -> its layer range, in chain order (the form pipeline.swaps uses)."""
+        return {s.peer: s.layers for s in self.stages}
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.stages)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for s in d["stages"]:
+            s["layers"] = list(s["layers"])
+        return d
+
+
+def check(devices: list[Device], layers: list[LayerCost], scheme: str, microbatches: int) -> None:
+    """Raise ValueError for inputs the cost model does not cover."""
+    names = [d.name for d in devices]
+    problems = [
+        (not devices, "no devices"),
+        (not layers, "no layers"),
+        (len(set(names)) != len(names), f"device names are not unique: {names}"),
+        (scheme not in SCHEMES, f"unknown scheme {scheme!r} ({', '.join(SCHEMES)})"),
+        (microbatches < 1, "microbatches must be >= 1"),
+        (any(min(l.forward_s, l.backward_s) < 0 or min(l.param_bytes, l.optim_bytes, l.activation_bytes) < 0
+             for l in layers), "layer costs must be >= 0"),
+        (any(d.speed <= 0 or d.bandwidth <= 0 or d.latency < 0 for d in devices),
+         "speed and bandwidth must be > 0, latency >= 0"),
+        (any(d.memory_budget is not None and d.memory_budget < 0 for d in devices), "memory budgets must be >= 0"),
+    ]
+    for bad, text in problems:
+        if bad:
+            raise ValueError(text)
+
+
+def in_flight(scheme: str, microbatches: int) -> int:
+    return microbatches if scheme == "fast" else 1
+
+
+def stage_memory(layers: list[LayerCost], a: int, b: int, in_flight: int) -> int:
+    """Bytes a stage owning layers [a, b) needs (see the module docstring)."""
+    if a == b:
+        return 0
+    kept = sum(l.activation_bytes for l in layers[a:b]) + (layers[a - 1].activation_bytes if a > 0 else 0)
+    return sum(2 * l.param_bytes + l.optim_bytes for l in layers[a:b]) + in_flight * kept
+
+
+def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[int, int]],
+             scheme: str = "nsplit", microbatches: int = 1) -> Plan:
+    """The plan for given ranges (one per device, in chain order), with its predicted times and memory.
+    Used for the planner's result and for baselines; it does not check budgets (see `Plan.fits`)."""
+    check(devices, layers, scheme, microbatches)
+    if (len(ranges) != len(devices) or ranges[0][0] != 0 or ranges[-1][1] != len(layers)
+            or ranges[0][1] < 1 or any(a > b for a, b in ranges)
+            or any(p[1] != q[0] for p, q in zip(ranges, ranges[1:]))):
+        raise ValueError(f"not a chain split of {len(layers)} layers over {len(devices)} devices "
+                         f"with a non-empty head: {ranges}")
+    m, k = microbatches, in_flight(scheme, microbatches)
+    one_pass, busiest, stages = 0.0, 0.0, []
+    for d, (a, b) in zip(devices, ranges):
+        compute = sum(d.layer_times(layers)[a:b])
+        sends = a < b < len(layers)   # a used stage that is not the tail
+        wire = layers[b - 1].activation_bytes / d.bandwidth if sends else 0.0
+        send = 2 * (d.latency + wire) if sends else 0.0
+        one_pass += compute + send
+        busiest = max(busiest, compute, wire)
+        stages.append(StagePlan(d.name, (a, b), m * compute, m * send, stage_memory(layers, a, b, k),
+                                d.memory_budget))
+    step = m * one_pass if scheme == "nsplit" else one_pass + (m - 1) * busiest
+    return Plan(scheme, m, tuple(stages), step, busiest)

@@ -1,0 +1,47 @@
+"""The paper's two comparison methods; both let every helper serve first-come-first-served."""
+from __future__ import annotations
+
+import random
+
+from pipeline.scheduling.instance import Instance
+from pipeline.scheduling.schedule import Infeasible, Schedule
+from pipeline.scheduling.sequencing import dispatch, fcfs, groups, to_schedule
+
+
+def _with_room(inst: Instance, used: list[float], j: int) -> list[int]:
+    fits = [h for h in range(inst.helpers) if used[h] + inst.demand[j] <= inst.capacity[h]]
+    if not fits:
+        raise Infeasible(f"client {j} fits on no helper")
+    return fits
+
+
+def fcfs_schedule(inst: Instance, assignment: list[int]) -> Schedule:
+    return to_schedule(inst, assignment, [dispatch(inst, h, g, fcfs) for h, g in enumerate(groups(inst, assignment))])
+
+
+def random_assignment(inst: Instance, seed: int) -> list[int]:
+    """Clients in random order, each to a uniformly random helper that has room."""
+    rng = random.Random(seed)
+    assignment, used = [0] * inst.clients, [0.0] * inst.helpers
+    for j in rng.sample(range(inst.clients), inst.clients):
+        h = rng.choice(_with_room(inst, used, j))
+        assignment[j], used[h] = h, used[h] + inst.demand[j]
+    return assignment
+
+
+def balanced_greedy_assignment(inst: Instance) -> list[int]:
+    """Clients in order, each to the helper with room that serves the fewest clients so far
+    (lowest index on ties), keeping the number of clients per helper balanced."""
+    assignment, used, count = [0] * inst.clients, [0.0] * inst.helpers, [0] * inst.helpers
+    for j in range(inst.clients):
+        h = min(_with_room(inst, used, j), key=lambda i: (count[i], i))
+        assignment[j], used[h], count[h] = h, used[h] + inst.demand[j], count[h] + 1
+    return assignment
+
+
+def random_fcfs(inst: Instance, seed: int = 0) -> Schedule:
+    return fcfs_schedule(inst, random_assignment(inst, seed))
+
+
+def balanced_greedy_fcfs(inst: Instance) -> Schedule:
+    return fcfs_schedule(inst, balanced_greedy_assignment(inst))
