@@ -145,6 +145,8 @@ def generate(profile: str, clients: int, helpers: int, scenario: int, seed: int,
         raise ValueError("scenario must be 1 (low heterogeneity) or 2 (high)")
     if clients < 1 or helpers < 1:
         raise ValueError("need at least one client and one helper")
+    if memory_slack < 1:
+        raise ValueError("memory_slack must be at least 1, or some clients fit nowhere")
     compute, memory = load_compute(profile), load_memory(profile)
     layers = len(memory.activation_kb)
     a, b = cuts or default_cuts(profile, layers)

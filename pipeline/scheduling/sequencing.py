@@ -64,37 +64,61 @@ def backward_first(inst, h, j, kind, release):
     return (-kind, -_remaining(inst, h, j, kind), j)
 
 
-RULES: tuple[Rule, ...] = (fcfs, longest_path, forward_first, backward_first)
+# (rule, active) pairs worth trying; an active FCFS equals FCFS, an active backward-first rarely helps.
+POLICIES: tuple[tuple[Rule, bool], ...] = ((fcfs, False), (longest_path, False), (longest_path, True),
+                                           (forward_first, False), (forward_first, True), (backward_first, False))
 
 
-def dispatch(inst: Instance, h: int, clients: Iterable[int], rule: Rule) -> Sequence:
-    """Non-delay list schedule: whenever the helper is free it runs the ready task the rule prefers
-    (or waits for the next arrival if none is ready). A backward becomes ready when its gradient arrives."""
-    pending = [(inst.release[j][h], j, FORWARD) for j in clients]
-    heapq.heapify(pending)
-    ready: list[tuple[tuple, int, int]] = []
+def dispatch(inst: Instance, h: int, clients: Iterable[int], rule: Rule, active: bool = False) -> Sequence:
+    """List schedule: each time the helper picks a task, it runs the one the rule prefers among
+    - non-delay (default): the tasks that have arrived (or, if none has, the next to arrive);
+    - active: every task that could start before any task could end, so the helper may wait for
+      a more urgent task about to arrive.
+    A forward arrives with its activations, a backward with its gradient."""
+    return (_active if active else _non_delay)(inst, h, list(clients), rule)
+
+
+def _non_delay(inst: Instance, h: int, clients: list[int], rule: Rule) -> Sequence:
+    arrivals = [(inst.release[j][h], j, FORWARD) for j in clients]  # heap of tasks yet to arrive
+    heapq.heapify(arrivals)
+    ready: list[tuple[tuple, int, int]] = []  # heap of arrived tasks by the rule's key
     seq, t = [], 0.0
-    while pending or ready:
-        if not ready and pending[0][0] > t:
-            t = pending[0][0]
-        while pending and pending[0][0] <= t:
-            release, j, kind = heapq.heappop(pending)
-            heapq.heappush(ready, (rule(inst, h, j, kind, release), j, kind))
+    while arrivals or ready:
+        if not ready:
+            t = max(t, arrivals[0][0])
+        while arrivals and arrivals[0][0] <= t:
+            r, j, kind = heapq.heappop(arrivals)
+            heapq.heappush(ready, (rule(inst, h, j, kind, r), j, kind))
         _, j, kind = heapq.heappop(ready)
         seq.append((j, kind))
         if kind == FORWARD:
-            t = max(t, inst.release[j][h]) + inst.forward[j][h]
-            heapq.heappush(pending, (t + inst.delay[j][h], j, BACKWARD))
+            t += inst.forward[j][h]
+            heapq.heappush(arrivals, (t + inst.delay[j][h], j, BACKWARD))
         else:
             t += inst.backward[j][h]
     return seq
 
 
+def _active(inst: Instance, h: int, clients: list[int], rule: Rule) -> Sequence:
+    duration = (inst.forward, inst.backward)
+    waiting = {(j, FORWARD): (inst.release[j][h], rule(inst, h, j, FORWARD, inst.release[j][h])) for j in clients}
+    seq, t = [], 0.0
+    while waiting:
+        horizon = min(max(t, r) + duration[kind][j][h] for (j, kind), (r, _) in waiting.items())
+        _, j, kind = min((key, j, kind) for (j, kind), (r, key) in waiting.items() if max(t, r) <= horizon)
+        t = max(t, waiting.pop((j, kind))[0]) + duration[kind][j][h]
+        seq.append((j, kind))
+        if kind == FORWARD:
+            arrival = t + inst.delay[j][h]
+            waiting[(j, BACKWARD)] = (arrival, rule(inst, h, j, BACKWARD, arrival))
+    return seq
+
+
 def best_dispatch(inst: Instance, h: int, clients: Iterable[int],
-                  rules: tuple[Rule, ...] = RULES) -> tuple[float, Sequence]:
-    """The best (makespan, sequence) over the rules; ties go to the earlier rule."""
+                  policies: tuple[tuple[Rule, bool], ...] = POLICIES) -> tuple[float, Sequence]:
+    """The best (makespan, sequence) over the policies; ties go to the earlier one."""
     clients = list(clients)
-    return min(((span(inst, h, seq), seq) for seq in (dispatch(inst, h, clients, r) for r in rules)),
+    return min(((span(inst, h, seq), seq) for seq in (dispatch(inst, h, clients, *p) for p in policies)),
                key=lambda x: x[0])
 
 
