@@ -50,6 +50,7 @@ class Agent:
         self.session: aiohttp.ClientSession | None = None
         self.discovery: Discovery | None = None
         self.links: Links | None = None
+        self.sockets: set[web.WebSocketResponse] = set()  # incoming data-plane sockets, closed on shutdown
 
     @property
     def url(self) -> str:
@@ -85,6 +86,8 @@ class Agent:
                 c.task.cancel()
         if self.discovery:
             await self.discovery.close()
+        for ws in list(self.sockets):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"agent shutting down")
         if self.links:
             await self.links.close()
         if self.session:
@@ -145,6 +148,14 @@ class Agent:
     async def h_ws(self, request):
         ws = web.WebSocketResponse(max_msg_size=MAX_WS_FRAME)
         await ws.prepare(request)
+        self.sockets.add(ws)
+        try:
+            await self._serve_ws(request, ws)
+        finally:
+            self.sockets.discard(ws)
+        return ws
+
+    async def _serve_ws(self, request, ws):
         sender = None
         async for frame in ws:
             if frame.type != aiohttp.WSMsgType.BINARY:
@@ -171,7 +182,6 @@ class Agent:
                 self.m_rejected.labels(e.code).inc()
                 log.warning("data plane: refused a message from %s: %s", sender or request.remote, e.message)
                 await ws.send_bytes(encode_frame(error_message(e.code, e.message, ref)))
-        return ws
 
     # --- jobs: the coordinator side -----------------------------------------------------------
     @guarded

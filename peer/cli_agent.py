@@ -19,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--state-dir", required=True, help="where the peer id and checkpoints live (one per agent)")
     p.add_argument("--join", action="append", default=[], metavar="HOST:PORT",
                    help="a known peer, polled over HTTP where mDNS does not reach (repeatable)")
+    p.add_argument("--no-mdns", action="store_true", help="do not use mDNS; find peers through --join only")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for this agent's compute")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
@@ -39,8 +40,8 @@ def run(args) -> int:
         print(f"splitring agent: {e}", file=sys.stderr)
         return 2
     address = resolve_interface(args.interface)
-    agent = Agent(args.ring, state, data, args.listen or address, args.port, address, address, args.join,
-                  args.threads)
+    agent = Agent(args.ring, state, data, args.listen or address, args.port, None if args.no_mdns else address,
+                  address, args.join, args.threads)
 
     def ready(a):
         print(f"splitring agent {a.peer_id} ring={a.ring} listening on {a.url} data={data.name} "

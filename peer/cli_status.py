@@ -28,7 +28,7 @@ def run(args) -> int:
         print(json.dumps(st, indent=2))
         return 0
     print(f"peer {st['peer']} ring {st['ring']!r} protocol v{st['version']} at {st['url']} "
-          f"(mDNS on {st['interface']}); data {st['data']['name']}: {st['data']['samples']} samples")
+          f"(mDNS {'on ' + st['interface'] if st['interface'] else 'off'}); data {st['data']['name']}: {st['data']['samples']} samples")
     print(f"sees {len(st['peers'])} peer(s):")
     for p in st["peers"]:
         print(f"  {p['peer']}  {p['url']}  via {p['source']}, seen {p['seen_s_ago']}s ago, protocol v{p['version']}")

@@ -90,13 +90,13 @@ class Browser:
 class Discovery:
     """This agent's advertisement and its view of the ring."""
 
-    def __init__(self, ring: str, peer: str, port: int, interface: str, advertise: str | None,
-                 join: list[str], poll_interval: float = 2.0):
+    def __init__(self, ring: str, peer: str, port: int, interface: str | None, advertise: str,
+                 join: list[str], poll_interval: float = 1.0, drop_after: float = 5.0):
         self.ring, self.peer, self.port = ring, peer, port
-        self.interface = interface
-        self.advertise = advertise or interface
+        self.interface = interface  # None: no mDNS at all (known peers only)
+        self.advertise = advertise
         self.join = join
-        self.poll_interval = poll_interval
+        self.poll_interval, self.drop_after = poll_interval, drop_after
         self.view: dict[str, PeerRecord] = {}      # peer id -> record (other peers of this ring)
         self.by_name: dict[str, str] = {}           # mDNS service name -> peer id
         self.conflicts: list[str] = []
@@ -107,17 +107,17 @@ class Discovery:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self):
-        if self.interface != "none":
+        if self.interface:
             self.zc = AsyncZeroconf(interfaces=[self.interface], ip_version=IPVersion.V4Only)
             self.info = AsyncServiceInfo(
                 SERVICE, f"{self.peer}.{SERVICE}", addresses=[socket.inet_aton(self.advertise)], port=self.port,
-                properties=txt(self.ring, self.peer, self.port), server=f"splitring-{self.peer}.local.")
+                properties=txt(self.ring, self.peer, self.port), server=f"splitring-{self.peer}.local.",
+                host_ttl=60, other_ttl=60)
             await self.zc.async_register_service(self.info)
             self.browser = Browser(self.interface, self._on_mdns)
             await self.browser.start(self.zc)
-        if self.join:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
-            self._poller = asyncio.create_task(self._poll_joins())
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
+        self._poller = asyncio.create_task(self._poll())
 
     def _on_mdns(self, name: str, rec: PeerRecord | None):
         if rec is None:
@@ -143,19 +143,31 @@ class Discovery:
             log.info("peer %s seen at %s (mdns)", rec.peer, rec.url)
         self.view[rec.peer] = rec
 
-    async def _poll_joins(self):
+    async def _status(self, url: str) -> dict | None:
+        try:
+            async with self._session.get(f"{url}/status") as r:
+                return await r.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+
+    async def _poll(self):
+        """Known peers are added when they answer; every peer in view is dropped when it has not
+        answered for `drop_after` seconds (mDNS goodbyes can be lost, and crashed peers send none)."""
         while True:
             for hostport in self.join:
                 url = hostport if hostport.startswith("http") else f"http://{hostport}"
-                try:
-                    async with self._session.get(f"{url}/status") as r:
-                        st = await r.json()
-                    if st.get("ring") == self.ring and st.get("peer") != self.peer:
-                        self.view[st["peer"]] = PeerRecord(st["peer"], url, st["ring"], st.get("version", 0), "join")
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                    for pid, rec in list(self.view.items()):
-                        if rec.url == url and rec.source == "join" and time.monotonic() - rec.last_seen > 10:
-                            del self.view[pid]
+                st = await self._status(url)
+                if st and st.get("ring") == self.ring and st.get("peer") != self.peer:
+                    if st["peer"] not in self.view:
+                        log.info("peer %s seen at %s (join)", st["peer"], url)
+                    self.view[st["peer"]] = PeerRecord(st["peer"], url, st["ring"], st.get("version", 0), "join")
+            for pid, rec in list(self.view.items()):
+                st = await self._status(rec.url)
+                if st and st.get("peer") == pid:
+                    rec.last_seen = time.monotonic()
+                elif time.monotonic() - rec.last_seen > self.drop_after:
+                    log.info("peer %s at %s stopped answering: dropped", pid, rec.url)
+                    self.view.pop(pid, None)
             await asyncio.sleep(self.poll_interval)
 
     def peers(self) -> list[PeerRecord]:

@@ -127,7 +127,7 @@ def checksum(layers: dict[int, dict]) -> str:
         if torch.is_tensor(obj):
             t = obj.detach().contiguous()
             h.update(f"{path}:{t.dtype}:{list(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(obj, dict):
             for k in sorted(obj, key=str):
                 walk(obj[k], f"{path}/{k}")

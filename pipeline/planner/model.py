@@ -134,6 +134,18 @@ def check(devices: list[Device], layers: list[LayerCost], scheme: str, microbatc
             raise ValueError(text)
 
 
+def format_bytes(n: int | None) -> str:
+    """1536 -> '1.5 KiB'; None (no budget) -> 'no limit'."""
+    if n is None:
+        return "no limit"
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{value:.4g} {unit}"
+
+
 def in_flight(scheme: str, microbatches: int) -> int:
     return microbatches if scheme == "fast" else 1
 

@@ -1,0 +1,123 @@
+"""Start a ring of real agent processes on this machine (loopback, or inside network namespaces):
+used by `splitring demo`, the tests and the benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+class AgentProcess:
+    def __init__(self, args: list[str], log_path: Path, prefix: list[str] | None = None):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        cmd = (prefix or []) + [sys.executable, "-m", "peer", "agent", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log)
+        self.url = self.peer_id = None
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        line = b""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith(b"splitring agent "):
+                words = line.decode().split()
+                self.peer_id = words[2]
+                self.url = next(w for w in words if w.startswith("http://"))
+                return
+            if not line and self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"agent did not start: {self.log_path.read_text()[-2000:]}")
+
+    def status(self) -> dict:
+        return get_json(f"{self.url}/status")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+class LocalRing:
+    """n agents; `data[k]` are agent k's data options (e.g. ["--data", "digits", "--shard", "0/3"])."""
+
+    def __init__(self, data: list[list[str]], ring: str | None = None, interface: str = "127.0.0.1",
+                 workdir: str | None = None, extra: list[str] | None = None):
+        self.data = data
+        self.ring = ring or f"test-{secrets.token_hex(3)}"
+        self.interface = interface
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="splitring-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.extra = extra or []
+        self.agents: list[AgentProcess] = []
+
+    def agent_args(self, k: int) -> list[str]:
+        return ["--ring", self.ring, "--interface", self.interface, "--port", "0", "--threads", "1",
+                "--state-dir", str(self.workdir / f"agent{k}"), *self.data[k], *self.extra]
+
+    def start(self, timeout: float = 60.0) -> "LocalRing":
+        for k in range(len(self.data)):
+            self.agents.append(AgentProcess(self.agent_args(k), self.workdir / f"agent{k}.log"))
+        for a in self.agents:
+            a.wait_ready(timeout)
+        self.wait_converged(timeout)
+        return self
+
+    def wait_converged(self, timeout: float) -> None:
+        """Until every agent sees every other one."""
+        deadline = time.monotonic() + timeout
+        want = len(self.agents) - 1
+        while time.monotonic() < deadline:
+            if all(len(a.status()["peers"]) >= want for a in self.agents):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("agents did not discover each other: "
+                           + "; ".join(f"{a.peer_id} sees {len(a.status()['peers'])}" for a in self.agents))
+
+    @property
+    def urls(self) -> list[str]:
+        return [a.url for a in self.agents]
+
+    def ring_order(self) -> list[AgentProcess]:
+        """Agents in ring order (sorted by peer id, as the coordinator orders them)."""
+        return sorted(self.agents, key=lambda a: a.peer_id)
+
+    def stop(self) -> None:
+        for a in self.agents:
+            a.stop()
+        if self._tmp:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> "LocalRing":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def train_cli(peer_url: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `splitring train --peer URL ARGS --json` and return the completed process."""
+    return subprocess.run([sys.executable, "-m", "peer", "train", "--peer", peer_url, "--json", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env or os.environ.copy())

@@ -1,0 +1,161 @@
+"""The pure core: models, data, stages, schedules, swaps, and single-process N-split against PyTorch."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from pipeline import data, local, reference
+from pipeline import schedule as S
+from pipeline.config import ConfigError, JobConfig
+from pipeline.models import SpecError, build_layer, build_model, num_layers, parse_spec, spec_hash
+from pipeline.stage import Stage, checksum
+from pipeline.swaps import even_split, owners, swap_moves
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("spec", [{"name": "mlp"}, {"name": "mlp", "depth": 4, "width": 32}, {"name": "cnn"}])
+def test_layer_i_depends_only_on_spec_seed_and_i(spec):
+    model = build_model(spec, seed=7)
+    for i in reversed(range(num_layers(spec))):  # built alone and out of order: same weights
+        alone = build_layer(spec, 7, i)
+        assert max_diff(alone.state_dict(), model[i].state_dict()) == 0
+    other = build_model(spec, seed=8)
+    assert max_diff(model.state_dict(), other.state_dict()) > 0
+    assert model(torch.zeros(2, 64)).shape == (2, 10)
+
+
+def test_spec_hash_and_errors():
+    assert spec_hash({"name": "mlp"}) == spec_hash({"name": "mlp"})
+    assert spec_hash({"name": "mlp"}) != spec_hash({"name": "mlp", "width": 64})
+    assert parse_spec("mlp", "depth=4,width=256") == {"name": "mlp", "depth": 4, "width": 256}
+    with pytest.raises(SpecError, match="unknown model"):
+        spec_hash({"name": "resnet9000"})
+    with pytest.raises(SpecError, match="not importable"):
+        spec_hash({"name": "no_such_module:f"})
+    with pytest.raises(SpecError, match="bad options"):
+        num_layers({"name": "mlp", "colour": "red"})
+
+
+def test_digits_split_is_fixed_and_shards_are_disjoint():
+    full = data.load("digits")
+    assert (len(full), full.n_test) == (1437, 360)
+    shards = [data.load("digits", f"{k}/3") for k in range(3)]
+    assert sum(len(s) for s in shards) == 1437
+    assert torch.equal(torch.cat([s.x for s in shards]), full.x)
+    assert torch.equal(data.load("digits").y, full.y)  # deterministic
+
+
+def test_npz_loading_and_errors(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.ones((5, 64), np.float32), y=np.arange(5), x_test=np.ones((2, 64), np.float32),
+             y_test=np.arange(2))
+    ds = data.load(str(good))
+    assert len(ds) == 5 and ds.n_test == 2 and ds.x.dtype == torch.float32 and ds.y.dtype == torch.int64
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load(str(tmp_path / "missing.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(data.DataError, match="not a readable"):
+        data.load(str(tmp_path / "junk.npz"))
+    np.savez(tmp_path / "nox.npz", y=np.arange(3))
+    with pytest.raises(data.DataError, match="lacks"):
+        data.load(str(tmp_path / "nox.npz"))
+    np.savez(tmp_path / "floaty.npz", x=np.ones((3, 2), np.float32), y=np.ones(3, np.float32))
+    with pytest.raises(data.DataError, match="integer"):
+        data.load(str(tmp_path / "floaty.npz"))
+    np.savez(tmp_path / "len.npz", x=np.ones((3, 2), np.float32), y=np.arange(4))
+    with pytest.raises(data.DataError, match="must be"):
+        data.load(str(tmp_path / "len.npz"))
+    with pytest.raises(data.DataError):
+        data.parse_shard("3/3")
+
+
+def test_batches_and_microbatches():
+    assert data.batch_sizes(70, 32) == [32, 32, 6]
+    assert data.batch_sizes(0, 32) == []
+    assert data.microbatch_sizes(7, 3) == [3, 2, 2]
+    assert data.microbatch_sizes(2, 4) == [1, 1]
+    assert torch.equal(data.pass_order(5, 0, 0, shuffle=False), torch.arange(5))
+    assert not torch.equal(data.pass_order(50, 0, 0, True), data.pass_order(50, 0, 1, True))
+
+
+@pytest.mark.parametrize("cfg", [
+    JobConfig(epochs=2, momentum=0.9, microbatches=2, shuffle=False),
+    JobConfig(epochs=1, optimizer="adam", lr=0.01, weight_decay=0.01, microbatches=3, batch_size=20),
+    JobConfig(epochs=1, model={"name": "cnn"}, batch_size=16, momentum=0.5),
+], ids=["sgd-momentum", "adam", "cnn"])
+def test_local_nsplit_equals_plain_pytorch(cfg):
+    shards = [data.load("digits", f"{k}/3") for k in range(3)]
+    shards[1] = data.Dataset("cut", shards[1].x[:50], shards[1].y[:50])  # unequal shards, short last batch
+    n_layers = num_layers(cfg.model)
+    got = local.train(cfg, shards, even_split(n_layers, 3))
+    want = reference.train(cfg, shards).state_dict()
+    assert max_diff(got, want) <= 1e-5
+
+
+def test_stage_export_install_round_trip_with_checksum():
+    cfg = JobConfig(optimizer="adam", lr=0.01)
+    a = Stage.build(cfg, 0, 3)
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    a.forward_loss(0, x, y, 8, needs_input_grad=False)
+    a.backward(0, None)
+    a.step()
+    exported = a.export([1, 2])
+    b = Stage(cfg, {})
+    b.install(exported)
+    assert checksum(b.export()) == checksum(exported)
+    exported[1]["params"]["0.weight"][0, 0] += 1  # a copy: the source stage is untouched
+    assert checksum(a.export([1, 2])) == checksum(b.export())
+    assert checksum(a.export([1, 2])) != checksum(exported)
+    # the moved layers keep training identically (optimizer state moved with them)
+    h = torch.randn(8, 128)
+    for st in (a, b):
+        st.layers = {i: m for i, m in st.layers.items() if i in (1, 2)}
+        st.optimizers = {i: o for i, o in st.optimizers.items() if i in (1, 2)}
+        st.forward_loss(1, h, y, 8, needs_input_grad=True)
+        st.backward(1, None)
+        st.step()
+    assert checksum(a.export()) == checksum(b.export())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 8), st.integers(0, 7))
+def test_even_split_and_swap_moves(n_layers, n, r):
+    ranges = even_split(n_layers, n)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n_layers
+    assert all(a <= b for a, b in ranges) and all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+    assert ranges[0][1] > ranges[0][0]  # the head always computes layer 0
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+    ring = [f"p{i}" for i in range(n)]
+    old = dict(zip(S.chain_order(ring, r), ranges))
+    new = dict(zip(S.chain_order(ring, r + 1), ranges))
+    moves = swap_moves(old, new)
+    after = owners(old)
+    for layer, src, dst in moves:
+        assert after[layer] == src
+        after[layer] = dst
+    assert after == owners(new)
+    assert all(src != dst for _, src, dst in moves)
+
+
+def test_chain_order_rotates():
+    assert S.chain_order(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert S.chain_order(["a", "b", "c"], 4) == ["b", "c", "a"]
+
+
+def test_nsplit_schedule_is_one_microbatch_at_a_time():
+    progs = [S.nsplit(j, 3, 2) for j in range(3)]
+    assert [str(a) for a in progs[0]] == ["F0", "SEND_F0", "RECV_B0", "B0", "F1", "SEND_F1", "RECV_B1", "B1", "STEP"]
+    assert [str(a) for a in progs[2]] == ["RECV_F0", "F0", "B0", "SEND_B0", "RECV_F1", "F1", "B1", "SEND_B1", "STEP"]
+    assert "stage 1:" in S.render(progs)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="optimizer"):
+        JobConfig(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="unknown job config"):
+        JobConfig.from_dict({"epochs": 1, "warp": 9})
+    assert JobConfig.from_dict(JobConfig(epochs=3).to_dict()).epochs == 3

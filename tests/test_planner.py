@@ -1,0 +1,256 @@
+"""The split planner against brute force, and its edges: infeasibility, rotations, scale, CLI."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.planner import (Device, LayerCost, PlanInfeasible, even_split, evaluate, layers_from_profile,
+                              moved_bytes, plan, plan_rotations, proportional_split, swap_moves)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- an independent statement of the cost and memory model --------------------------------------
+
+def reference(devices, layers, ranges, scheme, m):
+    """(step seconds, bytes per stage) straight from the model's definition."""
+    kept = m if scheme == "fast" else 1
+    one_pass, busy, memory = 0.0, [], []
+    for d, (a, b) in zip(devices, ranges):
+        if a == b:
+            memory.append(0)
+            continue
+        own = d.forward_s is not None
+        compute = sum(d.forward_s[i] + d.backward_s[i] if own else (layers[i].forward_s + layers[i].backward_s) / d.speed
+                      for i in range(a, b))
+        one_pass += compute
+        busy.append(compute)
+        if b < len(layers):
+            wire = layers[b - 1].activation_bytes / d.bandwidth
+            one_pass += 2 * (d.latency + wire)
+            busy.append(wire)
+        acts = sum(l.activation_bytes for l in layers[a:b]) + (layers[a - 1].activation_bytes if a else 0)
+        memory.append(sum(2 * l.param_bytes + l.optim_bytes for l in layers[a:b]) + kept * acts)
+    step = m * one_pass if scheme == "nsplit" else one_pass + (m - 1) * max(busy)
+    return step, memory
+
+
+def fits(devices, memory):
+    return all(d.memory_budget is None or used <= d.memory_budget for d, used in zip(devices, memory))
+
+
+def all_splits(n_layers, n_devices):
+    """Every contiguous split in chain order with a non-empty head."""
+    for cuts in itertools.combinations_with_replacement(range(1, n_layers + 1), n_devices - 1):
+        bounds = (0, *cuts, n_layers)
+        yield list(zip(bounds, bounds[1:]))
+
+
+def brute_force(devices, layers, scheme, m):
+    """[(step, ranges)] of every split that fits, fastest first."""
+    found = []
+    for ranges in all_splits(len(layers), len(devices)):
+        step, memory = reference(devices, layers, ranges, scheme, m)
+        if fits(devices, memory):
+            found.append((step, ranges))
+    return sorted(found)
+
+
+def scale(devices, layers):
+    """Tolerance unit: every time in the instance added up."""
+    return 1 + sum(l.forward_s + l.backward_s for l in layers) * sum(1 + 1 / d.speed for d in devices) + sum(
+        2 * (d.latency + l.activation_bytes / d.bandwidth) for d in devices for l in layers) + sum(
+        sum(d.forward_s) + sum(d.backward_s) for d in devices if d.forward_s is not None)
+
+
+# --- random small instances ----------------------------------------------------------------------
+
+seconds = st.floats(0, 1, allow_subnormal=False)
+size = st.integers(0, 1000)
+
+
+@st.composite
+def instances(draw, identical=False):
+    n_layers, n_devices = draw(st.integers(1, 10)), draw(st.integers(1, 4))
+    if identical:   # short binary fractions, so that equal times are exactly equal in every order of summing
+        seconds_ = st.integers(0, 8).map(lambda i: i / 8)
+    else:
+        seconds_ = seconds
+    layers = [LayerCost(draw(seconds_), draw(seconds_), draw(size), draw(size), draw(size)) for _ in range(n_layers)]
+    budget = st.one_of(st.none(), st.integers(0, 12000))
+    devices = []
+    for k in range(n_devices):
+        if identical:
+            devices.append(Device(f"p{k}", draw(budget), speed=1.0, bandwidth=64.0, latency=0.25))
+            continue
+        own = draw(st.booleans())
+        devices.append(Device(
+            f"p{k}", draw(budget), speed=draw(st.floats(0.1, 10)),
+            forward_s=tuple(draw(seconds) for _ in layers) if own else None,
+            backward_s=tuple(draw(seconds) for _ in layers) if own else None,
+            bandwidth=draw(st.floats(10, 1e5)), latency=draw(st.floats(0, 0.1))))
+    return devices, layers, draw(st.sampled_from(["nsplit", "fast"])), draw(st.integers(1, 4))
+
+
+def check_plan(p, devices, layers, scheme, m):
+    assert [s.peer for s in p.stages] == [d.name for d in devices]
+    assert p.ranges in list(all_splits(len(layers), len(devices)))
+    step, memory = reference(devices, layers, p.ranges, scheme, m)
+    assert math.isclose(p.step_s, step, rel_tol=1e-9, abs_tol=1e-12)
+    assert [s.memory_bytes for s in p.stages] == memory
+    assert p.fits and fits(devices, memory)
+
+
+@settings(max_examples=400, deadline=None)
+@given(instances())
+def test_optimal_as_brute_force(instance):
+    devices, layers, scheme, m = instance
+    found = brute_force(devices, layers, scheme, m)
+    if not found:
+        with pytest.raises(PlanInfeasible):
+            plan(devices, layers, scheme, m)
+        return
+    p = plan(devices, layers, scheme, m)
+    check_plan(p, devices, layers, scheme, m)
+    assert math.isclose(p.step_s, found[0][0], rel_tol=1e-9, abs_tol=1e-9 * scale(devices, layers))
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(identical=True), st.randoms(use_true_random=False))
+def test_ties_go_to_fewest_bytes_moved(instance, rng):
+    devices, layers, scheme, m = instance
+    found = brute_force(devices, layers, scheme, m)
+    if not found:
+        return
+    bounds = sorted(rng.choices(range(len(layers) + 1), k=len(devices) - 1))
+    previous = {d.name: r for d, r in zip(rng.sample(devices, len(devices)), zip([0, *bounds], [*bounds, len(layers)]))}
+    fewest = min(moved_bytes(previous, {d.name: r for d, r in zip(devices, ranges)}, layers)
+                 for step, ranges in found if step == found[0][0])
+    p = plan(devices, layers, scheme, m, previous=previous)
+    check_plan(p, devices, layers, scheme, m)
+    assert p.step_s == found[0][0]
+    assert p.bytes_moved == fewest
+
+
+def test_rotations_replan_each_chain_and_count_moves():
+    layers = [LayerCost(0.01 * (1 + i % 3), 0.02, 4096 * (i + 1), 4096 * (i + 1), 1024) for i in range(12)]
+    ring = [Device("a", 10 ** 6, speed=1.0), Device("b", 10 ** 6, speed=1.0), Device("c", 10 ** 6, speed=2.0)]
+    plans = plan_rotations(ring, layers, "fast", 4)
+    for r, p in enumerate(plans):
+        chain = ring[r:] + ring[:r]
+        assert [s.peer for s in p.stages] == [d.name for d in chain]
+        assert math.isclose(p.step_s, plan(chain, layers, "fast", 4).step_s)
+        before = plans[r - 1].assignment if r else None
+        assert p.bytes_moved == (moved_bytes(before, p.assignment, layers) if before else 0)
+        if before:   # nothing faster, and nothing as fast that moves less
+            for step, ranges in brute_force(chain, layers, "fast", 4):
+                moved = moved_bytes(before, {d.name: x for d, x in zip(chain, ranges)}, layers)
+                assert step > p.step_s * (1 + 1e-9) or moved >= p.bytes_moved
+
+
+def test_free_links_make_every_split_tie_so_rotations_move_least():
+    layers = [LayerCost(0.01, 0.02, 1000, 1000, 100) for _ in range(9)]   # 2000 B move with each layer
+    ring = [Device(name, latency=0.0, bandwidth=float("inf")) for name in "abc"]
+    plans = plan_rotations(ring, layers, "nsplit", 1, previous={"a": (0, 3), "b": (3, 6), "c": (6, 9)})
+    # the new head must take layer 0: b takes 0-5 (moves 0-2); then c takes 0 and b 1-8 (moves 0, 6-8)
+    assert [p.ranges for p in plans[1:]] == [[(0, 6), (6, 9), (9, 9)], [(0, 1), (1, 1), (1, 9)]]
+    assert [p.bytes_moved for p in plans] == [0, 3 * 2000, 4 * 2000]
+
+
+def test_swap_moves_lists_owner_changes():
+    assert swap_moves({"a": (0, 2), "b": (2, 3)}, {"b": (0, 1), "a": (1, 3)}) == [(0, "a", "b"), (2, "b", "a")]
+
+
+# --- infeasible --------------------------------------------------------------------------------------
+
+def test_shortfall_names_bytes_layers_and_peers():
+    layers = [LayerCost(0.01, 0.01, 100, 100, 10) for _ in range(6)]   # 300 B fixed + 10 B output each
+    devices = [Device("head", 650), Device("mid", 320), Device("tail", 320)]
+    with pytest.raises(PlanInfeasible) as info:
+        plan(devices, layers)
+    e = info.value
+    # head takes layers 0-1 (620 B), mid layer 2 (320 B: its input 10 B too), tail layer 3; 4-5 are left over
+    assert e.layers == (4, 6) and e.peers == ("head", "mid", "tail")
+    assert e.short_bytes == 3 * 310 + 10 - 320
+    text = str(e)
+    assert "layers 4..5" in text and "tail" in text and "620 bytes" in text and "mid layer 2" in text
+
+
+def test_head_must_hold_layer_zero():
+    layers = [LayerCost(0.01, 0.01, 1000, 0, 0), LayerCost(0.01, 0.01, 1, 0, 0)]
+    with pytest.raises(PlanInfeasible, match=r"head peer h must hold layer 0.*1000 bytes\) short"):
+        plan([Device("h", 1000), Device("big", None)], layers)
+
+
+def test_fast_keeps_every_microbatch_in_flight():
+    layers = [LayerCost(0.01, 0.01, 0, 0, 100) for _ in range(2)]
+    devices = [Device("a", 250), Device("b", 400)]
+    assert plan(devices, layers, "nsplit", 4).ranges == [(0, 2), (2, 2)]   # 200 B of activations on a
+    assert plan(devices, layers, "fast", 2).ranges == [(0, 1), (1, 2)]     # 2 x 100 B; b keeps its input too
+    with pytest.raises(PlanInfeasible):
+        plan(devices, layers, "fast", 3)
+
+
+# --- baselines, scale, profiles, CLI -----------------------------------------------------------------
+
+def test_baselines():
+    assert even_split(5, 3) == [(0, 2), (2, 4), (4, 5)]
+    assert even_split(2, 3) == [(0, 1), (1, 2), (2, 2)]
+    layers = [LayerCost(0.5, 0.5, 0, 0, 0) for _ in range(12)]
+    devices = [Device("slow", speed=1.0), Device("fast", speed=2.0), Device("fastest", speed=3.0)]
+    assert proportional_split(devices, layers) == [(0, 2), (2, 6), (6, 12)]
+    assert evaluate(devices, layers, [(0, 2), (2, 6), (6, 12)]).step_s == pytest.approx(6.0 + 2 * 2 * 1e-3)
+
+
+def test_scale_1000_layers_64_devices():
+    rng = random.Random(1)
+    layers = [LayerCost(rng.uniform(1e-3, 1e-2), rng.uniform(1e-3, 2e-2), rng.randrange(10 ** 6),
+                        rng.randrange(10 ** 6), rng.randrange(10 ** 6)) for _ in range(1000)]
+    devices = [Device(f"p{k}", rng.randrange(2 * 10 ** 8, 10 ** 9), speed=rng.uniform(0.2, 5),
+                      bandwidth=rng.uniform(1e7, 1e9)) for k in range(64)]
+    for scheme, m in (("nsplit", 1), ("fast", 8)):
+        p = plan(devices, layers, scheme, m)
+        assert p.fits and p.ranges[-1][1] == 1000
+        assert p.step_s <= evaluate(devices, layers, even_split(1000, 64), scheme, m).step_s
+
+
+def test_layers_from_profile():
+    layers = layers_from_profile("resnet101_cifar")
+    assert len(layers) == 37
+    assert layers[0].forward_s == pytest.approx(3.23077e-3)
+    assert layers[1].param_bytes == layers[1].optim_bytes == round(5.353515625 * 1024)
+    assert layers[0].activation_bytes == round(8193.568359375 * 1024)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "peer", "plan", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_json():
+    out = run_cli("--profile", "resnet101_cifar", "--devices", "VM,laptop,d1,jetson-cpu",
+                  "--memory-budget", "d1=256MiB,VM=300MiB", "--bandwidth", "100Mbit", "--microbatches", "2",
+                  "--scheme", "fast", "--json")
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)
+    assert [s["peer"] for s in p["stages"]] == ["VM", "laptop", "d1", "jetson-cpu"]
+    assert p["stages"][0]["layers"][0] == 0 and p["stages"][-1]["layers"][1] == 37
+    assert p["stages"][0]["memory_budget"] == 300 * 2 ** 20
+    assert all(s["memory_budget"] is None or s["memory_bytes"] <= s["memory_budget"] for s in p["stages"])
+    assert p["scheme"] == "fast" and p["microbatches"] == 2 and p["step_s"] > 0
+
+
+def test_cli_table_and_shortfall():
+    out = run_cli("--profile", "vgg19_cifar", "--devices", "laptop,d1", "--memory-budget", "1GiB")
+    assert out.returncode == 0, out.stderr
+    assert "predicted step time" in out.stdout and "laptop" in out.stdout
+    out = run_cli("--profile", "vgg19_cifar", "--devices", "laptop,d1", "--memory-budget", "100MiB,1GiB")
+    assert out.returncode == 1 and "short" in out.stderr and "laptop" in out.stderr

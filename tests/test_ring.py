@@ -1,0 +1,137 @@
+"""A real ring: agent processes on loopback, mDNS on 127.0.0.1, HTTP and WebSocket between them."""
+import time
+
+import torch
+
+from conftest import load_out, max_diff, save_npz, summary_of
+from peer.localring import get_json, train_cli
+from pipeline import data, reference
+from pipeline.config import JobConfig
+from pipeline.models import build_model
+
+
+def test_exact_when_only_one_peer_has_data(start_ring, tmp_path):
+    digits = data.load("digits")
+    mine = data.Dataset("mine", digits.x[:300], digits.y[:300])
+    path = save_npz(tmp_path / "mine.npz", mine.x, mine.y)
+    ring = start_ring([[], ["--data", path], []])
+    out = tmp_path / "model.pt"
+    summary = summary_of(train_cli(ring.urls[2], "--epochs", "2", "--batch-size", "32", "--lr", "0.05",
+                                   "--optimizer", "sgd", "--momentum", "0.9", "--shuffle", "off",
+                                   "--microbatches", "2", "--out", str(out)))
+    assert summary["passes"] == 2 and summary["epochs"] == 2  # empty heads' passes are skipped
+    cfg = JobConfig(epochs=2, batch_size=32, lr=0.05, momentum=0.9, shuffle=False, microbatches=2)
+    want = reference.train(cfg, [mine]).state_dict()
+    got = load_out(out)
+    build_model(cfg.model, cfg.seed).load_state_dict(got)
+    assert max_diff(got, want) <= 1e-5
+
+
+def test_exact_when_every_peer_has_data_in_ring_order(start_ring, tmp_path):
+    digits = data.load("digits")
+    parts = [(0, 200), (200, 330), (330, 600)]  # unequal shards: passes of different lengths
+    sets = [data.Dataset(f"p{k}", digits.x[a:b], digits.y[a:b]) for k, (a, b) in enumerate(parts)]
+    paths = [save_npz(tmp_path / f"p{k}.npz", s.x, s.y) for k, s in enumerate(sets)]
+    ring = start_ring([["--data", p] for p in paths])
+    out = tmp_path / "model.pt"
+    summary = summary_of(train_cli(ring.urls[0], "--epochs", "2", "--batch-size", "24", "--optimizer", "adam",
+                                   "--lr", "0.003", "--weight-decay", "0.001", "--microbatches", "3",
+                                   "--seed", "5", "--out", str(out)))
+    order = [ring.agents.index(a) for a in ring.ring_order()]
+    assert summary["ring"] == [ring.agents[k].peer_id for k in order]
+    cfg = JobConfig(epochs=2, batch_size=24, optimizer="adam", lr=0.003, weight_decay=0.001, microbatches=3, seed=5)
+    want = reference.train(cfg, [sets[k] for k in order]).state_dict()
+    assert max_diff(load_out(out), want) <= 1e-5
+
+
+def test_digits_learns_from_a_peer_that_is_not_first(digits_ring, tmp_path):
+    ring = digits_ring
+    starter = ring.ring_order()[1]
+    out = tmp_path / "model.pt"
+    summary = summary_of(train_cli(starter.url, "--epochs", "10", "--lr", "0.05", "--momentum", "0.9",
+                                   "--out", str(out)))
+    assert summary["accuracy"] >= 0.95
+    model = build_model({"name": "mlp"}, 0)
+    model.load_state_dict(load_out(out))
+    test = data.digits()
+    assert abs(reference.accuracy(model, test.x_test, test.y_test) - summary["accuracy"]) < 1e-6
+    # every peer checkpointed its stage atomically at the swaps: a loadable file with its layers
+    for k in range(len(ring.agents)):
+        ckpt = torch.load(ring.workdir / f"agent{k}" / "jobs" / summary["job"] / "stage.pt", weights_only=True)
+        assert ckpt["job"] == summary["job"] and ckpt["layers"]
+
+
+def test_status_reports_peers_and_stages(digits_ring):
+    st = digits_ring.agents[0].status()
+    assert st["ring"] == digits_ring.ring and st["version"] == 1 and "nsplit" in st["capabilities"]
+    assert {p["peer"] for p in st["peers"]} == {a.peer_id for a in digits_ring.agents[1:]}
+    assert st["data"] == {"name": "digits", "samples": 479, "test_samples": 360}
+    assert all(p["source"] == "mdns" for p in st["peers"])
+
+
+def test_peers_disappear_when_they_stop_and_duplicate_ids_are_reported(start_ring):
+    ring = start_ring([[], [], []])
+    gone = ring.agents[2]
+    assert gone.stop() == 0  # clean exit on SIGTERM
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(
+            gone.peer_id in {p["peer"] for p in a.status()["peers"]} for a in ring.agents[:2]):
+        time.sleep(0.2)
+    assert all(gone.peer_id not in {p["peer"] for p in a.status()["peers"]} for a in ring.agents[:2])
+    # a copied state dir (same peer id) advertised from another port: reported, not silently merged
+    import shutil
+    from peer.localring import AgentProcess
+    clone_dir = ring.workdir / "clone"
+    shutil.copytree(ring.workdir / "agent0", clone_dir, ignore=shutil.ignore_patterns("lock"))
+    clone = AgentProcess(["--ring", ring.ring, "--interface", "127.0.0.1", "--port", "0", "--state-dir",
+                          str(clone_dir)], ring.workdir / "clone.log")
+    try:
+        clone.wait_ready(60)
+        assert clone.peer_id == ring.agents[0].peer_id
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not ring.agents[0].status()["conflicts"]:
+            time.sleep(0.2)
+        assert "duplicate peer id" in ring.agents[0].status()["conflicts"][0]
+    finally:
+        clone.stop()
+
+
+def test_known_peers_without_mdns(start_ring, tmp_path):
+    from peer.localring import AgentProcess
+    import socket
+
+    ports = []
+    for _ in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        ports.append(s.getsockname()[1])
+        s.close()
+    agents = []
+    try:
+        for k in range(2):
+            args = ["--ring", "joined", "--no-mdns", "--interface", "127.0.0.1", "--port", str(ports[k]),
+                    "--state-dir", str(tmp_path / f"a{k}"), "--join", f"127.0.0.1:{ports[1 - k]}",
+                    "--data", "digits", "--shard", f"{k}/2"]
+            agents.append(AgentProcess(args, tmp_path / f"a{k}.log"))
+        for a in agents:
+            a.wait_ready(60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(a.status()["peers"] for a in agents):
+            time.sleep(0.2)
+        assert [p["source"] for p in agents[0].status()["peers"]] == ["join"]
+        summary = summary_of(train_cli(agents[0].url, "--epochs", "1"))
+        assert len(summary["ring"]) == 2
+    finally:
+        for a in agents:
+            a.stop()
+
+
+def test_train_finds_the_ring_by_mdns(digits_ring):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "peer", "train", "--ring", digits_ring.ring, "--interface",
+                           "127.0.0.1", "--epochs", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert len(summary_of(proc)["ring"]) == 3
+    st = subprocess.run([sys.executable, "-m", "peer", "status", "--ring", digits_ring.ring, "--interface",
+                         "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0 and "sees 2 peer(s)" in st.stdout
