@@ -81,11 +81,11 @@ size = st.integers(0, 1000)
 @st.composite
 def instances(draw, identical=False):
     n_layers, n_devices = draw(st.integers(1, 10)), draw(st.integers(1, 4))
-    if identical:   # short binary fractions, so that equal times are exactly equal in every order of summing
-        seconds_ = st.integers(0, 8).map(lambda i: i / 8)
-    else:
-        seconds_ = seconds
-    layers = [LayerCost(draw(seconds_), draw(seconds_), draw(size), draw(size), draw(size)) for _ in range(n_layers)]
+    # for ties: short binary fractions (equal sums in any order) and few activation sizes
+    seconds_ = st.integers(0, 8).map(lambda i: i / 8) if identical else seconds
+    activation = st.sampled_from([0, 64]) if identical else size
+    layers = [LayerCost(draw(seconds_), draw(seconds_), draw(size), draw(size), draw(activation))
+              for _ in range(n_layers)]
     budget = st.one_of(st.none(), st.integers(0, 12000))
     devices = []
     for k in range(n_devices):
