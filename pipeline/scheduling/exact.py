@@ -23,76 +23,95 @@ from pipeline.scheduling.simulator import simulate
 SCALE = 1e-3
 
 
-def milp(inst: Instance, time_limit: float = 60.0) -> tuple[Schedule, bool]:
-    """The optimal schedule, and whether HiGHS proved it optimal within the time limit (if not,
-    the best schedule it found, or ours if that is better).
+Row = tuple[dict[int, float], float, float]  # {column: coefficient}, lower, upper
 
-    Variables: x[j,h] (client j on helper h), the start of each client's forward and backward, the
-    makespan T, and o[t,u] (task t before task u) for the tasks of every pair of clients. Disjunctive
-    big-M constraints keep two tasks apart only when both clients share a helper."""
-    k, hs = inst.clients, inst.helpers
-    heuristic = ours.solve(inst)
-    upper, lower_t = simulate(inst, heuristic) * SCALE, lower_bound(inst) * SCALE
-    if upper <= lower_t * (1 + 1e-9):
-        return heuristic, True  # ours meets the lower bound: optimal
-    big_m = upper + max(max(r) for r in inst.forward + inst.backward) * SCALE
 
-    x = lambda j, h: j * hs + h
-    start = lambda j, kind: k * hs + 2 * j + kind
-    t_var = k * hs + 2 * k
-    tasks = [(j, kind) for j in range(k) for kind in (FORWARD, BACKWARD)]
-    pairs = [(t, u) for t, u in itertools.combinations(tasks, 2) if t[0] != u[0]]
-    o = lambda p: t_var + 1 + p
-    n = t_var + 1 + len(pairs)
-    time = lambda table, j, h: table[j][h] * SCALE
+class _Columns:
+    """Column indices: x[j,h] (client j on helper h), each task's start, the makespan T, and
+    o[p] for the p-th pair of tasks of different clients (1: the pair's first task runs first)."""
 
-    rows: list[tuple[dict[int, float], float, float]] = []  # (coefficients, lower, upper)
-    for j in range(k):
-        rows.append(({x(j, h): 1.0 for h in range(hs)}, 1.0, 1.0))
-        rows.append(({start(j, FORWARD): 1.0, **{x(j, h): -time(inst.release, j, h) for h in range(hs)}}, 0.0, np.inf))
-        rows.append(({start(j, BACKWARD): 1.0, start(j, FORWARD): -1.0,
-                      **{x(j, h): -(time(inst.forward, j, h) + time(inst.delay, j, h)) for h in range(hs)}},
+    def __init__(self, inst: Instance):
+        self.k, self.h = inst.clients, inst.helpers
+        tasks = [(j, kind) for j in range(self.k) for kind in (FORWARD, BACKWARD)]
+        self.pairs = [(t, u) for t, u in itertools.combinations(tasks, 2) if t[0] != u[0]]
+        self.makespan = self.k * self.h + 2 * self.k
+        self.count = self.makespan + 1 + len(self.pairs)
+
+    def x(self, j: int, h: int) -> int:
+        return j * self.h + h
+
+    def start(self, j: int, kind: int) -> int:
+        return self.k * self.h + 2 * j + kind
+
+    def order(self, p: int) -> int:
+        return self.makespan + 1 + p
+
+
+def _rows(inst: Instance, c: _Columns, big_m: float) -> list[Row]:
+    scaled = lambda table, j, h: table[j][h] * SCALE
+    helpers = range(inst.helpers)
+    rows: list[Row] = []
+    for j in range(inst.clients):
+        rows.append(({c.x(j, h): 1.0 for h in helpers}, 1.0, 1.0))  # one helper each
+        # forward after its activations arrive; backward after its gradient; T after the client ends
+        rows.append(({c.start(j, FORWARD): 1.0, **{c.x(j, h): -scaled(inst.release, j, h) for h in helpers}},
                      0.0, np.inf))
-        rows.append(({t_var: 1.0, start(j, BACKWARD): -1.0,
-                      **{x(j, h): -(time(inst.backward, j, h) + time(inst.tail, j, h)) for h in range(hs)}},
+        rows.append(({c.start(j, BACKWARD): 1.0, c.start(j, FORWARD): -1.0,
+                      **{c.x(j, h): -(scaled(inst.forward, j, h) + scaled(inst.delay, j, h)) for h in helpers}},
                      0.0, np.inf))
-    for h in range(hs):
-        rows.append(({x(j, h): inst.demand[j] for j in range(k)}, -np.inf, inst.capacity[h]))
-    duration = lambda task, h: time(inst.forward if task[1] == FORWARD else inst.backward, task[0], h)
-    for p, (t, u) in enumerate(pairs):
-        for h in range(hs):
-            both = {x(t[0], h): -big_m, x(u[0], h): -big_m}
-            # o = 1: t first; o = 0: u first. Relaxed unless both clients are on h.
-            rows.append(({start(*u): 1.0, start(*t): -1.0, o(p): -big_m, **both},
+        rows.append(({c.makespan: 1.0, c.start(j, BACKWARD): -1.0,
+                      **{c.x(j, h): -(scaled(inst.backward, j, h) + scaled(inst.tail, j, h)) for h in helpers}},
+                     0.0, np.inf))
+    for h in helpers:
+        rows.append(({c.x(j, h): inst.demand[j] for j in range(inst.clients)}, -np.inf, inst.capacity[h]))
+    duration = lambda task, h: scaled(inst.forward if task[1] == FORWARD else inst.backward, task[0], h)
+    for p, (t, u) in enumerate(c.pairs):
+        for h in helpers:
+            # Binding only when both clients are on h: o = 1 puts t first, o = 0 puts u first.
+            both = {c.x(t[0], h): -big_m, c.x(u[0], h): -big_m}
+            rows.append(({c.start(*u): 1.0, c.start(*t): -1.0, c.order(p): -big_m, **both},
                          duration(t, h) - 3 * big_m, np.inf))
-            rows.append(({start(*t): 1.0, start(*u): -1.0, o(p): big_m, **both},
+            rows.append(({c.start(*t): 1.0, c.start(*u): -1.0, c.order(p): big_m, **both},
                          duration(u, h) - 2 * big_m, np.inf))
+    return rows
 
-    matrix = lil_matrix((len(rows), n))
+
+def milp(inst: Instance, time_limit: float = 60.0) -> tuple[Schedule, bool]:
+    """The optimal schedule, and whether it is proven optimal (if HiGHS hits the time limit: the
+    better of its best schedule and ours).
+
+    Disjunctive big-M formulation: each pair of tasks of different clients gets an order variable
+    that only binds when both clients share a helper. Ours gives the upper bound (and big M), the LP
+    relaxation of bounds.py the lower bound; when they meet, ours is optimal and no MILP is needed."""
+    heuristic = ours.solve(inst)
+    upper, lower = simulate(inst, heuristic) * SCALE, lower_bound(inst) * SCALE
+    if upper <= lower * (1 + 1e-9):
+        return heuristic, True
+    c = _Columns(inst)
+    rows = _rows(inst, c, big_m=upper + max(max(r) for r in inst.forward + inst.backward) * SCALE)
+    matrix = lil_matrix((len(rows), c.count))
     for i, (coefficients, _, _) in enumerate(rows):
         for col, value in coefficients.items():
             matrix[i, col] = value
-    cost = np.zeros(n)
-    cost[t_var] = 1.0
-    integrality = np.zeros(n)
-    integrality[:k * hs] = 1
-    integrality[t_var + 1:] = 1
-    lower, upper_bounds = np.zeros(n), np.full(n, np.inf)
-    upper_bounds[:k * hs] = 1
-    upper_bounds[t_var + 1:] = 1
-    lower[t_var], upper_bounds[t_var] = lower_t * (1 - 1e-6), upper * (1 + 1e-6)
-    result = scipy_milp(cost, integrality=integrality, bounds=Bounds(lower, upper_bounds),
+    cost = np.zeros(c.count)
+    cost[c.makespan] = 1.0
+    binary = np.ones(c.count)
+    binary[c.k * c.h:c.makespan + 1] = 0  # starts and T are continuous
+    low, high = np.zeros(c.count), np.where(binary == 1, 1.0, np.inf)
+    low[c.makespan], high[c.makespan] = lower * (1 - 1e-6), upper * (1 + 1e-6)
+    result = scipy_milp(cost, integrality=binary, bounds=Bounds(low, high),
                         constraints=LinearConstraint(matrix.tocsr(), [r[1] for r in rows], [r[2] for r in rows]),
                         options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
     if result.x is None:
-        return heuristic, False  # nothing better than ours was found in time
-    assignment = [max(range(hs), key=lambda h: result.x[x(j, h)]) for j in range(k)]
-    sequences = [sorted(((j, kind) for j in g for kind in (FORWARD, BACKWARD)),
-                        key=lambda task: (result.x[start(*task)], task[1]))
+        return heuristic, False  # no better schedule found in time
+    assignment = [max(range(c.h), key=lambda h: result.x[c.x(j, h)]) for j in range(c.k)]
+    # Keep HiGHS's order on each helper and re-time it exactly (never later than HiGHS's times).
+    # A backward never sorts before its own forward, even within the solver's tolerances.
+    start = lambda j, kind: max(result.x[c.start(j, FORWARD)], result.x[c.start(j, kind)])
+    sequences = [sorted(((j, kind) for j in g for kind in (FORWARD, BACKWARD)), key=lambda t: (start(*t), t[1]))
                  for g in groups(inst, assignment)]
     found = to_schedule(inst, assignment, sequences)
-    best = min((found, heuristic), key=lambda s: simulate(inst, s))
-    return best, result.status == 0
+    return min((found, heuristic), key=lambda s: simulate(inst, s)), result.status == 0
 
 
 def _best_sequence(inst: Instance, h: int, clients: tuple[int, ...]) -> tuple[float, Sequence]:
@@ -106,9 +125,12 @@ def _best_sequence(inst: Instance, h: int, clients: tuple[int, ...]) -> tuple[fl
                 best[:] = [value, list(seq)]
             return
         for j in sorted(waiting | running):
-            kind = FORWARD if j in waiting else BACKWARD
-            seq.append((j, kind))
-            extend(seq, waiting - {j}, running | {j} if kind == FORWARD else running - {j})
+            if j in waiting:  # its forward next
+                seq.append((j, FORWARD))
+                extend(seq, waiting - {j}, running | {j})
+            else:  # its backward next
+                seq.append((j, BACKWARD))
+                extend(seq, waiting, running - {j})
             seq.pop()
 
     extend([], set(clients), set())
