@@ -113,7 +113,7 @@ def default_cuts(profile: str, layers: int) -> tuple[int, int]:
 def _bandwidths(rng: random.Random, clients: int, helpers: int) -> list[list[float]]:
     n = clients * helpers
     counts = [math.floor(share * n) if share is not None else 0 for _, _, share in BANDWIDTH_CLASSES]
-    counts[2] = n - sum(counts)
+    counts[2] = n - sum(counts)  # the 11-15 class takes what rounding leaves
     draws = [rng.randint(lo, hi) for (lo, hi, _), c in zip(BANDWIDTH_CLASSES, counts) for _ in range(c)]
     rng.shuffle(draws)
     return [draws[j * helpers:(j + 1) * helpers] for j in range(clients)]
