@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.data import Dataset
-from pipeline.models import SpecError, input_shape, spec_hash
+from pipeline.models import SpecError, activation_shapes, input_shape, spec_hash
 from peer.coordinator import Coordinator
 from peer.dataplane import MAX_WS_FRAME, Codec, Links
 from peer.discovery import Discovery
@@ -188,7 +188,8 @@ class Agent:
     async def h_start_job(self, request):
         msg = await self.read(request, "job_start")
         cfg = JobConfig.from_dict(msg["config"])
-        spec_hash(cfg.model)  # an unknown model is refused here, before anything starts
+        spec_hash(cfg.model)  # an unknown or unbuildable model is refused here, before anything starts
+        activation_shapes(cfg.model)
         coord = Coordinator(self, cfg)
         self.coordinated[coord.job] = coord
         queue: asyncio.Queue = asyncio.Queue()

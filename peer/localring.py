@@ -14,17 +14,18 @@ import urllib.request
 from pathlib import Path
 
 
-def get_json(url: str, timeout: float = 5.0) -> dict:
+def get_json(url: str, timeout: float = 30.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.load(r)
 
 
 class AgentProcess:
-    def __init__(self, args: list[str], log_path: Path, prefix: list[str] | None = None):
+    def __init__(self, args: list[str], log_path: Path, prefix: list[str] | None = None, env: dict | None = None):
         self.log_path = log_path
         self.log = open(log_path, "wb")
         cmd = (prefix or []) + [sys.executable, "-m", "peer", "agent", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log,
+                                     env={**os.environ, **env} if env else None)
         self.url = self.peer_id = None
 
     def wait_ready(self, timeout: float) -> None:

@@ -116,8 +116,12 @@ def activation_shapes(spec: dict) -> list[tuple[int, ...]]:
     x = torch.empty((1, *input_shape(spec)), device="meta")
     shapes = []
     with torch.device("meta"):
-        for f in factories:
-            x = f()(x)
+        for i, f in enumerate(factories):
+            try:
+                x = f()(x)
+            except Exception as e:  # user code: any failure means the spec does not fit its input
+                raise SpecError(f"model {spec['name']!r}: layer {i} fails on input of shape "
+                                f"{list(x.shape[1:])}: {e}") from None
             shapes.append(tuple(x.shape[1:]))
     return shapes
 

@@ -171,7 +171,7 @@ def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[
     m, k = microbatches, in_flight(scheme, microbatches)
     one_pass, busiest, stages = 0.0, 0.0, []
     for d, (a, b) in zip(devices, ranges):
-        compute = sum(d.layer_times(layers)[a:b])
+        compute = sum(d.layer_times(layers)[a:b], 0.0)
         sends = a < b < len(layers)   # a used stage that is not the tail
         wire = layers[b - 1].activation_bytes / d.bandwidth if sends else 0.0
         send = 2 * (d.latency + wire) if sends else 0.0

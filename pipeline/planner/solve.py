@@ -140,7 +140,7 @@ def _backtrack(inst: _Instance, keys: list[np.ndarray], windows: list[np.ndarray
         before = keys[k][row]
         a = b
         if k == 0 or before[b] != keys[k + 1][row, b]:   # position k owns [a, b): the best start in its window
-            lo = windows[k][row, b]
+            lo = int(windows[k][row, b])
             a = lo + int(np.argmin(before[lo:b] - inst.key[k, lo:b]))
         ranges.append((a, b))
         b = a
@@ -190,7 +190,7 @@ def _fast(inst: _Instance, microbatches: int) -> _Solution | None:
             for cap in interval_caps.astype(int):   # the split found at cap settles [its bottleneck, cap]
                 s = next(solutions)
                 if s is not None:
-                    pieces.append((lo, s.bottleneck - 1, s.ticks))
+                    pieces.append((lo + (s.bottleneck - lo) // 2, s.bottleneck - 1, s.ticks))
                     if (value(s), s.moved) < (value(best), best.moved):
                         best = s
                 lo = cap + 1   # below an infeasible cap, every cap is infeasible
@@ -217,10 +217,14 @@ def _shortfall(inst: _Instance, devices: list[Device]) -> PlanInfeasible:
     tail = devices[-1]
     short = int(inst.Q[-1] - inst.h[start]) - tail.memory_budget
     shown = fill if len(fill) <= 8 else fill[:8] + [f"{len(fill) - 8} more"]
+    alone = inst.Q[1:] - inst.h[:-1]   # each layer as a stage of its own
+    largest = max(d.memory_budget for d in devices)
+    too_big = "".join(f" Layer {i} alone needs {format_bytes(int(alone[i]))}, more than any budget."
+                      for i in np.flatnonzero(alone > largest)[:3])
     return PlanInfeasible(
         f"the model does not fit the peers' memory budgets: {_layer_text(a, inst.L)} (of {inst.L}) are left "
-        f"over: {tail.name} is {format_bytes(short)} ({short} bytes) short of holding them too. Each peer, "
-        f"in chain order, took all it can hold: {'; '.join(shown)}. All layers need at least "
+        f"over: {tail.name} is {format_bytes(short)} ({short} bytes) short of holding them too.{too_big} Each "
+        f"peer, in chain order, took all it can hold: {'; '.join(shown)}. All layers need at least "
         f"{format_bytes(int(inst.Q[-1]))}; the budgets sum to {format_bytes(sum(d.memory_budget for d in devices))}",
         short, (a, inst.L), tuple(d.name for d in devices))
 

@@ -1,0 +1,129 @@
+"""`splitring plan`: choose each peer's layers and print the plan.
+
+Offline: `splitring plan --profile resnet101_cifar --devices VM,laptop,d1,jetson-cpu` plans from the
+profiled devices (pipeline/profiles). A live mode only has to build `Device`s and `LayerCost`s from the
+ring's measurements and call `pipeline.planner.plan` (or `plan_rotations`), then `print_plans`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import replace
+
+from pipeline.planner import (SCHEMES, Device, Plan, PlanInfeasible, devices_from_profile, format_bytes,
+                              layers_from_profile, plan, plan_rotations)
+from pipeline.profiles import available
+
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+              "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+RATE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
+              "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}   # per second
+TIME_UNITS = {"": 1, "s": 1, "ms": 1e-3, "us": 1e-6}
+
+
+def quantity(text: str, units: dict[str, float], what: str) -> float:
+    """'512MiB' -> 536870912 with the byte units, '100Mbit' -> 12500000 with the rate units, ..."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-z]*)(?:/s)?\s*", text.lower())
+    if not m or m.group(2) not in units:
+        raise ValueError(f"bad {what} {text!r} (a number with a unit among: {', '.join(u for u in units if u)})")
+    return float(m.group(1)) * units[m.group(2)]
+
+
+def per_device(text: str | None, names: list[str], parse, what: str) -> list:
+    """One value for every device ('1GiB'), one per device in chain order ('1GiB,512MiB,...'), or some
+    by name ('d1=256MiB,VM=8GiB'; the others get None). None when not given."""
+    if text is None:
+        return [None] * len(names)
+    items = [s.strip() for s in text.split(",")]
+    if all("=" in s for s in items):
+        given = dict(s.split("=", 1) for s in items)
+        unknown = set(given) - set(names)
+        if unknown:
+            raise ValueError(f"{what} for unknown device(s) {', '.join(sorted(unknown))} (devices: {', '.join(names)})")
+        return [parse(given[n]) if n in given else None for n in names]
+    if len(items) == 1:
+        return [parse(items[0])] * len(names)
+    if len(items) != len(names):
+        raise ValueError(f"{len(items)} values of {what} for {len(names)} devices")
+    return [parse(s) for s in items]
+
+
+def offline_devices(args: argparse.Namespace) -> list[Device]:
+    devices = devices_from_profile(args.profile, [s.strip() for s in args.devices.split(",")])
+    names = [d.name for d in devices]
+    budgets = per_device(args.memory_budget, names, lambda s: int(quantity(s, BYTE_UNITS, "memory budget")),
+                         "--memory-budget")
+    bandwidths = per_device(args.bandwidth, names, lambda s: quantity(s, RATE_UNITS, "bandwidth"), "--bandwidth")
+    latencies = per_device(args.latency, names, lambda s: quantity(s, TIME_UNITS, "latency"), "--latency")
+    return [replace(d, memory_budget=m, bandwidth=d.bandwidth if b is None else b, latency=d.latency if t is None else t)
+            for d, m, b, t in zip(devices, budgets, bandwidths, latencies)]
+
+
+def table(p: Plan) -> str:
+    rows = [("peer", "layers", "memory used of budget", "stage time", "link time")]
+    for s in p.stages:
+        a, b = s.layers
+        layers = "-" if a == b else f"{a}..{b - 1}"
+        rows.append((s.peer, layers, f"{format_bytes(s.memory_bytes)} of {format_bytes(s.memory_budget)}",
+                     f"{s.compute_s:.3f} s", f"{s.send_s:.3f} s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    mb = f"{p.microbatches} microbatch" + ("es" if p.microbatches > 1 else "")
+    lines.append(f"predicted step time: {p.step_s:.3f} s ({p.scheme}, {mb})")
+    return "\n".join(lines)
+
+
+def print_plans(plans: list[Plan], as_json: bool, rotations: bool) -> None:
+    """Print one plan, or every rotation's with the bytes each swap moves; as a table or as JSON."""
+    if as_json:
+        out = {"rotations": [p.to_dict() for p in plans]} if rotations else plans[0].to_dict()
+        print(json.dumps(out, indent=2))
+        return
+    for r, p in enumerate(plans):
+        if rotations:
+            print(f"rotation {r}" + (f" (swap moves {format_bytes(p.bytes_moved)})" if r else ""))
+        print(table(p) + ("\n" if rotations and r < len(plans) - 1 else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        devices = offline_devices(args)
+        layers = layers_from_profile(args.profile, optimizer_state=args.optimizer_state)
+        if args.rotations:
+            plans = plan_rotations(devices, layers, args.scheme, args.microbatches)
+        else:
+            plans = [plan(devices, layers, args.scheme, args.microbatches)]
+    except (ValueError, FileNotFoundError) as e:   # PlanInfeasible is a ValueError
+        print(f"splitring plan: {'cannot plan' if isinstance(e, PlanInfeasible) else 'error'}: {e}", file=sys.stderr)
+        return 1
+    print_plans(plans, args.json, args.rotations)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="choose each peer's layers (the split planner)",
+        description="Choose each peer's contiguous layers so that a training step is fastest and every peer "
+                    "stays within its memory budget; print peer, layers, memory, stage time and predicted step time.")
+    p.add_argument("--profile", required=True,
+                   help=f"profiled model, e.g. resnet101_cifar (known: {', '.join(available()) or 'none found'})")
+    p.add_argument("--devices", required=True,
+                   help="profiled devices in chain order, head first, e.g. VM,laptop,d1,jetson-cpu")
+    p.add_argument("--memory-budget", metavar="BYTES",
+                   help="per device: one size for all, a comma list in device order, or NAME=SIZE,... "
+                        "(units B, KB, MB, GB, KiB, MiB, GiB); default: no limit")
+    p.add_argument("--bandwidth", metavar="RATE",
+                   help="of each device's link to the next, same forms as --memory-budget "
+                        "(units bit, Kbit, Mbit, Gbit, or bytes: B, KB, MB, MiB, ...); default 100Mbit")
+    p.add_argument("--latency", metavar="TIME", help="one way, per link, same forms (s, ms, us); default 1ms")
+    p.add_argument("--microbatches", type=int, default=1, help="microbatches per step (default 1)")
+    p.add_argument("--scheme", choices=SCHEMES, default="nsplit",
+                   help="nsplit: one microbatch at a time; fast: pipelined (default nsplit)")
+    p.add_argument("--optimizer-state", type=float, default=1.0,
+                   help="optimizer state bytes per parameter byte: 1 SGD with momentum (default), 2 Adam, 0 SGD")
+    p.add_argument("--rotations", action="store_true",
+                   help="plan every rotation of the ring and show the bytes each swap moves")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
