@@ -1,0 +1,56 @@
+"""Multi-host: one agent per network namespace on a bridge made here, real mDNS between them."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import netns  # noqa: E402
+
+from conftest import summary_of  # noqa: E402
+from peer.localring import AgentProcess  # noqa: E402
+
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(netns.available() is not None,
+                                                    reason=f"network namespaces: {netns.available()}")]
+
+
+def test_three_hosts_discover_each_other_by_mdns_and_train(tmp_path):
+    hosts = netns.Hosts(3)
+    agents = []
+    try:
+        with hosts:
+            for k in range(3):
+                args = ["--ring", "hosts", "--interface", hosts.address(k), "--port", "7000",
+                        "--state-dir", str(tmp_path / f"h{k}"), "--data", "digits", "--shard", f"{k}/3"]
+                agents.append(AgentProcess(args, tmp_path / f"h{k}.log", prefix=hosts.prefix(k)))
+            for a in agents:
+                a.wait_ready(60)
+            assert [a.url for a in agents] == [f"http://{hosts.address(k)}:7000" for k in range(3)]
+            # train from host 2, finding the ring by mDNS on that host's interface
+            proc = hosts.exec(2, [sys.executable, "-m", "peer", "train", "--ring", "hosts", "--interface",
+                                  hosts.address(2), "--discover-timeout", "30", "--epochs", "2", "--json"],
+                              capture_output=True, text=True, timeout=600)
+            import time
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not all(len(a.status()["peers"]) == 2 for a in agents):
+                time.sleep(0.5)
+            for a in agents:
+                peers = a.status()["peers"]
+                assert {p["source"] for p in peers} == {"mdns"}
+                assert {p["url"] for p in peers} == {x.url for x in agents} - {a.url}
+            summary = summary_of(proc)
+            assert len(summary["ring"]) == 3 and summary["accuracy"] > 0.5
+    finally:
+        for a in agents:
+            a.stop()
+    assert netns.leftovers(hosts.tag) == []
+
+
+def test_namespaces_are_removed_after_a_failure():
+    hosts = netns.Hosts(2)
+    with pytest.raises(RuntimeError):
+        with hosts:
+            assert hosts.exec(0, ["ip", "link", "show", "eth0"], capture_output=True).returncode == 0
+            raise RuntimeError("boom")
+    assert netns.leftovers(hosts.tag) == []
