@@ -21,6 +21,7 @@ the head's raw input is its data, not counted) and every layer's output. Microba
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 SCHEMES = ("nsplit", "fast")
@@ -29,9 +30,9 @@ DEFAULT_LATENCY = 1e-3          # seconds, one way
 
 
 class PlanInfeasible(ValueError):
-    """The devices cannot hold the model. `short_bytes`: how much more budget the last peer of the
-    chain would need to take every layer left over (0 when the problem is not memory);
-    `layers`: the range [a, b) that could not be placed; `peers`: the peers that were full."""
+    """The memory budgets cannot hold the model. `layers`: the layers [a, b) left over when every peer,
+    in chain order, takes all it can hold; `peers`: the peers concerned, in chain order; `short_bytes`:
+    the extra budget the last of them (the tail, or the head if layer 0 alone does not fit it) needs."""
 
     def __init__(self, message: str, short_bytes: int, layers: tuple[int, int], peers: tuple[str, ...]):
         super().__init__(message)
@@ -117,14 +118,16 @@ class Plan:
 def check(devices: list[Device], layers: list[LayerCost], scheme: str, microbatches: int) -> None:
     """Raise ValueError for inputs the cost model does not cover."""
     names = [d.name for d in devices]
+    times = [t for l in layers for t in (l.forward_s, l.backward_s)]
+    times += [t for d in devices for t in (*(d.forward_s or ()), *(d.backward_s or ()))]
     problems = [
         (not devices, "no devices"),
         (not layers, "no layers"),
         (len(set(names)) != len(names), f"device names are not unique: {names}"),
         (scheme not in SCHEMES, f"unknown scheme {scheme!r} ({', '.join(SCHEMES)})"),
         (microbatches < 1, "microbatches must be >= 1"),
-        (any(min(l.forward_s, l.backward_s) < 0 or min(l.param_bytes, l.optim_bytes, l.activation_bytes) < 0
-             for l in layers), "layer costs must be >= 0"),
+        (not all(0 <= t < math.inf for t in times), "layer times must be finite and >= 0"),
+        (any(min(l.param_bytes, l.optim_bytes, l.activation_bytes) < 0 for l in layers), "byte sizes must be >= 0"),
         (any(d.speed <= 0 or d.bandwidth <= 0 or d.latency < 0 for d in devices),
          "speed and bandwidth must be > 0, latency >= 0"),
         (any(d.memory_budget is not None and d.memory_budget < 0 for d in devices), "memory budgets must be >= 0"),

@@ -90,7 +90,7 @@ class _Instance:
 
         # Memory of [a, b) = Q[b] - h[a]; h is nondecreasing, so the fitting a are a window [lo, b).
         fixed = np.array([2 * l.param_bytes + l.optim_bytes for l in layers], dtype=np.int64)
-        kept = kept_microbatches * act.astype(np.int64)
+        kept = kept_microbatches * np.array([l.activation_bytes for l in layers], dtype=np.int64)
         self.Q = _cumsum0(fixed + kept)
         self.h = self.Q.copy()
         self.h[1:] -= kept   # the stage's input (layer a-1's output) is kept too
@@ -190,7 +190,7 @@ def _fast(inst: _Instance, microbatches: int) -> _Solution | None:
             for cap in interval_caps.astype(int):   # the split found at cap settles [its bottleneck, cap]
                 s = next(solutions)
                 if s is not None:
-                    pieces.append((lo + (s.bottleneck - lo) // 2, s.bottleneck - 1, s.ticks))
+                    pieces.append((lo, s.bottleneck - 1, s.ticks))
                     if (value(s), s.moved) < (value(best), best.moved):
                         best = s
                 lo = cap + 1   # below an infeasible cap, every cap is infeasible
