@@ -149,7 +149,8 @@ def format_bytes(n: int | None) -> str:
     return f"{n} B" if unit == "B" else f"{value:.4g} {unit}"
 
 
-def in_flight(scheme: str, microbatches: int) -> int:
+def microbatches_in_flight(scheme: str, microbatches: int) -> int:
+    """How many microbatches' activations a stage may hold at once (see the module docstring)."""
     return microbatches if scheme == "fast" else 1
 
 
@@ -171,7 +172,7 @@ def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[
             or any(p[1] != q[0] for p, q in zip(ranges, ranges[1:]))):
         raise ValueError(f"not a chain split of {len(layers)} layers over {len(devices)} devices "
                          f"with a non-empty head: {ranges}")
-    m, k = microbatches, in_flight(scheme, microbatches)
+    m, k = microbatches, microbatches_in_flight(scheme, microbatches)
     one_pass, busiest, stages = 0.0, 0.0, []
     for d, (a, b) in zip(devices, ranges):
         compute = sum(d.layer_times(layers)[a:b], 0.0)

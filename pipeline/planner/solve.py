@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pipeline.planner.model import (Device, LayerCost, Plan, PlanInfeasible, check, evaluate, format_bytes,
-                                    in_flight)
+                                    microbatches_in_flight)
 from pipeline.swaps import owners, swap_moves
 
 TIME_BITS, BYTE_BITS = 39, 21   # key = ticks << BYTE_BITS | byte units; both fields stay below 2**62
@@ -47,7 +47,7 @@ def plan(devices: list[Device], layers: list[LayerCost], scheme: str = "nsplit",
     `previous` (peer -> layer range, e.g. the last rotation's `Plan.assignment`); `Plan.bytes_moved`
     counts them. Raises PlanInfeasible if the budgets cannot hold the model, ValueError on bad input."""
     check(devices, layers, scheme, microbatches)
-    inst = _Instance(devices, layers, in_flight(scheme, microbatches), previous)
+    inst = _Instance(devices, layers, microbatches_in_flight(scheme, microbatches), previous)
     best = _solve(inst, np.array([np.inf]))[0] if scheme == "nsplit" else _fast(inst, microbatches)
     if best is None:
         raise _shortfall(inst, devices)
