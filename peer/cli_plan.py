@@ -57,7 +57,8 @@ def offline_devices(args: argparse.Namespace) -> list[Device]:
                          "--memory-budget")
     bandwidths = per_device(args.bandwidth, names, lambda s: quantity(s, RATE_UNITS, "bandwidth"), "--bandwidth")
     latencies = per_device(args.latency, names, lambda s: quantity(s, TIME_UNITS, "latency"), "--latency")
-    return [replace(d, memory_budget=m, bandwidth=d.bandwidth if b is None else b, latency=d.latency if t is None else t)
+    return [replace(d, memory_budget=m, bandwidth=d.bandwidth if b is None else b,
+                    latency=d.latency if t is None else t)
             for d, m, b, t in zip(devices, budgets, bandwidths, latencies)]
 
 
@@ -110,7 +111,8 @@ def register(subparsers) -> None:
     p.add_argument("--profile", required=True,
                    help=f"profiled model, e.g. resnet101_cifar (known: {', '.join(available()) or 'none found'})")
     p.add_argument("--devices", required=True,
-                   help="profiled devices in chain order, head first, e.g. VM,laptop,d1,jetson-cpu")
+                   help="profiled devices in chain order, head first, e.g. VM,laptop,d1,jetson-cpu "
+                        "(a name given twice becomes d1, d1#2)")
     p.add_argument("--memory-budget", metavar="BYTES",
                    help="per device: one size for all, a comma list in device order, or NAME=SIZE,... "
                         "(units B, KB, MB, GB, KiB, MiB, GiB); default: no limit")
@@ -118,10 +120,10 @@ def register(subparsers) -> None:
                    help="of each device's link to the next, same forms as --memory-budget "
                         "(units bit, Kbit, Mbit, Gbit, or bytes: B, KB, MB, MiB, ...); default 100Mbit")
     p.add_argument("--latency", metavar="TIME", help="one way, per link, same forms (s, ms, us); default 1ms")
-    p.add_argument("--microbatches", type=int, default=1, help="microbatches per step (default 1)")
+    p.add_argument("--microbatches", type=int, default=1, metavar="M", help="microbatches per step (default 1)")
     p.add_argument("--scheme", choices=SCHEMES, default="nsplit",
                    help="nsplit: one microbatch at a time; fast: pipelined (default nsplit)")
-    p.add_argument("--optimizer-state", type=float, default=1.0,
+    p.add_argument("--optimizer-state", type=float, default=1.0, metavar="RATIO",
                    help="optimizer state bytes per parameter byte: 1 SGD with momentum (default), 2 Adam, 0 SGD")
     p.add_argument("--rotations", action="store_true",
                    help="plan every rotation of the ring and show the bytes each swap moves")

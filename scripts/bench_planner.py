@@ -11,8 +11,9 @@ microbatches): over seeded chains of 4 to 8 devices drawn with replacement from 
 least two device types), the predicted step time of an even split and of a speed-proportional split
 divided by the planner's, all under the planner's cost model; mean over chains. A baseline split that
 exceeds a device's memory budget cannot run: it is left out of that mean and counted in
-even_infeasible, proportional_infeasible (and their _fast twins), out of `chains`. Chains the planner itself cannot fit are
-redrawn. Devices without measurements in a profile (the Jetsons on MNIST) are not drawn.
+even_infeasible, proportional_infeasible (and their _fast twins), out of `chains`. Chains the planner
+itself cannot fit are redrawn. Devices without measurements in a profile (the Jetsons on MNIST) are not
+drawn.
 
 Assumptions of the chains: memory budgets per device type in BUDGETS (VM 8 GiB, laptop 4 GiB, the
 small clients 1 to 1.5 GiB); each link uniform in 50-500 Mbit/s (Wi-Fi to Ethernet), 1 ms latency;

@@ -32,8 +32,8 @@ def reference(devices, layers, ranges, scheme, m):
             memory.append(0)
             continue
         own = d.forward_s is not None
-        compute = sum(d.forward_s[i] + d.backward_s[i] if own else (layers[i].forward_s + layers[i].backward_s) / d.speed
-                      for i in range(a, b))
+        compute = sum(d.forward_s[i] + d.backward_s[i] if own
+                      else (layers[i].forward_s + layers[i].backward_s) / d.speed for i in range(a, b))
         one_pass += compute
         busy.append(compute)
         if b < len(layers):
@@ -137,7 +137,8 @@ def test_fast_search_on_seeded_random_instances():
         layers = [LayerCost(rng.random(), rng.random(), rng.randrange(1000), rng.randrange(1000), rng.randrange(1000))
                   for _ in range(rng.randint(2, 10))]
         devices = [Device(f"p{k}", rng.choice([None, rng.randrange(2000, 12000)]), speed=rng.uniform(0.1, 10),
-                          bandwidth=rng.uniform(100, 1e5), latency=rng.uniform(0, 0.1)) for k in range(rng.randint(2, 4))]
+                          bandwidth=rng.uniform(100, 1e5), latency=rng.uniform(0, 0.1))
+                   for k in range(rng.randint(2, 4))]
         m = rng.randint(2, 12)
         found = brute_force(devices, layers, "fast", m)
         if found:
