@@ -48,7 +48,7 @@ def plan(devices: list[Device], layers: list[LayerCost], scheme: str = "nsplit",
     counts them. Raises PlanInfeasible if the budgets cannot hold the model, ValueError on bad input."""
     check(devices, layers, scheme, microbatches)
     if previous and sorted(owners(previous)) != list(range(len(layers))):
-        raise ValueError(f"the previous assignment {previous} does not cover layers 0..{len(layers) - 1} once each")
+        raise ValueError(f"the previous assignment {previous} does not cover layers 0..{len(layers) - 1}")
     inst = _Instance(devices, layers, microbatches_in_flight(scheme, microbatches), previous)
     best = _solve(inst, np.array([np.inf]))[0] if scheme == "nsplit" else _fast(inst, microbatches)
     if best is None:
