@@ -23,7 +23,10 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shuffle", choices=["on", "off"], default="on")
-    p.add_argument("--scheme", choices=["nsplit"], default="nsplit")
+    p.add_argument("--scheme", choices=["nsplit", "fast"], default="nsplit",
+                   help="nsplit: one microbatch in the chain at a time; fast: Fast N-split, microbatches pipelined")
+    p.add_argument("--pipeline", choices=["1f1b", "gpipe"], default="1f1b",
+                   help="schedule of --scheme fast (both flush at every step, so the result is exact)")
     p.add_argument("--out", default=None, help="write the trained model's state dict here (torch.save)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON (no progress bar)")
     p.set_defaults(func=run)
@@ -36,7 +39,8 @@ def config_from_args(args) -> dict:
     return JobConfig(model=parse_spec(args.model, args.model_options), seed=args.seed, epochs=args.epochs,
                      batch_size=args.batch_size, microbatches=args.microbatches, optimizer=args.optimizer,
                      lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                     shuffle=args.shuffle == "on", scheme=args.scheme).to_dict()
+                     shuffle=args.shuffle == "on", scheme=args.scheme,
+                     pipeline=args.pipeline).to_dict()
 
 
 def run(args) -> int:

@@ -148,7 +148,8 @@ class Coordinator:
         self.summary = {"job": self.job, "epochs": cfg.epochs, "final_loss": last_loss, "accuracy": accuracy,
                         "samples": total_samples, "samples_per_s": total_samples / max(train_seconds, 1e-9),
                         "seconds": time.perf_counter() - t0, "ring": ids, "layers": n_layers,
-                        "passes": len(rotations)}
+                        "passes": len(rotations), "scheme": cfg.scheme, "pipeline": cfg.pipeline,
+                        "microbatches": cfg.microbatches}
         await asyncio.gather(*(self.call(p, "/job/end", message("job_end", job=self.job)) for p in ring))
         self.emit({"event": "done", "summary": self.summary})
 

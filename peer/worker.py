@@ -212,12 +212,12 @@ class JobRuntime:
         if pos == 0 and mode == "train" and len(self.data) != total:
             raise JobError(f"head {self.me} has {len(self.data)} samples, the coordinator expected {total}")
         inputs = self._head_batches(mode) if pos == 0 else None
-        program_for = S.SCHEDULES[self.cfg.scheme]
         t0 = time.perf_counter()
         for step, size in enumerate(sizes):
             head_input: StepInput | None = next(inputs) if inputs else None
             if mode == "train":
-                program = program_for(pos, n, len(microbatch_sizes(size, self.cfg.microbatches)))
+                program = S.program(self.cfg.scheme, self.cfg.pipeline, pos, n,
+                                    len(microbatch_sizes(size, self.cfg.microbatches)))
             else:
                 program = S.evaluation(pos, n)
             gen = run_step(self.stage, program, pos, n, size, head_input, train=mode == "train")

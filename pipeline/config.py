@@ -20,7 +20,8 @@ class JobConfig:
     momentum: float = 0.0       # sgd only
     weight_decay: float = 0.0
     shuffle: bool = True        # heads visit their shard in a seeded random order each epoch
-    scheme: str = "nsplit"      # how the chain runs a step (nsplit: one microbatch at a time)
+    scheme: str = "nsplit"      # nsplit: one microbatch at a time; fast: pipelined microbatches (Fast N-split)
+    pipeline: str = "1f1b"      # fast only: 1f1b (fewer buffers in flight) or gpipe; both flush every step
     recv_timeout: float = 120.0  # seconds a stage waits for a neighbour before the job fails
 
     def __post_init__(self):
@@ -31,7 +32,8 @@ class JobConfig:
             (self.optimizer in ("sgd", "adam"), f"unknown optimizer {self.optimizer!r} (sgd, adam)"),
             (self.lr > 0, "lr must be > 0"),
             (self.momentum >= 0 and self.weight_decay >= 0, "momentum and weight_decay must be >= 0"),
-            (self.scheme in ("nsplit",), f"unknown scheme {self.scheme!r}"),
+            (self.scheme in ("nsplit", "fast"), f"unknown scheme {self.scheme!r} (nsplit, fast)"),
+            (self.pipeline in ("1f1b", "gpipe"), f"unknown pipeline schedule {self.pipeline!r} (1f1b, gpipe)"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),
         ]
         for ok, text in checks:

@@ -64,7 +64,6 @@ def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]]) 
     stages = [Stage.build(cfg, a, b) for a, b in ranges]
     for st in stages:
         owners.update({i: st for i in st.layers})
-    program = S.SCHEDULES[cfg.scheme]
     for epoch in range(cfg.epochs):
         for p in range(n):
             head = shards[p]
@@ -74,7 +73,7 @@ def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]]) 
                 idx = order[start:start + size]
                 start += size
                 n_mb = len(microbatch_sizes(size, cfg.microbatches))
-                gens = [run_step(st, program(j, n, n_mb), j, n, size,
+                gens = [run_step(st, S.program(cfg.scheme, cfg.pipeline, j, n, n_mb), j, n, size,
                                  make_step_input(head, idx, cfg.microbatches) if j == 0 else None)
                         for j, st in enumerate(stages)]
                 drive(gens)

@@ -45,12 +45,55 @@ def nsplit(stage: int, n_stages: int, n_mb: int) -> list[Action]:
     return acts + [Action(STEP)]
 
 
+def gpipe(stage: int, n_stages: int, n_mb: int) -> list[Action]:
+    """GPipe: every microbatch forward, then every backward, then the step (a flush per step)."""
+    acts: list[Action] = []
+    for m in range(n_mb):
+        acts += _forward(stage, n_stages, m)
+    for m in range(n_mb):
+        acts += _backward(stage, n_stages, m)
+    return acts + [Action(STEP)]
+
+
+def one_f_one_b(stage: int, n_stages: int, n_mb: int) -> list[Action]:
+    """1F1B: warm up with (stages after this one) forwards, then alternate one forward and one
+    backward, then drain the backwards. At most n_stages - stage microbatches are buffered here."""
+    warmup = min(n_stages - 1 - stage, n_mb)
+    acts: list[Action] = []
+    for m in range(warmup):
+        acts += _forward(stage, n_stages, m)
+    for i in range(n_mb - warmup):
+        acts += _forward(stage, n_stages, warmup + i) + _backward(stage, n_stages, i)
+    for m in range(n_mb - warmup, n_mb):
+        acts += _backward(stage, n_stages, m)
+    return acts + [Action(STEP)]
+
+
 def evaluation(stage: int, n_stages: int) -> list[Action]:
     """Forward only (one microbatch per eval batch): no buffers, no backward, no step."""
     return _forward(stage, n_stages, 0)
 
 
-SCHEDULES = {"nsplit": nsplit}
+PIPELINES = {"1f1b": one_f_one_b, "gpipe": gpipe}
+
+
+def program(scheme: str, pipeline: str, stage: int, n_stages: int, n_mb: int) -> list[Action]:
+    """One step's actions for a stage: sequential N-split, or a pipelined schedule (Fast N-split)."""
+    if scheme == "nsplit":
+        return nsplit(stage, n_stages, n_mb)
+    return PIPELINES[pipeline](stage, n_stages, n_mb)
+
+
+def in_flight(program: list[Action]) -> int:
+    """Most microbatches whose forward buffer a stage holds at once under this program."""
+    held = peak = 0
+    for a in program:
+        if a.kind == F:
+            held += 1
+            peak = max(peak, held)
+        elif a.kind == B:
+            held -= 1
+    return peak
 
 
 def chain_order(ring: list[str], rotation: int) -> list[str]:
