@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from pipeline.config import JobConfig
 from pipeline.models import build_layer, layer_factories
+from pipeline.wgrad import Deferred
 
 
 def make_optimizer(cfg: JobConfig, params) -> torch.optim.Optimizer:
@@ -28,6 +29,7 @@ class Stage:
         self.cfg = cfg
         self.layers: dict[int, nn.Module] = {}
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self.deferred: dict[int, Deferred] = {}
         self.buffers: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, module in layers.items():
             self.add(i, module)
@@ -44,10 +46,11 @@ class Stage:
             opt.load_state_dict({"state": optim_state, "param_groups": opt.state_dict()["param_groups"]})
         self.layers[index] = module
         self.optimizers[index] = opt
+        self.deferred[index] = Deferred(module)
         self.layers = dict(sorted(self.layers.items()))
 
     def remove(self, index: int) -> None:
-        del self.layers[index], self.optimizers[index]
+        del self.layers[index], self.optimizers[index], self.deferred[index]
 
     @property
     def range(self) -> tuple[int, int]:
@@ -89,7 +92,8 @@ class Stage:
         return x.grad
 
     def step(self) -> None:
-        for opt in self.optimizers.values():
+        for i, opt in self.optimizers.items():
+            self.deferred[i].flush()
             opt.step()
             opt.zero_grad(set_to_none=True)
 

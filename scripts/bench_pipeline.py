@@ -1,0 +1,138 @@
+"""Fast N-split against its baselines, in one run, on the same compute-heavy model and samples.
+
+Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatches, SGD.
+  single_1thread_sps    plain PyTorch, one process, 1 thread
+  nsplit_sps            splitring sequential N-split, 2 agents (processes), 1 thread each
+  fast_sps              splitring Fast N-split (1F1B), 2 agents, 1 thread each
+  torch_pipelining_sps  torch.distributed.pipelining Schedule1F1B, 2 gloo ranks, 1 thread each
+Usage: python scripts/bench_pipeline.py [--json] [--steps N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from peer.localring import LocalRing, train_cli  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.swaps import even_split  # noqa: E402
+
+WIDTH, DEPTH, BATCH, MICRO = 1024, 8, 256, 8
+SPEC = {"name": "mlp", "in_features": WIDTH, "depth": DEPTH, "width": WIDTH, "classes": 10}
+
+
+def samples(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(steps * BATCH, WIDTH, generator=g), torch.randint(0, 10, (steps * BATCH,), generator=g)
+
+
+def single(steps: int) -> float:
+    torch.set_num_threads(1)
+    model = build_model(SPEC, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = samples(steps + 1)
+    for s in range(steps + 1):
+        if s == 1:  # the first step warms up allocators
+            t0 = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(model(x[s * BATCH:(s + 1) * BATCH]), y[s * BATCH:(s + 1) * BATCH]).backward()
+        opt.step()
+    return steps * BATCH / (time.perf_counter() - t0)
+
+
+def splitring(steps: int, scheme: str) -> float:
+    x, y = samples(steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.npz"
+        np.savez(path, x=x.numpy(), y=y.numpy())
+        with LocalRing([["--data", str(path)], []]) as ring:
+            proc = train_cli(ring.urls[0], "--model", "mlp", "--model-options",
+                             f"in_features={WIDTH},depth={DEPTH},width={WIDTH}", "--epochs", "1",
+                             "--batch-size", str(BATCH), "--microbatches", str(MICRO), "--lr", "0.01",
+                             "--shuffle", "off", "--scheme", scheme)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-2000:])
+            return json.loads(proc.stdout.strip().splitlines()[-1])["samples_per_s"]
+
+
+def _pipelining_rank(rank: int, port: int, steps: int, result) -> None:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = build_model(SPEC, 0)
+    a, b = even_split(len(model), 2)[rank]
+    part = torch.nn.Sequential(*list(model)[a:b])
+    stage = PipelineStage(part, rank, 2, torch.device("cpu"))
+    sched = Schedule1F1B(stage, MICRO, loss_fn=lambda out, target: F.cross_entropy(out, target))
+    opt = torch.optim.SGD(part.parameters(), lr=0.01)
+    x, y = samples(steps + 1)
+    for s in range(steps + 1):
+        if s == 1:
+            dist.barrier()
+            t0 = time.perf_counter()
+        opt.zero_grad()
+        xb, yb = x[s * BATCH:(s + 1) * BATCH], y[s * BATCH:(s + 1) * BATCH]
+        if rank == 0:
+            sched.step(xb)
+        else:
+            sched.step(target=yb)
+        opt.step()
+    dist.barrier()
+    if rank == 1:
+        result.value = steps * BATCH / (time.perf_counter() - t0)
+    dist.destroy_process_group()
+
+
+def torch_pipelining(steps: int) -> float:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    result = ctx.Value("d", 0.0)
+    procs = [ctx.Process(target=_pipelining_rank, args=(r, port, steps, result)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError("torch.distributed.pipelining rank failed")
+    return result.value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    res = {
+        "single_1thread_sps": single(args.steps),
+        "nsplit_sps": splitring(args.steps, "nsplit"),
+        "fast_sps": splitring(args.steps, "fast"),
+        "torch_pipelining_sps": torch_pipelining(args.steps),
+    }
+    res["fast_vs_single"] = res["fast_sps"] / res["single_1thread_sps"]
+    res["fast_vs_torch_pipelining"] = res["fast_sps"] / res["torch_pipelining_sps"]
+    res.update(steps=args.steps, batch=BATCH, microbatches=MICRO, width=WIDTH, depth=DEPTH)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:26s} {v:.3f}" if isinstance(v, float) else f"{k:26s} {v}")
+
+
+if __name__ == "__main__":
+    main()
