@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
@@ -16,11 +17,14 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.data import Dataset
 from pipeline.models import SpecError, activation_shapes, input_shape, spec_hash
 from peer.coordinator import Coordinator
-from peer.dataplane import MAX_WS_FRAME, Codec, Links
+from peer.dataplane import MAX_DATA_FRAME, Codec, Links
 from peer.discovery import Discovery
-from peer.state import StateDir
+from peer.transport import UPGRADE, FrameStream, RawFrame, adopt
+from peer.state import StateDir, write_atomic
+from pipeline.profiling import measure, microbatch_rows, optimizer_state_ratio
 from peer.worker import JobError, JobRuntime
-from protocols import PROTOCOL_VERSION, ProtocolError, decode_frame, encode_frame, error_message, message, validate
+from protocols import PROTOCOL_VERSION, ProtocolError, encode_frame, error_message, message, validate
+from protocols.frames import encode_parts
 
 log = logging.getLogger("splitring.agent")
 CAPABILITIES = ["nsplit"]
@@ -33,13 +37,16 @@ def json_error(status: int, code: str, text: str) -> web.Response:
 
 class Agent:
     def __init__(self, ring: str, state: StateDir, data: Dataset, host: str, port: int, interface: str,
-                 advertise: str, join: list[str], threads: int = 1):
+                 advertise: str, join: list[str], threads: int = 1, memory_budget: int | None = None,
+                 slowdown: float = 1.0):
         self.ring, self.state, self.data = ring, state, data
         self.peer_id = state.peer_id
         self.host, self.port, self.interface, self.advertise, self.join = host, port, interface, advertise, join
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=torch.set_num_threads,
                                           initargs=(threads,))
         self.codec = Codec()
+        self.memory_budget = memory_budget
+        self.slowdown = slowdown  # test knob: compute takes this many times longer (a slower device)
         self.jobs: dict[str, JobRuntime] = {}
         self.coordinated: dict[str, Coordinator] = {}
         self.registry = CollectorRegistry()
@@ -50,7 +57,31 @@ class Agent:
         self.session: aiohttp.ClientSession | None = None
         self.discovery: Discovery | None = None
         self.links: Links | None = None
-        self.sockets: set[web.WebSocketResponse] = set()  # incoming data-plane sockets, closed on shutdown
+        self.sockets: set[web.WebSocketResponse] = set()  # incoming data-plane connections, closed on shutdown
+        self.streams: set[FrameStream] = set()
+
+    async def compute_call(self, fn, *args):
+        """Run fn on the compute thread (a slowdown > 1 stretches it, as a slower device would)."""
+        def timed():
+            t0 = time.perf_counter()
+            out = fn(*args)
+            if self.slowdown > 1:
+                time.sleep((self.slowdown - 1) * (time.perf_counter() - t0))
+            return out
+        return await asyncio.get_running_loop().run_in_executor(self.compute, timed)
+
+    def profile(self, cfg: JobConfig) -> dict:
+        """This machine's per-layer costs for a job's model (cached per spec, microbatch and optimizer)."""
+        key = f"{spec_hash(cfg.model)}-{microbatch_rows(cfg)}-{optimizer_state_ratio(cfg)}-{cfg.seed}"
+        path = self.state.root / "profiles" / f"{key}.json"
+        if path.exists():
+            prof = json.loads(path.read_text())
+        else:
+            prof = measure(cfg)
+            write_atomic(path, json.dumps(prof).encode())
+        for k in ("forward_s", "backward_s"):
+            prof[k] = [t * self.slowdown for t in prof[k]]
+        return prof
 
     @property
     def url(self) -> str:
@@ -61,12 +92,14 @@ class Agent:
         app = web.Application(client_max_size=MAX_CONTROL_BODY)
         app.add_routes([
             web.get("/status", self.h_status), web.get("/metrics", self.h_metrics), web.get("/ws", self.h_ws),
+            web.get("/data", self.h_data), web.post("/data/probe", self.h_data_probe),
             web.post("/jobs", self.h_start_job), web.get("/jobs/{job}", self.h_job),
             web.get("/jobs/{job}/model", self.h_model), web.post("/jobs/{job}/cancel", self.h_cancel),
             web.post("/job/prepare", self.h_prepare), web.post("/job/commit", self.h_commit),
             web.post("/job/pass", self.h_pass), web.post("/job/swap/send", self.h_swap_send),
             web.post("/job/swap/receive", self.h_swap_receive), web.post("/job/abort", self.h_abort),
             web.post("/job/end", self.h_end), web.get("/job/{job}/params", self.h_params),
+            web.post("/probe", self.h_probe), web.post("/plan", self.h_plan), web.post("/job/profile", self.h_profile),
         ])
         return app
 
@@ -88,6 +121,8 @@ class Agent:
             await self.discovery.close()
         for ws in list(self.sockets):
             await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"agent shutting down")
+        for stream in list(self.streams):
+            stream.close()
         if self.links:
             await self.links.close()
         if self.session:
@@ -135,8 +170,10 @@ class Agent:
             "url": self.url, "interface": self.interface,
             "peers": [r.public() for r in self.discovery.view.values()], "conflicts": self.discovery.conflicts,
             "data": {"name": self.data.name, "samples": len(self.data), "test_samples": self.data.n_test},
-            "stages": [{"job": j, "rotation": rt.rotation, "layers": list(rt.stage.range),
-                        "position": rt.position, "progress": rt.progress} for j, rt in self.jobs.items()],
+            "memory_budget": self.memory_budget,
+            "stages": [{"job": j, "rotation": rt.rotation, "layers": list(rt.stage.range), "position": rt.position,
+                        "progress": rt.progress, "peak_memory_bytes": rt.peak_memory}
+                       for j, rt in self.jobs.items()],
             "jobs": {j: (c.events[-1] if c.events else {}) for j, c in self.coordinated.items()},
         })
 
@@ -145,26 +182,57 @@ class Agent:
         return web.Response(body=generate_latest(self.registry), content_type="text/plain")
 
     # --- data plane ---------------------------------------------------------------------------
+    async def h_data(self, request):
+        """The peers' data plane: an HTTP Upgrade to a stream of frames (peer.transport)."""
+        if request.headers.get("Upgrade", "").lower() != UPGRADE:
+            return json_error(426, "upgrade", f"the data plane needs 'Connection: Upgrade', 'Upgrade: {UPGRADE}'")
+        resp = web.StreamResponse(status=101, headers={"Connection": "Upgrade", "Upgrade": UPGRADE})
+        await resp.prepare(request)
+        # from here on the connection is the stream's; aiohttp still hears when it ends
+        stream = adopt(request.transport, FrameStream(MAX_DATA_FRAME, on_lost=request.protocol.connection_lost))
+        self.streams.add(stream)
+
+        async def frames():
+            while (frame := await stream.recv()) is not None:
+                yield frame
+        try:
+            await self._serve_data(request.remote, frames(), lambda msg: stream.send(encode_parts(msg)))
+        except ConnectionError:
+            pass
+        finally:
+            self.streams.discard(stream)
+            stream.close()
+        return resp
+
     async def h_ws(self, request):
-        ws = web.WebSocketResponse(max_msg_size=MAX_WS_FRAME)
+        """The same data-plane messages in binary WebSocket frames, for tools that speak WebSocket."""
+        ws = web.WebSocketResponse(max_msg_size=MAX_DATA_FRAME)
         await ws.prepare(request)
         self.sockets.add(ws)
+
+        async def frames():
+            async for frame in ws:
+                binary = frame.type == aiohttp.WSMsgType.BINARY
+                yield frame.data if binary else ProtocolError("malformed", "binary CBOR frames only")
         try:
-            await self._serve_ws(request, ws)
+            await self._serve_data(request.remote, frames(), lambda msg: ws.send_bytes(encode_frame(msg)))
+        except ConnectionError:
+            pass
         finally:
             self.sockets.discard(ws)
         return ws
 
-    async def _serve_ws(self, request, ws):
+    async def _serve_data(self, remote, frames, reply):
+        """One incoming data-plane connection: hello first, then fwd/bwd for this peer's stages and pings.
+        Anything wrong is answered with an error reply; nothing of a job is touched by a refused message."""
         sender = None
-        async for frame in ws:
-            if frame.type != aiohttp.WSMsgType.BINARY:
-                await ws.send_bytes(encode_frame(error_message("malformed", "binary CBOR frames only")))
-                continue
-            self.m_bytes.inc(len(frame.data))
+        async for frame in frames:
             ref = None
             try:
-                msg = validate(await self.codec.decode(frame.data, MAX_WS_FRAME))
+                if isinstance(frame, ProtocolError):
+                    raise frame
+                self.m_bytes.inc(frame.nbytes if isinstance(frame, RawFrame) else len(frame))
+                msg = validate(await self.codec.decode(frame, MAX_DATA_FRAME))
                 ref = {k: msg[k] for k in ("type", "job", "rotation", "step", "mb") if k in msg}
                 self.m_messages.labels(msg["type"]).inc()
                 if sender is None:
@@ -173,15 +241,34 @@ class Agent:
                     if msg["ring"] != self.ring:
                         raise ProtocolError("wrong_ring", f"this peer belongs to ring {self.ring!r}, not {msg['ring']!r}")
                     sender = msg["peer"]
-                    await ws.send_bytes(encode_frame(message("hello", peer=self.peer_id, ring=self.ring)))
+                    await reply(message("hello", peer=self.peer_id, ring=self.ring))
                 elif msg["type"] in ("fwd", "bwd"):
-                    self.runtime(msg["job"]).accept(sender, msg)
+                    rt = self.runtime(msg["job"])
+                    await rt.mailbox.room(msg["type"])  # backpressure: stop reading this neighbour meanwhile
+                    rt.accept(sender, msg)
+                elif msg["type"] == "ping":
+                    await reply(message("pong", seq=msg["seq"]))
                 else:
                     raise ProtocolError("unknown_type", f"{msg['type']!r} is not a data-plane message")
             except ProtocolError as e:
                 self.m_rejected.labels(e.code).inc()
-                log.warning("data plane: refused a message from %s: %s", sender or request.remote, e.message)
-                await ws.send_bytes(encode_frame(error_message(e.code, e.message, ref)))
+                log.warning("data plane: refused a message from %s: %s", sender or remote, e.message)
+                await reply(error_message(e.code, e.message, ref))
+
+    @guarded
+    async def h_data_probe(self, request):
+        """Measure the data plane to another agent: `count` pings carrying `bytes` of float32 each, at
+        most `window` unanswered (default: all; 1 measures round trips)."""
+        msg = await self.read(request, "data_probe")
+        count, size, window = msg["count"], msg["bytes"], msg.get("window", msg["count"])
+        if not (1 <= count <= 100_000 and window >= 1 and size <= MAX_DATA_FRAME // 2):
+            raise ProtocolError("malformed", "data_probe: count from 1 to 100000, window >= 1, bytes <= 512 MiB")
+        data = torch.rand(size // 4) if size >= 4 else None
+        try:
+            seconds = await self.links.probe(msg["url"], data, count, window)
+        except (ConnectionError, OSError, asyncio.TimeoutError) as e:
+            return json_error(502, "unreachable", f"probe of {msg['url']} failed: {e!r}")
+        return web.json_response({"url": msg["url"], "bytes": size, "count": count, "seconds": seconds})
 
     # --- jobs: the coordinator side -----------------------------------------------------------
     @guarded
@@ -242,16 +329,23 @@ class Agent:
         if msg["job"] in self.jobs:
             raise ProtocolError("duplicate", f"job {msg['job']} is already prepared")
         self.jobs[msg["job"]] = JobRuntime(msg["job"], cfg, self.peer_id, msg["ring"], msg["coordinator"],
-                                           self.data, self.links, self.compute, self.state)
+                                           self.data, self.links, self.compute_call, self.state, self.memory_budget)
         return web.json_response({"samples": len(self.data), "test_samples": self.data.n_test})
+
+    @guarded
+    async def h_profile(self, request):
+        """What the planner needs from this peer for a job's model: its measured layer costs and budget."""
+        cfg = JobConfig.from_dict((await self.read(request, "job_profile"))["config"])
+        prof = await asyncio.get_running_loop().run_in_executor(self.compute, self.profile, cfg)
+        return web.json_response({"memory_budget": self.memory_budget, "profile": prof,
+                                  "samples": len(self.data), "test_samples": self.data.n_test})
 
     @guarded
     async def h_commit(self, request):
         msg = await self.read(request, "job_commit")
         rt = self.runtime(msg["job"])
-        out = await asyncio.get_running_loop().run_in_executor(
-            self.compute, rt.commit, msg["rotation"], msg["chain"], msg["ranges"], msg["head_samples"],
-            msg["head_test_samples"])
+        out = await self.compute_call(rt.commit, msg["rotation"], msg["chain"], msg["ranges"], msg["head_samples"],
+                                      msg["head_test_samples"])
         return web.json_response(out)
 
     @guarded
@@ -287,8 +381,7 @@ class Agent:
     async def h_swap_receive(self, request):
         msg = await self.read(request, "swap_receive")
         rt = self.runtime(msg["job"])
-        digest = await asyncio.get_running_loop().run_in_executor(
-            self.compute, rt.receive_layers, msg["rotation"], msg["layers"], msg["checksum"])
+        digest = await self.compute_call(rt.receive_layers, msg["rotation"], msg["layers"], msg["checksum"])
         return web.json_response({"checksum": digest})
 
     @guarded
@@ -307,6 +400,20 @@ class Agent:
         if rt:
             rt.checkpoint()
         return web.json_response({"ended": rt is not None})
+
+    async def h_probe(self, request):
+        """Link probe: the caller times sending a body here."""
+        return web.json_response({"bytes": len(await request.read())})
+
+    @guarded
+    async def h_plan(self, request):
+        """Plan a job on the ring as it is now, without running it (for `splitring plan --peer`)."""
+        msg = await self.read(request, "job_start")
+        cfg = JobConfig.from_dict(msg["config"])
+        spec_hash(cfg.model)
+        coord = Coordinator(self, cfg)
+        plans = await coord.plan_only()
+        return web.json_response({"ring": [p["peer"] for p in coord.ring], "rotations": plans})
 
     @guarded
     async def h_params(self, request):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from peer.cli_common import add_ring_options, resolve_interface
+from peer.cli_plan import BYTE_UNITS, quantity
 
 
 def register(sub) -> None:
@@ -21,8 +23,18 @@ def register(sub) -> None:
                    help="a known peer, polled over HTTP where mDNS does not reach (repeatable)")
     p.add_argument("--no-mdns", action="store_true", help="do not use mDNS; find peers through --join only")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for this agent's compute")
+    p.add_argument("--memory-budget", default=None, metavar="BYTES",
+                   help="most memory this agent's stages may use, e.g. 512MiB (default: 80%% of the RAM "
+                        "available at start); the planner never gives it more")
+    p.add_argument("--compute-slowdown", type=float, default=1.0, metavar="X",
+                   help="test knob: make every computation X times slower, like a slower device")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
+
+
+def default_budget() -> int:
+    """80% of the memory available now."""
+    return int(0.8 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def run(args) -> int:
@@ -40,8 +52,14 @@ def run(args) -> int:
         print(f"splitring agent: {e}", file=sys.stderr)
         return 2
     address = resolve_interface(args.interface)
+    try:
+        budget = default_budget() if args.memory_budget is None else int(quantity(args.memory_budget, BYTE_UNITS,
+                                                                                    "memory budget"))
+    except ValueError as e:
+        print(f"splitring agent: {e}", file=sys.stderr)
+        return 2
     agent = Agent(args.ring, state, data, args.listen or address, args.port, None if args.no_mdns else address,
-                  address, args.join, args.threads)
+                  address, args.join, args.threads, budget, args.compute_slowdown)
 
     def ready(a):
         print(f"splitring agent {a.peer_id} ring={a.ring} listening on {a.url} data={data.name} "

@@ -27,6 +27,10 @@ def register(sub) -> None:
                    help="nsplit: one microbatch in the chain at a time; fast: Fast N-split, microbatches pipelined")
     p.add_argument("--pipeline", choices=["1f1b", "gpipe"], default="1f1b",
                    help="schedule of --scheme fast (both flush at every step, so the result is exact)")
+    p.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="how activations and gradients travel (layer state moved by swaps is always exact)")
+    p.add_argument("--compress", choices=["none", "int8"], default="none",
+                   help="int8: activations and gradients 8-bit blockwise absmax (overrides --wire-dtype)")
     p.add_argument("--out", default=None, help="write the trained model's state dict here (torch.save)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON (no progress bar)")
     p.set_defaults(func=run)
@@ -40,7 +44,7 @@ def config_from_args(args) -> dict:
                      batch_size=args.batch_size, microbatches=args.microbatches, optimizer=args.optimizer,
                      lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                      shuffle=args.shuffle == "on", scheme=args.scheme,
-                     pipeline=args.pipeline).to_dict()
+                     pipeline=args.pipeline, wire_dtype=args.wire_dtype, compress=args.compress).to_dict()
 
 
 def run(args) -> int:

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 import aiohttp
 import torch
@@ -16,6 +17,7 @@ import torch
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.models import num_layers, spec_hash
+from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, evaluate, plan
 from pipeline.swaps import even_split, swap_moves
 from peer.worker import JobError
 from protocols import encode_frame, message
@@ -72,6 +74,60 @@ class Coordinator:
                 log.warning("peer %s at %s is not answering; left out of the ring", p["peer"], p["url"])
         return sorted(alive, key=lambda p: p["peer"])
 
+    async def gather_devices(self, ring: list[dict]) -> tuple[dict[str, Device], list[LayerCost], dict]:
+        """Each peer's measured layer costs and budget, and a probe of its link: what the planner needs."""
+        body = message("job_profile", config=self.cfg.to_dict())
+        replies = dict(zip([p["peer"] for p in ring], await self.call_all(ring, "/job/profile", lambda p: body)))
+        links = {p["peer"]: await self.probe_link(p) for p in ring}
+        devices = {pid: Device(pid, memory_budget=r["memory_budget"], forward_s=tuple(r["profile"]["forward_s"]),
+                               backward_s=tuple(r["profile"]["backward_s"]), bandwidth=links[pid][0],
+                               latency=links[pid][1]) for pid, r in replies.items()}
+        prof = replies[ring[0]["peer"]]["profile"]  # sizes are the same on every peer; times are each one's own
+        layers = [LayerCost(f, b, pb, ob, ab) for f, b, pb, ob, ab in zip(
+            prof["forward_s"], prof["backward_s"], prof["param_bytes"], prof["optim_bytes"], prof["activation_bytes"])]
+        return devices, layers, replies
+
+    async def probe_link(self, peer: dict, size: int = 1 << 21) -> tuple[float, float]:
+        """(bytes/s, one-way seconds) between the coordinator and a peer: a small and a 2 MiB POST.
+        A link between two peers is taken as the slower of their links to the coordinator (a star LAN)."""
+        times = []
+        for n in (1, size):
+            t0 = time.perf_counter()
+            async with self.agent.session.post(peer["url"] + "/probe", data=b"\0" * n) as r:
+                await r.read()
+            times.append(time.perf_counter() - t0)
+        latency = times[0] / 2
+        return size / max(times[1] - times[0], 1e-6), latency
+
+    def plan_chain(self, chain: list[str], devices: dict[str, Device], layers: list[LayerCost],
+                   previous: dict[str, tuple[int, int]] | None) -> Plan:
+        """The split of one rotation: the planner's (fewest bytes moved among the fastest), or an even
+        split checked against the same memory model."""
+        chained = [replace(devices[p], bandwidth=min(devices[p].bandwidth, devices[q].bandwidth))
+                   for p, q in zip(chain, chain[1:] + chain[:1])]
+        scheme = "fast" if self.cfg.scheme == "fast" else "nsplit"
+        try:
+            if self.cfg.split == "even":
+                p = evaluate(chained, layers, even_split(len(layers), len(chain)), scheme, self.cfg.microbatches)
+                if not p.fits:
+                    over = [f"{s.peer} needs {s.memory_bytes} of {s.memory_budget} bytes" for s in p.stages if not s.fits]
+                    raise JobError(f"the even split does not fit the memory budgets: {'; '.join(over)}")
+                return p
+            return plan(chained, layers, scheme, self.cfg.microbatches, previous)
+        except PlanInfeasible as e:
+            raise JobError(f"the ring cannot hold the model: {e}") from None
+
+    async def plan_only(self) -> list[dict]:
+        """Every rotation's plan for the ring as it is now (no job is started)."""
+        self.ring = await self.snapshot_ring()
+        devices, layers, _ = await self.gather_devices(self.ring)
+        ids, plans, previous = [p["peer"] for p in self.ring], [], None
+        for r in range(len(ids)):
+            p = self.plan_chain(S.chain_order(ids, r), devices, layers, previous)
+            previous = p.assignment
+            plans.append(p.to_dict())
+        return plans
+
     async def run(self) -> None:
         t0 = time.perf_counter()
         try:
@@ -100,7 +156,8 @@ class Coordinator:
         by_id = {p["peer"]: p for p in ring}
         prep = message("job_prepare", job=self.job, config=cfg.to_dict(), ring=ring,
                        coordinator=self.agent.peer_id, spec_hash=spec_hash(cfg.model))
-        replies = dict(zip(ids, await self.call_all(ring, "/job/prepare", lambda p: prep)))
+        await self.call_all(ring, "/job/prepare", lambda p: prep)
+        devices, layers, replies = await self.gather_devices(ring)
         samples = {p: r["samples"] for p, r in replies.items()}
         tests = {p: r["test_samples"] for p, r in replies.items()}
         n = len(ring)
@@ -113,10 +170,14 @@ class Coordinator:
                    "total_steps": sum(steps_per_pass[S.chain_order(ids, r)[0]] for r in rotations)})
         assignment: dict[str, tuple[int, int]] | None = None
         total_samples, last_loss, accuracy, swapped_bytes = 0, None, None, 0
-        train_seconds = 0.0
+        train_seconds, plans, steps_done = 0.0, [], 0
         for r in rotations:
             chain = S.chain_order(ids, r)
-            ranges = dict(zip(chain, even_split(n_layers, n)))
+            split = self.plan_chain(chain, devices, layers, assignment)
+            ranges = split.assignment
+            plans.append({"rotation": r, "ranges": {k: list(v) for k, v in ranges.items()},
+                          "predicted_step_s": split.step_s, "bytes_moved": split.bytes_moved if assignment else 0})
+            self.emit({"event": "plan", **plans[-1]})
             active = [p for p in chain if ranges[p][1] > ranges[p][0]]
             if assignment is not None:
                 moves = swap_moves(assignment, ranges)
@@ -134,6 +195,7 @@ class Coordinator:
             tp = time.perf_counter()
             steps = await self._pass(active, by_id, r, "train", epoch)
             train_seconds += time.perf_counter() - tp
+            steps_done += len(steps)
             total_samples += samples[head]
             if steps:
                 last_loss = steps[-1]["loss"]
@@ -148,8 +210,9 @@ class Coordinator:
         self.summary = {"job": self.job, "epochs": cfg.epochs, "final_loss": last_loss, "accuracy": accuracy,
                         "samples": total_samples, "samples_per_s": total_samples / max(train_seconds, 1e-9),
                         "seconds": time.perf_counter() - t0, "ring": ids, "layers": n_layers,
-                        "passes": len(rotations), "scheme": cfg.scheme, "pipeline": cfg.pipeline,
-                        "microbatches": cfg.microbatches}
+                        "passes": len(rotations), "seconds_per_step": train_seconds / max(steps_done, 1),
+                        "plans": plans, "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
+                        "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress}
         await asyncio.gather(*(self.call(p, "/job/end", message("job_end", job=self.job)) for p in ring))
         self.emit({"event": "done", "summary": self.summary})
 

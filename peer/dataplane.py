@@ -1,23 +1,31 @@
-"""The data plane: one long-lived outgoing WebSocket per neighbour, CBOR frames with raw tensors.
+"""The data plane: one long-lived outgoing stream per neighbour (peer.transport), CBOR frames with raw
+tensors, wire dtypes by role (protocols.compression), bounded buffering at every step.
 
-Each direction of a pair uses the sender's own connection (A dials B to send to B), so a socket only
-ever carries data one way plus error replies the other. Large frames are encoded/decoded on a codec
-thread so the event loop keeps answering control calls.
+Each direction of a pair uses the sender's own connection (A dials B to send to B), so a connection only
+ever carries data one way plus replies (hello, pong, error) the other. Frames with large tensors are
+encoded and decoded on a codec thread so the event loop keeps answering control calls.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import torch
 
 from protocols import ProtocolError, decode_frame, encode_frame, message, validate
+from protocols.compression import WirePolicy, apply_policy
+from protocols.frames import assemble, encode_parts
+from peer.transport import RawFrame, connect
 
 log = logging.getLogger("splitring.dataplane")
-OFFLOAD_BYTES = 1 << 20          # frames larger than this are (de)serialised off the event loop
-MAX_WS_FRAME = 1 << 30
+OFFLOAD_BYTES = 1 << 40          # frames with more tensor bytes than this are (de)serialised off the loop
+MAX_DATA_FRAME = 1 << 30
+MAILBOX_LIMIT = 64               # unread messages per job and kind before the data plane waits for room
+EXACT = WirePolicy()
 
 
 def tensor_bytes(obj) -> int:
@@ -31,71 +39,103 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
+def wire_policy(cfg) -> WirePolicy:
+    """The wire policy of a job (pipeline.config.JobConfig)."""
+    return WirePolicy.from_options(cfg.wire_dtype, cfg.compress)
+
+
+def _encode_parts(msg: dict, policy: WirePolicy) -> list:
+    return encode_parts(apply_policy(msg, policy))
+
+
 class Codec:
     def __init__(self):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="codec")
 
-    async def encode(self, msg: dict) -> bytes:
-        if tensor_bytes(msg) > OFFLOAD_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, encode_frame, msg)
-        return encode_frame(msg)
+    async def _run(self, offload: bool, fn, *args):
+        if offload:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        return fn(*args)
 
-    async def decode(self, frame: bytes, max_bytes: int) -> dict:
-        if len(frame) > OFFLOAD_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, decode_frame, frame, max_bytes)
-        return decode_frame(frame, max_bytes)
+    async def encode(self, msg: dict) -> bytes:
+        """A whole frame as bytes (HTTP bodies: swaps, parameters). Always exact."""
+        return await self._run(tensor_bytes(msg) > OFFLOAD_BYTES, encode_frame, msg)
+
+    async def encode_parts(self, msg: dict, policy: WirePolicy = EXACT) -> list:
+        """A frame as [header, payload views...], role fields packed by `policy`."""
+        return await self._run(tensor_bytes(msg) > OFFLOAD_BYTES, _encode_parts, msg, policy)
+
+    async def decode(self, frame: bytes | RawFrame, max_bytes: int) -> dict:
+        if isinstance(frame, RawFrame):
+            return await self._run(frame.nbytes > OFFLOAD_BYTES, assemble, frame.body, frame.tensors)
+        return await self._run(len(frame) > OFFLOAD_BYTES, decode_frame, frame, max_bytes)
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Link:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, peer: str):
-        self.ws = ws
+    def __init__(self, stream, peer: str):
+        self.stream = stream
         self.peer = peer
-        self.lock = asyncio.Lock()
+        self.pongs: dict[int, asyncio.Future] = {}
         self.reader: asyncio.Task | None = None
 
     @property
     def closed(self) -> bool:
-        return self.ws.closed
+        return self.stream.closed
 
 
 class Links:
-    """Outgoing connections to other peers, opened on first use and kept."""
+    """Outgoing connections to other peers, opened on first use and kept. `session` carries the
+    HTTP calls that go with the data plane (swaps post layer state through it)."""
 
     def __init__(self, me: str, ring: str, session: aiohttp.ClientSession, codec: Codec):
         self.me, self.ring, self.session, self.codec = me, ring, session, codec
         self.links: dict[str, Link] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
+        self._seq = itertools.count()
         self.errors: list[dict] = []  # error replies received (most recent last, bounded)
 
     async def _open(self, url: str) -> Link:
-        ws = await self.session.ws_connect(f"{url}/ws", max_msg_size=MAX_WS_FRAME, heartbeat=20)
-        await ws.send_bytes(encode_frame(message("hello", peer=self.me, ring=self.ring)))
-        reply = await ws.receive(timeout=10)
-        if reply.type != aiohttp.WSMsgType.BINARY:
-            await ws.close()
-            raise ConnectionError(f"{url}: no hello reply ({reply.type.name})")
-        msg = validate(decode_frame(reply.data), {"hello", "error"})
-        if msg["type"] == "error":
-            await ws.close()
-            raise ConnectionError(f"{url} refused the connection: {msg['message']}")
-        link = Link(ws, msg["peer"])
-        link.reader = asyncio.create_task(self._read_errors(link, url))
+        stream = await connect(url, MAX_DATA_FRAME)
+        try:
+            await stream.send(encode_parts(message("hello", peer=self.me, ring=self.ring)))
+            reply = await asyncio.wait_for(stream.recv(), 10)
+            if not isinstance(reply, RawFrame):
+                raise ConnectionError(f"{url}: no hello reply")
+            msg = validate(await self.codec.decode(reply, MAX_DATA_FRAME), {"hello", "error"})
+            if msg["type"] == "error":
+                raise ConnectionError(f"{url} refused the connection: {msg['message']}")
+        except BaseException:
+            stream.close()
+            raise
+        link = Link(stream, msg["peer"])
+        link.reader = asyncio.create_task(self._read_replies(link, url))
         return link
 
-    async def _read_errors(self, link: Link, url: str):
-        async for reply in link.ws:
-            if reply.type != aiohttp.WSMsgType.BINARY:
-                continue
-            try:
-                msg = validate(decode_frame(reply.data), {"error"})
-            except ProtocolError as e:
-                log.warning("unreadable reply from %s: %s", url, e)
-                continue
-            log.warning("peer %s rejected a message: %s", link.peer, msg["message"])
-            self.errors = (self.errors + [msg])[-20:]
+    async def _read_replies(self, link: Link, url: str):
+        try:
+            while (frame := await link.stream.recv()) is not None:
+                try:
+                    if isinstance(frame, ProtocolError):
+                        raise frame
+                    msg = validate(await self.codec.decode(frame, MAX_DATA_FRAME), {"error", "pong"})
+                except ProtocolError as e:
+                    log.warning("unreadable reply from %s: %s", url, e)
+                    continue
+                if msg["type"] == "pong":
+                    fut = link.pongs.pop(msg["seq"], None)
+                    if fut and not fut.done():
+                        fut.set_result(None)
+                    continue
+                log.warning("peer %s rejected a message: %s", link.peer, msg["message"])
+                self.errors = (self.errors + [msg])[-20:]
+        finally:
+            link.stream.close()
+            for fut in link.pongs.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"connection to {url} closed"))
 
     async def get(self, url: str) -> Link:
         link = self.links.get(url)
@@ -108,28 +148,51 @@ class Links:
                 link = self.links[url] = await self._open(url)
         return link
 
-    async def send(self, url: str, msg: dict) -> None:
-        frame = await self.codec.encode(msg)
+    async def send(self, url: str, msg: dict, policy: WirePolicy = EXACT) -> None:
+        """Send a message; returns once it is handed to the connection (which holds a bounded amount)."""
+        parts = await self.codec.encode_parts(msg, policy)
         link = await self.get(url)
-        async with link.lock:
-            await link.ws.send_bytes(frame)
+        await link.stream.send(parts)
+
+    async def probe(self, url: str, data: torch.Tensor | None, count: int, window: int,
+                    timeout: float = 60.0) -> float:
+        """Send `count` pings carrying `data`, at most `window` unanswered at a time; returns the
+        seconds from the first send to the last pong."""
+        link = await self.get(url)
+        slots = asyncio.Semaphore(window)
+        loop = asyncio.get_running_loop()
+        pending = []
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await asyncio.wait_for(slots.acquire(), timeout)
+            seq = next(self._seq)
+            fut = link.pongs[seq] = loop.create_future()
+            fut.add_done_callback(lambda _: slots.release())
+            pending.append(fut)
+            await self.send(url, message("ping", seq=seq, **({} if data is None else {"data": data})))
+        await asyncio.wait_for(asyncio.gather(*pending), timeout)
+        return time.perf_counter() - t0
 
     async def close(self):
         for link in self.links.values():
             if link.reader:
                 link.reader.cancel()
-            await link.ws.close()
+            link.stream.close()
         self.links.clear()
 
 
 class Mailbox:
     """Messages of one job awaiting their receiver, keyed by (rotation, mode, step, kind, mb).
-    A key is delivered at most once; duplicates and keys already consumed are refused."""
+    A key is delivered at most once; duplicates and keys already consumed are refused. At most `limit`
+    messages of each kind (fwd, bwd: one neighbour each) wait unread; the data plane awaits `room`
+    before delivering, which pauses reading from that neighbour."""
 
-    def __init__(self):
+    def __init__(self, limit: int = MAILBOX_LIMIT):
+        self.limit = limit
         self.slots: dict[tuple, asyncio.Future] = {}
         self.consumed: set[tuple] = set()
         self.failure: Exception | None = None
+        self._freed = asyncio.Event()
 
     def _slot(self, key) -> asyncio.Future:
         fut = self.slots.get(key)
@@ -137,9 +200,19 @@ class Mailbox:
             fut = self.slots[key] = asyncio.get_running_loop().create_future()
         return fut
 
+    def unread(self, kind: str) -> int:
+        return sum(1 for k, f in self.slots.items() if k[3] == kind and f.done())
+
+    async def room(self, kind: str) -> None:
+        while self.failure is None and self.unread(kind) >= self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+
     def deliver(self, key: tuple, payload: dict) -> None:
         if key in self.consumed or (key in self.slots and self.slots[key].done()):
             raise ProtocolError("duplicate", f"duplicate message {key}")
+        if self.unread(key[3]) >= self.limit:
+            raise ProtocolError("overflow", f"{self.limit} {key[3]} messages already wait unread")
         self._slot(key).set_result(payload)
 
     async def get(self, key: tuple, timeout: float) -> dict:
@@ -154,14 +227,17 @@ class Mailbox:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.slots.pop(key, None)
                 self.consumed.add(key)
+                self._freed.set()
 
     def fail(self, exc: Exception) -> None:
         self.failure = exc
         for fut in self.slots.values():
             if not fut.done():
                 fut.set_exception(exc)
+        self._freed.set()
 
     def new_rotation(self, rotation: int) -> None:
         """Forget what older rotations left behind."""
         self.slots = {k: f for k, f in self.slots.items() if k[0] >= rotation}
         self.consumed = {k for k in self.consumed if k[0] >= rotation}
+        self._freed.set()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -16,7 +15,7 @@ from pipeline.execute import Recv, Send, StepInput, run_step
 from pipeline.local import make_step_input
 from pipeline.models import activation_shapes, input_shape
 from pipeline.stage import Stage, checksum
-from peer.dataplane import Links, Mailbox
+from peer.dataplane import Links, Mailbox, wire_policy
 from protocols import ProtocolError, message
 
 log = logging.getLogger("splitring.worker")
@@ -29,12 +28,15 @@ class JobError(RuntimeError):
 
 class JobRuntime:
     def __init__(self, job: str, cfg: JobConfig, me: str, ring: list[dict], coordinator: str,
-                 data: Dataset, links: Links, compute: ThreadPoolExecutor, state_dir):
+                 data: Dataset, links: Links, compute, state_dir, memory_budget: int | None = None):
         self.job, self.cfg, self.me = job, cfg, me
         self.urls = {p["peer"]: p["url"] for p in ring}
         self.ring = [p["peer"] for p in ring]
         self.coordinator = coordinator
-        self.data, self.links, self.compute, self.state_dir = data, links, compute, state_dir
+        self.data, self.links, self.state_dir = data, links, state_dir
+        self._compute = compute  # async callable(fn, *args): runs fn on the agent's compute thread
+        self.memory_budget = memory_budget
+        self.peak_memory = 0
         self.shapes = [input_shape(cfg.model)] + activation_shapes(cfg.model)  # shapes[i] = input of layer i
         self.stage = Stage(cfg, {})
         self.pending: dict[int, dict[int, dict]] = {}   # rotation -> received layers awaiting commit
@@ -54,9 +56,6 @@ class JobRuntime:
     def neighbour(self, offset: int) -> str:
         return self.chain[self.position + offset]
 
-    async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
-
     # --- ownership: commit a rotation's assignment ---------------------------------------------
     def commit(self, rotation: int, chain: list[str], ranges: dict[str, list[int]], head_samples: int,
                head_test_samples: int) -> dict:
@@ -70,6 +69,10 @@ class JobRuntime:
             self.stage.install(self.pending.pop(rotation, {}))
             for i in [i for i in self.stage.layers if not a <= i < b]:
                 self.stage.remove(i)
+        used = self.stage.memory_bytes()
+        if self.memory_budget is not None and used > self.memory_budget:
+            raise JobError(f"peer {self.me} would hold {used} bytes for layers [{a},{b}), over its memory budget of "
+                           f"{self.memory_budget}")
         if sorted(self.stage.layers) != list(range(a, b)):
             raise JobError(f"peer {self.me} should own layers [{a},{b}) for rotation {rotation} but holds "
                            f"{sorted(self.stage.layers)}: a transfer is missing")
@@ -169,9 +172,12 @@ class JobRuntime:
 
         def advance(value):
             try:
-                return False, gen.send(value)
+                out = False, gen.send(value)
             except StopIteration as stop:
                 return True, stop.value
+            if self.memory_budget is not None:  # peak accounting, for /status and tests
+                self.peak_memory = max(self.peak_memory, self.stage.memory_bytes())
+            return out
 
         done, req = await self._compute(advance, None)
         while not done:
@@ -183,7 +189,7 @@ class JobRuntime:
                 msg = message(req.kind, job=self.job, rotation=self.rotation, step=step, mb=req.mb, **req.payload)
                 if req.kind == "fwd":
                     msg["mode"] = mode
-                await self.links.send(self.urls[dst], msg)
+                await self.links.send(self.urls[dst], msg, wire_policy(self.cfg))
                 value = None
             done, req = await self._compute(advance, value)
         return req

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from protocols.compression import COMPRESSIONS, WIRE_DTYPES
+
 
 class ConfigError(ValueError):
     pass
@@ -22,7 +24,10 @@ class JobConfig:
     shuffle: bool = True        # heads visit their shard in a seeded random order each epoch
     scheme: str = "nsplit"      # nsplit: one microbatch at a time; fast: pipelined microbatches (Fast N-split)
     pipeline: str = "1f1b"      # fast only: 1f1b (fewer buffers in flight) or gpipe; both flush every step
+    split: str = "planned"      # planned: the split planner (speed, memory, links); even: equal layer counts
     recv_timeout: float = 120.0  # seconds a stage waits for a neighbour before the job fails
+    wire_dtype: str = "float32"  # activations and gradients on the wire: float32 | bfloat16 | float16
+    compress: str = "none"      # none | int8: activations and gradients 8-bit blockwise (overrides wire_dtype)
 
     def __post_init__(self):
         checks = [
@@ -33,8 +38,11 @@ class JobConfig:
             (self.lr > 0, "lr must be > 0"),
             (self.momentum >= 0 and self.weight_decay >= 0, "momentum and weight_decay must be >= 0"),
             (self.scheme in ("nsplit", "fast"), f"unknown scheme {self.scheme!r} (nsplit, fast)"),
+            (self.split in ("planned", "even"), f"unknown split {self.split!r} (planned, even)"),
             (self.pipeline in ("1f1b", "gpipe"), f"unknown pipeline schedule {self.pipeline!r} (1f1b, gpipe)"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),
+            (self.wire_dtype in WIRE_DTYPES, f"unknown wire dtype {self.wire_dtype!r} ({', '.join(WIRE_DTYPES)})"),
+            (self.compress in COMPRESSIONS, f"unknown compression {self.compress!r} ({', '.join(COMPRESSIONS)})"),
         ]
         for ok, text in checks:
             if not ok:

@@ -46,11 +46,13 @@ class Stage:
             opt.load_state_dict({"state": optim_state, "param_groups": opt.state_dict()["param_groups"]})
         self.layers[index] = module
         self.optimizers[index] = opt
-        self.deferred[index] = Deferred(module)
+        if self.cfg.scheme == "fast":  # pipelined: weight gradients batched over the step's microbatches
+            self.deferred[index] = Deferred(module)
         self.layers = dict(sorted(self.layers.items()))
 
     def remove(self, index: int) -> None:
-        del self.layers[index], self.optimizers[index], self.deferred[index]
+        del self.layers[index], self.optimizers[index]
+        self.deferred.pop(index, None)
 
     @property
     def range(self) -> tuple[int, int]:
@@ -93,9 +95,20 @@ class Stage:
 
     def step(self) -> None:
         for i, opt in self.optimizers.items():
-            self.deferred[i].flush()
+            if i in self.deferred:
+                self.deferred[i].flush()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    def memory_bytes(self) -> int:
+        """Parameters, gradients (same size), optimizer state and the forward buffers held now."""
+        params = sum(p.numel() * p.element_size() for m in self.layers.values() for p in m.parameters())
+        state = sum(v.numel() * v.element_size() for o in self.optimizers.values() for s in o.state.values()
+                    for v in s.values() if torch.is_tensor(v))
+        buffers = sum(t.numel() * t.element_size() for pair in self.buffers.values() for t in pair)
+        deferred = sum(t.numel() * t.element_size() for d in self.deferred.values() for pairs in d.pending.values()
+                       for pair in pairs for t in pair)
+        return 2 * params + state + buffers + deferred
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:

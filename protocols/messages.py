@@ -22,6 +22,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "hello": {"peer": Str, "ring": Str},
     "fwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "mode": Str, "x": Tensor, "y": Tensor},
     "bwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "grad": Tensor},
+    "ping": {"seq": Int},       # answered by a pong on the same connection; optional `data` is discarded
+    "pong": {"seq": Int},
     "error": {"code": Str, "message": Str},
     # control plane (HTTP, JSON bodies)
     "job_prepare": {"job": Str, "config": Dict, "ring": List, "coordinator": Str, "spec_hash": Str},
@@ -33,8 +35,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "job_end": {"job": Str},
     "job_abort": {"job": Str, "reason": Str},
     "job_start": {"config": Dict},
+    "job_profile": {"config": Dict},
+    "data_probe": {"url": Str, "bytes": Int, "count": Int},  # measure the data plane to another agent
 }
-OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}}
+OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor}, "data_probe": {"window": Int}}
 
 
 def _type_ok(value, expected) -> bool:

@@ -1,0 +1,220 @@
+"""The data-plane stream: an HTTP Upgrade to UPGRADE on the agent's own port, then frames both ways.
+
+The client sends `GET /data` with `Upgrade: splitring-data/1`, waits for `101 Switching Protocols`, and
+from then on the TCP connection carries protocols.frames frames back to back (a payload's length follows
+from its header entry, so no other framing is needed).
+Writing: the header, then each payload in CHUNK-sized views of the tensor's memory, waiting while the
+transport holds more than WRITE_HIGH bytes: a receiver that stops reading stops the sender there.
+Reading (asyncio.BufferedProtocol): the kernel copies each payload straight into a tensor allocated from
+the header's table; whole frames wait for the consumer in a queue, and reading pauses while that queue
+holds RECV_HIGH bytes or more, which in turn stops the sender through TCP flow control.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import torch
+
+from protocols import ProtocolError
+from protocols.frames import MAX_FRAME_BYTES, byte_view, header_length, read_header
+
+UPGRADE = "splitring-data/1"
+PATH = "/data"
+CHUNK = int(__import__("os").environ.get("X_CHUNK", 1 << 20))          # bytes per transport write
+WRITE_HIGH = int(__import__("os").environ.get("X_HIGH", 4 << 20))     # a sender waits while its transport holds more than this
+RECV_HIGH = 16 << 20     # a receiver stops reading while this much of whole frames awaits its consumer
+SOCKET_BUFFER = int(__import__("os").environ.get("X_SOCK", 4 << 20))  # SO_SNDBUF / SO_RCVBUF
+
+
+@dataclass
+class RawFrame:
+    """A frame received whole: its CBOR body and payload tensors, to be put together by frames.assemble."""
+    body: bytes
+    tensors: list[torch.Tensor]
+    nbytes: int
+
+
+class FrameStream(asyncio.BufferedProtocol):
+    """One data-plane connection. `send` writes a frame; `recv` returns the next RawFrame, a ProtocolError
+    that broke the stream (nothing follows it), or None once the connection is closed."""
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES, on_lost=None):
+        self.max_frame, self.on_lost = max_frame, on_lost
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.queued = 0                  # bytes of whole frames waiting for recv()
+        self._frames: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self._paused = self._broken = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._send_lock = asyncio.Lock()
+        self._frame: RawFrame | None = None
+        self._views: deque = deque()
+        self._expect(bytearray(4), self._got_prefix)
+
+    # --- connection ---------------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if SOCKET_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        self._wake()
+        self._writable.set()  # a blocked sender wakes up to find the connection gone
+        if self.on_lost:
+            self.on_lost(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    @property
+    def closed(self) -> bool:
+        return self.lost or self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport:
+            self.transport.close()
+
+    # --- reading ------------------------------------------------------------------------------
+    def _expect(self, buf, then) -> None:
+        self._target, self._pos, self._then = memoryview(buf).cast("B"), 0, then
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._target[self._pos:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._pos += nbytes
+        if self._pos < len(self._target):
+            return
+        try:
+            self._then()
+        except ProtocolError as e:  # the stream cannot be resynchronised: the consumer replies and closes
+            self._broken = True
+            self.transport.pause_reading()
+            self._push(e, 0)
+
+    def _got_prefix(self) -> None:
+        self._expect(bytearray(header_length(self._target)), self._got_header)
+
+    def _got_header(self) -> None:
+        body, table = read_header(self._target)
+        size = 4 + len(self._target) + sum(nbytes for _, _, nbytes in table)
+        if size > self.max_frame:
+            raise ProtocolError("too_large", f"frame of {size} bytes exceeds the limit of {self.max_frame}")
+        tensors = [torch.empty(shape, dtype=dtype) for dtype, shape, _ in table]
+        self._frame = RawFrame(body, tensors, size)
+        self._views = deque(byte_view(t) for t, (_, _, nbytes) in zip(tensors, table) if nbytes)
+        self._next_payload()
+
+    def _next_payload(self) -> None:
+        if self._views:
+            self._expect(self._views.popleft(), self._next_payload)
+            return
+        frame, self._frame = self._frame, None
+        self._expect(bytearray(4), self._got_prefix)
+        self._push(frame, frame.nbytes)
+
+    def _push(self, item, nbytes: int) -> None:
+        self._frames.append(item)
+        self.queued += nbytes
+        if self.queued >= RECV_HIGH and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def recv(self) -> RawFrame | ProtocolError | None:
+        while not self._frames:
+            if self.lost or self._broken:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        item = self._frames.popleft()
+        if isinstance(item, RawFrame):
+            self.queued -= item.nbytes
+        if self._paused and not self._broken and self.queued < RECV_HIGH and not self.lost:
+            self._paused = False
+            self.transport.resume_reading()
+        return item
+
+    # --- writing ------------------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def send(self, parts: list) -> None:
+        """Write one frame (protocols.frames.encode_parts). Returns once all of it is handed to the
+        transport, whose buffer may still reference the last WRITE_HIGH bytes of the tensors."""
+        async with self._send_lock:
+            if sum(len(p) for p in parts) <= CHUNK:
+                await self._write_when_ready(self.transport.writelines, parts)
+                return
+            for part in parts:
+                view = memoryview(part).cast("B")
+                for i in range(0, len(view), CHUNK):
+                    await self._write_when_ready(self.transport.write, view[i:i + CHUNK])
+
+    async def _write_when_ready(self, write, data) -> None:
+        await self._writable.wait()
+        if self.closed:
+            raise ConnectionError("the data-plane connection is closed")
+        write(data)
+
+
+def adopt(transport, stream: FrameStream) -> FrameStream:
+    """Hand an open connection (after the Upgrade exchange) to a FrameStream."""
+    transport.set_protocol(stream)
+    stream.connection_made(transport)
+    return stream
+
+
+class _UpgradeReply(asyncio.Protocol):
+    """Collects the server's answer to the Upgrade request (it sends nothing more before our hello)."""
+
+    def __init__(self):
+        self.head = bytearray()
+        self.done = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        if b"\r\n\r\n" in self.head and not self.done.done():
+            self.done.set_result(bytes(self.head))
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"connection closed during the upgrade ({exc!r})"))
+
+
+async def connect(url: str, max_frame: int = MAX_FRAME_BYTES, timeout: float = 10.0) -> FrameStream:
+    """Open a data-plane stream to the agent at `url` (http://host:port)."""
+    u = urlsplit(url)
+    transport, reply = await asyncio.wait_for(
+        asyncio.get_running_loop().create_connection(_UpgradeReply, u.hostname, u.port), timeout)
+    transport.write(f"GET {PATH} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: Upgrade\r\n"
+                    f"Upgrade: {UPGRADE}\r\n\r\n".encode())
+    try:
+        head = await asyncio.wait_for(reply.done, timeout)
+    except (ConnectionError, asyncio.TimeoutError) as e:
+        transport.close()
+        raise ConnectionError(f"{url}: no answer to the data-plane upgrade ({e!r})") from None
+    status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    if status.split()[1:2] != ["101"] or not head.endswith(b"\r\n\r\n"):
+        transport.close()
+        raise ConnectionError(f"{url} did not switch to the data plane: {status}")
+    return adopt(transport, FrameStream(max_frame))
