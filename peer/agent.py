@@ -54,6 +54,9 @@ class Agent:
         self.m_rejected = Counter("splitring_rejected", "messages refused", ["code"], registry=self.registry)
         self.m_bytes = Counter("splitring_received_bytes", "data-plane bytes received", registry=self.registry)
         self.m_peers = Gauge("splitring_peers_seen", "peers of the ring seen", registry=self.registry)
+        self.m_peak = Gauge("splitring_stage_memory_peak_bytes", "most memory a stage of this agent has held",
+                            registry=self.registry)
+        self.peak_memory = 0  # over every job this agent ran
         self.session: aiohttp.ClientSession | None = None
         self.discovery: Discovery | None = None
         self.links: Links | None = None
@@ -171,6 +174,7 @@ class Agent:
             "peers": [r.public() for r in self.discovery.view.values()], "conflicts": self.discovery.conflicts,
             "data": {"name": self.data.name, "samples": len(self.data), "test_samples": self.data.n_test},
             "memory_budget": self.memory_budget,
+            "peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
             "stages": [{"job": j, "rotation": rt.rotation, "layers": list(rt.stage.range), "position": rt.position,
                         "progress": rt.progress, "peak_memory_bytes": rt.peak_memory}
                        for j, rt in self.jobs.items()],
@@ -399,6 +403,8 @@ class Agent:
         rt = self.jobs.pop(msg["job"], None)
         if rt:
             rt.checkpoint()
+            self.peak_memory = max(self.peak_memory, rt.peak_memory)
+            self.m_peak.set(self.peak_memory)
         return web.json_response({"ended": rt is not None})
 
     async def h_probe(self, request):

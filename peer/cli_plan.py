@@ -88,8 +88,57 @@ def print_plans(plans: list[Plan], as_json: bool, rotations: bool) -> None:
         print(table(p) + ("\n" if rotations and r < len(plans) - 1 else ""))
 
 
-def run(args: argparse.Namespace) -> int:
+def show_schedule(args: argparse.Namespace, n_stages: int) -> None:
+    """Print (and with --schedule-image, draw) one step's timeline for the chosen scheme."""
+    from pipeline import schedule as S
+
+    progs = [S.program(args.scheme, args.pipeline, j, n_stages, args.microbatches) for j in range(n_stages)]
+    spans = S.timeline(progs)
+    name = "sequential N-split" if args.scheme == "nsplit" else f"Fast N-split ({args.pipeline})"
+    print(f"{name}, {n_stages} stages, {args.microbatches} microbatches: one step takes {max(s[3] for s in spans):g} "
+          f"units (forward 1, backward 2)")
+    print(S.render(progs))
+    print(S.render_timeline(spans))
+    if args.schedule_image:
+        S.plot_timeline(spans, args.schedule_image, name)
+        print(f"timeline drawn to {args.schedule_image}")
+
+
+def live_plans(args: argparse.Namespace) -> list[Plan]:
+    """Ask a peer of the ring to plan a job on the ring as it is now (measured profiles and links)."""
+    import urllib.error
+    import urllib.request
+
+    from peer.cli_common import find_peer
+    from pipeline.config import JobConfig
+    from pipeline.models import parse_spec
+    from pipeline.planner import StagePlan
+
+    cfg = JobConfig(model=parse_spec(args.model, args.model_options), batch_size=args.batch_size,
+                    microbatches=args.microbatches, optimizer=args.optimizer, momentum=args.momentum,
+                    scheme=args.scheme, pipeline=args.pipeline)
+    url = find_peer(args)
+    req = urllib.request.Request(f"{url}/plan", data=json.dumps({"v": 1, "type": "job_start", "config": cfg.to_dict()})
+                                 .encode(), headers={"Content-Type": "application/json"})
     try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.load(r)
+    except urllib.error.HTTPError as e:
+        raise ValueError(json.loads(e.read() or b"{}").get("message", str(e))) from None
+    return [Plan(**{**d, "stages": tuple(StagePlan(**{**st, "layers": tuple(st["layers"])}) for st in d["stages"])})
+            for d in reply["rotations"]]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.show_schedule:
+        show_schedule(args, args.stages or (len(args.devices.split(",")) if args.devices else 3))
+        return 0
+    try:
+        if args.peer or args.ring:
+            print_plans(live_plans(args), args.json, rotations=True)
+            return 0
+        if not (args.profile and args.devices):
+            raise ValueError("give --profile and --devices (offline), or --peer/--ring (a live ring)")
         devices = offline_devices(args)
         layers = layers_from_profile(args.profile, optimizer_state=args.optimizer_state)
         if args.rotations:
@@ -108,9 +157,9 @@ def register(subparsers) -> None:
         "plan", help="choose each peer's layers (the split planner)",
         description="Choose each peer's contiguous layers so that a training step is fastest and every peer "
                     "stays within its memory budget; print peer, layers, memory, stage time and predicted step time.")
-    p.add_argument("--profile", required=True,
+    p.add_argument("--profile",
                    help=f"profiled model, e.g. resnet101_cifar (known: {', '.join(available()) or 'none found'})")
-    p.add_argument("--devices", required=True,
+    p.add_argument("--devices",
                    help="profiled devices in chain order, head first, e.g. VM,laptop,d1,jetson-cpu "
                         "(a name given twice becomes d1, d1#2)")
     p.add_argument("--memory-budget", metavar="BYTES",
@@ -128,4 +177,20 @@ def register(subparsers) -> None:
     p.add_argument("--rotations", action="store_true",
                    help="plan every rotation of the ring and show the bytes each swap moves")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    live = p.add_argument_group("live ring (plans with the peers' measured profiles, budgets and links)")
+    live.add_argument("--peer", default=None, help="URL of a peer of the ring")
+    live.add_argument("--ring", default=None, help="ring name, found by mDNS on --interface")
+    live.add_argument("--interface", default="127.0.0.1", help="where to look for the ring by mDNS")
+    live.add_argument("--discover-timeout", type=float, default=5.0)
+    live.add_argument("--model", default="mlp")
+    live.add_argument("--model-options", default="")
+    live.add_argument("--batch-size", type=int, default=32)
+    live.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    live.add_argument("--momentum", type=float, default=0.0)
+    sched = p.add_argument_group("schedule timeline")
+    sched.add_argument("--show-schedule", action="store_true",
+                       help="print one step's actions per stage and its timeline for --scheme/--pipeline")
+    sched.add_argument("--pipeline", choices=["1f1b", "gpipe"], default="1f1b")
+    sched.add_argument("--stages", type=int, default=None, help="stages to draw (default: --devices count, or 3)")
+    sched.add_argument("--schedule-image", default=None, metavar="PNG", help="also draw the timeline (matplotlib)")
     p.set_defaults(func=run)

@@ -31,6 +31,9 @@ def register(sub) -> None:
                    help="how activations and gradients travel (layer state moved by swaps is always exact)")
     p.add_argument("--compress", choices=["none", "int8"], default="none",
                    help="int8: activations and gradients 8-bit blockwise absmax (overrides --wire-dtype)")
+    p.add_argument("--split", choices=["planned", "even"], default="planned",
+                   help="planned: the split planner chooses each peer's layers from measured speed, memory and links; "
+                        "even: equal layer counts (checked against memory budgets)")
     p.add_argument("--out", default=None, help="write the trained model's state dict here (torch.save)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON (no progress bar)")
     p.set_defaults(func=run)
@@ -44,7 +47,8 @@ def config_from_args(args) -> dict:
                      batch_size=args.batch_size, microbatches=args.microbatches, optimizer=args.optimizer,
                      lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                      shuffle=args.shuffle == "on", scheme=args.scheme,
-                     pipeline=args.pipeline, wire_dtype=args.wire_dtype, compress=args.compress).to_dict()
+                     pipeline=args.pipeline, split=args.split, wire_dtype=args.wire_dtype,
+                     compress=args.compress).to_dict()
 
 
 def run(args) -> int:

@@ -17,12 +17,12 @@ import aiohttp
 import torch
 
 from protocols import ProtocolError, decode_frame, encode_frame, message, validate
-from protocols.compression import WirePolicy, apply_policy
+from protocols.compression import PART_DTYPES, WirePolicy, apply_policy
 from protocols.frames import assemble, encode_parts
 from peer.transport import RawFrame, connect
 
 log = logging.getLogger("splitring.dataplane")
-OFFLOAD_BYTES = 1 << 40          # frames with more tensor bytes than this are (de)serialised off the loop
+OFFLOAD_BYTES = 1 << 20          # packing, unpacking or copying more tensor bytes than this runs off the loop
 MAX_DATA_FRAME = 1 << 30
 MAILBOX_LIMIT = 64               # unread messages per job and kind before the data plane waits for room
 EXACT = WirePolicy()
@@ -44,10 +44,6 @@ def wire_policy(cfg) -> WirePolicy:
     return WirePolicy.from_options(cfg.wire_dtype, cfg.compress)
 
 
-def _encode_parts(msg: dict, policy: WirePolicy) -> list:
-    return encode_parts(apply_policy(msg, policy))
-
-
 class Codec:
     def __init__(self):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="codec")
@@ -62,12 +58,14 @@ class Codec:
         return await self._run(tensor_bytes(msg) > OFFLOAD_BYTES, encode_frame, msg)
 
     async def encode_parts(self, msg: dict, policy: WirePolicy = EXACT) -> list:
-        """A frame as [header, payload views...], role fields packed by `policy`."""
-        return await self._run(tensor_bytes(msg) > OFFLOAD_BYTES, _encode_parts, msg, policy)
+        """A frame as [header, payload views...], role fields packed by `policy` (the only work)."""
+        msg = await self._run(policy.lossy and tensor_bytes(msg) > OFFLOAD_BYTES, apply_policy, msg, policy)
+        return encode_parts(msg)
 
     async def decode(self, frame: bytes | RawFrame, max_bytes: int) -> dict:
-        if isinstance(frame, RawFrame):
-            return await self._run(frame.nbytes > OFFLOAD_BYTES, assemble, frame.body, frame.tensors)
+        if isinstance(frame, RawFrame):  # payloads are in place already; only packed ones need work
+            packed = any(t.dtype in PART_DTYPES for t in frame.tensors)
+            return await self._run(packed and frame.nbytes > OFFLOAD_BYTES, assemble, frame.body, frame.tensors)
         return await self._run(len(frame) > OFFLOAD_BYTES, decode_frame, frame, max_bytes)
 
     def close(self):

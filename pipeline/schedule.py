@@ -105,3 +105,66 @@ def chain_order(ring: list[str], rotation: int) -> list[str]:
 def render(programs: list[list[Action]]) -> str:
     """One line per stage: its actions in order."""
     return "\n".join(f"stage {i}: " + " ".join(map(str, p)) for i, p in enumerate(programs))
+
+
+def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float = 2.0) -> list[tuple]:
+    """Simulate the programs of one step with unit costs (transfers free): (stage, action, start, end)
+    for every F, B and STEP. Raises RuntimeError if the programs deadlock."""
+    clock = [0.0] * len(programs)
+    ready: dict[tuple[str, int, int], float] = {}   # (kind, receiving stage, mb) -> time it is available
+    pc = [0] * len(programs)
+    spans = []
+    while any(p < len(prog) for p, prog in zip(pc, programs)):
+        moved = False
+        for j, prog in enumerate(programs):
+            while pc[j] < len(prog):
+                a = prog[pc[j]]
+                if a.kind in (RECV_F, RECV_B):
+                    key = ("fwd" if a.kind == RECV_F else "bwd", j, a.mb)
+                    if key not in ready:
+                        break
+                    clock[j] = max(clock[j], ready.pop(key))
+                elif a.kind == SEND_F:
+                    ready["fwd", j + 1, a.mb] = clock[j]
+                elif a.kind == SEND_B:
+                    ready["bwd", j - 1, a.mb] = clock[j]
+                else:
+                    cost = {F: forward, B: backward}.get(a.kind, 0.0)
+                    spans.append((j, a, clock[j], clock[j] + cost))
+                    clock[j] += cost
+                pc[j] += 1
+                moved = True
+        if not moved:
+            raise RuntimeError(f"schedule deadlocks at {[str(p[i]) if i < len(p) else '-' for p, i in zip(programs, pc)]}")
+    return spans
+
+
+def render_timeline(spans: list[tuple], scale: float = 1.0) -> str:
+    """A text Gantt chart: one row per stage, one 3-character cell per time unit."""
+    end = max(s[3] for s in spans)
+    rows = {}
+    for j, a, t0, t1 in spans:
+        row = rows.setdefault(j, [" . "] * int(round(end / scale)))
+        for t in range(int(round(t0 / scale)), int(round(t1 / scale))):
+            row[t] = f"{str(a):<3}"[:3]
+    return "\n".join(f"stage {j}: " + "".join(rows[j]) for j in sorted(rows))
+
+
+def plot_timeline(spans: list[tuple], path: str, title: str = "") -> None:
+    """The same chart as an image (matplotlib, installed with the `plot` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(s[0] for s in spans) + 1
+    fig, ax = plt.subplots(figsize=(max(6, max(s[3] for s in spans) * 0.35), 0.6 * n + 1))
+    colours = {F: "tab:blue", B: "tab:orange", STEP: "tab:green"}
+    for j, a, t0, t1 in spans:
+        ax.broken_barh([(t0, max(t1 - t0, 0.2))], (n - 1 - j - 0.4, 0.8), color=colours.get(a.kind, "grey"))
+        ax.text((t0 + t1) / 2, n - 1 - j, str(a), ha="center", va="center", fontsize=7, color="white")
+    ax.set_yticks(range(n), [f"stage {n - 1 - j}" for j in range(n)])
+    ax.set_xlabel("time (forward = 1 unit, backward = 2)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

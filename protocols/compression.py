@@ -20,6 +20,7 @@ COMPRESSIONS = ("none", "int8")
 CODECS = WIRE_DTYPES + ("int8",)
 BLOCK = 64                      # values per int8 scale: 8.5 bits per value on the wire
 FLOAT16_MAX = 65504.0           # float16 saturates here rather than overflowing to inf
+PART_DTYPES = (torch.bfloat16, torch.float16, torch.int8)  # what packed tensors travel as
 ROLES = {"fwd": {"x": "activation"}, "bwd": {"grad": "gradient"}}  # message type -> field -> role
 
 
@@ -51,6 +52,10 @@ class WirePolicy:
             raise ValueError(f"unknown compression {compress!r} ({', '.join(COMPRESSIONS)})")
         codec = "int8" if compress == "int8" else wire_dtype
         return cls(activation=codec, gradient=codec)
+
+    @property
+    def lossy(self) -> bool:
+        return (self.activation, self.gradient) != ("float32", "float32")
 
     def codec(self, role: str) -> str:
         return {"activation": self.activation, "gradient": self.gradient}.get(role, "float32")

@@ -61,3 +61,25 @@ def test_pipelined_training_equals_sequential_nsplit_and_pytorch(pipe, n_peers):
     got = local.train(fast, shards, ranges)
     for want in (local.train(seq, shards, ranges), reference.train(seq, shards).state_dict()):
         assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5
+
+
+def test_timeline_shows_pipelining_and_the_cli_draws_it(tmp_path):
+    import subprocess
+    import sys
+    seq = S.timeline([S.nsplit(j, 3, 4) for j in range(3)])
+    fast = S.timeline([S.one_f_one_b(j, 3, 4) for j in range(3)])
+    assert max(s[3] for s in seq) == 36 and max(s[3] for s in fast) == 18
+    image = tmp_path / "t.png"
+    proc = subprocess.run([sys.executable, "-m", "peer", "plan", "--show-schedule", "--scheme", "fast",
+                           "--pipeline", "gpipe", "--microbatches", "4", "--stages", "2", "--schedule-image",
+                           str(image)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage 1:  . F0 F1 F2 F3 B0 B0" in proc.stdout
+    assert image.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_timeline_detects_a_deadlock():
+    bad = [[S.Action(S.RECV_B, 0), S.Action(S.F, 0), S.Action(S.SEND_F, 0)],
+           [S.Action(S.RECV_F, 0), S.Action(S.F, 0), S.Action(S.B, 0), S.Action(S.SEND_B, 0)]]
+    with pytest.raises(RuntimeError, match="deadlock"):
+        S.timeline(bad)

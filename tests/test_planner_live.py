@@ -1,0 +1,51 @@
+"""The planner in live jobs: slower peers get fewer layers, budgets hold, impossible rings fail early."""
+from conftest import summary_of
+from peer.localring import train_cli
+
+BIG = ["--model", "mlp", "--model-options", "depth=6,width=512", "--batch-size", "128", "--epochs", "1",
+       "--lr", "0.01"]
+
+
+def layers_of(summary, peer):
+    return [b - a for a, b in (p["ranges"][peer] for p in summary["plans"])]
+
+
+def test_slow_peer_gets_fewer_layers_and_the_plan_beats_an_even_split(start_ring):
+    ring = start_ring([["--data", "digits", "--shard", "0/2"], ["--data", "digits", "--shard", "1/2"],
+                       ["--compute-slowdown", "4"]])
+    slow = ring.agents[2].peer_id
+    fast_args = BIG + ["--scheme", "fast", "--microbatches", "4"]
+    planned = summary_of(train_cli(ring.urls[0], *fast_args))
+    even = summary_of(train_cli(ring.urls[0], *fast_args, "--split", "even"))
+    others = [a.peer_id for a in ring.agents[:2]]
+    for p in planned["plans"]:
+        sizes = {k: b - a for k, (a, b) in p["ranges"].items()}
+        assert all(sizes[slow] < sizes[o] for o in others), p
+    assert all(len(set(b - a for a, b in p["ranges"].values())) <= 2 for p in even["plans"])
+    assert planned["seconds_per_step"] < even["seconds_per_step"]
+
+
+def test_memory_budgets_hold_and_an_impossible_ring_fails_before_training(start_ring):
+    ring = start_ring([["--data", "digits", "--memory-budget", "1MiB"], ["--memory-budget", "64MiB"]])
+    small = ring.agents[0]
+    summary = summary_of(train_cli(ring.urls[1], *BIG, "--momentum", "0.9", "--microbatches", "2"))
+    assert all(p["ranges"][small.peer_id][1] - p["ranges"][small.peer_id][0] >= 1 for p in summary["plans"])
+    st = small.status()
+    assert 0 < st["peak_memory_bytes"] <= st["memory_budget"] == 2 ** 20
+    proc = train_cli(ring.urls[1], "--model", "mlp", "--model-options", "depth=8,width=2048")
+    assert proc.returncode == 1
+    assert "cannot hold the model" in proc.stderr and "short" in proc.stderr
+    assert all(a.status()["stages"] == [] for a in ring.agents)
+
+
+def test_splitring_plan_on_a_live_ring(start_ring):
+    import json
+    import subprocess
+    import sys
+    ring = start_ring([["--data", "digits"], ["--compute-slowdown", "3"]])
+    proc = subprocess.run([sys.executable, "-m", "peer", "plan", "--peer", ring.urls[1], "--json", *BIG[:4],
+                           "--scheme", "fast", "--microbatches", "4"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rotations = json.loads(proc.stdout)["rotations"]
+    assert [r["stages"][0]["peer"] for r in rotations] == sorted(a.peer_id for a in ring.agents)
+    assert all(r["stages"][0]["layers"][0] == 0 and r["step_s"] > 0 for r in rotations)
