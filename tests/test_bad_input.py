@@ -99,7 +99,7 @@ def test_injected_bad_tensors_are_refused_and_the_job_is_unaffected(digits_ring,
     out = tmp_path / "model.pt"
     result = {}
     job = threading.Thread(target=lambda: result.update(proc=train_cli(
-        order[0].url, "--epochs", "2", "--lr", "0.05", "--momentum", "0.9", "--out", str(out))))
+        order[0].url, "--epochs", "2", "--lr", "0.05", "--momentum", "0.9", "--split", "even", "--out", str(out))))
     job.start()
     # wait for a stage at chain position 1 of some rotation, then attack it as if from its predecessor
     replies, deadline = [], time.monotonic() + 120

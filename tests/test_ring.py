@@ -18,7 +18,7 @@ def test_exact_when_only_one_peer_has_data(start_ring, tmp_path):
     out = tmp_path / "model.pt"
     summary = summary_of(train_cli(ring.urls[2], "--epochs", "2", "--batch-size", "32", "--lr", "0.05",
                                    "--optimizer", "sgd", "--momentum", "0.9", "--shuffle", "off",
-                                   "--microbatches", "2", "--out", str(out)))
+                                   "--microbatches", "2", "--split", "even", "--out", str(out)))
     assert summary["passes"] == 2 and summary["epochs"] == 2  # empty heads' passes are skipped
     cfg = JobConfig(epochs=2, batch_size=32, lr=0.05, momentum=0.9, shuffle=False, microbatches=2)
     want = reference.train(cfg, [mine]).state_dict()
@@ -36,7 +36,7 @@ def test_exact_when_every_peer_has_data_in_ring_order(start_ring, tmp_path):
     out = tmp_path / "model.pt"
     summary = summary_of(train_cli(ring.urls[0], "--epochs", "2", "--batch-size", "24", "--optimizer", "adam",
                                    "--lr", "0.003", "--weight-decay", "0.001", "--microbatches", "3",
-                                   "--seed", "5", "--out", str(out)))
+                                   "--seed", "5", "--split", "even", "--out", str(out)))
     order = [ring.agents.index(a) for a in ring.ring_order()]
     assert summary["ring"] == [ring.agents[k].peer_id for k in order]
     cfg = JobConfig(epochs=2, batch_size=24, optimizer="adam", lr=0.003, weight_decay=0.001, microbatches=3, seed=5)
