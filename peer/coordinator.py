@@ -169,9 +169,9 @@ class Coordinator:
                    "layers": n_layers, "samples": samples, "config": cfg.to_dict(),
                    "total_steps": sum(steps_per_pass[S.chain_order(ids, r)[0]] for r in rotations)})
         assignment: dict[str, tuple[int, int]] | None = None
-        total_samples, last_loss, accuracy, swapped_bytes = 0, None, None, 0
+        total_samples, last_loss, accuracy = 0, None, None
         train_seconds, plans, steps_done = 0.0, [], 0
-        for r in rotations:
+        for k, r in enumerate(rotations):
             chain = S.chain_order(ids, r)
             split = self.plan_chain(chain, devices, layers, assignment)
             ranges = split.assignment
@@ -199,8 +199,7 @@ class Coordinator:
             total_samples += samples[head]
             if steps:
                 last_loss = steps[-1]["loss"]
-            epoch_end = r == rotations[-1] or rotations[rotations.index(r) + 1] // n != epoch
-            if epoch_end:
+            if k == len(rotations) - 1 or rotations[k + 1] // n != epoch:  # the epoch's last pass
                 accuracy = None
                 if tests[head] > 0:
                     accuracy = await self._evaluate(active, by_id, r)
@@ -211,7 +210,7 @@ class Coordinator:
                         "samples": total_samples, "samples_per_s": total_samples / max(train_seconds, 1e-9),
                         "seconds": time.perf_counter() - t0, "ring": ids, "layers": n_layers,
                         "passes": len(rotations), "seconds_per_step": train_seconds / max(steps_done, 1),
-                        "plans": plans, "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
+                        "plans": plans, "bytes_moved": sum(p["bytes_moved"] for p in plans), "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
                         "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress}
         await asyncio.gather(*(self.call(p, "/job/end", message("job_end", job=self.job)) for p in ring))
         self.emit({"event": "done", "summary": self.summary})
