@@ -210,7 +210,8 @@ class Coordinator:
                         "samples": total_samples, "samples_per_s": total_samples / max(train_seconds, 1e-9),
                         "seconds": time.perf_counter() - t0, "ring": ids, "layers": n_layers,
                         "passes": len(rotations), "seconds_per_step": train_seconds / max(steps_done, 1),
-                        "plans": plans, "bytes_moved": sum(p["bytes_moved"] for p in plans), "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
+                        "plans": plans, "bytes_moved": sum(p["bytes_moved"] for p in plans),
+                        "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
                         "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress}
         await asyncio.gather(*(self.call(p, "/job/end", message("job_end", job=self.job)) for p in ring))
         self.emit({"event": "done", "summary": self.summary})
