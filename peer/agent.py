@@ -19,6 +19,8 @@ from pipeline.models import SpecError, activation_shapes, input_shape, spec_hash
 from peer.coordinator import Coordinator
 from peer.dataplane import MAX_DATA_FRAME, Codec, Links
 from peer.discovery import Discovery
+from peer.limits import LIMITS
+from peer.security import Guard, ServerHandshake, client_session
 from peer.transport import UPGRADE, FrameStream, RawFrame, adopt
 from peer.state import StateDir, write_atomic
 from pipeline.profiling import measure, microbatch_rows, optimizer_state_ratio
@@ -28,7 +30,7 @@ from protocols.frames import encode_parts
 
 log = logging.getLogger("splitring.agent")
 CAPABILITIES = ["nsplit"]
-MAX_CONTROL_BODY = 1 << 30  # swaps carry layer state through the control plane
+MAX_CONTROL_BODY = LIMITS.max_control_body
 
 
 def json_error(status: int, code: str, text: str) -> web.Response:
@@ -38,8 +40,10 @@ def json_error(status: int, code: str, text: str) -> web.Response:
 class Agent:
     def __init__(self, ring: str, state: StateDir, data: Dataset, host: str, port: int, interface: str,
                  advertise: str, join: list[str], threads: int = 1, memory_budget: int | None = None,
-                 slowdown: float = 1.0):
+                 slowdown: float = 1.0, key: bytes | None = None):
         self.ring, self.state, self.data = ring, state, data
+        self.key = key  # the ring key (peer.security.key_for); None: an open ring
+        self.guard = Guard(key)
         self.peer_id = state.peer_id
         self.host, self.port, self.interface, self.advertise, self.join = host, port, interface, advertise, join
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=torch.set_num_threads,
@@ -92,7 +96,8 @@ class Agent:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_CONTROL_BODY)
+        app = web.Application(client_max_size=MAX_CONTROL_BODY, middlewares=[self.guard.middleware])
+        app.on_response_prepare.append(self.guard.sign)
         app.add_routes([
             web.get("/status", self.h_status), web.get("/metrics", self.h_metrics), web.get("/ws", self.h_ws),
             web.get("/data", self.h_data), web.post("/data/probe", self.h_data_probe),
@@ -107,9 +112,13 @@ class Agent:
         return app
 
     async def start(self):
-        self.session = aiohttp.ClientSession()
-        self.links = Links(self.peer_id, self.ring, self.session, self.codec)
-        self.discovery = Discovery(self.ring, self.peer_id, self.port, self.interface, self.advertise, self.join)
+        if self.key is None:
+            log.warning("no ring secret: anyone who can reach this agent can join ring %r, read its status and "
+                        "start or stop jobs (give --secret-file)", self.ring)
+        self.session = client_session(self.key)
+        self.links = Links(self.peer_id, self.ring, self.session, self.codec, self.key)
+        self.discovery = Discovery(self.ring, self.peer_id, self.port, self.interface, self.advertise, self.join,
+                                   key=self.key)
         await self.discovery.start()
 
     async def close(self):
@@ -168,8 +177,11 @@ class Agent:
 
     # --- public -------------------------------------------------------------------------------
     async def h_status(self, request):
+        public = {"peer": self.peer_id, "ring": self.ring, "version": PROTOCOL_VERSION, "capabilities": CAPABILITIES}
+        if not self.guard.member(request):
+            return web.json_response({**public, "private": "sign the request with the ring secret to see more"})
         return web.json_response({
-            "peer": self.peer_id, "ring": self.ring, "version": PROTOCOL_VERSION, "capabilities": CAPABILITIES,
+            **public,
             "url": self.url, "interface": self.interface,
             "peers": [r.public() for r in self.discovery.view.values()], "conflicts": self.discovery.conflicts,
             "data": {"name": self.data.name, "samples": len(self.data), "test_samples": self.data.n_test},
@@ -229,7 +241,7 @@ class Agent:
     async def _serve_data(self, remote, frames, reply):
         """One incoming data-plane connection: hello first, then fwd/bwd for this peer's stages and pings.
         Anything wrong is answered with an error reply; nothing of a job is touched by a refused message."""
-        sender = None
+        sender, handshake = None, ServerHandshake(self.key, self.peer_id, self.ring)
         async for frame in frames:
             ref = None
             try:
@@ -240,12 +252,10 @@ class Agent:
                 ref = {k: msg[k] for k in ("type", "job", "rotation", "step", "mb") if k in msg}
                 self.m_messages.labels(msg["type"]).inc()
                 if sender is None:
-                    if msg["type"] != "hello":
-                        raise ProtocolError("hello_first", "say hello (peer, ring) before anything else")
-                    if msg["ring"] != self.ring:
-                        raise ProtocolError("wrong_ring", f"this peer belongs to ring {self.ring!r}, not {msg['ring']!r}")
-                    sender = msg["peer"]
-                    await reply(message("hello", peer=self.peer_id, ring=self.ring))
+                    answer = handshake.step(msg)
+                    sender = handshake.sender
+                    if answer:
+                        await reply(answer)
                 elif msg["type"] in ("fwd", "bwd"):
                     rt = self.runtime(msg["job"])
                     await rt.mailbox.room(msg["type"])  # backpressure: stop reading this neighbour meanwhile
@@ -311,12 +321,22 @@ class Agent:
         return web.Response(body=coord.model_bytes(), content_type="application/octet-stream")
 
     async def h_cancel(self, request):
-        coord = self.coordinated.get(request.match_info["job"])
+        """Cancel a job: here if this peer coordinates it, else at its coordinator (which aborts every stage)."""
+        job = request.match_info["job"]
+        coord, rt = self.coordinated.get(job), self.jobs.get(job)
+        if coord is None and rt is not None and rt.coordinator != self.peer_id:
+            url = f"{rt.urls[rt.coordinator]}/jobs/{job}/cancel"
+            try:
+                async with self.session.post(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    return web.json_response(await r.json(), status=r.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                return json_error(502, "unreachable", f"the coordinator of job {job} did not answer: {e!r}")
         if coord is None:
-            return json_error(404, "unknown_job", "no such job coordinated here")
+            return json_error(404, "unknown_job", f"job {job} is not known to peer {self.peer_id}")
         if coord.task and not coord.task.done():
+            log.warning("job %s: cancelled by a request from %s", job, request.remote)
             coord.task.cancel()
-        return web.json_response({"cancelled": coord.job})
+        return web.json_response({"cancelled": coord.job, "coordinator": self.peer_id})
 
     # --- jobs: every peer's side --------------------------------------------------------------
     @guarded

@@ -1,4 +1,4 @@
-"""The `splitring` command line: agent, train, status, demo, plan, schedule."""
+"""The `splitring` command line: agent, train, status, demo, plan, schedule, cancel."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 
 # Each module registers one subcommand with `register(subparsers)`; its parser sets `func`.
 COMMANDS = ["peer.cli_agent", "peer.cli_train", "peer.cli_status", "peer.cli_demo",
-            "peer.cli_plan", "peer.cli_schedule"]
+            "peer.cli_plan", "peer.cli_schedule", "peer.cli_cancel"]
 
 
 def build_parser() -> argparse.ArgumentParser:

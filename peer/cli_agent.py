@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from peer.cli_common import add_ring_options, resolve_interface
+from peer.cli_common import add_ring_options, resolve_interface, secret
 from peer.cli_plan import BYTE_UNITS, quantity
 
 
@@ -41,6 +41,7 @@ def run(args) -> int:
     import uvloop
 
     from peer.agent import Agent, serve
+    from peer.security import key_for
     from peer.state import StateDir, StateDirInUse
     from pipeline.data import DataError, load
 
@@ -59,7 +60,7 @@ def run(args) -> int:
         print(f"splitring agent: {e}", file=sys.stderr)
         return 2
     agent = Agent(args.ring, state, data, args.listen or address, args.port, None if args.no_mdns else address,
-                  address, args.join, args.threads, budget, args.compute_slowdown)
+                  address, args.join, args.threads, budget, args.compute_slowdown, key_for(secret(args), args.ring))
 
     def ready(a):
         print(f"splitring agent {a.peer_id} ring={a.ring} listening on {a.url} data={data.name} "

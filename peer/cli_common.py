@@ -13,9 +13,48 @@ def add_ring_options(p, *, peer: bool = True) -> None:
     p.add_argument("--interface", default="127.0.0.1",
                    help="IPv4 address or interface name where mDNS runs (default: 127.0.0.1, loopback only; "
                         "give your LAN interface, e.g. eth0 or 192.168.1.20, to reach other devices)")
+    add_secret_option(p)
     if peer:
         p.add_argument("--peer", default=None, help="URL of a peer (e.g. http://127.0.0.1:7001): skips discovery")
         p.add_argument("--discover-timeout", type=float, default=5.0, help="seconds to look for peers by mDNS")
+
+
+def add_secret_option(p) -> None:
+    p.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="file holding the ring secret (default: $SPLITRING_SECRET_FILE, else $SPLITRING_SECRET); "
+                        "only peers that know it get in. Without one the ring is open to anyone on the network")
+
+
+def secret(args) -> bytes | None:
+    """The ring secret from --secret-file or the environment; exits with a message if unreadable."""
+    from peer.security import load_secret
+
+    try:
+        return load_secret(args.secret_file)
+    except ValueError as e:
+        raise SystemExit(f"splitring: {e}") from None
+
+
+def connect(args) -> tuple[str, bytes | None]:
+    """(URL of one peer, ring key or None). With --peer, the key is for the ring that peer says it is in
+    (a public fact; a peer that lies about it fails authentication)."""
+    from peer.security import key_for
+
+    mine = secret(args)
+    url = find_peer(args)
+    if not mine:
+        return url, None
+    ring = args.ring
+    if args.peer:
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{url}/status", timeout=10) as r:
+                ring = json.load(r)["ring"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"splitring: cannot reach {url}: {e}") from None
+    return url, key_for(mine, ring or "default")
 
 
 def resolve_interface(name: str) -> str:

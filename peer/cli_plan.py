@@ -107,9 +107,9 @@ def show_schedule(args: argparse.Namespace, n_stages: int) -> None:
 def live_plans(args: argparse.Namespace) -> list[Plan]:
     """Ask a peer of the ring to plan a job on the ring as it is now (measured profiles and links)."""
     import urllib.error
-    import urllib.request
 
-    from peer.cli_common import find_peer
+    from peer.cli_common import connect
+    from peer.security import RingAuthError, open_url
     from pipeline.config import JobConfig
     from pipeline.models import parse_spec
     from pipeline.planner import StagePlan
@@ -117,14 +117,15 @@ def live_plans(args: argparse.Namespace) -> list[Plan]:
     cfg = JobConfig(model=parse_spec(args.model, args.model_options), batch_size=args.batch_size,
                     microbatches=args.microbatches, optimizer=args.optimizer, momentum=args.momentum,
                     scheme=args.scheme, pipeline=args.pipeline)
-    url = find_peer(args)
-    req = urllib.request.Request(f"{url}/plan", data=json.dumps({"v": 1, "type": "job_start", "config": cfg.to_dict()})
-                                 .encode(), headers={"Content-Type": "application/json"})
+    url, key = connect(args)
+    body = json.dumps({"v": 1, "type": "job_start", "config": cfg.to_dict()}).encode()
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with open_url(f"{url}/plan", key, body, {"Content-Type": "application/json"}, timeout=120) as r:
             reply = json.load(r)
     except urllib.error.HTTPError as e:
         raise ValueError(json.loads(e.read() or b"{}").get("message", str(e))) from None
+    except RingAuthError as e:
+        raise ValueError(f"{e}; check --secret-file") from None
     return [Plan(**{**d, "stages": tuple(StagePlan(**{**st, "layers": tuple(st["layers"])}) for st in d["stages"])})
             for d in reply["rotations"]]
 
@@ -153,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from peer.cli_common import add_secret_option
+
     p = subparsers.add_parser(
         "plan", help="choose each peer's layers (the split planner)",
         description="Choose each peer's contiguous layers so that a training step is fastest and every peer "
@@ -182,6 +185,7 @@ def register(subparsers) -> None:
     live.add_argument("--ring", default=None, help="ring name, found by mDNS on --interface")
     live.add_argument("--interface", default="127.0.0.1", help="where to look for the ring by mDNS")
     live.add_argument("--discover-timeout", type=float, default=5.0)
+    add_secret_option(live)
     live.add_argument("--model", default="mlp")
     live.add_argument("--model-options", default="")
     live.add_argument("--batch-size", type=int, default=32)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import sys
 import urllib.error
-import urllib.request
 
-from peer.cli_common import add_ring_options, find_peer
+from peer.cli_common import add_ring_options, connect
 
 
 def register(sub) -> None:
@@ -17,15 +16,21 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    url = find_peer(args)
+    from peer.security import open_url
+
+    url, key = connect(args)
     try:
-        with urllib.request.urlopen(f"{url}/status", timeout=10) as r:
+        with open_url(f"{url}/status", key, timeout=10) as r:
             st = json.load(r)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError) as e:  # RingAuthError is a ConnectionError
         print(f"splitring status: cannot reach {url}: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(st, indent=2))
+        return 0
+    if "private" in st:
+        print(f"peer {st['peer']} ring {st['ring']!r} protocol v{st['version']}: the rest is private to the ring "
+              f"(give --secret-file)")
         return 0
     print(f"peer {st['peer']} ring {st['ring']!r} protocol v{st['version']} at {st['url']} "
           f"(mDNS {'on ' + st['interface'] if st['interface'] else 'off'}); data {st['data']['name']}: {st['data']['samples']} samples")

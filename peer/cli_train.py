@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import sys
 import urllib.error
-import urllib.request
 
-from peer.cli_common import add_ring_options, find_peer
+from peer.cli_common import add_ring_options, connect
 
 
 def register(sub) -> None:
@@ -62,12 +61,13 @@ def run(args) -> int:
     except (ConfigError, SpecError) as e:
         print(f"splitring train: {e}", file=sys.stderr)
         return 2
-    url = find_peer(args)
+    from peer.security import RingAuthError, open_url
+
+    url, key = connect(args)
     body = json.dumps({"v": 1, "type": "job_start", "config": config}).encode()
-    req = urllib.request.Request(f"{url}/jobs", data=body, headers={"Content-Type": "application/json"})
     bar, summary = None, None
     try:
-        with urllib.request.urlopen(req) as resp:
+        with open_url(f"{url}/jobs", key, body, {"Content-Type": "application/json"}) as resp:
             for line in resp:
                 ev = json.loads(line)
                 kind = ev["event"]
@@ -93,6 +93,9 @@ def run(args) -> int:
         detail = json.loads(e.read() or b"{}")
         print(f"splitring train: {url} refused the job: {detail.get('message', e)}", file=sys.stderr)
         return 1
+    except RingAuthError as e:
+        print(f"splitring train: {e}; check --secret-file", file=sys.stderr)
+        return 1
     except urllib.error.URLError as e:
         print(f"splitring train: cannot reach {url}: {e.reason}", file=sys.stderr)
         return 1
@@ -102,7 +105,7 @@ def run(args) -> int:
         print("splitring train: the coordinator closed the stream before the job ended", file=sys.stderr)
         return 1
     if args.out:
-        with urllib.request.urlopen(f"{url}/jobs/{summary['job']}/model") as resp, open(args.out, "wb") as f:
+        with open_url(f"{url}/jobs/{summary['job']}/model", key) as resp, open(args.out, "wb") as f:
             f.write(resp.read())
         summary["out"] = args.out
     if args.json:

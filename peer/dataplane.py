@@ -19,12 +19,14 @@ import torch
 from protocols import ProtocolError, decode_frame, encode_frame, message, validate
 from protocols.compression import PART_DTYPES, WirePolicy, apply_policy
 from protocols.frames import assemble, encode_parts
+from peer.limits import LIMITS
+from peer.security import ClientHandshake
 from peer.transport import RawFrame, connect
 
 log = logging.getLogger("splitring.dataplane")
 OFFLOAD_BYTES = 1 << 20          # packing, unpacking or copying more tensor bytes than this runs off the loop
-MAX_DATA_FRAME = 1 << 30
-MAILBOX_LIMIT = 64               # unread messages per job and kind before the data plane waits for room
+MAX_DATA_FRAME = LIMITS.max_frame
+MAILBOX_LIMIT = LIMITS.pending_messages  # unread messages per job and kind before the data plane waits for room
 EXACT = WirePolicy()
 
 
@@ -88,8 +90,9 @@ class Links:
     """Outgoing connections to other peers, opened on first use and kept. `session` carries the
     HTTP calls that go with the data plane (swaps post layer state through it)."""
 
-    def __init__(self, me: str, ring: str, session: aiohttp.ClientSession, codec: Codec):
+    def __init__(self, me: str, ring: str, session: aiohttp.ClientSession, codec: Codec, key: bytes | None = None):
         self.me, self.ring, self.session, self.codec = me, ring, session, codec
+        self.key = key  # the ring key: both ends prove it before any data moves (peer.security)
         self.links: dict[str, Link] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._seq = itertools.count()
@@ -98,13 +101,16 @@ class Links:
     async def _open(self, url: str) -> Link:
         stream = await connect(url, MAX_DATA_FRAME)
         try:
-            await stream.send(encode_parts(message("hello", peer=self.me, ring=self.ring)))
+            handshake = ClientHandshake(self.key, self.me, self.ring)
+            await stream.send(encode_parts(handshake.hello()))
             reply = await asyncio.wait_for(stream.recv(), 10)
             if not isinstance(reply, RawFrame):
                 raise ConnectionError(f"{url}: no hello reply")
             msg = validate(await self.codec.decode(reply, MAX_DATA_FRAME), {"hello", "error"})
             if msg["type"] == "error":
                 raise ConnectionError(f"{url} refused the connection: {msg['message']}")
+            if auth := handshake.finish(msg, url):
+                await stream.send(encode_parts(auth))
         except BaseException:
             stream.close()
             raise

@@ -12,6 +12,7 @@ import aiohttp
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from peer.security import RingAuthError, client_session
 from protocols import PROTOCOL_VERSION
 
 SERVICE = "_splitring._tcp.local."
@@ -91,13 +92,16 @@ class Discovery:
     """This agent's advertisement and its view of the ring."""
 
     def __init__(self, ring: str, peer: str, port: int, interface: str | None, advertise: str,
-                 join: list[str], poll_interval: float = 1.0, drop_after: float = 5.0):
+                 join: list[str], poll_interval: float = 1.0, drop_after: float = 5.0, key: bytes | None = None):
         self.ring, self.peer, self.port = ring, peer, port
         self.interface = interface  # None: no mDNS at all (known peers only)
         self.advertise = advertise
         self.join = join
         self.poll_interval, self.drop_after = poll_interval, drop_after
+        self.key = key                              # the ring key: peers must prove it (peer.security)
         self.view: dict[str, PeerRecord] = {}      # peer id -> record (other peers of this ring)
+        self.candidates: dict[str, PeerRecord] = {}  # announced by mDNS, in view once they answer as members
+        self.refused: set[str] = set()              # URLs already reported as failing ring authentication
         self.by_name: dict[str, str] = {}           # mDNS service name -> peer id
         self.conflicts: list[str] = []
         self.zc: AsyncZeroconf | None = None
@@ -116,12 +120,13 @@ class Discovery:
             await self.zc.async_register_service(self.info)
             self.browser = Browser(self.interface, self._on_mdns)
             await self.browser.start(self.zc)
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
+        self._session = client_session(self.key, timeout=aiohttp.ClientTimeout(total=3))
         self._poller = asyncio.create_task(self._poll())
 
     def _on_mdns(self, name: str, rec: PeerRecord | None):
         if rec is None:
             pid = self.by_name.pop(name, None)
+            self.candidates.pop(pid, None)
             if pid and self.view.get(pid, None) and self.view[pid].source == "mdns":
                 del self.view[pid]
                 log.info("peer %s left", pid)
@@ -139,16 +144,23 @@ class Discovery:
             log.warning("peer %s at %s speaks protocol %s, we speak %s: ignored", rec.peer, rec.url, rec.version,
                         PROTOCOL_VERSION)
         self.by_name[name] = rec.peer
-        if rec.peer not in self.view:
-            log.info("peer %s seen at %s (mdns)", rec.peer, rec.url)
-        self.view[rec.peer] = rec
+        known = self.view.get(rec.peer)
+        if known is None or known.url != rec.url:
+            self.candidates[rec.peer] = rec  # anyone can announce anything: in view once it answers as a member
 
     async def _status(self, url: str) -> dict | None:
         try:
             async with self._session.get(f"{url}/status") as r:
-                return await r.json()
+                st = await r.json()
+        except RingAuthError as e:
+            if url not in self.refused:
+                self.refused.add(url)
+                log.warning("%s: not a member of this ring", e)
+            return None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None
+        self.refused.discard(url)
+        return st if isinstance(st, dict) and st.get("ring") == self.ring else None
 
     async def _poll(self):
         """Known peers are added when they answer; every peer in view is dropped when it has not
@@ -157,10 +169,18 @@ class Discovery:
             for hostport in self.join:
                 url = hostport if hostport.startswith("http") else f"http://{hostport}"
                 st = await self._status(url)
-                if st and st.get("ring") == self.ring and st.get("peer") != self.peer:
+                if st and st.get("peer") != self.peer:
                     if st["peer"] not in self.view:
                         log.info("peer %s seen at %s (join)", st["peer"], url)
                     self.view[st["peer"]] = PeerRecord(st["peer"], url, st["ring"], st.get("version", 0), "join")
+            for pid, rec in list(self.candidates.items()):
+                st = await self._status(rec.url)
+                if st and st.get("peer") == pid:
+                    log.info("peer %s seen at %s (mdns)", pid, rec.url)
+                    self.view[pid] = self.candidates.pop(pid)
+                    rec.last_seen = time.monotonic()
+                elif time.monotonic() - rec.last_seen > self.drop_after:
+                    self.candidates.pop(pid, None)
             for pid, rec in list(self.view.items()):
                 st = await self._status(rec.url)
                 if st and st.get("peer") == pid:

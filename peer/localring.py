@@ -14,8 +14,11 @@ import urllib.request
 from pathlib import Path
 
 
-def get_json(url: str, timeout: float = 30.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+def get_json(url: str, timeout: float = 30.0, key: bytes | None = None) -> dict:
+    """GET url as JSON, signed with the ring key if one is given."""
+    from peer.security import open_url
+
+    with open_url(url, key, timeout=timeout) as r:
         return json.load(r)
 
 
@@ -27,6 +30,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log,
                                      env={**os.environ, **env} if env else None)
         self.url = self.peer_id = None
+        self.key: bytes | None = None  # the ring key, to read private status
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -43,7 +47,7 @@ class AgentProcess:
         raise RuntimeError(f"agent did not start: {self.log_path.read_text()[-2000:]}")
 
     def status(self) -> dict:
-        return get_json(f"{self.url}/status")
+        return get_json(f"{self.url}/status", key=self.key)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc.poll() is None:
@@ -58,10 +62,11 @@ class AgentProcess:
 
 
 class LocalRing:
-    """n agents; `data[k]` are agent k's data options (e.g. ["--data", "digits", "--shard", "0/3"])."""
+    """n agents; `data[k]` are agent k's data options (e.g. ["--data", "digits", "--shard", "0/3"]).
+    With `secret`, every agent gets it in a file (`secret_file`) and the harness signs its calls."""
 
     def __init__(self, data: list[list[str]], ring: str | None = None, interface: str = "127.0.0.1",
-                 workdir: str | None = None, extra: list[str] | None = None):
+                 workdir: str | None = None, extra: list[str] | None = None, secret: str | None = None):
         self.data = data
         self.ring = ring or f"test-{secrets.token_hex(3)}"
         self.interface = interface
@@ -69,6 +74,14 @@ class LocalRing:
         self.workdir = Path(workdir or self._tmp.name)
         self.extra = extra or []
         self.agents: list[AgentProcess] = []
+        self.secret_file = self.key = None
+        if secret:
+            from peer.security import key_for
+
+            self.secret_file = self.workdir / "secret"
+            self.secret_file.write_text(secret)
+            self.key = key_for(secret.encode(), self.ring)
+            self.extra += ["--secret-file", str(self.secret_file)]
 
     def agent_args(self, k: int) -> list[str]:
         return ["--ring", self.ring, "--interface", self.interface, "--port", "0", "--threads", "1",
@@ -77,6 +90,7 @@ class LocalRing:
     def start(self, timeout: float = 60.0) -> "LocalRing":
         for k in range(len(self.data)):
             self.agents.append(AgentProcess(self.agent_args(k), self.workdir / f"agent{k}.log"))
+            self.agents[-1].key = self.key
         for a in self.agents:
             a.wait_ready(timeout)
         self.wait_converged(timeout)

@@ -89,7 +89,8 @@ def _check_table(table) -> list[tuple[torch.dtype, tuple[int, ...], int]]:
         if name not in DTYPES:
             raise ProtocolError("bad_dtype", f"unknown tensor dtype {name!r}")
         if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
-                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
+                and math.prod(d for d in shape if d) < 1 << 62):  # empty tensors too: strides must fit int64
             raise ProtocolError("bad_shape", f"bad tensor shape {shape!r}")
         dtype = DTYPES[name]
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

@@ -14,12 +14,13 @@ from protocols.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 
-Int, Float, Str, Tensor, Dict, List, Bool = int, (int, float), str, torch.Tensor, dict, list, bool
+Int, Float, Str, Tensor, Dict, List, Bool, Bytes = int, (int, float), str, torch.Tensor, dict, list, bool, bytes
 
 # type -> required fields and their types. Optional fields: OPTIONAL.
 SCHEMAS: dict[str, dict[str, Any]] = {
     # data plane (WebSocket, CBOR frames)
-    "hello": {"peer": Str, "ring": Str},
+    "hello": {"peer": Str, "ring": Str},  # with a ring secret: nonce, and in the reply a proof (peer.security)
+    "auth": {"proof": Bytes},             # the dialling side's proof, after the server's hello
     "fwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "mode": Str, "x": Tensor, "y": Tensor},
     "bwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "grad": Tensor},
     "ping": {"seq": Int},       # answered by a pong on the same connection; optional `data` is discarded
@@ -39,6 +40,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "data_probe": {"url": Str, "bytes": Int, "count": Int},  # measure the data plane to another agent
 }
 OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor}, "data_probe": {"window": Int}}
+
+OPTIONAL["hello"] = {"nonce": Bytes, "proof": Bytes}
 
 
 def _type_ok(value, expected) -> bool:
