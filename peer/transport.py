@@ -5,9 +5,10 @@ from then on the TCP connection carries protocols.frames frames back to back (a 
 from its header entry, so no other framing is needed).
 Writing: the header, then each payload in CHUNK-sized views of the tensor's memory, waiting while the
 transport holds more than WRITE_HIGH bytes: a receiver that stops reading stops the sender there.
-Reading (asyncio.BufferedProtocol): the kernel copies each payload straight into a tensor allocated from
-the header's table; whole frames wait for the consumer in a queue, and reading pauses while that queue
-holds RECV_HIGH bytes or more, which in turn stops the sender through TCP flow control.
+Reading (asyncio.BufferedProtocol): the kernel copies each payload straight into a tensor made from the
+header's table, in a reused buffer (peer.buffers); whole frames wait for the consumer in a queue, and
+reading pauses while that queue holds RECV_HIGH bytes or more, which stops the sender through TCP flow
+control.
 """
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ from urllib.parse import urlsplit
 
 import torch
 
+from peer.buffers import BufferPool
 from protocols import ProtocolError
 from protocols.frames import MAX_FRAME_BYTES, byte_view, header_length, read_header
 
 UPGRADE = "splitring-data/1"
 PATH = "/data"
+RECV_POOL = BufferPool()  # where received payloads land (one pool per process)
+SMALL = 64 << 10         # frames up to this size are joined into one write
 CHUNK = 4 << 20          # bytes per transport write (a view of the tensor: the transport copies nothing)
 WRITE_HIGH = 16 << 20    # a sender waits while its transport holds more than this
 RECV_HIGH = 16 << 20     # a receiver stops reading while this much of whole frames awaits its consumer
@@ -109,7 +113,8 @@ class FrameStream(asyncio.BufferedProtocol):
         size = 4 + len(self._target) + sum(nbytes for _, _, nbytes in table)
         if size > self.max_frame:
             raise ProtocolError("too_large", f"frame of {size} bytes exceeds the limit of {self.max_frame}")
-        tensors = [torch.empty(shape, dtype=dtype) for dtype, shape, _ in table]
+        tensors = [RECV_POOL.tensor(dtype, shape, nbytes) if nbytes else torch.empty(shape, dtype=dtype)
+                   for dtype, shape, nbytes in table]
         self._frame = RawFrame(body, tensors, size)
         self._views = deque(byte_view(t) for t, (_, _, nbytes) in zip(tensors, table) if nbytes)
         self._next_payload()
@@ -159,8 +164,8 @@ class FrameStream(asyncio.BufferedProtocol):
         """Write one frame (protocols.frames.encode_parts). Returns once all of it is handed to the
         transport, whose buffer may still reference the last WRITE_HIGH bytes of the tensors."""
         async with self._send_lock:
-            if sum(len(p) for p in parts) <= CHUNK:
-                await self._write_when_ready(self.transport.writelines, parts)
+            if sum(len(p) for p in parts) <= SMALL:  # one write, one segment: copying is cheaper here
+                await self._write_when_ready(self.transport.write, b"".join(parts))
                 return
             for part in parts:
                 view = memoryview(part).cast("B")

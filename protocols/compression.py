@@ -72,13 +72,13 @@ def pack(t: torch.Tensor, codec: str) -> torch.Tensor | Packed:
     """Encode a float32 tensor with `codec`; other dtypes, and codec float32, travel as they are."""
     if codec == "float32" or t.dtype != torch.float32:
         return t
-    t = t.detach()
+    flat = t.detach().reshape(-1)  # parts are 1-D; the shape travels beside them
     if codec == "bfloat16":
-        return Packed(codec, tuple(t.shape), (t.to(torch.bfloat16),))
+        return Packed(codec, tuple(t.shape), (flat.to(torch.bfloat16),))
     if codec == "float16":
-        return Packed(codec, tuple(t.shape), (t.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16),))
+        return Packed(codec, tuple(t.shape), (flat.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16),))
     if codec == "int8":
-        return Packed(codec, tuple(t.shape), quantize_int8(t))
+        return Packed(codec, tuple(t.shape), quantize_int8(flat))
     raise ValueError(f"unknown codec {codec!r}")
 
 
@@ -86,12 +86,12 @@ def unpack(codec, shape, parts) -> torch.Tensor:
     """The float32 tensor a Packed stands for. Raises ProtocolError on anything inconsistent."""
     if codec not in CODECS[1:]:
         raise ProtocolError("bad_dtype", f"unknown wire codec {codec!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+    if not (isinstance(shape, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                             for d in shape)):
         raise ProtocolError("bad_shape", f"bad packed shape {shape!r}")
     n = math.prod(shape)
     want = [(torch.int8, n), (torch.float32, -(-n // BLOCK))] if codec == "int8" else [(getattr(torch, codec), n)]
-    if not (isinstance(parts, list) and len(parts) == len(want) and all(
+    if not (isinstance(parts, (list, tuple)) and len(parts) == len(want) and all(
             torch.is_tensor(p) and p.dtype == d and p.dim() == 1 and p.numel() == k
             for p, (d, k) in zip(parts, want))):
         raise ProtocolError("bad_shape", f"{codec} tensor of shape {shape}: parts do not match")

@@ -93,8 +93,7 @@ def _check_table(table) -> list[tuple[torch.dtype, tuple[int, ...], int]]:
                 and math.prod(d for d in shape if d) < 1 << 62):  # empty tensors too: strides must fit int64
             raise ProtocolError("bad_shape", f"bad tensor shape {shape!r}")
         dtype = DTYPES[name]
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out.append((dtype, tuple(shape), nbytes))
+        out.append((dtype, tuple(shape), math.prod(shape) * dtype.itemsize))
     return out
 
 
@@ -127,7 +126,7 @@ def assemble(body: bytes, tensors: list[torch.Tensor]) -> dict:
                 raise ProtocolError("malformed", f"tensor reference {tag.value!r} out of range")
             return tensors[tag.value]
         if tag.tag == PACKED_TAG:
-            if not (isinstance(tag.value, list) and len(tag.value) == 3):
+            if not (isinstance(tag.value, (list, tuple)) and len(tag.value) == 3):  # tuple: cbor2's immutable form
                 raise ProtocolError("malformed", "a packed tensor is [codec, shape, parts]")
             return unpack(*tag.value)
         return tag
