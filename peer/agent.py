@@ -262,6 +262,8 @@ class Agent:
                     rt.accept(sender, msg)
                 elif msg["type"] == "ping":
                     await reply(message("pong", seq=msg["seq"]))
+                elif msg["type"] == "sink":
+                    pass
                 else:
                     raise ProtocolError("unknown_type", f"{msg['type']!r} is not a data-plane message")
             except ProtocolError as e:
@@ -271,17 +273,21 @@ class Agent:
 
     @guarded
     async def h_data_probe(self, request):
-        """Measure the data plane to another agent: `count` pings carrying `bytes` of float32 each, at
-        most `window` unanswered (default: all; 1 measures round trips)."""
+        """Measure the data plane to another agent: `count` tensors of `bytes` bytes streamed one way (with
+        `copies`, a fresh copy each time), or with `round_trips`, `count` pings carrying them one after
+        another. Returns the seconds taken."""
         msg = await self.read(request, "data_probe")
-        count, size, window = msg["count"], msg["bytes"], msg.get("window", msg["count"])
-        if not (1 <= count <= 100_000 and window >= 1 and size <= MAX_DATA_FRAME // 2):
-            raise ProtocolError("malformed", "data_probe: count from 1 to 100000, window >= 1, bytes <= 512 MiB")
-        data = torch.rand(size // 4) if size >= 4 else None
+        count, size = msg["count"], msg["bytes"]
+        if not (1 <= count <= 100_000 and size <= MAX_DATA_FRAME // 2):
+            raise ProtocolError("malformed", "data_probe: count from 1 to 100000, bytes up to 512 MiB")
+        data = await asyncio.to_thread(torch.rand, size // 4)
         try:
-            seconds = await self.links.probe(msg["url"], data, count, window)
-        except (ConnectionError, OSError, asyncio.TimeoutError) as e:
-            return json_error(502, "unreachable", f"probe of {msg['url']} failed: {e!r}")
+            if msg.get("round_trips"):
+                seconds = sum([await self.links.ping(msg["url"], data) for _ in range(count)])
+            else:
+                seconds = await self.links.stream(msg["url"], data, count, msg.get("copies", False))
+        except (ConnectionError, OSError, TimeoutError) as e:
+            return json_error(502, "unreachable", f"data_probe of {msg['url']} failed: {e!r}")
         return web.json_response({"url": msg["url"], "bytes": size, "count": count, "seconds": seconds})
 
     # --- jobs: the coordinator side -----------------------------------------------------------

@@ -158,24 +158,29 @@ class Links:
         link = await self.get(url)
         await link.stream.send(parts)
 
-    async def probe(self, url: str, data: torch.Tensor | None, count: int, window: int,
-                    timeout: float = 60.0) -> float:
-        """Send `count` pings carrying `data`, at most `window` unanswered at a time; returns the
-        seconds from the first send to the last pong."""
+    async def ping(self, url: str, data: torch.Tensor | None = None, timeout: float = 60.0) -> float:
+        """One round trip through the data plane (a ping carrying `data`, and its pong), in seconds."""
         link = await self.get(url)
-        slots = asyncio.Semaphore(window)
-        loop = asyncio.get_running_loop()
-        pending = []
+        seq = next(self._seq)
+        pong = link.pongs[seq] = asyncio.get_running_loop().create_future()
         t0 = time.perf_counter()
-        for _ in range(count):
-            await asyncio.wait_for(slots.acquire(), timeout)
-            seq = next(self._seq)
-            fut = link.pongs[seq] = loop.create_future()
-            fut.add_done_callback(lambda _: slots.release())
-            pending.append(fut)
-            await self.send(url, message("ping", seq=seq, **({} if data is None else {"data": data})))
-        await asyncio.wait_for(asyncio.gather(*pending), timeout)
+        await self.send(url, message("ping", seq=seq, **({} if data is None else {"data": data})))
+        await asyncio.wait_for(pong, timeout)
         return time.perf_counter() - t0
+
+    async def stream(self, url: str, data: torch.Tensor, count: int, copies: bool = False,
+                     timeout: float = 60.0) -> float:
+        """Send `data` `count` times (sink messages, discarded by the receiver), then a ping; returns the
+        seconds until its pong, which the receiver sends after it has taken in every sink before it.
+        With `copies`, every message carries a fresh copy, as training sends a new tensor every time."""
+        await self.get(url)
+        async with asyncio.timeout(timeout):
+            t0 = time.perf_counter()
+            for _ in range(count):
+                tensor = await asyncio.to_thread(data.clone) if copies else data
+                await self.send(url, message("sink", data=tensor))
+            await self.ping(url)
+            return time.perf_counter() - t0
 
     async def close(self):
         for link in self.links.values():

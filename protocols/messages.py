@@ -25,6 +25,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "bwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "grad": Tensor},
     "ping": {"seq": Int},       # answered by a pong on the same connection; optional `data` is discarded
     "pong": {"seq": Int},
+    "sink": {"data": Tensor},   # discarded unanswered (bandwidth tests)
     "error": {"code": Str, "message": Str},
     # control plane (HTTP, JSON bodies)
     "job_prepare": {"job": Str, "config": Dict, "ring": List, "coordinator": Str, "spec_hash": Str},
@@ -37,9 +38,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "job_abort": {"job": Str, "reason": Str},
     "job_start": {"config": Dict},
     "job_profile": {"config": Dict},
-    "data_probe": {"url": Str, "bytes": Int, "count": Int},  # measure the data plane to another agent
+    "data_probe": {"url": Str, "bytes": Int, "count": Int},  # measure the data plane to another agent (stream
+                                                              # of sinks, or with round_trips: pings)
 }
-OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor}, "data_probe": {"window": Int}}
+OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor}, "data_probe": {"round_trips": Bool, "copies": Bool}}
 
 OPTIONAL["hello"] = {"nonce": Bytes, "proof": Bytes}
 
