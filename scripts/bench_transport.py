@@ -1,0 +1,218 @@
+"""Data-plane throughput and latency against its baselines, in one run, on loopback.
+
+For each tensor size (64 KiB to 64 MiB, x4 steps), interleaved so that all three see the same machine:
+  splitring_gbps    float32 tensors from one agent (process) to another through the real data plane
+                    (Links, frame encoding, the upgraded stream, decoding into tensors), via POST /data/probe
+  gloo_gbps         torch.distributed gloo send/recv between two processes (one tensor, reused)
+  raw_socket_gbps   a blocking TCP socket: sendall / recv_into a reused buffer, two processes
+  splitring_rtt_ms  one ping carrying a tensor of that size and its pong, one at a time (median of the batch)
+  ping_rtt_ms       an empty ping and its pong (small-message round trip)
+Every figure is the best of --repeat measurements (GB/s = 1e9 bytes/s). The 64 MiB line also gives the
+latency of GET /status on the sending and on the receiving agent while 64 MiB tensors are in flight
+(status_ms_sending / status_ms_receiving: the worst of the polls, with the number of polls).
+Usage: python scripts/bench_transport.py [--json] [--repeat N] [--total-mib N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from peer.localring import LocalRing  # noqa: E402
+
+SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+_HEAD = struct.Struct(">QQ")  # raw socket: size, count
+
+
+def counts(size: int, total: int) -> int:
+    return max(4, total // size)
+
+
+# --- splitring --------------------------------------------------------------------------------
+def probe(sender: str, receiver: str, size: int, count: int, round_trips: bool = False) -> float:
+    body = {"v": 1, "type": "data_probe", "url": receiver, "bytes": size, "count": count, "round_trips": round_trips}
+    req = urllib.request.Request(f"{sender}/data/probe", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.load(r)["seconds"]
+
+
+def status_latency(urls: list[str], sender: str, receiver: str) -> dict:
+    """Poll /status on both agents while 64 MiB tensors stream from one to the other."""
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (probe(sender, receiver, 64 << 20, 24), done.set()))
+    t.start()
+    worst = {u: 0.0 for u in urls}
+    polls = 0
+    time.sleep(0.05)
+    while not done.is_set():
+        for u in urls:
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(f"{u}/status", timeout=30) as r:
+                r.read()
+            worst[u] = max(worst[u], 1e3 * (time.perf_counter() - t0))
+        polls += 1
+    t.join()
+    return {"status_ms_sending": round(worst[urls[0]], 2), "status_ms_receiving": round(worst[urls[1]], 2),
+            "status_polls": polls}
+
+
+# --- gloo -------------------------------------------------------------------------------------
+def gloo_rank(rank: int, port: int, conn) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    job = torch.zeros(2, dtype=torch.int64)
+    while True:
+        if rank == 0:
+            job = torch.tensor(conn.recv(), dtype=torch.int64)
+            dist.send(job, 1)
+        else:
+            dist.recv(job, 0)
+        size, count = job.tolist()
+        if size == 0:
+            break
+        t = torch.zeros(size // 4)
+        for _ in range(2):  # warm-up
+            dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
+        dist.barrier()
+        if rank == 0:
+            conn.send(time.perf_counter() - t0)
+    dist.destroy_process_group()
+
+
+class Gloo:
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        port = free_port()
+        self.procs = [ctx.Process(target=gloo_rank, args=(r, port, child if r == 0 else None)) for r in (0, 1)]
+        for p in self.procs:
+            p.start()
+
+    def measure(self, size: int, count: int) -> float:
+        self.conn.send([size, count])
+        return self.conn.recv()
+
+    def close(self):
+        self.conn.send([0, 0])
+        for p in self.procs:
+            p.join(30)
+
+
+# --- raw socket -------------------------------------------------------------------------------
+def raw_receiver(port_out) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port_out.send(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    head = bytearray(_HEAD.size)
+    while True:
+        conn.recv_into(head, _HEAD.size, socket.MSG_WAITALL)
+        size, count = _HEAD.unpack(head)
+        if size == 0:
+            return
+        buf = memoryview(bytearray(size))
+        for _ in range(count):
+            got = 0
+            while got < size:
+                got += conn.recv_into(buf[got:])
+        conn.sendall(b"k")
+
+
+class Raw:
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=raw_receiver, args=(child,))
+        self.proc.start()
+        self.sock = socket.create_connection(("127.0.0.1", parent.recv()))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def measure(self, size: int, count: int) -> float:
+        data = memoryview(bytearray(size))
+        t0 = time.perf_counter()
+        self.sock.sendall(_HEAD.pack(size, count))
+        for _ in range(count):
+            self.sock.sendall(data)
+        self.sock.recv(1)
+        return time.perf_counter() - t0
+
+    def close(self):
+        self.sock.sendall(_HEAD.pack(0, 0))
+        self.sock.close()
+        self.proc.join(30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="one JSON object per line, one per size")
+    ap.add_argument("--repeat", type=int, default=3, help="measurements per figure; the best is kept")
+    ap.add_argument("--total-mib", type=int, default=256, help="bytes moved per measurement (at least 4 tensors)")
+    args = ap.parse_args()
+    total = args.total_mib << 20
+    gloo, raw = Gloo(), Raw()
+    try:
+        with LocalRing([[], []]) as ring:
+            sender, receiver = ring.urls
+            probe(sender, receiver, 1 << 20, 8)  # connect and warm up
+            if not args.json:
+                print(f"{'size':>9} {'splitring':>10} {'gloo':>8} {'raw':>8} {'vs gloo':>8} {'vs raw':>7} "
+                      f"{'rtt ms':>8} {'ping ms':>8}   (GB/s, best of {args.repeat})")
+            for size in SIZES:
+                n = counts(size, total)
+                best = {"splitring": 0.0, "gloo": 0.0, "raw": 0.0}
+                for _ in range(args.repeat):
+                    for name, seconds in (("splitring", lambda: probe(sender, receiver, size, n)),
+                                          ("gloo", lambda: gloo.measure(size, n)),
+                                          ("raw", lambda: raw.measure(size, n))):
+                        best[name] = max(best[name], size * n / seconds() / 1e9)
+                k = max(3, min(50, n // 4))
+                rtt = min(probe(sender, receiver, size, k, round_trips=True) / k for _ in range(args.repeat))
+                ping = min(probe(sender, receiver, 0, 200, round_trips=True) / 200 for _ in range(args.repeat))
+                row = {"size_bytes": size, "splitring_gbps": round(best["splitring"], 3),
+                       "gloo_gbps": round(best["gloo"], 3), "raw_socket_gbps": round(best["raw"], 3),
+                       "splitring_rtt_ms": round(1e3 * rtt, 3), "ping_rtt_ms": round(1e3 * ping, 3),
+                       "vs_gloo": round(best["splitring"] / best["gloo"], 2),
+                       "vs_raw_socket": round(best["splitring"] / best["raw"], 2)}
+                if size == SIZES[-1]:
+                    row.update(status_latency(ring.urls, sender, receiver))
+                if args.json:
+                    print(json.dumps(row), flush=True)
+                else:
+                    print(f"{size >> 10:>6}KiB {row['splitring_gbps']:>10.2f} {row['gloo_gbps']:>8.2f} "
+                          f"{row['raw_socket_gbps']:>8.2f} {row['vs_gloo']:>8.2f} {row['vs_raw_socket']:>7.2f} "
+                          f"{row['splitring_rtt_ms']:>8.3f} {row['ping_rtt_ms']:>8.3f}", flush=True)
+                    if "status_ms_sending" in row:
+                        print(f"GET /status while 64 MiB tensors are in flight: worst {row['status_ms_sending']} ms "
+                              f"(sending agent), {row['status_ms_receiving']} ms (receiving agent), "
+                              f"{row['status_polls']} polls")
+    finally:
+        gloo.close()
+        raw.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

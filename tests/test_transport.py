@@ -1,0 +1,287 @@
+"""The data plane without agents: wire codecs and their error bounds, role policy, frames, the stream
+(zero-copy views, backpressure both ways), the receive buffer pool and the mailbox bound."""
+import asyncio
+import gc
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+
+from peer import transport
+from peer.buffers import BufferPool
+from peer.dataplane import Mailbox, wire_policy
+from peer.transport import FrameStream, RawFrame, adopt
+from pipeline.config import ConfigError, JobConfig
+from protocols import ProtocolError, decode_frame, encode_frame, message
+from protocols.compression import BLOCK, WirePolicy, apply_policy, pack, unpack
+from protocols.frames import assemble, encode_parts
+
+
+def round_trip(t: torch.Tensor, codec: str) -> torch.Tensor:
+    """Through a whole frame, as a fwd activation would travel."""
+    msg = message("fwd", job="j", rotation=0, step=0, mb=0, mode="train", x=t, y=torch.zeros(1, dtype=torch.int64))
+    out = decode_frame(encode_frame(apply_policy(msg, WirePolicy(activation=codec))))["x"]
+    assert out.dtype == torch.float32 and out.shape == t.shape
+    return out
+
+
+def floats(min_magnitude: float, max_magnitude: float):
+    mags = st.floats(min_magnitude, max_magnitude, width=32)
+    values = st.one_of(st.just(0.0), mags, mags.map(lambda v: -v))
+    return arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 150)), elements=values)
+
+
+@settings(max_examples=50, deadline=None)
+@given(floats(2.0 ** -100, 2.0 ** 100))
+def test_bfloat16_relative_error_is_at_most_2_to_the_minus_8(a):
+    x = torch.from_numpy(a)
+    err = (round_trip(x, "bfloat16") - x).abs()
+    assert torch.all(err <= x.abs() * 2 ** -8)
+
+
+@settings(max_examples=50, deadline=None)
+@given(floats(0, 65504))
+def test_float16_relative_error_is_at_most_2_to_the_minus_11_above_the_subnormals(a):
+    x = torch.from_numpy(a)
+    err = (round_trip(x, "float16") - x).abs()
+    assert torch.all(err <= torch.maximum(x.abs() * 2 ** -11, torch.full_like(x, 2 ** -25)))
+
+
+def test_float16_saturates_instead_of_overflowing():
+    x = torch.tensor([1e6, -1e6, 7e4, 1.0])
+    assert round_trip(x, "float16").tolist() == [65504.0, -65504.0, 65504.0, 1.0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(floats(2.0 ** -60, 2.0 ** 60))
+def test_int8_error_is_at_most_half_a_step_of_its_block(a):
+    x = torch.from_numpy(a)
+    got = round_trip(x, "int8")
+    flat = x.reshape(-1)
+    blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % BLOCK)).view(-1, BLOCK)
+    step = (blocks.abs().amax(1) / 127).repeat_interleave(BLOCK)[:flat.numel()]
+    assert torch.all((got.reshape(-1) - flat).abs() <= step / 2 * (1 + 1e-5))
+    assert torch.equal(got.reshape(-1)[flat == 0], flat[flat == 0])  # zeros stay zeros
+
+
+def test_int8_travels_in_about_a_quarter_of_the_bytes():
+    x = torch.randn(256, 1024)
+    exact, small = (len(encode_frame({"x": pack(x, c)})) for c in ("float32", "int8"))
+    assert small < exact * 0.27 and small >= x.numel()
+
+
+@pytest.mark.parametrize("codec", ["bfloat16", "float16", "int8"])
+def test_packed_tensors_of_any_shape_round_trip(codec):
+    for shape in [(), (0,), (3, 0, 2), (1,), (7, 65), (2, 3, 4, 5)]:
+        x = torch.randn(shape)
+        assert torch.allclose(round_trip(x, codec), x, atol=0.05, rtol=0.01)
+
+
+def test_policy_packs_only_activations_and_gradients():
+    x, y, g = torch.randn(4, 8), torch.arange(4), torch.randn(4, 8)
+    policy = WirePolicy.from_options("bfloat16")
+    fwd = apply_policy(message("fwd", job="j", rotation=0, step=0, mb=0, mode="train", x=x, y=y), policy)
+    bwd = apply_policy(message("bwd", job="j", rotation=0, step=0, mb=0, grad=g), policy)
+    assert fwd["x"].codec == "bfloat16" and fwd["y"] is y and bwd["grad"].codec == "bfloat16"
+    assert WirePolicy.from_options("float16", "int8") == WirePolicy("int8", "int8")  # int8 takes precedence
+    assert apply_policy(message("fwd", job="j", rotation=0, step=0, mb=0, mode="train", x=x, y=y), WirePolicy())["x"] is x
+
+
+@pytest.mark.parametrize("wire_dtype, compress", [("bfloat16", "none"), ("float16", "none"), ("float32", "int8")])
+def test_layer_state_moved_by_a_swap_is_never_lossy(wire_dtype, compress):
+    state = {3: {"params": {"weight": torch.randn(5, 7), "bias": torch.randn(5)},
+                 "optim": {0: {"momentum_buffer": torch.randn(5, 7)}}}}
+    msg = message("swap_receive", job="j", rotation=1, layers=state, checksum="c")
+    out = decode_frame(encode_frame(apply_policy(msg, WirePolicy.from_options(wire_dtype, compress))))
+    assert torch.equal(out["layers"][3]["params"]["weight"], state[3]["params"]["weight"])
+    assert torch.equal(out["layers"][3]["optim"][0]["momentum_buffer"], state[3]["optim"][0]["momentum_buffer"])
+    assert WirePolicy.from_options(wire_dtype, compress).codec("state") == "float32"
+
+
+def test_job_config_validates_and_carries_the_wire_options():
+    cfg = JobConfig(wire_dtype="bfloat16", compress="int8")
+    assert wire_policy(cfg) == WirePolicy("int8", "int8")
+    assert JobConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="wire dtype"):
+        JobConfig(wire_dtype="float8")
+    with pytest.raises(ConfigError, match="compression"):
+        JobConfig(compress="zstd")
+
+
+def test_train_flags_reach_the_job_config():
+    import argparse
+    from peer import cli_train
+
+    parser = argparse.ArgumentParser()
+    cli_train.register(parser.add_subparsers())
+    args = parser.parse_args(["train", "--peer", "http://x:1", "--wire-dtype", "float16", "--compress", "int8"])
+    config = cli_train.config_from_args(args)
+    assert (config["wire_dtype"], config["compress"]) == ("float16", "int8")
+
+
+@pytest.mark.parametrize("codec, shape, parts", [
+    ("float8", [2], [torch.zeros(2)]),                                        # unknown codec
+    ("bfloat16", [2], [torch.zeros(2)]),                                      # part of the wrong dtype
+    ("bfloat16", [3], [torch.zeros(2, dtype=torch.bfloat16)]),                # wrong count
+    ("int8", [2], [torch.zeros(2, dtype=torch.int8)]),                        # scales missing
+    ("int8", [70], [torch.zeros(70, dtype=torch.int8), torch.zeros(1)]),      # too few scales
+    ("float16", [-1], [torch.zeros(1, dtype=torch.float16)]),                 # bad shape
+])
+def test_inconsistent_packed_tensors_are_refused(codec, shape, parts):
+    with pytest.raises(ProtocolError):
+        unpack(codec, shape, parts)
+
+
+def test_encoding_hands_out_views_of_the_tensors():
+    t = torch.zeros(1000)
+    head, payload = encode_parts({"t": t})
+    t[0] = 7  # a view, not a copy: the change shows
+    assert np.frombuffer(payload, dtype=np.float32)[0] == 7
+    assert decode_frame(bytes(head) + bytes(payload))["t"][0] == 7
+
+
+# --- the stream over loopback ------------------------------------------------------------------
+async def stream_pair(max_frame: int = 1 << 30) -> tuple[FrameStream, FrameStream, asyncio.AbstractServer]:
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future = loop.create_future()
+
+    def factory():
+        s = FrameStream(max_frame)
+        accepted.set_result(s)
+        return s
+
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    _, client = await loop.create_connection(FrameStream, "127.0.0.1", server.sockets[0].getsockname()[1])
+    return client, await accepted, server
+
+
+async def receive(stream: FrameStream) -> dict:
+    frame = await stream.recv()
+    assert isinstance(frame, RawFrame)
+    return assemble(frame.body, frame.tensors)
+
+
+def test_stream_carries_frames_of_every_size_into_writable_tensors():
+    async def main():
+        client, server, srv = await stream_pair()
+        sizes = [0, 1, 1000, transport.SMALL, 3 * transport.CHUNK + 5]
+        sent = [{"i": i, "t": torch.randn(n // 4 + 1), "b": torch.arange(n % 7, dtype=torch.bfloat16)}
+                for i, n in enumerate(sizes)]
+        sender = asyncio.create_task(asyncio.wait([asyncio.create_task(client.send(encode_parts(m))) for m in sent]))
+        for m in sent:
+            got = await receive(server)
+            assert got["i"] == m["i"] and torch.equal(got["t"], m["t"]) and torch.equal(got["b"], m["b"])
+            got["t"].add_(1)  # received tensors are writable (no read-only frombuffer views)
+        await sender
+        client.close()
+        assert await server.recv() is None
+        srv.close()
+    asyncio.run(main())
+
+
+def test_a_malformed_stream_yields_one_error_and_ends():
+    async def main():
+        client, server, srv = await stream_pair(max_frame=1 << 20)
+        client.transport.write(b"\x00\x00\x00\x05notcbor")
+        err = await server.recv()
+        assert isinstance(err, ProtocolError) and err.code == "malformed"
+        assert await server.recv() is None
+        client2, server2, srv2 = await stream_pair(max_frame=1 << 20)
+        await client2.send(encode_parts({"t": torch.zeros(1 << 19)}))  # 2 MiB: over this stream's limit
+        err = await server2.recv()
+        assert isinstance(err, ProtocolError) and err.code == "too_large"
+        for s in (srv, srv2):
+            s.close()
+    asyncio.run(main())
+
+
+def test_a_receiver_that_stops_reading_stops_the_sender_with_bounded_buffers():
+    async def main():
+        client, server, srv = await stream_pair()
+        frame = encode_parts({"t": torch.ones(1 << 20)})  # 4 MiB
+        total = 64  # 256 MiB offered
+
+        async def send_all():
+            for _ in range(total):
+                await client.send(frame)
+
+        sending = asyncio.create_task(send_all())
+        await asyncio.sleep(1.0)  # nobody calls server.recv(): buffers fill, then everything stops
+        assert not sending.done()
+        assert server.queued <= (16 << 20) + (4 << 20) + 64  # RECV_HIGH, plus the frame that crossed it
+        assert client.transport.get_write_buffer_size() <= (16 << 20) + (4 << 20)  # WRITE_HIGH + CHUNK
+        for _ in range(total):  # the consumer comes back: everything arrives, in order, intact
+            assert (await receive(server))["t"].sum() == 1 << 20
+        await sending
+        srv.close()
+    asyncio.run(main())
+
+
+def test_adopting_a_connection_after_an_upgrade_exchange():
+    async def main():
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future = loop.create_future()
+
+        class Upgrader(asyncio.Protocol):
+            def connection_made(self, tr):
+                self.tr = tr
+
+            def data_received(self, data):
+                assert data.startswith(b"GET /data HTTP/1.1") and b"Upgrade: splitring-data/1" in data
+                self.tr.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: splitring-data/1\r\n\r\n")
+                got.set_result(adopt(self.tr, FrameStream()))
+
+        srv = await loop.create_server(Upgrader, "127.0.0.1", 0)
+        client = await transport.connect(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
+        server = await got
+        await client.send(encode_parts(message("ping", seq=3)))
+        assert (await receive(server))["seq"] == 3
+        srv.close()
+    asyncio.run(main())
+
+
+# --- buffers and mailbox ------------------------------------------------------------------------
+def test_pool_reuses_a_buffer_only_when_no_tensor_uses_it():
+    pool = BufferPool(max_free_bytes=1000)
+    a = pool.tensor(torch.float32, (4, 8), 128)
+    view = a.reshape(-1)[3:]
+    del a
+    gc.collect()
+    assert pool.free_bytes == 0  # a view still uses it
+    del view
+    assert pool.free_bytes == 128
+    b = pool.tensor(torch.int64, (16,), 128)
+    assert pool.free_bytes == 0 and b.shape == (16,)
+    big = [pool.tensor(torch.uint8, (600,), 600) for _ in range(3)]
+    del big
+    assert pool.free_bytes == 600  # bounded: the rest went back to the allocator
+
+
+def test_mailbox_holds_a_bounded_number_of_unread_messages_per_kind():
+    async def main():
+        box = Mailbox(limit=3)
+        for mb in range(3):
+            box.deliver((0, "train", 0, "fwd", mb), {"mb": mb})
+        box.deliver((0, "train", 0, "bwd", 0), {})  # the other neighbour has its own room
+        with pytest.raises(ProtocolError) as e:
+            box.deliver((0, "train", 0, "fwd", 3), {})
+        assert e.value.code == "overflow"
+        waiting = asyncio.create_task(box.room("fwd"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        assert (await box.get((0, "train", 0, "fwd", 0), 1))["mb"] == 0
+        await asyncio.wait_for(waiting, 5)
+        box.deliver((0, "train", 0, "fwd", 3), {})
+    asyncio.run(main())
+
+
+def test_quantize_matches_its_definition_on_a_hand_example():
+    x = torch.tensor([0.0, 1.0, -2.54, 0.5] + [0.0] * (BLOCK - 4) + [3.0])
+    got = round_trip(x, "int8")
+    s = 2.54 / 127
+    want = [0.0, round(1.0 / s) * s, -127 * s, round(0.5 / s) * s] + [0.0] * (BLOCK - 4) + [3.0]
+    assert torch.allclose(got, torch.tensor(want), atol=1e-6)
+    assert math.isclose(got[-1].item(), 3.0, rel_tol=1e-6)  # its own block, its own scale
