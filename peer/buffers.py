@@ -18,8 +18,8 @@ class BufferPool:
         self._free: dict[int, list[bytearray]] = {}
         self._lock = threading.Lock()  # buffers come back on whichever thread drops the last tensor
 
-    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
-        """An uninitialised tensor of `nbytes` bytes (nbytes > 0), writable."""
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> tuple[torch.Tensor, memoryview]:
+        """An uninitialised writable tensor of `nbytes` bytes (nbytes > 0), and a view of its bytes."""
         with self._lock:
             spare = self._free.get(nbytes)
             buf = spare.pop() if spare else None
@@ -31,7 +31,7 @@ class BufferPool:
         # `array`, and its finalizer returns the buffer
         array = np.frombuffer(buf, dtype=np.uint8)
         weakref.finalize(array, self._release, buf)
-        return torch.from_numpy(array).view(dtype).reshape(shape)
+        return torch.from_numpy(array).view(dtype).reshape(shape), memoryview(buf)
 
     def _release(self, buf: bytearray) -> None:
         with self._lock:

@@ -246,16 +246,18 @@ def test_adopting_a_connection_after_an_upgrade_exchange():
 # --- buffers and mailbox ------------------------------------------------------------------------
 def test_pool_reuses_a_buffer_only_when_no_tensor_uses_it():
     pool = BufferPool(max_free_bytes=1000)
-    a = pool.tensor(torch.float32, (4, 8), 128)
+    a, raw = pool.tensor(torch.float32, (4, 8), 128)
+    raw[:4] = np.float32(2.5).tobytes()  # the byte view is the tensor's memory
+    assert a[0, 0] == 2.5
     view = a.reshape(-1)[3:]
-    del a
+    del a, raw
     gc.collect()
     assert pool.free_bytes == 0  # a view still uses it
     del view
     assert pool.free_bytes == 128
-    b = pool.tensor(torch.int64, (16,), 128)
+    b, _ = pool.tensor(torch.int64, (16,), 128)
     assert pool.free_bytes == 0 and b.shape == (16,)
-    big = [pool.tensor(torch.uint8, (600,), 600) for _ in range(3)]
+    big = [pool.tensor(torch.uint8, (600,), 600)[0] for _ in range(3)]
     del big
     assert pool.free_bytes == 600  # bounded: the rest went back to the allocator
 
