@@ -2,8 +2,10 @@
 tensors, wire dtypes by role (protocols.compression), bounded buffering at every step.
 
 Each direction of a pair uses the sender's own connection (A dials B to send to B), so a connection only
-ever carries data one way plus replies (hello, pong, error) the other. Frames with large tensors are
-encoded and decoded on a codec thread so the event loop keeps answering control calls.
+ever carries data one way plus replies (hello, pong, error) the other. Payloads are never copied on the
+way out and land in their tensors on the way in; the work that remains (packing and unpacking wire
+dtypes, joining or splitting a large frame held whole for an HTTP body) runs on a codec thread, so the
+event loop keeps answering control calls. See docs/transport.md.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from peer.security import ClientHandshake
 from peer.transport import RawFrame, connect
 
 log = logging.getLogger("splitring.dataplane")
-OFFLOAD_BYTES = 1 << 20          # packing, unpacking or copying more tensor bytes than this runs off the loop
+OFFLOAD_BYTES = 1 << 20          # whole frames (HTTP bodies) with more tensor bytes than this: off the loop
 MAX_DATA_FRAME = LIMITS.max_frame
 MAILBOX_LIMIT = LIMITS.pending_messages  # unread messages per job and kind before the data plane waits for room
 EXACT = WirePolicy()
@@ -48,7 +50,9 @@ def wire_policy(cfg) -> WirePolicy:
 
 class Codec:
     def __init__(self):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="codec")
+        # one intra-op thread: idle OpenMP workers spinning beside the compute thread cost more than they give
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="codec", initializer=torch.set_num_threads,
+                                       initargs=(1,))
 
     async def _run(self, offload: bool, fn, *args):
         if offload:
@@ -60,14 +64,15 @@ class Codec:
         return await self._run(tensor_bytes(msg) > OFFLOAD_BYTES, encode_frame, msg)
 
     async def encode_parts(self, msg: dict, policy: WirePolicy = EXACT) -> list:
-        """A frame as [header, payload views...], role fields packed by `policy` (the only work)."""
-        msg = await self._run(policy.lossy and tensor_bytes(msg) > OFFLOAD_BYTES, apply_policy, msg, policy)
+        """A frame as [header, payload views...], role fields packed by `policy` (the only work, done on
+        the codec thread)."""
+        msg = await self._run(policy.lossy, apply_policy, msg, policy)
         return encode_parts(msg)
 
     async def decode(self, frame: bytes | RawFrame, max_bytes: int) -> dict:
         if isinstance(frame, RawFrame):  # payloads are in place already; only packed ones need work
             packed = any(t.dtype in PART_DTYPES for t in frame.tensors)
-            return await self._run(packed and frame.nbytes > OFFLOAD_BYTES, assemble, frame.body, frame.tensors)
+            return await self._run(packed, assemble, frame.body, frame.tensors)
         return await self._run(len(frame) > OFFLOAD_BYTES, decode_frame, frame, max_bytes)
 
     def close(self):

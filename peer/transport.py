@@ -103,7 +103,7 @@ class FrameStream(asyncio.BufferedProtocol):
             self._then()
         except ProtocolError as e:  # the stream cannot be resynchronised: the consumer replies and closes
             self._broken = True
-            self.transport.pause_reading()
+            self._pause()
             self._push(e, 0)
 
     def _got_prefix(self) -> None:
@@ -136,10 +136,14 @@ class FrameStream(asyncio.BufferedProtocol):
     def _push(self, item, nbytes: int) -> None:
         self._frames.append(item)
         self.queued += nbytes
-        if self.queued >= RECV_HIGH and not self._paused:
+        if self.queued >= RECV_HIGH:
+            self._pause()
+        self._wake()
+
+    def _pause(self) -> None:
+        if not self._paused:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
 
     def _wake(self) -> None:
         if self._waiter and not self._waiter.done():
