@@ -43,7 +43,9 @@ def probe(sender: str, url: str, size: int, count: int, copies: bool = False) ->
 
 
 def test_bfloat16_on_the_wire_learns_as_well_as_float32(ring):
-    args = ["--epochs", "8", "--lr", "0.05", "--momentum", "0.9", "--split", "even"]
+    # a lower lr than the ring tests' 0.05 and a few more epochs: final accuracies settle near 98%, so
+    # that a 1-point margin measures the wire dtype rather than the run-to-run spread of SGD
+    args = ["--epochs", "12", "--lr", "0.02", "--momentum", "0.9", "--split", "even"]
     results = {}
     for wire in ("float32", "bfloat16"):
         before = received_bytes(ring)
@@ -51,7 +53,7 @@ def test_bfloat16_on_the_wire_learns_as_well_as_float32(ring):
         results[wire] = (summary, received_bytes(ring) - before)
     (exact, exact_bytes), (bf16, bf16_bytes) = results["float32"], results["bfloat16"]
     assert (bf16["wire_dtype"], bf16["compress"]) == ("bfloat16", "none")
-    assert exact["accuracy"] >= 0.9
+    assert exact["accuracy"] >= 0.95
     assert abs(bf16["accuracy"] - exact["accuracy"]) <= 0.01
     # activations and gradients really travelled in 2 bytes a value (labels and swaps did not shrink)
     assert bf16_bytes < 0.75 * exact_bytes
