@@ -32,6 +32,7 @@ CHUNK = 4 << 20          # bytes per transport write (a view of the tensor: the 
 WRITE_HIGH = 16 << 20    # a sender waits while its transport holds more than this
 READ_MAX = 256 << 10     # bytes per socket read: pieces this small are copied while still in cache (measured)
 RECV_HIGH = 16 << 20     # a receiver stops reading while this much of whole frames awaits its consumer
+KEEPALIVE_S = 30         # idle connections are probed; one silent this long is closed
 
 
 @dataclass
@@ -69,6 +70,12 @@ class FrameStream(asyncio.BufferedProtocol):
         if sock is not None:
             # small replies go out at once; socket buffers stay autotuned (fixed sizes measured slower)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # a peer that vanished (power off, cable out) is noticed in about KEEPALIVE_S even when idle
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system's defaults apply
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_S // 2)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_S // 6)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
     def connection_lost(self, exc) -> None:
         self.lost = True
