@@ -239,7 +239,8 @@ class Agent:
         return ws
 
     async def _serve_data(self, remote, frames, reply):
-        """One incoming data-plane connection: hello first, then fwd/bwd for this peer's stages and pings.
+        """One incoming data-plane connection: hello first, then fwd/bwd for this peer's stages, pings (each
+        answered by a pong) and sinks (discarded: bandwidth tests).
         Anything wrong is answered with an error reply; nothing of a job is touched by a refused message."""
         sender, handshake = None, ServerHandshake(self.key, self.peer_id, self.ring)
         async for frame in frames:
