@@ -22,7 +22,7 @@ from protocols import ProtocolError, decode_frame, encode_frame, message, valida
 from protocols.compression import PART_DTYPES, WirePolicy, apply_policy
 from protocols.frames import assemble, encode_parts
 from peer.limits import LIMITS
-from peer.security import ClientHandshake, Pins
+from peer.security import ClientHandshake, Pins, RingAuthError
 from peer.transport import RawFrame, connect
 
 log = logging.getLogger("splitring.dataplane")
@@ -117,7 +117,11 @@ class Links:
             if msg["type"] == "error":
                 raise ConnectionError(f"{url} refused the connection: {msg['message']}")
             auth = handshake.finish(msg, url)
-            self.pins.check_peer(msg["peer"], stream.fingerprint, url)
+            try:
+                self.pins.check_peer(msg["peer"], stream.fingerprint, url)
+            except RingAuthError as e:
+                log.warning("data plane: %s", e)
+                raise
             if auth:
                 await stream.send(encode_parts(auth))
         except BaseException:
