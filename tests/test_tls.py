@@ -1,12 +1,14 @@
 """TLS, as real agent processes on loopback: a ring with a secret and self-signed certificates trains the
 reference model; its port speaks nothing but TLS; a signature bound to another certificate (what a
-man-in-the-middle relays) is refused; a peer id that comes back with another certificate is refused; TLS
-without a secret does not start."""
+man-in-the-middle relays) is refused, and the CLI and the data plane see through a relaying
+man-in-the-middle; a peer id that comes back with another certificate is refused; TLS without a secret does
+not start."""
 import asyncio
 import http.client
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from urllib.parse import urlsplit
@@ -14,8 +16,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import load_out, max_diff, summary_of
+from peer.dataplane import Codec, Links
 from peer.localring import AgentProcess, LocalRing, make_certificate, train_cli
-from peer.security import client_tls, fingerprint
+from peer.security import RingAuthError, client_tls, fingerprint, server_tls
 from peer.transport import connect
 from pipeline import data, reference
 from pipeline.config import JobConfig
@@ -79,6 +82,70 @@ def test_a_signature_bound_to_another_certificate_is_refused(ring):
     nonce = headers["X-Splitring-Nonce"]
     assert check_response(ring.key, nonce, 200, resp.headers[H_REPLY], presented)
     assert not check_response(ring.key, nonce, 200, resp.headers[H_REPLY], "ab" * 32)
+
+
+class Relay:
+    """A man-in-the-middle: terminates TLS with its own certificate and relays every byte to `target`."""
+
+    def __init__(self, target: str, cert, key):
+        self.target, self.context = urlsplit(target), server_tls(str(cert), str(key))[0]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "Relay":
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self.relay, "127.0.0.1", 0, ssl=self.context), self.loop).result(10)
+        self.url = f"https://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def relay(self, reader, writer):
+        up_reader, up_writer = await asyncio.open_connection(self.target.hostname, self.target.port,
+                                                             ssl=client_tls())
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(1 << 16):
+                    w.write(data)
+                    await w.drain()
+            finally:
+                w.close()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def dial(url: str, ring) -> None:
+    """Open a data-plane link to `url` as a peer that knows the ring secret."""
+    async def go():
+        codec = Codec()
+        try:
+            link = await Links("ghost", ring.ring, None, codec, ring.key)._open(url)
+            link.reader.cancel()
+            link.stream.close()
+        finally:
+            codec.close()
+    asyncio.run(go())
+
+
+def test_a_relaying_man_in_the_middle_is_seen_through(ring, tmp_path):
+    make_certificate(tmp_path / "mitm.crt", tmp_path / "mitm.key")
+    secret = ["--secret-file", str(ring.secret_file)]
+    direct = subprocess.run([sys.executable, "-m", "peer", "status", "--peer", ring.urls[0], *secret],
+                            capture_output=True, text=True, timeout=60)
+    assert direct.returncode == 0 and "sees 2 peer(s)" in direct.stdout
+    dial(ring.urls[0], ring)
+    with Relay(ring.urls[0], tmp_path / "mitm.crt", tmp_path / "mitm.key") as mitm:
+        relayed = subprocess.run([sys.executable, "-m", "peer", "status", "--peer", mitm.url, *secret],
+                                 capture_output=True, text=True, timeout=60)
+        assert relayed.returncode == 1 and "did not prove it belongs to this ring" in relayed.stderr
+        assert "sees" not in relayed.stdout
+        with pytest.raises(RingAuthError, match="did not prove it knows the ring secret"):
+            dial(mitm.url, ring)
+    assert "bad signature" in (ring.workdir / "agent0.log").read_text()
 
 
 def test_a_peer_id_that_comes_back_with_another_certificate_is_refused(tmp_path):
