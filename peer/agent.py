@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import signal
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,7 @@ from peer.coordinator import Coordinator
 from peer.dataplane import MAX_DATA_FRAME, Codec, Links
 from peer.discovery import Discovery
 from peer.limits import LIMITS
-from peer.security import Guard, ServerHandshake, client_session
+from peer.security import Guard, Pins, ServerHandshake, client_session
 from peer.transport import UPGRADE, FrameStream, RawFrame, adopt
 from peer.state import StateDir, write_atomic
 from pipeline.profiling import measure, microbatch_rows, optimizer_state_ratio
@@ -40,10 +41,13 @@ def json_error(status: int, code: str, text: str) -> web.Response:
 class Agent:
     def __init__(self, ring: str, state: StateDir, data: Dataset, host: str, port: int, interface: str,
                  advertise: str, join: list[str], threads: int = 1, memory_budget: int | None = None,
-                 slowdown: float = 1.0, key: bytes | None = None):
+                 slowdown: float = 1.0, key: bytes | None = None, tls: tuple[ssl.SSLContext, str] | None = None):
         self.ring, self.state, self.data = ring, state, data
         self.key = key  # the ring key (peer.security.key_for); None: an open ring
-        self.guard = Guard(key)
+        # TLS (peer.security.server_tls): the server's context and its certificate's fingerprint; None: plain
+        self.tls, self.fingerprint = tls or (None, "")
+        self.guard = Guard(key, fingerprint=self.fingerprint)
+        self.pins = Pins()
         self.peer_id = state.peer_id
         self.host, self.port, self.interface, self.advertise, self.join = host, port, interface, advertise, join
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=torch.set_num_threads,
@@ -92,7 +96,7 @@ class Agent:
 
     @property
     def url(self) -> str:
-        return f"http://{self.advertise}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.advertise}:{self.port}"
 
     # --- lifecycle ----------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -115,10 +119,10 @@ class Agent:
         if self.key is None:
             log.warning("no ring secret: anyone who can reach this agent can join ring %r, read its status and "
                         "start or stop jobs (give --secret-file)", self.ring)
-        self.session = client_session(self.key)
-        self.links = Links(self.peer_id, self.ring, self.session, self.codec, self.key)
+        self.session = client_session(self.key, self.pins)
+        self.links = Links(self.peer_id, self.ring, self.session, self.codec, self.key, self.pins)
         self.discovery = Discovery(self.ring, self.peer_id, self.port, self.interface, self.advertise, self.join,
-                                   key=self.key)
+                                   key=self.key, tls=self.tls is not None, pins=self.pins)
         await self.discovery.start()
 
     async def close(self):
@@ -242,7 +246,7 @@ class Agent:
         """One incoming data-plane connection: hello first, then fwd/bwd for this peer's stages, pings (each
         answered by a pong) and sinks (discarded: bandwidth tests).
         Anything wrong is answered with an error reply; nothing of a job is touched by a refused message."""
-        sender, handshake = None, ServerHandshake(self.key, self.peer_id, self.ring)
+        sender, handshake = None, ServerHandshake(self.key, self.peer_id, self.ring, self.fingerprint)
         async for frame in frames:
             ref = None
             try:
@@ -459,7 +463,7 @@ async def serve(agent: Agent, ready=None) -> None:
     """Run until SIGINT/SIGTERM; then checkpoint, withdraw the mDNS record and close."""
     runner = web.AppRunner(agent.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, agent.host, agent.port)
+    site = web.TCPSite(runner, agent.host, agent.port, ssl_context=agent.tls)
     await site.start()
     if agent.port == 0:
         agent.port = runner.addresses[0][1]

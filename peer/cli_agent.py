@@ -28,6 +28,10 @@ def register(sub) -> None:
                         "available at start); the planner never gives it more")
     p.add_argument("--compute-slowdown", type=float, default=1.0, metavar="X",
                    help="test knob: make every computation X times slower, like a slower device")
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve HTTPS and TLS with this certificate (self-signed is expected: peers pin its "
+                        "fingerprint); needs --tls-key and a ring secret")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
 
@@ -35,6 +39,20 @@ def register(sub) -> None:
 def default_budget() -> int:
     """80% of the memory available now."""
     return int(0.8 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def tls_options(args, key: bytes | None):
+    """--tls-cert/--tls-key as (context, fingerprint), or None; ValueError says what is wrong."""
+    from peer.security import server_tls
+
+    if not (args.tls_cert or args.tls_key):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if key is None:
+        raise ValueError("TLS needs a ring secret (--secret-file): peers pin each other's certificates through "
+                         "the exchange the secret authenticates, so without one TLS would not stop an impostor")
+    return server_tls(args.tls_cert, args.tls_key)
 
 
 def run(args) -> int:
@@ -53,14 +71,16 @@ def run(args) -> int:
         print(f"splitring agent: {e}", file=sys.stderr)
         return 2
     address = resolve_interface(args.interface)
+    key = key_for(secret(args), args.ring)
     try:
         budget = default_budget() if args.memory_budget is None else int(quantity(args.memory_budget, BYTE_UNITS,
                                                                                     "memory budget"))
+        tls = tls_options(args, key)
     except ValueError as e:
         print(f"splitring agent: {e}", file=sys.stderr)
         return 2
     agent = Agent(args.ring, state, data, args.listen or address, args.port, None if args.no_mdns else address,
-                  address, args.join, args.threads, budget, args.compute_slowdown, key_for(secret(args), args.ring))
+                  address, args.join, args.threads, budget, args.compute_slowdown, key, tls)
 
     def ready(a):
         print(f"splitring agent {a.peer_id} ring={a.ring} listening on {a.url} data={data.name} "

@@ -15,7 +15,8 @@ def add_ring_options(p, *, peer: bool = True) -> None:
                         "give your LAN interface, e.g. eth0 or 192.168.1.20, to reach other devices)")
     add_secret_option(p)
     if peer:
-        p.add_argument("--peer", default=None, help="URL of a peer (e.g. http://127.0.0.1:7001): skips discovery")
+        p.add_argument("--peer", default=None,
+                       help="URL of a peer (e.g. http://127.0.0.1:7001, https:// with TLS): skips discovery")
         p.add_argument("--discover-timeout", type=float, default=5.0, help="seconds to look for peers by mDNS")
 
 
@@ -47,10 +48,11 @@ def connect(args) -> tuple[str, bytes | None]:
     ring = args.ring
     if args.peer:
         import json
-        import urllib.request
+
+        from peer.security import open_url
 
         try:
-            with urllib.request.urlopen(f"{url}/status", timeout=10) as r:
+            with open_url(f"{url}/status", None, timeout=10) as r:
                 ring = json.load(r)["ring"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"splitring: cannot reach {url}: {e}") from None

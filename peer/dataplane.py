@@ -22,7 +22,7 @@ from protocols import ProtocolError, decode_frame, encode_frame, message, valida
 from protocols.compression import PART_DTYPES, WirePolicy, apply_policy
 from protocols.frames import assemble, encode_parts
 from peer.limits import LIMITS
-from peer.security import ClientHandshake
+from peer.security import ClientHandshake, Pins, RingAuthError
 from peer.transport import RawFrame, connect
 
 log = logging.getLogger("splitring.dataplane")
@@ -95,9 +95,11 @@ class Links:
     """Outgoing connections to other peers, opened on first use and kept. `session` carries the
     HTTP calls that go with the data plane (swaps post layer state through it)."""
 
-    def __init__(self, me: str, ring: str, session: aiohttp.ClientSession, codec: Codec, key: bytes | None = None):
+    def __init__(self, me: str, ring: str, session: aiohttp.ClientSession, codec: Codec, key: bytes | None = None,
+                 pins: Pins | None = None):
         self.me, self.ring, self.session, self.codec = me, ring, session, codec
         self.key = key  # the ring key: both ends prove it before any data moves (peer.security)
+        self.pins = pins or Pins()  # over TLS: the certificate each peer id authenticated with
         self.links: dict[str, Link] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._seq = itertools.count()
@@ -106,7 +108,7 @@ class Links:
     async def _open(self, url: str) -> Link:
         stream = await connect(url, MAX_DATA_FRAME)
         try:
-            handshake = ClientHandshake(self.key, self.me, self.ring)
+            handshake = ClientHandshake(self.key, self.me, self.ring, stream.fingerprint)
             await stream.send(encode_parts(handshake.hello()))
             reply = await asyncio.wait_for(stream.recv(), 10)
             if not isinstance(reply, RawFrame):
@@ -114,7 +116,13 @@ class Links:
             msg = validate(await self.codec.decode(reply, MAX_DATA_FRAME), {"hello", "error"})
             if msg["type"] == "error":
                 raise ConnectionError(f"{url} refused the connection: {msg['message']}")
-            if auth := handshake.finish(msg, url):
+            auth = handshake.finish(msg, url)
+            try:
+                self.pins.check_peer(msg["peer"], stream.fingerprint, url)
+            except RingAuthError as e:
+                log.warning("data plane: %s", e)
+                raise
+            if auth:
                 await stream.send(encode_parts(auth))
         except BaseException:
             stream.close()

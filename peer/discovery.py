@@ -12,7 +12,7 @@ import aiohttp
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from peer.security import RingAuthError, client_session
+from peer.security import Pins, RingAuthError, client_session
 from protocols import PROTOCOL_VERSION
 
 SERVICE = "_splitring._tcp.local."
@@ -33,8 +33,9 @@ class PeerRecord:
                 "seen_s_ago": round(time.monotonic() - self.last_seen, 1)}
 
 
-def txt(ring: str, peer: str, port: int) -> dict[str, str]:
-    return {"ring": ring, "peer": peer, "v": str(PROTOCOL_VERSION), "port": str(port), "caps": "nsplit"}
+def txt(ring: str, peer: str, port: int, tls: bool = False) -> dict[str, str]:
+    return {"ring": ring, "peer": peer, "v": str(PROTOCOL_VERSION), "port": str(port), "caps": "nsplit",
+            **({"tls": "1"} if tls else {})}
 
 
 def record_from_info(info: AsyncServiceInfo) -> PeerRecord | None:
@@ -46,7 +47,8 @@ def record_from_info(info: AsyncServiceInfo) -> PeerRecord | None:
         version = int(props.get("v", "0"))
     except ValueError:
         version = 0
-    return PeerRecord(props["peer"], f"http://{addrs[0]}:{info.port}", props["ring"], version, "mdns")
+    scheme = "https" if props.get("tls") == "1" else "http"
+    return PeerRecord(props["peer"], f"{scheme}://{addrs[0]}:{info.port}", props["ring"], version, "mdns")
 
 
 class Browser:
@@ -92,13 +94,16 @@ class Discovery:
     """This agent's advertisement and its view of the ring."""
 
     def __init__(self, ring: str, peer: str, port: int, interface: str | None, advertise: str,
-                 join: list[str], poll_interval: float = 1.0, drop_after: float = 5.0, key: bytes | None = None):
+                 join: list[str], poll_interval: float = 1.0, drop_after: float = 5.0, key: bytes | None = None,
+                 tls: bool = False, pins: Pins | None = None):
         self.ring, self.peer, self.port = ring, peer, port
         self.interface = interface  # None: no mDNS at all (known peers only)
         self.advertise = advertise
         self.join = join
         self.poll_interval, self.drop_after = poll_interval, drop_after
         self.key = key                              # the ring key: peers must prove it (peer.security)
+        self.tls = tls                              # this agent serves TLS, and talks to TLS peers only
+        self.pins = pins or Pins()                  # their certificates (peer.security)
         self.view: dict[str, PeerRecord] = {}      # peer id -> record (other peers of this ring)
         self.candidates: dict[str, PeerRecord] = {}  # announced by mDNS, in view once they answer as members
         self.refused: set[str] = set()              # URLs already reported as failing ring authentication
@@ -115,12 +120,12 @@ class Discovery:
             self.zc = AsyncZeroconf(interfaces=[self.interface], ip_version=IPVersion.V4Only)
             self.info = AsyncServiceInfo(
                 SERVICE, f"{self.peer}.{SERVICE}", addresses=[socket.inet_aton(self.advertise)], port=self.port,
-                properties=txt(self.ring, self.peer, self.port), server=f"splitring-{self.peer}.local.",
+                properties=txt(self.ring, self.peer, self.port, self.tls), server=f"splitring-{self.peer}.local.",
                 host_ttl=60, other_ttl=60)
             await self.zc.async_register_service(self.info)
             self.browser = Browser(self.interface, self._on_mdns)
             await self.browser.start(self.zc)
-        self._session = client_session(self.key, timeout=aiohttp.ClientTimeout(total=3))
+        self._session = client_session(self.key, self.pins, timeout=aiohttp.ClientTimeout(total=3))
         self._poller = asyncio.create_task(self._poll())
 
     def _on_mdns(self, name: str, rec: PeerRecord | None):
@@ -134,7 +139,7 @@ class Discovery:
         if rec.ring != self.ring:
             return
         if rec.peer == self.peer:
-            if rec.url != f"http://{self.advertise}:{self.port}":
+            if rec.url != self.url:
                 msg = f"duplicate peer id {self.peer}: also advertised by {rec.url} (copied state dir?)"
                 if msg not in self.conflicts:
                     self.conflicts.append(msg)
@@ -148,10 +153,18 @@ class Discovery:
         if known is None or known.url != rec.url:
             self.candidates[rec.peer] = rec  # anyone can announce anything: in view once it answers as a member
 
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.advertise}:{self.port}"
+
     async def _status(self, url: str) -> dict | None:
         try:
+            if self.tls and not url.startswith("https://"):
+                raise RingAuthError(f"{url} does not use TLS, and this agent talks to TLS peers only")
             async with self._session.get(f"{url}/status") as r:
                 st = await r.json()
+            if isinstance(st, dict) and isinstance(st.get("peer"), str):
+                self.pins.check_peer(st["peer"], await self.pins.for_url(url), url)
         except RingAuthError as e:
             if url not in self.refused:
                 self.refused.add(url)
@@ -167,7 +180,7 @@ class Discovery:
         answered for `drop_after` seconds (mDNS goodbyes can be lost, and crashed peers send none)."""
         while True:
             for hostport in self.join:
-                url = hostport if hostport.startswith("http") else f"http://{hostport}"
+                url = hostport if hostport.startswith("http") else f"{'https' if self.tls else 'http'}://{hostport}"
                 st = await self._status(url)
                 if st and st.get("peer") != self.peer:
                     if st["peer"] not in self.view:

@@ -40,7 +40,7 @@ class AgentProcess:
             if line.startswith(b"splitring agent "):
                 words = line.decode().split()
                 self.peer_id = words[2]
-                self.url = next(w for w in words if w.startswith("http://"))
+                self.url = next(w for w in words if w.startswith(("http://", "https://")))
                 return
             if not line and self.proc.poll() is not None:
                 break
@@ -61,18 +61,28 @@ class AgentProcess:
         return self.proc.returncode
 
 
+def make_certificate(cert: Path, key: Path) -> None:
+    """A self-signed certificate and its key for --tls-cert/--tls-key (with the openssl command)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "3650", "-subj", "/CN=splitring", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+
+
 class LocalRing:
     """n agents; `data[k]` are agent k's data options (e.g. ["--data", "digits", "--shard", "0/3"]).
-    With `secret`, every agent gets it in a file (`secret_file`) and the harness signs its calls."""
+    With `secret`, every agent gets it in a file (`secret_file`) and the harness signs its calls.
+    With `tls` (needs `secret`), agent k serves TLS with its own certificate, agent{k}.crt and agent{k}.key."""
 
     def __init__(self, data: list[list[str]], ring: str | None = None, interface: str = "127.0.0.1",
-                 workdir: str | None = None, extra: list[str] | None = None, secret: str | None = None):
+                 workdir: str | None = None, extra: list[str] | None = None, secret: str | None = None,
+                 tls: bool = False):
         self.data = data
         self.ring = ring or f"test-{secrets.token_hex(3)}"
         self.interface = interface
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="splitring-")
         self.workdir = Path(workdir or self._tmp.name)
         self.extra = extra or []
+        self.tls = tls
         self.agents: list[AgentProcess] = []
         self.secret_file = self.key = None
         if secret:
@@ -84,8 +94,14 @@ class LocalRing:
             self.extra += ["--secret-file", str(self.secret_file)]
 
     def agent_args(self, k: int) -> list[str]:
+        tls = []
+        if self.tls:
+            cert, key = self.workdir / f"agent{k}.crt", self.workdir / f"agent{k}.key"
+            if not cert.exists():
+                make_certificate(cert, key)
+            tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
         return ["--ring", self.ring, "--interface", self.interface, "--port", "0", "--threads", "1",
-                "--state-dir", str(self.workdir / f"agent{k}"), *self.data[k], *self.extra]
+                "--state-dir", str(self.workdir / f"agent{k}"), *self.data[k], *self.extra, *tls]
 
     def start(self, timeout: float = 60.0) -> "LocalRing":
         for k in range(len(self.data)):

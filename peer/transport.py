@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import torch
 
 from peer.buffers import BufferPool
+from peer.security import client_tls, presented
 from protocols import ProtocolError
 from protocols.frames import MAX_FRAME_BYTES, header_length, read_header
 
@@ -50,6 +51,7 @@ class FrameStream(asyncio.BufferedProtocol):
     def __init__(self, max_frame: int = MAX_FRAME_BYTES, on_lost=None):
         self.max_frame, self.on_lost = max_frame, on_lost
         self.transport: asyncio.Transport | None = None
+        self.fingerprint = ""            # over TLS (dialling end): the certificate the other end presented
         self.lost = False
         self.queued = 0                  # bytes of whole frames waiting for recv()
         self._frames: deque = deque()
@@ -221,10 +223,12 @@ class _UpgradeReply(asyncio.Protocol):
 
 
 async def connect(url: str, max_frame: int = MAX_FRAME_BYTES, timeout: float = 10.0) -> FrameStream:
-    """Open a data-plane stream to the agent at `url` (http://host:port)."""
+    """Open a data-plane stream to the agent at `url` (http://host:port, or https:// for TLS: the stream's
+    `fingerprint` is then the agent's certificate, for the caller to authenticate)."""
     u = urlsplit(url)
+    tls = {"ssl": client_tls(), "server_hostname": u.hostname} if u.scheme == "https" else {}
     transport, reply = await asyncio.wait_for(
-        asyncio.get_running_loop().create_connection(_UpgradeReply, u.hostname, u.port), timeout)
+        asyncio.get_running_loop().create_connection(_UpgradeReply, u.hostname, u.port, **tls), timeout)
     transport.write(f"GET {PATH} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: Upgrade\r\n"
                     f"Upgrade: {UPGRADE}\r\n\r\n".encode())
     try:
@@ -236,4 +240,7 @@ async def connect(url: str, max_frame: int = MAX_FRAME_BYTES, timeout: float = 1
     if status.split()[1:2] != ["101"] or not head.endswith(b"\r\n\r\n"):
         transport.close()
         raise ConnectionError(f"{url} did not switch to the data plane: {status}")
-    return adopt(transport, FrameStream(max_frame))
+    stream = adopt(transport, FrameStream(max_frame))
+    if tls:
+        stream.fingerprint = presented(transport)
+    return stream
