@@ -168,7 +168,7 @@ class JobRuntime:
 
     # --- running a pass -----------------------------------------------------------------------
     async def _drive(self, gen, mode: str, step: int):
-        pos, n = self.position, len(self.chain)
+        pos = self.position
 
         def advance(value):
             try:

@@ -14,7 +14,7 @@ class Deadlock(RuntimeError):
     pass
 
 
-def drive(gens: list, ) -> list[StepResult]:
+def drive(gens: list) -> list[StepResult]:
     """Run stage generators of one chain to completion. Stage i sends fwd to i+1 and bwd to i-1."""
     mail: dict[tuple[int, str, int], dict] = {}
     waiting: list[Recv | None] = [None] * len(gens)

@@ -1,5 +1,4 @@
 """Multi-host: one agent per network namespace on a bridge made here, real mDNS between them."""
-import subprocess
 import sys
 from pathlib import Path
 

@@ -112,12 +112,12 @@ def test_stage_export_install_round_trip_with_checksum():
     assert checksum(a.export([1, 2])) != checksum(exported)
     # the moved layers keep training identically (optimizer state moved with them)
     h = torch.randn(8, 128)
-    for st in (a, b):
-        st.layers = {i: m for i, m in st.layers.items() if i in (1, 2)}
-        st.optimizers = {i: o for i, o in st.optimizers.items() if i in (1, 2)}
-        st.forward_loss(1, h, y, 8, needs_input_grad=True)
-        st.backward(1, None)
-        st.step()
+    for stage in (a, b):
+        stage.layers = {i: m for i, m in stage.layers.items() if i in (1, 2)}
+        stage.optimizers = {i: o for i, o in stage.optimizers.items() if i in (1, 2)}
+        stage.forward_loss(1, h, y, 8, needs_input_grad=True)
+        stage.backward(1, None)
+        stage.step()
     assert checksum(a.export()) == checksum(b.export())
 
 

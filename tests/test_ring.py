@@ -4,7 +4,7 @@ import time
 import torch
 
 from conftest import load_out, max_diff, save_npz, summary_of
-from peer.localring import get_json, train_cli
+from peer.localring import train_cli
 from pipeline import data, reference
 from pipeline.config import JobConfig
 from pipeline.models import build_model

@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from peer.agent import Agent
-from peer.dataplane import Codec, Links
+from peer.dataplane import Links
 from peer.discovery import Discovery
 from peer.limits import RateLimiter
-from peer.security import ClientHandshake, ServerHandshake, client_session, key_for
+from peer.security import ClientHandshake, ServerHandshake, client_session
 from peer.state import StateDir
 from pipeline.config import JobConfig
 from pipeline.data import empty
