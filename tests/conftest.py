@@ -1,4 +1,6 @@
 import json
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -46,3 +48,13 @@ def max_diff(a: dict, b: dict) -> float:
 
 def load_out(path) -> dict:
     return torch.load(path, weights_only=True)
+
+
+def http_post(url: str, body: bytes = b"", headers: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    """(status, JSON body) of a plain POST, error statuses included."""
+    req = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -5,14 +5,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import aiohttp
 import pytest
 import torch
 
-from conftest import load_out, max_diff, summary_of
+from conftest import http_post, load_out, max_diff, summary_of
 from peer.localring import AgentProcess, get_json, train_cli
 from pipeline import data, reference
 from pipeline.config import JobConfig
@@ -39,12 +37,7 @@ def exchange(url, frames):
 
 
 def post(url: str, body: bytes, content_type="application/cbor") -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return http_post(url, body, {"Content-Type": content_type})
 
 
 def hello(ring):

@@ -9,14 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import aiohttp
 import pytest
 import torch
 
-from conftest import load_out, max_diff, summary_of
+from conftest import http_post, load_out, max_diff, summary_of
 from peer.localring import AgentProcess, LocalRing, get_json, train_cli
 from peer.security import ClientHandshake, RingAuthError, key_for, open_url
 from pipeline import data, reference
@@ -49,15 +47,6 @@ def cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "peer", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def raw_post(url, body=b"", headers=None):
-    req = urllib.request.Request(url, data=body, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_an_outsider_with_another_secret_never_joins(ring):
     time.sleep(3)  # several discovery rounds: the outsider is announced by mDNS all along
     members = {a.peer_id for a in ring.agents}
@@ -78,7 +67,7 @@ def test_an_outsider_cannot_start_or_cancel_jobs_or_read_private_status(ring, tm
         get_json(f"{url}/status", key=wrong)
     start = json.dumps({"v": 1, "type": "job_start", "config": {}}).encode()
     for path in ("/jobs", "/jobs/x/cancel", "/job/abort", "/job/prepare", "/plan"):
-        assert raw_post(url + path, start, {"Content-Type": "application/json"})[0] == 401
+        assert http_post(url + path, start, {"Content-Type": "application/json"})[0] == 401
         with pytest.raises(RingAuthError):
             open_url(url + path, wrong, start, {"Content-Type": "application/json"})
     (tmp_path / "wrong").write_text(WRONG_SECRET)
@@ -91,8 +80,8 @@ def test_an_outsider_cannot_start_or_cancel_jobs_or_read_private_status(ring, tm
 def test_a_replayed_request_is_refused(ring):
     url = ring.urls[1]
     headers = sign_request(ring.key, "POST", "/jobs/nojob/cancel", b"", time.time())
-    assert raw_post(url + "/jobs/nojob/cancel", b"", headers)[0] == 404  # authenticated: the job is unknown
-    status, body = raw_post(url + "/jobs/nojob/cancel", b"", headers)
+    assert http_post(url + "/jobs/nojob/cancel", b"", headers)[0] == 404  # authenticated: the job is unknown
+    status, body = http_post(url + "/jobs/nojob/cancel", b"", headers)
     assert status == 401 and body["error"] == "replay"
 
 
