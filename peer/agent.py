@@ -393,10 +393,13 @@ class Agent:
         await resp.prepare(request)
 
         async def on_step(step, result, size):
-            steps = rt.progress["steps"]
-            await resp.write((json.dumps({"event": "step", "step": step, "steps": steps, "samples": result.samples,
-                                          "loss": result.loss_sum / max(size, 1), "correct": result.correct})
-                              + "\n").encode())
+            ev = {"event": "stage_step", "step": step, "stage": rt.position, "staleness": result.staleness}
+            if rt.position == len(rt.chain) - 1:   # the tail knows the loss
+                ev.update(event="step", steps=rt.progress["steps"], samples=result.samples,
+                          loss=result.loss_sum / max(size, 1), correct=result.correct)
+            elif msg["mode"] != "train":
+                return
+            await resp.write((json.dumps(ev) + "\n").encode())
 
         rt.task = asyncio.current_task()
         try:

@@ -89,14 +89,16 @@ def print_plans(plans: list[Plan], as_json: bool, rotations: bool) -> None:
 
 
 def show_schedule(args: argparse.Namespace, n_stages: int) -> None:
-    """Print (and with --schedule-image, draw) one step's timeline for the chosen scheme."""
+    """Print (and with --schedule-image, draw) the timeline of --steps steps for the chosen scheme."""
     from pipeline import schedule as S
 
-    progs = [S.program(args.scheme, args.pipeline, j, n_stages, args.microbatches) for j in range(n_stages)]
+    mbs = [args.microbatches] * args.steps
+    progs = [S.pass_program(args.scheme, args.pipeline, j, n_stages, mbs, args.max_staleness) for j in range(n_stages)]
     spans = S.timeline(progs)
-    name = "sequential N-split" if args.scheme == "nsplit" else f"Fast N-split ({args.pipeline})"
-    print(f"{name}, {n_stages} stages, {args.microbatches} microbatches: one step takes {max(s[3] for s in spans):g} "
-          f"units (forward 1, backward 2)")
+    name = {"nsplit": "sequential N-split", "fast": f"Fast N-split ({args.pipeline})",
+            "fast-async": f"Fast N-split, asynchronous (max staleness {args.max_staleness})"}[args.scheme]
+    print(f"{name}, {n_stages} stages, {args.microbatches} microbatches: {args.steps} step(s) take "
+          f"{max(s[3] for s in spans):g} units (forward 1, backward 2)")
     print(S.render(progs))
     print(S.render_timeline(spans))
     if args.schedule_image:
@@ -116,7 +118,7 @@ def live_plans(args: argparse.Namespace) -> list[Plan]:
 
     cfg = JobConfig(model=parse_spec(args.model, args.model_options), batch_size=args.batch_size,
                     microbatches=args.microbatches, optimizer=args.optimizer, momentum=args.momentum,
-                    scheme=args.scheme, pipeline=args.pipeline)
+                    scheme=args.scheme, pipeline=args.pipeline, max_staleness=args.max_staleness)
     url, key = connect(args)
     body = json.dumps({"v": 1, "type": "job_start", "config": cfg.to_dict()}).encode()
     try:
@@ -143,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
         devices = offline_devices(args)
         layers = layers_from_profile(args.profile, optimizer_state=args.optimizer_state)
         if args.rotations:
-            plans = plan_rotations(devices, layers, args.scheme, args.microbatches)
+            plans = plan_rotations(devices, layers, args.scheme, args.microbatches, max_staleness=args.max_staleness)
         else:
-            plans = [plan(devices, layers, args.scheme, args.microbatches)]
+            plans = [plan(devices, layers, args.scheme, args.microbatches, max_staleness=args.max_staleness)]
     except (ValueError, FileNotFoundError) as e:   # PlanInfeasible is a ValueError
         print(f"splitring plan: {'cannot plan' if isinstance(e, PlanInfeasible) else 'error'}: {e}", file=sys.stderr)
         return 1
@@ -174,7 +176,7 @@ def register(subparsers) -> None:
     p.add_argument("--latency", metavar="TIME", help="one way, per link, same forms (s, ms, us); default 1ms")
     p.add_argument("--microbatches", type=int, default=1, metavar="M", help="microbatches per step (default 1)")
     p.add_argument("--scheme", choices=SCHEMES, default="nsplit",
-                   help="nsplit: one microbatch at a time; fast: pipelined (default nsplit)")
+                   help="nsplit: one microbatch at a time; fast, fast-async: pipelined (default nsplit)")
     p.add_argument("--optimizer-state", type=float, default=1.0, metavar="RATIO",
                    help="optimizer state bytes per parameter byte: 1 SGD with momentum (default), 2 Adam, 0 SGD")
     p.add_argument("--rotations", action="store_true",
@@ -195,6 +197,8 @@ def register(subparsers) -> None:
     sched.add_argument("--show-schedule", action="store_true",
                        help="print one step's actions per stage and its timeline for --scheme/--pipeline")
     sched.add_argument("--pipeline", choices=["1f1b", "gpipe"], default="1f1b")
+    sched.add_argument("--steps", type=int, default=1, help="steps to draw (default 1)")
+    sched.add_argument("--max-staleness", type=int, default=1, metavar="K", help="for --scheme fast-async")
     sched.add_argument("--stages", type=int, default=None, help="stages to draw (default: --devices count, or 3)")
     sched.add_argument("--schedule-image", default=None, metavar="PNG", help="also draw the timeline (matplotlib)")
     p.set_defaults(func=run)

@@ -22,8 +22,12 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shuffle", choices=["on", "off"], default="on")
-    p.add_argument("--scheme", choices=["nsplit", "fast"], default="nsplit",
-                   help="nsplit: one microbatch in the chain at a time; fast: Fast N-split, microbatches pipelined")
+    p.add_argument("--scheme", choices=["nsplit", "fast", "fast-async"], default="nsplit",
+                   help="nsplit: one microbatch in the chain at a time; fast: Fast N-split, microbatches pipelined, "
+                        "a flush per step (exact); fast-async: pipelined across steps, forwards on weights up to "
+                        "--max-staleness steps old")
+    p.add_argument("--max-staleness", type=int, default=1, metavar="K",
+                   help="fast-async: steps a forward's weights may lag behind (0 = synchronous 1F1B; default 1)")
     p.add_argument("--pipeline", choices=["1f1b", "gpipe"], default="1f1b",
                    help="schedule of --scheme fast (both flush at every step, so the result is exact)")
     p.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -46,7 +50,8 @@ def config_from_args(args) -> dict:
                      batch_size=args.batch_size, microbatches=args.microbatches, optimizer=args.optimizer,
                      lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                      shuffle=args.shuffle == "on", scheme=args.scheme,
-                     pipeline=args.pipeline, split=args.split, wire_dtype=args.wire_dtype,
+                     pipeline=args.pipeline, max_staleness=args.max_staleness, split=args.split,
+                     wire_dtype=args.wire_dtype,
                      compress=args.compress).to_dict()
 
 
@@ -78,7 +83,8 @@ def run(args) -> int:
                 elif kind == "step" and bar:
                     bar.update(1)
                     bar.set_postfix_str(f"epoch {ev['epoch']} head {ev['head'][:6]} step {ev['step']}/{ev['steps']} "
-                                        f"loss {ev['loss']:.4f} {ev['samples_per_s']:.0f} samples/s")
+                                        f"loss {ev['loss']:.4f} {ev['samples_per_s']:.0f} samples/s"
+                                        + (f" staleness {ev['staleness']}" if args.scheme == "fast-async" else ""))
                 elif kind == "epoch" and bar:
                     acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
                     bar.write(f"epoch {ev['epoch']}: loss {ev['loss']:.4f}, held-out accuracy {acc}")

@@ -34,6 +34,7 @@ class Coordinator:
         self.state_dict: dict | None = None
         self.ring: list[dict] = []
         self.summary: dict | None = None
+        self.staleness: list[int] = []   # per training step: the most steps behind any stage's forward weights were
         self.task: asyncio.Task | None = None
 
     # --- events -------------------------------------------------------------------------------
@@ -105,15 +106,16 @@ class Coordinator:
         split checked against the same memory model."""
         chained = [replace(devices[p], bandwidth=min(devices[p].bandwidth, devices[q].bandwidth))
                    for p, q in zip(chain, chain[1:] + chain[:1])]
-        scheme = "fast" if self.cfg.scheme == "fast" else "nsplit"
+        scheme = self.cfg.scheme
         try:
             if self.cfg.split == "even":
-                p = evaluate(chained, layers, even_split(len(layers), len(chain)), scheme, self.cfg.microbatches)
+                p = evaluate(chained, layers, even_split(len(layers), len(chain)), scheme, self.cfg.microbatches,
+                             self.cfg.max_staleness)
                 if not p.fits:
                     over = [f"{s.peer} needs {s.memory_bytes} of {s.memory_budget} bytes" for s in p.stages if not s.fits]
                     raise JobError(f"the even split does not fit the memory budgets: {'; '.join(over)}")
                 return p
-            return plan(chained, layers, scheme, self.cfg.microbatches, previous)
+            return plan(chained, layers, scheme, self.cfg.microbatches, previous, self.cfg.max_staleness)
         except PlanInfeasible as e:
             raise JobError(f"the ring cannot hold the model: {e}") from None
 
@@ -212,7 +214,9 @@ class Coordinator:
                         "passes": len(rotations), "seconds_per_step": train_seconds / max(steps_done, 1),
                         "plans": plans, "bytes_moved": sum(p["bytes_moved"] for p in plans),
                         "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
-                        "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress}
+                        "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress,
+                        "max_staleness": cfg.max_staleness if cfg.scheme == "fast-async" else 0,
+                        "staleness": self.staleness}
         await asyncio.gather(*(self.call(p, "/job/end", message("job_end", job=self.job)) for p in ring))
         self.emit({"event": "done", "summary": self.summary})
 
@@ -222,6 +226,20 @@ class Coordinator:
         body = encode_frame(message("job_pass", job=self.job, rotation=rotation, mode=mode))
         t0 = time.perf_counter()
         seen = 0
+        pending: dict[int, list[dict]] = {}   # step -> the stages' reports so far
+
+        def report(ev: dict):
+            """A step is reported once every stage is done with it: loss from the tail, staleness from all."""
+            got = pending.setdefault(ev["step"], [])
+            got.append(ev)
+            if len(got) < len(active):
+                return
+            tail = next(e for e in pending.pop(ev["step"]) if e["event"] == "step")
+            staleness = max(e["staleness"] for e in got)
+            self.staleness.append(staleness)
+            self.emit({"event": "step", "epoch": epoch + 1, "rotation": rotation, "head": active[0],
+                       "step": tail["step"] + 1, "steps": tail["steps"], "loss": tail["loss"], "staleness": staleness,
+                       "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
 
         async def run(peer: str):
             nonlocal seen
@@ -238,11 +256,8 @@ class Coordinator:
                         if ev.get("event") == "step":
                             seen += ev["samples"]
                             results.append(ev)
-                            if mode == "train":
-                                self.emit({"event": "step", "epoch": epoch + 1, "rotation": rotation,
-                                           "head": active[0], "step": ev["step"] + 1, "steps": ev["steps"],
-                                           "loss": ev["loss"],
-                                           "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
+                        if mode == "train" and ev.get("event") in ("step", "stage_step"):
+                            report(ev)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 raise JobError(f"lost peer {peer} during the pass: {e!r}") from None
 

@@ -11,7 +11,7 @@ import torch
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
-from pipeline.execute import Recv, Send, StepInput, run_step
+from pipeline.execute import Recv, Send, StepDone, run_program
 from pipeline.local import make_step_input
 from pipeline.models import activation_shapes, input_shape
 from pipeline.stage import Stage, checksum
@@ -167,32 +167,33 @@ class JobRuntime:
             raise ProtocolError("bad_shape", f"{what}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
 
     # --- running a pass -----------------------------------------------------------------------
-    async def _drive(self, gen, mode: str, step: int):
+    async def _drive(self, gen, mode: str, on_step) -> None:
         pos = self.position
 
         def advance(value):
             try:
                 out = False, gen.send(value)
-            except StopIteration as stop:
-                return True, stop.value
+            except StopIteration:
+                return True, None
             if self.memory_budget is not None:  # peak accounting, for /status and tests
                 self.peak_memory = max(self.peak_memory, self.stage.memory_bytes())
             return out
 
         done, req = await self._compute(advance, None)
         while not done:
+            value = None
             if isinstance(req, Recv):
-                value = await self.mailbox.get((self.rotation, mode, step, req.kind, req.mb), self.cfg.recv_timeout)
+                value = await self.mailbox.get((self.rotation, mode, req.step, req.kind, req.mb), self.cfg.recv_timeout)
+            elif isinstance(req, StepDone):
+                await on_step(req.step, req.result)
             else:
                 assert isinstance(req, Send)
                 dst = self.chain[pos + 1] if req.kind == "fwd" else self.chain[pos - 1]
-                msg = message(req.kind, job=self.job, rotation=self.rotation, step=step, mb=req.mb, **req.payload)
+                msg = message(req.kind, job=self.job, rotation=self.rotation, step=req.step, mb=req.mb, **req.payload)
                 if req.kind == "fwd":
                     msg["mode"] = mode
                 await self.links.send(self.urls[dst], msg, wire_policy(self.cfg))
-                value = None
             done, req = await self._compute(advance, value)
-        return req
 
     def _head_batches(self, mode: str):
         if mode == "train":
@@ -209,7 +210,7 @@ class JobRuntime:
 
     async def run_pass(self, mode: str, on_step) -> dict:
         """This stage's part of the current rotation's pass (mode "train") or evaluation ("eval").
-        on_step(step, result) is called at the tail after each step."""
+        on_step(step, result, size) is called as this stage finishes each step."""
         pos, n = self.position, len(self.chain)
         if pos < 0:
             return {"steps": 0}
@@ -217,20 +218,20 @@ class JobRuntime:
         sizes = batch_sizes(total, self.cfg.batch_size if mode == "train" else EVAL_BATCH)
         if pos == 0 and mode == "train" and len(self.data) != total:
             raise JobError(f"head {self.me} has {len(self.data)} samples, the coordinator expected {total}")
-        inputs = self._head_batches(mode) if pos == 0 else None
+        if mode == "train":
+            mbs = [len(microbatch_sizes(b, self.cfg.microbatches)) for b in sizes]
+            program = S.pass_program(self.cfg.scheme, self.cfg.pipeline, pos, n, mbs, self.cfg.max_staleness)
+        else:
+            program = S.evaluation_pass(pos, n, len(sizes))
+        gen = run_program(self.stage, program, pos, n, sizes, self._head_batches(mode) if pos == 0 else None,
+                          train=mode == "train")
         t0 = time.perf_counter()
-        for step, size in enumerate(sizes):
-            head_input: StepInput | None = next(inputs) if inputs else None
-            if mode == "train":
-                program = S.program(self.cfg.scheme, self.cfg.pipeline, pos, n,
-                                    len(microbatch_sizes(size, self.cfg.microbatches)))
-            else:
-                program = S.evaluation(pos, n)
-            gen = run_step(self.stage, program, pos, n, size, head_input, train=mode == "train")
-            result = await self._drive(gen, mode, step)
+
+        async def step_done(step, result):
             self.progress = {"rotation": self.rotation, "mode": mode, "step": step + 1, "steps": len(sizes)}
-            if pos == n - 1:
-                await on_step(step, result, size)
+            await on_step(step, result, sizes[step])
+
+        await self._drive(gen, mode, step_done)
         return {"steps": len(sizes), "seconds": time.perf_counter() - t0}
 
     def abort(self, reason: str) -> None:

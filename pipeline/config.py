@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field, fields
 from protocols.compression import COMPRESSIONS, WIRE_DTYPES
 
 
+SCHEMES = ("nsplit", "fast", "fast-async")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -22,8 +25,10 @@ class JobConfig:
     momentum: float = 0.0       # sgd only
     weight_decay: float = 0.0
     shuffle: bool = True        # heads visit their shard in a seeded random order each epoch
-    scheme: str = "nsplit"      # nsplit: one microbatch at a time; fast: pipelined microbatches (Fast N-split)
+    scheme: str = "nsplit"      # nsplit: one microbatch at a time; fast: pipelined microbatches (Fast N-split);
+                                # fast-async: pipelined across steps, forwards on weights up to max_staleness old
     pipeline: str = "1f1b"      # fast only: 1f1b (fewer buffers in flight) or gpipe; both flush every step
+    max_staleness: int = 1      # fast-async only: optimizer steps a forward's weights may lag (0 = synchronous)
     split: str = "planned"      # planned: the split planner (speed, memory, links); even: equal layer counts
     recv_timeout: float = 120.0  # seconds a stage waits for a neighbour before the job fails
     wire_dtype: str = "float32"  # activations and gradients on the wire: float32 | bfloat16 | float16
@@ -37,7 +42,8 @@ class JobConfig:
             (self.optimizer in ("sgd", "adam"), f"unknown optimizer {self.optimizer!r} (sgd, adam)"),
             (self.lr > 0, "lr must be > 0"),
             (self.momentum >= 0 and self.weight_decay >= 0, "momentum and weight_decay must be >= 0"),
-            (self.scheme in ("nsplit", "fast"), f"unknown scheme {self.scheme!r} (nsplit, fast)"),
+            (self.scheme in SCHEMES, f"unknown scheme {self.scheme!r} ({', '.join(SCHEMES)})"),
+            (self.max_staleness >= 0, "max_staleness must be >= 0"),
             (self.split in ("planned", "even"), f"unknown split {self.split!r} (planned, even)"),
             (self.pipeline in ("1f1b", "gpipe"), f"unknown pipeline schedule {self.pipeline!r} (1f1b, gpipe)"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),

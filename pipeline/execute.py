@@ -1,14 +1,15 @@
-"""Running one stage's program for one step, independent of how messages travel.
+"""Running one stage's program for a pass, independent of how messages travel.
 
-`run_step` is a generator: it computes inline and yields I/O requests, `Recv(kind, mb)` (the driver
-sends back the received payload) and `Send(kind, mb, payload)`. The agent steps it on its compute
-thread and does the I/O on its event loop; `local.py` drives all stages in one process. The same code
-trains in both, so a training bug reproduces in a single-process test.
+`run_program` is a generator: it computes inline and yields requests, `Recv(kind, step, mb)` (the
+driver sends back the received payload), `Send(kind, step, mb, payload)` and `StepDone(step, result)`
+once the stage is done with a step. The agent steps it on its compute thread and does the I/O on its
+event loop; `local.py` drives all stages in one process. The same code trains in both, so a training
+bug reproduces in a single-process test.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generator
+from typing import Any, Generator, Iterator
 
 import torch
 
@@ -19,12 +20,14 @@ from pipeline.stage import Stage
 @dataclass(frozen=True)
 class Recv:
     kind: str  # "fwd" | "bwd"
+    step: int
     mb: int
 
 
 @dataclass(frozen=True)
 class Send:
     kind: str
+    step: int
     mb: int
     payload: dict
 
@@ -33,56 +36,75 @@ class Send:
 class StepResult:
     loss_sum: float = 0.0   # tail only: summed cross-entropy over the step's samples
     correct: int = 0        # tail only
-    samples: int = 0
+    samples: int = 0        # tail only
+    staleness: int = 0      # steps behind the weights of this stage's forwards were, at worst
+
+
+@dataclass(frozen=True)
+class StepDone:
+    step: int
+    result: StepResult
 
 
 @dataclass
 class StepInput:
-    """What the head feeds: per microbatch (x, y). Other stages get None."""
+    """What the head feeds for one step: per microbatch (x, y)."""
     microbatches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
-def run_step(stage: Stage, program: list[S.Action], position: int, n_stages: int, batch: int,
-             head_input: StepInput | None, train: bool = True) -> Generator[Any, Any, StepResult]:
+def run_program(stage: Stage, program: list[S.Action], position: int, n_stages: int, batches: list[int],
+                head_inputs: Iterator[StepInput] | None, train: bool = True) -> Generator[Any, Any, None]:
+    """Run a pass's program; batches[s] is step s's batch size (it scales the loss). The head reads
+    head_inputs, one StepInput per step, in step order."""
     head, tail = position == 0, position == n_stages - 1
-    result = StepResult()
-    inbox: dict[tuple[str, int], dict] = {}
-    outbox: dict[tuple[str, int], dict] = {}
+    results: dict[int, StepResult] = {}
+    fed: dict[int, StepInput] = {}
+    inbox: dict[tuple, dict] = {}
+    outbox: dict[tuple, dict] = {}
     for action in program:
-        k, m = action.kind, action.mb
+        k, s, m = action.kind, action.step, action.mb
+        result = results.setdefault(s, StepResult()) if k in (S.F, S.B) else None
         if k == S.RECV_F:
-            inbox["fwd", m] = yield Recv("fwd", m)
+            inbox["fwd", s, m] = yield Recv("fwd", s, m)
         elif k == S.RECV_B:
-            inbox["bwd", m] = yield Recv("bwd", m)
-        elif k == S.SEND_F:
-            yield Send("fwd", m, outbox.pop(("fwd", m)))
-        elif k == S.SEND_B:
-            yield Send("bwd", m, outbox.pop(("bwd", m)))
+            inbox["bwd", s, m] = yield Recv("bwd", s, m)
+        elif k in (S.SEND_F, S.SEND_B):
+            kind = "fwd" if k == S.SEND_F else "bwd"
+            yield Send(kind, s, m, outbox.pop((kind, s, m)))
         elif k == S.F:
-            x, y = head_input.microbatches[m] if head else (inbox["fwd", m]["x"], inbox["fwd", m]["y"])
-            inbox.pop(("fwd", m), None)
-            if not train:
+            if head:
+                if s not in fed:
+                    fed[s] = next(head_inputs)
+                x, y = fed[s].microbatches[m]
+            else:
+                msg = inbox.pop(("fwd", s, m))
+                x, y = msg["x"], msg["y"]
+            if not train:   # one microbatch per evaluation step
                 out = stage.evaluate(x)
                 if tail:
                     result.correct += int((out.argmax(1) == y).sum())
                     result.loss_sum += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
                     result.samples += len(y)
                 else:
-                    outbox["fwd", m] = {"x": out, "y": y}
+                    outbox["fwd", s, m] = {"x": out, "y": y}
+                fed.pop(s, None)
+                yield StepDone(s, results.pop(s))
             elif tail:
-                loss_sum, correct = stage.forward_loss(m, x, y, batch, needs_input_grad=not head)
+                loss_sum, correct = stage.forward_loss((s, m), x, y, batches[s], needs_input_grad=not head)
                 result.loss_sum += loss_sum
                 result.correct += correct
                 result.samples += len(y)
             else:
-                outbox["fwd", m] = {"x": stage.forward(m, x, needs_input_grad=not head), "y": y}
+                outbox["fwd", s, m] = {"x": stage.forward((s, m), x, needs_input_grad=not head), "y": y}
         elif k == S.B:
-            grad = None if tail else inbox.pop(("bwd", m))["grad"]
-            grad_in = stage.backward(m, grad)
+            grad = None if tail else inbox.pop(("bwd", s, m))["grad"]
+            result.staleness = max(result.staleness, stage.lag((s, m)))
+            grad_in = stage.backward((s, m), grad)
             if not head:
-                outbox["bwd", m] = {"grad": grad_in}
+                outbox["bwd", s, m] = {"grad": grad_in}
         elif k == S.STEP:
             stage.step()
+            fed.pop(s, None)
+            yield StepDone(s, results.pop(s))
         else:
             raise ValueError(f"unknown action {action}")
-    return result

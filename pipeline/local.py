@@ -6,7 +6,7 @@ from __future__ import annotations
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
-from pipeline.execute import Recv, Send, StepInput, StepResult, run_step
+from pipeline.execute import Recv, Send, StepDone, StepInput, StepResult, run_program
 from pipeline.stage import Stage
 
 
@@ -14,33 +14,37 @@ class Deadlock(RuntimeError):
     pass
 
 
-def drive(gens: list) -> list[StepResult]:
-    """Run stage generators of one chain to completion. Stage i sends fwd to i+1 and bwd to i-1."""
-    mail: dict[tuple[int, str, int], dict] = {}
+def drive(gens: list) -> list[list[StepResult]]:
+    """Run the stage generators of one chain to completion. Stage i sends fwd to i+1 and bwd to i-1.
+    Returns, per stage, its results in the order its steps finished."""
+    mail: dict[tuple[int, str, int, int], dict] = {}
     waiting: list[Recv | None] = [None] * len(gens)
     started = [False] * len(gens)
-    results: list[StepResult | None] = [None] * len(gens)
-    while any(r is None for r in results):
+    done = [False] * len(gens)
+    results: list[list[StepResult]] = [[] for _ in gens]
+    while not all(done):
         progressed = False
         for i, g in enumerate(gens):
-            if results[i] is not None:
+            if done[i]:
                 continue
             value = None
             if waiting[i] is not None:
-                key = (i, waiting[i].kind, waiting[i].mb)
+                key = (i, waiting[i].kind, waiting[i].step, waiting[i].mb)
                 if key not in mail:
                     continue
                 value = mail.pop(key)
             try:
                 req = g.send(value) if started[i] else next(g)
                 started[i] = True
-                while isinstance(req, Send):
-                    dst = i + 1 if req.kind == "fwd" else i - 1
-                    mail[dst, req.kind, req.mb] = req.payload
+                while isinstance(req, (Send, StepDone)):
+                    if isinstance(req, StepDone):
+                        results[i].append(req.result)
+                    else:
+                        mail[i + 1 if req.kind == "fwd" else i - 1, req.kind, req.step, req.mb] = req.payload
                     req = g.send(None)
                 waiting[i] = req
-            except StopIteration as stop:
-                results[i] = stop.value
+            except StopIteration:
+                done[i] = True
             progressed = True
         if not progressed:
             raise Deadlock(f"no stage can progress; waiting on {waiting}")
@@ -56,9 +60,11 @@ def make_step_input(ds: Dataset, idx, microbatches: int) -> StepInput:
     return StepInput(parts)
 
 
-def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]]) -> dict:
+def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]],
+          on_step=None) -> dict:
     """Train like a ring of len(shards) peers with the given per-chain-position layer ranges
-    (the same for every rotation). Returns the final full state dict (as build_model's)."""
+    (the same for every rotation). on_step(results), if given, gets each step's results, one per
+    stage. Returns the final full state dict (as build_model's)."""
     n = len(shards)
     owners: dict[int, Stage] = {}  # layer index -> the stage object holding it (moves conceptually)
     stages = [Stage.build(cfg, a, b) for a, b in ranges]
@@ -68,15 +74,16 @@ def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]]) 
         for p in range(n):
             head = shards[p]
             order = pass_order(len(head), cfg.seed, epoch, cfg.shuffle)
-            start = 0
-            for size in batch_sizes(len(head), cfg.batch_size):
-                idx = order[start:start + size]
-                start += size
-                n_mb = len(microbatch_sizes(size, cfg.microbatches))
-                gens = [run_step(st, S.program(cfg.scheme, cfg.pipeline, j, n, n_mb), j, n, size,
-                                 make_step_input(head, idx, cfg.microbatches) if j == 0 else None)
-                        for j, st in enumerate(stages)]
-                drive(gens)
+            sizes = batch_sizes(len(head), cfg.batch_size)
+            starts = [sum(sizes[:s]) for s in range(len(sizes))]
+            inputs = (make_step_input(head, order[a:a + b], cfg.microbatches) for a, b in zip(starts, sizes))
+            mbs = [len(microbatch_sizes(b, cfg.microbatches)) for b in sizes]
+            gens = [run_program(st, S.pass_program(cfg.scheme, cfg.pipeline, j, n, mbs, cfg.max_staleness), j, n,
+                                sizes, inputs if j == 0 else None) for j, st in enumerate(stages)]
+            per_stage = drive(gens)
+            if on_step:
+                for step_results in zip(*per_stage):
+                    on_step(list(step_results))
     state = {}
     for st in stages:
         for i, m in st.layers.items():

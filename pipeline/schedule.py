@@ -1,18 +1,21 @@
-"""Schedules as data: for each stage of a chain, the ordered actions of one optimizer step.
+"""Schedules as data: for each stage of a chain, the ordered actions of a pass.
 
 Actions (as in torch.distributed.pipelining): F m / B m compute the forward / backward of microbatch
 m, RECV_F / SEND_F move activations (with labels) down the chain, RECV_B / SEND_B move gradients up,
 STEP applies the stage's optimizers. The head's F reads its own data; the tail's F computes the loss.
+Every action names its step, so one program can span a whole pass: the synchronous schemes repeat
+one step's program (a flush per step); `fast-async` runs 1F1B across step boundaries.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class Action:
     kind: str
     mb: int | None = None
+    step: int = 0
 
     def __str__(self) -> str:
         return self.kind if self.mb is None else f"{self.kind}{self.mb}"
@@ -21,19 +24,19 @@ class Action:
 F, B, SEND_F, RECV_F, SEND_B, RECV_B, STEP = "F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "STEP"
 
 
-def _forward(stage: int, n_stages: int, m: int) -> list[Action]:
-    acts = [Action(RECV_F, m)] if stage > 0 else []
-    acts.append(Action(F, m))
+def _forward(stage: int, n_stages: int, m: int, step: int = 0) -> list[Action]:
+    acts = [Action(RECV_F, m, step)] if stage > 0 else []
+    acts.append(Action(F, m, step))
     if stage < n_stages - 1:
-        acts.append(Action(SEND_F, m))
+        acts.append(Action(SEND_F, m, step))
     return acts
 
 
-def _backward(stage: int, n_stages: int, m: int) -> list[Action]:
-    acts = [Action(RECV_B, m)] if stage < n_stages - 1 else []
-    acts.append(Action(B, m))
+def _backward(stage: int, n_stages: int, m: int, step: int = 0) -> list[Action]:
+    acts = [Action(RECV_B, m, step)] if stage < n_stages - 1 else []
+    acts.append(Action(B, m, step))
     if stage > 0:
-        acts.append(Action(SEND_B, m))
+        acts.append(Action(SEND_B, m, step))
     return acts
 
 
@@ -55,18 +58,41 @@ def gpipe(stage: int, n_stages: int, n_mb: int) -> list[Action]:
     return acts + [Action(STEP)]
 
 
-def one_f_one_b(stage: int, n_stages: int, n_mb: int) -> list[Action]:
-    """1F1B: warm up with (stages after this one) forwards, then alternate one forward and one
-    backward, then drain the backwards. At most n_stages - stage microbatches are buffered here."""
-    warmup = min(n_stages - 1 - stage, n_mb)
+def _interleaved(stage: int, n_stages: int, order: list[tuple[int, int]], sizes: dict[int, int]) -> list[Action]:
+    """1F1B over a sequence of (step, microbatch): warm up with (stages after this one) forwards, then
+    alternate one forward and one backward, then drain the backwards; STEP s follows the backward of
+    step s's last microbatch (sizes[s] microbatches)."""
+    warmup = min(n_stages - 1 - stage, len(order))
     acts: list[Action] = []
-    for m in range(warmup):
-        acts += _forward(stage, n_stages, m)
-    for i in range(n_mb - warmup):
-        acts += _forward(stage, n_stages, warmup + i) + _backward(stage, n_stages, i)
-    for m in range(n_mb - warmup, n_mb):
-        acts += _backward(stage, n_stages, m)
-    return acts + [Action(STEP)]
+
+    def backward(s: int, m: int) -> list[Action]:
+        return _backward(stage, n_stages, m, s) + ([Action(STEP, None, s)] if m == sizes[s] - 1 else [])
+
+    for s, m in order[:warmup]:
+        acts += _forward(stage, n_stages, m, s)
+    for i in range(len(order) - warmup):
+        acts += _forward(stage, n_stages, order[warmup + i][1], order[warmup + i][0]) + backward(*order[i])
+    for s, m in order[len(order) - warmup:]:
+        acts += backward(s, m)
+    return acts
+
+
+def one_f_one_b(stage: int, n_stages: int, n_mb: int) -> list[Action]:
+    """1F1B: at most n_stages - stage microbatches are buffered here."""
+    return _interleaved(stage, n_stages, [(0, m) for m in range(n_mb)], {0: n_mb})
+
+
+def asynchronous(stage: int, n_stages: int, mbs: list[int], max_staleness: int) -> list[Action]:
+    """fast-async: 1F1B run across step boundaries, flushed every max_staleness + 1 steps. A forward may
+    run before the updates of earlier steps of its group reach this stage, so the weights it uses are at
+    most max_staleness steps old (see `staleness`); max_staleness 0 is synchronous 1F1B."""
+    acts: list[Action] = []
+    group = max_staleness + 1
+    for first in range(0, len(mbs), group):
+        steps = range(first, min(first + group, len(mbs)))
+        acts += _interleaved(stage, n_stages, [(s, m) for s in steps for m in range(mbs[s])],
+                             {s: mbs[s] for s in steps})
+    return acts
 
 
 def evaluation(stage: int, n_stages: int) -> list[Action]:
@@ -82,6 +108,41 @@ def program(scheme: str, pipeline: str, stage: int, n_stages: int, n_mb: int) ->
     if scheme == "nsplit":
         return nsplit(stage, n_stages, n_mb)
     return PIPELINES[pipeline](stage, n_stages, n_mb)
+
+
+def pass_program(scheme: str, pipeline: str, stage: int, n_stages: int, mbs: list[int],
+                 max_staleness: int = 0) -> list[Action]:
+    """A whole pass's actions for a stage; step s has mbs[s] microbatches."""
+    if scheme == "fast-async":
+        return asynchronous(stage, n_stages, mbs, max_staleness)
+    return [replace(a, step=s) for s, n in enumerate(mbs) for a in program(scheme, pipeline, stage, n_stages, n)]
+
+
+def evaluation_pass(stage: int, n_stages: int, n_steps: int) -> list[Action]:
+    """Forward only, one microbatch per evaluation batch."""
+    return [replace(a, step=s) for s in range(n_steps) for a in evaluation(stage, n_stages)]
+
+
+def lags(program: list[Action]) -> dict[tuple[int, int], int]:
+    """Per (step, microbatch): the optimizer steps this stage applies between its forward and its
+    backward, i.e. how many steps old the weights its forward ran on are when its gradient is applied."""
+    steps_done, at_forward, out = 0, {}, {}
+    for a in program:
+        if a.kind == F:
+            at_forward[a.step, a.mb] = steps_done
+        elif a.kind == B:
+            out[a.step, a.mb] = steps_done - at_forward.pop((a.step, a.mb))
+        elif a.kind == STEP:
+            steps_done += 1
+    return out
+
+
+def staleness(program: list[Action]) -> dict[int, int]:
+    """Per step: the largest lag of its microbatches."""
+    worst: dict[int, int] = {}
+    for (s, _), lag in lags(program).items():
+        worst[s] = max(worst.get(s, 0), lag)
+    return worst
 
 
 def in_flight(program: list[Action]) -> int:
@@ -111,7 +172,7 @@ def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float
     """Simulate the programs of one step with unit costs (transfers free): (stage, action, start, end)
     for every F, B and STEP. Raises RuntimeError if the programs deadlock."""
     clock = [0.0] * len(programs)
-    ready: dict[tuple[str, int, int], float] = {}   # (kind, receiving stage, mb) -> time it is available
+    ready: dict[tuple, float] = {}   # (kind, receiving stage, step, mb) -> time it is available
     pc = [0] * len(programs)
     spans = []
     while any(p < len(prog) for p, prog in zip(pc, programs)):
@@ -120,14 +181,14 @@ def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float
             while pc[j] < len(prog):
                 a = prog[pc[j]]
                 if a.kind in (RECV_F, RECV_B):
-                    key = ("fwd" if a.kind == RECV_F else "bwd", j, a.mb)
+                    key = ("fwd" if a.kind == RECV_F else "bwd", j, a.step, a.mb)
                     if key not in ready:
                         break
                     clock[j] = max(clock[j], ready.pop(key))
                 elif a.kind == SEND_F:
-                    ready["fwd", j + 1, a.mb] = clock[j]
+                    ready["fwd", j + 1, a.step, a.mb] = clock[j]
                 elif a.kind == SEND_B:
-                    ready["bwd", j - 1, a.mb] = clock[j]
+                    ready["bwd", j - 1, a.step, a.mb] = clock[j]
                 else:
                     cost = {F: forward, B: backward}.get(a.kind, 0.0)
                     spans.append((j, a, clock[j], clock[j] + cost))

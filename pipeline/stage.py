@@ -3,6 +3,12 @@
 One optimizer per layer makes a layer's whole training state self-contained, so a swap moves
 (parameters, optimizer state) per layer; SGD and Adam update each parameter independently, so this
 equals one optimizer over all layers. Forward buffers keep, per microbatch, what backward needs.
+
+Under `fast-async` a forward may run before the updates of earlier steps are applied here, and its
+backward after them. Forwards therefore run on a copy of the weights (`forward_weights`), replaced, not
+modified, after each optimizer step: the graph of a microbatch in flight keeps the version its forward
+used (weight stashing, as in PipeDream), its gradient is computed at that version and applied to the
+current weights. `version` counts the steps; `lag` says how many steps old a microbatch's weights are.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Hashable
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from pipeline.config import JobConfig
@@ -30,7 +37,10 @@ class Stage:
         self.layers: dict[int, nn.Module] = {}
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self.deferred: dict[int, Deferred] = {}
-        self.buffers: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.buffers: dict[Hashable, tuple] = {}   # key -> (input, output, version, forward weights used)
+        self.stashed = cfg.scheme == "fast-async"
+        self.forward_weights: dict[int, dict[str, torch.Tensor]] = {}   # fast-async: what forwards use now
+        self.version = 0
         for i, module in layers.items():
             self.add(i, module)
 
@@ -46,13 +56,15 @@ class Stage:
             opt.load_state_dict({"state": optim_state, "param_groups": opt.state_dict()["param_groups"]})
         self.layers[index] = module
         self.optimizers[index] = opt
-        if self.cfg.scheme == "fast":  # pipelined: weight gradients batched over the step's microbatches
+        if self.cfg.scheme != "nsplit":  # pipelined: weight gradients batched over the step's microbatches
             self.deferred[index] = Deferred(module)
         self.layers = dict(sorted(self.layers.items()))
+        self.forward_weights.pop(index, None)
 
     def remove(self, index: int) -> None:
         del self.layers[index], self.optimizers[index]
         self.deferred.pop(index, None)
+        self.forward_weights.pop(index, None)
 
     @property
     def range(self) -> tuple[int, int]:
@@ -65,16 +77,26 @@ class Stage:
 
     # compute ---------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        for module in self.layers.values():
-            x = module(x)
+        for i, module in self.layers.items():
+            x = functional_call(module, self._weights(i), (x,)) if self.stashed else module(x)
         return x
+
+    def _weights(self, i: int) -> dict[str, torch.Tensor]:
+        if i not in self.forward_weights:
+            self.forward_weights[i] = {name: p.detach().clone().requires_grad_(p.requires_grad)
+                                       for name, p in self.layers[i].named_parameters()}
+        return self.forward_weights[i]
 
     def forward(self, key: Hashable, x: torch.Tensor, needs_input_grad: bool) -> torch.Tensor:
         """Forward one microbatch, keeping its buffer for backward; returns the detached output."""
         x = x.detach().requires_grad_(needs_input_grad)
         y = self._run(x)
-        self.buffers[key] = (x, y)
+        self.buffers[key] = (x, y, self.version, dict(self.forward_weights))
         return y.detach()
+
+    def lag(self, key: Hashable) -> int:
+        """How many optimizer steps this stage took since the microbatch's forward."""
+        return self.version - self.buffers[key][2]
 
     def forward_loss(self, key: Hashable, x: torch.Tensor, labels: torch.Tensor, batch: int,
                      needs_input_grad: bool) -> tuple[float, int]:
@@ -83,14 +105,20 @@ class Stage:
         x = x.detach().requires_grad_(needs_input_grad)
         logits = self._run(x)
         loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-        self.buffers[key] = (x, loss_sum / batch)
+        self.buffers[key] = (x, loss_sum / batch, self.version, dict(self.forward_weights))
         return loss_sum.item(), int((logits.argmax(1) == labels).sum())
 
     def backward(self, key: Hashable, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward one microbatch (grad of its output; None at the tail), freeing its buffer.
         Returns the gradient of its input (None at the head)."""
-        x, y = self.buffers.pop(key)
+        x, y, _, used = self.buffers.pop(key)
         y.backward(grad)
+        if self.stashed:   # gradients that landed on forward copies (non-deferred parameters) go to the layer
+            for i, weights in used.items():
+                for name, p in self.layers[i].named_parameters():
+                    g, weights[name].grad = weights[name].grad, None
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
         return x.grad
 
     def step(self) -> None:
@@ -99,13 +127,16 @@ class Stage:
                 self.deferred[i].flush()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        self.forward_weights = {}   # new copies for the next forwards; graphs in flight keep theirs
+        self.version += 1
 
     def memory_bytes(self) -> int:
         """Parameters, gradients (same size), optimizer state and the forward buffers held now."""
         params = sum(p.numel() * p.element_size() for m in self.layers.values() for p in m.parameters())
         state = sum(v.numel() * v.element_size() for o in self.optimizers.values() for s in o.state.values()
                     for v in s.values() if torch.is_tensor(v))
-        buffers = sum(t.numel() * t.element_size() for pair in self.buffers.values() for t in pair)
+        buffers = sum(t.numel() * t.element_size() for kept in self.buffers.values() for t in kept[:2])
+        buffers += sum(t.numel() * t.element_size() for w in self.forward_weights.values() for t in w.values())
         deferred = sum(t.numel() * t.element_size() for d in self.deferred.values() for pairs in d.pending.values()
                        for pair in pairs for t in pair)
         return 2 * params + state + buffers + deferred

@@ -4,6 +4,7 @@ import pytest
 from conftest import load_out, max_diff, summary_of
 from peer.localring import train_cli
 from pipeline import data, reference
+from pipeline import schedule as S
 from pipeline.config import JobConfig
 
 
@@ -22,3 +23,30 @@ def test_fast_nsplit_on_a_live_ring_is_exact(digits_ring, tmp_path, pipe):
     cfg = JobConfig(model={"name": "mlp", "depth": 5, "width": 64}, batch_size=64, microbatches=4, lr=0.05,
                     momentum=0.9)
     assert max_diff(load_out(out), reference.train(cfg, heads).state_dict()) <= 1e-5
+
+
+def test_fast_async_on_a_live_ring_stashes_weights_and_reports_staleness(digits_ring, tmp_path):
+    """The agents compute what plain PyTorch computes with the schedule's stale weights, and report
+    each step's staleness, bounded by --max-staleness."""
+    ring, out = digits_ring, tmp_path / "model.pt"
+    args = ["--epochs", "1", "--batch-size", "64", "--microbatches", "4", "--lr", "0.05", "--momentum", "0.9",
+            "--model-options", "depth=5,width=64", "--scheme", "fast-async", "--max-staleness", "1",
+            "--split", "even", "--out", str(out)]
+    summary = summary_of(train_cli(ring.urls[0], *args))
+    heads = [data.load("digits", f"{ring.agents.index(a)}/3") for a in ring.ring_order()]
+    cfg = JobConfig(model={"name": "mlp", "depth": 5, "width": 64}, batch_size=64, microbatches=4, lr=0.05,
+                    momentum=0.9, scheme="fast-async", max_staleness=1)
+    want_staleness, lags = [], []
+    for ds, plan in zip(heads, summary["plans"]):
+        mbs = [len(data.microbatch_sizes(b, 4)) for b in data.batch_sizes(len(ds), 64)]
+        progs = [S.pass_program("fast-async", "1f1b", j, 3, mbs, 1) for j in range(3)]
+        position = {i: j for j, r in enumerate(plan["ranges"].values()) for i in range(*r)}   # chain order
+        lags.append((position, [S.lags(p) for p in progs]))
+        want_staleness += [max(S.staleness(p)[s] for p in progs) for s in range(len(mbs))]
+    assert summary["staleness"] == want_staleness and max(want_staleness) == 1 == summary["max_staleness"]
+
+    def lag(pass_index, layer, step, mb):
+        position, tables = lags[pass_index]
+        return tables[position[layer]][step, mb]
+
+    assert max_diff(load_out(out), reference.train_stale(cfg, heads, lag).state_dict()) <= 1e-5

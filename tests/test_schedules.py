@@ -83,3 +83,63 @@ def test_timeline_detects_a_deadlock():
            [S.Action(S.RECV_F, 0), S.Action(S.F, 0), S.Action(S.B, 0), S.Action(S.SEND_B, 0)]]
     with pytest.raises(RuntimeError, match="deadlock"):
         S.timeline(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5), st.lists(st.integers(1, 6), min_size=1, max_size=6), st.integers(0, 3))
+def test_async_programs_run_1f1b_across_steps_with_bounded_staleness(n_stages, mbs, k):
+    progs = [S.pass_program("fast-async", "1f1b", j, n_stages, mbs, k) for j in range(n_stages)]
+    S.timeline(progs)   # raises if the programs deadlock
+    for j, prog in enumerate(progs):
+        assert [a.step for a in prog if a.kind == S.STEP] == list(range(len(mbs)))
+        for s, n in enumerate(mbs):
+            assert sorted(a.mb for a in prog if a.kind == S.F and a.step == s) == list(range(n))
+            assert sorted(a.mb for a in prog if a.kind == S.B and a.step == s) == list(range(n))
+        assert max(S.staleness(prog).values()) <= k
+        assert S.in_flight(prog) <= n_stages - j
+    if k == 0:   # no staleness allowed: exactly synchronous 1F1B, a flush per step
+        assert progs == [S.pass_program("fast", "1f1b", j, n_stages, mbs) for j in range(n_stages)]
+    if n_stages == 2 and k >= 1 and len(mbs) >= 2:   # the head's warm-up forward of step 1 runs before step 0's update
+        assert S.staleness(progs[0])[1] == 1
+
+
+def test_async_pipelining_saves_the_flush():
+    mbs = [4] * 4
+    sync = S.timeline([S.pass_program("fast", "1f1b", j, 3, mbs) for j in range(3)])
+    asyn = S.timeline([S.pass_program("fast-async", "1f1b", j, 3, mbs, 3) for j in range(3)])
+    assert max(s[3] for s in asyn) < max(s[3] for s in sync)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_async_training_equals_weight_stashing_in_plain_pytorch(k):
+    """fast-async computes each microbatch's gradient on the weights its forward used (as many steps old
+    as the schedule says) and applies it to the current weights: the same as plain PyTorch doing that."""
+    n_peers = 3
+    shards = [data.load("digits", f"{j}/{n_peers}") for j in range(n_peers)]
+    shards = [data.Dataset("cut", s.x[:90], s.y[:90]) for s in shards]
+    spec = {"name": "mlp", "depth": 4, "width": 32}
+    ranges = even_split(num_layers(spec), n_peers)
+    cfg = JobConfig(model=spec, epochs=1, momentum=0.9, microbatches=2, batch_size=16, scheme="fast-async",
+                    max_staleness=k)
+    seen = []
+    got = local.train(cfg, shards, ranges, on_step=lambda results: seen.append(max(r.staleness for r in results)))
+    mbs = [len(data.microbatch_sizes(b, 2)) for b in data.batch_sizes(90, 16)]
+    lag_of = [S.lags(S.pass_program("fast-async", "1f1b", j, n_peers, mbs, k)) for j in range(n_peers)]
+    stage_of = {i: j for j, (a, b) in enumerate(ranges) for i in range(a, b)}
+    want = reference.train_stale(cfg, shards, lambda p, i, s, m: lag_of[stage_of[i]][s, m]).state_dict()
+    assert max((got[key] - want[key]).abs().max().item() for key in want) <= 1e-5
+    expected = [max(S.staleness(p)[s] for p in
+                    [S.pass_program("fast-async", "1f1b", j, n_peers, mbs, k) for j in range(n_peers)])
+                for s in range(len(mbs))] * n_peers
+    assert seen == expected and max(seen) == min(k, 1)   # 2 microbatches, 3 stages: 1 step behind at most
+    sync = local.train(JobConfig(**{**cfg.to_dict(), "scheme": "fast"}), shards, ranges)
+    assert max((got[key] - sync[key]).abs().max().item() for key in want) > 1e-4   # staleness changes the result
+
+
+def test_async_with_no_staleness_is_exact():
+    shards = [data.load("digits", f"{j}/2") for j in range(2)]
+    spec = {"name": "mlp", "depth": 3, "width": 32}
+    cfg = JobConfig(model=spec, epochs=1, microbatches=4, batch_size=64, scheme="fast-async", max_staleness=0)
+    got = local.train(cfg, shards, even_split(num_layers(spec), 2))
+    want = reference.train(cfg, shards).state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5

@@ -13,18 +13,20 @@ Schemes (`step_s` of a plan):
   bottleneck, the bottleneck being the busiest stage (forward + backward) or link direction
   (bytes / bandwidth; links are full duplex, latency delays a tensor but does not occupy the link).
   With M = 1 both schemes agree.
+- "fast-async": timed as "fast" (it also saves the flush between steps, which the model ignores).
 
 Memory model, per stage [a, b): parameters + gradients (same bytes) + optimizer state of its layers,
 plus the activations it keeps for backward, per microbatch in flight: its input (layer a-1's output;
 the head's raw input is its data, not counted) and every layer's output. Microbatches in flight:
-1 for "nsplit", M for "fast" (all forwards before the first backward, the worst case).
+1 for "nsplit", M for the pipelined schemes (all forwards before the first backward, the worst case).
+"fast-async" also keeps the weights its forwards ran on: up to max_staleness + 1 extra copies.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
-SCHEMES = ("nsplit", "fast")
+SCHEMES = ("nsplit", "fast", "fast-async")
 DEFAULT_BANDWIDTH = 100e6 / 8   # bytes/s: a 100 Mbit/s LAN or a good Wi-Fi link
 DEFAULT_LATENCY = 1e-3          # seconds, one way
 
@@ -151,19 +153,24 @@ def format_bytes(n: int | None) -> str:
 
 def microbatches_in_flight(scheme: str, microbatches: int) -> int:
     """How many microbatches' activations a stage may hold at once (see the module docstring)."""
-    return microbatches if scheme == "fast" else 1
+    return 1 if scheme == "nsplit" else microbatches
 
 
-def stage_memory(layers: list[LayerCost], a: int, b: int, in_flight: int) -> int:
+def weight_copies(scheme: str, max_staleness: int) -> int:
+    """Extra copies of the parameters a stage keeps for its forwards (see the module docstring)."""
+    return max_staleness + 1 if scheme == "fast-async" else 0
+
+
+def stage_memory(layers: list[LayerCost], a: int, b: int, in_flight: int, copies: int = 0) -> int:
     """Bytes a stage owning layers [a, b) needs (see the module docstring)."""
     if a == b:
         return 0
     kept = sum(l.activation_bytes for l in layers[a:b]) + (layers[a - 1].activation_bytes if a > 0 else 0)
-    return sum(2 * l.param_bytes + l.optim_bytes for l in layers[a:b]) + in_flight * kept
+    return sum((2 + copies) * l.param_bytes + l.optim_bytes for l in layers[a:b]) + in_flight * kept
 
 
 def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[int, int]],
-             scheme: str = "nsplit", microbatches: int = 1) -> Plan:
+             scheme: str = "nsplit", microbatches: int = 1, max_staleness: int = 0) -> Plan:
     """The plan for given ranges (one per device, in chain order), with its predicted times and memory.
     Used for the planner's result and for baselines; it does not check budgets (see `Plan.fits`)."""
     check(devices, layers, scheme, microbatches)
@@ -181,7 +188,7 @@ def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[
         send = 2 * (d.latency + wire) if sends else 0.0
         one_pass += compute + send
         busiest = max(busiest, compute, wire)
-        stages.append(StagePlan(d.name, (a, b), m * compute, m * send, stage_memory(layers, a, b, k),
-                                d.memory_budget))
+        stages.append(StagePlan(d.name, (a, b), m * compute, m * send,
+                                stage_memory(layers, a, b, k, weight_copies(scheme, max_staleness)), d.memory_budget))
     step = m * one_pass if scheme == "nsplit" else one_pass + (m - 1) * busiest
     return Plan(scheme, m, tuple(stages), step, busiest)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pipeline.planner.model import (Device, LayerCost, Plan, PlanInfeasible, check, evaluate, format_bytes,
-                                    microbatches_in_flight)
+                                    microbatches_in_flight, weight_copies)
 from pipeline.swaps import owners, swap_moves
 
 TIME_BITS, BYTE_BITS = 39, 21   # key = ticks << BYTE_BITS | byte units; both fields stay below 2**62
@@ -41,7 +41,7 @@ BATCH = 16                      # caps tried per round by the "fast" search
 
 
 def plan(devices: list[Device], layers: list[LayerCost], scheme: str = "nsplit", microbatches: int = 1,
-         previous: dict[str, tuple[int, int]] | None = None) -> Plan:
+         previous: dict[str, tuple[int, int]] | None = None, max_staleness: int = 0) -> Plan:
     """The fastest split of `layers` over `devices` (chain order, head first) under the cost and memory
     model of pipeline.planner.model. Among plans of equal predicted time it moves the fewest bytes from
     `previous` (peer -> layer range, e.g. the last rotation's `Plan.assignment`); `Plan.bytes_moved`
@@ -49,11 +49,12 @@ def plan(devices: list[Device], layers: list[LayerCost], scheme: str = "nsplit",
     check(devices, layers, scheme, microbatches)
     if previous and sorted(owners(previous)) != list(range(len(layers))):
         raise ValueError(f"the previous assignment {previous} does not cover layers 0..{len(layers) - 1}")
-    inst = _Instance(devices, layers, microbatches_in_flight(scheme, microbatches), previous)
+    inst = _Instance(devices, layers, microbatches_in_flight(scheme, microbatches), previous,
+                     weight_copies(scheme, max_staleness))
     best = _solve(inst, np.array([np.inf]))[0] if scheme == "nsplit" else _fast(inst, microbatches)
     if best is None:
         raise _shortfall(inst, devices)
-    result = evaluate(devices, layers, best.ranges, scheme, microbatches)
+    result = evaluate(devices, layers, best.ranges, scheme, microbatches, max_staleness)
     return replace(result, bytes_moved=moved_bytes(previous, result.assignment, layers) if previous else 0)
 
 
@@ -66,7 +67,7 @@ class _Instance:
     """One planning problem as integer arrays over (chain position k, layer boundary b = 0..L)."""
 
     def __init__(self, devices: list[Device], layers: list[LayerCost], kept_microbatches: int,
-                 previous: dict[str, tuple[int, int]] | None):
+                 previous: dict[str, tuple[int, int]] | None, copies: int = 0):
         self.n, self.L = len(devices), len(layers)
         times = np.array([d.layer_times(layers) for d in devices], dtype=float)
         act = np.array([l.activation_bytes for l in layers], dtype=float)
@@ -91,7 +92,7 @@ class _Instance:
         self.send_key = np.round(send / tick).astype(np.int64) << BYTE_BITS
 
         # Memory of [a, b) = Q[b] - h[a]; h is nondecreasing, so the fitting a are a window [lo, b).
-        fixed = np.array([2 * l.param_bytes + l.optim_bytes for l in layers], dtype=np.int64)
+        fixed = np.array([(2 + copies) * l.param_bytes + l.optim_bytes for l in layers], dtype=np.int64)
         kept = kept_microbatches * np.array([l.activation_bytes for l in layers], dtype=np.int64)
         self.Q = _cumsum0(fixed + kept)
         self.h = self.Q.copy()
