@@ -4,6 +4,7 @@ Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatc
   single_1thread_sps    plain PyTorch, one process, 1 thread
   nsplit_sps            splitring sequential N-split, 2 agents (processes), 1 thread each
   fast_sps              splitring Fast N-split (1F1B), 2 agents, 1 thread each
+  fast_async_sps        splitring Fast N-split, asynchronous (--max-staleness 1), 2 agents, 1 thread each
   torch_pipelining_sps  torch.distributed.pipelining Schedule1F1B, 2 gloo ranks, 1 thread each
 Usage: python scripts/bench_pipeline.py [--json] [--steps N]
 """
@@ -51,7 +52,7 @@ def single(steps: int) -> float:
     return steps * BATCH / (time.perf_counter() - t0)
 
 
-def splitring(steps: int, scheme: str) -> float:
+def splitring(steps: int, scheme: str) -> dict:
     x, y = samples(steps)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.npz"
@@ -60,10 +61,10 @@ def splitring(steps: int, scheme: str) -> float:
             proc = train_cli(ring.urls[0], "--model", "mlp", "--model-options",
                              f"in_features={WIDTH},depth={DEPTH},width={WIDTH}", "--epochs", "1",
                              "--batch-size", str(BATCH), "--microbatches", str(MICRO), "--lr", "0.01",
-                             "--shuffle", "off", "--scheme", scheme)
+                             "--shuffle", "off", "--scheme", scheme, "--max-staleness", "1")
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-2000:])
-            return json.loads(proc.stdout.strip().splitlines()[-1])["samples_per_s"]
+            return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _pipelining_rank(rank: int, port: int, steps: int, result) -> None:
@@ -118,14 +119,17 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    res = {
-        "single_1thread_sps": single(args.steps),
-        "nsplit_sps": splitring(args.steps, "nsplit"),
-        "fast_sps": splitring(args.steps, "fast"),
-        "torch_pipelining_sps": torch_pipelining(args.steps),
-    }
+    res = {"single_1thread_sps": single(args.steps)}
+    for scheme in ("nsplit", "fast", "fast-async"):
+        summary = splitring(args.steps, scheme)
+        key = scheme.replace("-", "_")
+        res[f"{key}_sps"] = summary["samples_per_s"]
+        res[f"{key}_ranges"] = summary["plans"][0]["ranges"]
+    res["fast_async_max_staleness"] = max(summary["staleness"])
+    res["torch_pipelining_sps"] = torch_pipelining(args.steps)
     res["fast_vs_single"] = res["fast_sps"] / res["single_1thread_sps"]
     res["fast_vs_torch_pipelining"] = res["fast_sps"] / res["torch_pipelining_sps"]
+    res["fast_async_vs_single"] = res["fast_async_sps"] / res["single_1thread_sps"]
     res.update(steps=args.steps, batch=BATCH, microbatches=MICRO, width=WIDTH, depth=DEPTH)
     if args.json:
         print(json.dumps(res))

@@ -6,6 +6,7 @@ from peer.localring import train_cli
 from pipeline import data, reference
 from pipeline import schedule as S
 from pipeline.config import JobConfig
+from pipeline.models import build_model
 
 
 @pytest.mark.parametrize("pipe", ["1f1b", "gpipe"])
@@ -50,3 +51,20 @@ def test_fast_async_on_a_live_ring_stashes_weights_and_reports_staleness(digits_
         return tables[position[layer]][step, mb]
 
     assert max_diff(load_out(out), reference.train_stale(cfg, heads, lag).state_dict()) <= 1e-5
+
+
+def test_fast_async_reaches_the_accuracy_of_fast_on_digits(digits_ring, tmp_path):
+    """(scripts/bench_async_accuracy.py measures the gap over several seeds.)"""
+    accuracy = {}
+    held_out = data.load("digits")
+    for scheme in ("fast", "fast-async"):
+        out = tmp_path / f"{scheme}.pt"
+        summary_of(train_cli(digits_ring.urls[0], "--epochs", "15", "--batch-size", "32", "--microbatches", "4",
+                             "--lr", "0.02", "--momentum", "0.9", "--scheme", scheme, "--max-staleness", "1",
+                             "--split", "even", "--out", str(out)))
+        model = build_model({"name": "mlp"}, 0)
+        model.load_state_dict(load_out(out))
+        accuracy[scheme] = reference.accuracy(model, held_out.x_test, held_out.y_test)
+    print("held-out accuracy", accuracy)
+    assert accuracy["fast"] >= 0.95, accuracy
+    assert abs(accuracy["fast-async"] - accuracy["fast"]) <= 0.01, accuracy
