@@ -58,6 +58,7 @@ def run_program(stage: Stage, program: list[S.Action], position: int, n_stages: 
     head_inputs, one StepInput per step, in step order."""
     head, tail = position == 0, position == n_stages - 1
     results: dict[int, StepResult] = {}
+    lags = S.lags(program)   # > 0: an optimizer step comes between the forward and the backward
     fed: dict[int, StepInput] = {}
     inbox: dict[tuple, dict] = {}
     outbox: dict[tuple, dict] = {}
@@ -90,12 +91,12 @@ def run_program(stage: Stage, program: list[S.Action], position: int, n_stages: 
                 fed.pop(s, None)
                 yield StepDone(s, results.pop(s))
             elif tail:
-                loss_sum, correct = stage.forward_loss((s, m), x, y, batches[s], needs_input_grad=not head)
+                loss_sum, correct = stage.forward_loss((s, m), x, y, batches[s], not head, lags[s, m] > 0)
                 result.loss_sum += loss_sum
                 result.correct += correct
                 result.samples += len(y)
             else:
-                outbox["fwd", s, m] = {"x": stage.forward((s, m), x, needs_input_grad=not head), "y": y}
+                outbox["fwd", s, m] = {"x": stage.forward((s, m), x, not head, lags[s, m] > 0), "y": y}
         elif k == S.B:
             grad = None if tail else inbox.pop(("bwd", s, m))["grad"]
             result.staleness = max(result.staleness, stage.lag((s, m)))

@@ -4,11 +4,12 @@ One optimizer per layer makes a layer's whole training state self-contained, so 
 (parameters, optimizer state) per layer; SGD and Adam update each parameter independently, so this
 equals one optimizer over all layers. Forward buffers keep, per microbatch, what backward needs.
 
-Under `fast-async` a forward may run before the updates of earlier steps are applied here, and its
-backward after them. Forwards therefore run on a copy of the weights (`forward_weights`), replaced, not
-modified, after each optimizer step: the graph of a microbatch in flight keeps the version its forward
-used (weight stashing, as in PipeDream), its gradient is computed at that version and applied to the
-current weights. `version` counts the steps; `lag` says how many steps old a microbatch's weights are.
+Under `fast-async` the backward of some microbatches comes after an optimizer step that followed their
+forward (the schedule says which: `schedule.lags`). Such a "stale" forward runs on a copy of the weights
+(`forward_weights`), replaced, not modified, at each step: its graph keeps the version its forward used
+(weight stashing, as in PipeDream), its gradient is taken at that version and applied to the current
+weights. Other forwards use the weights themselves. `version` counts the steps; `lag` says how many
+steps old a microbatch's weights are.
 """
 from __future__ import annotations
 
@@ -38,8 +39,7 @@ class Stage:
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self.deferred: dict[int, Deferred] = {}
         self.buffers: dict[Hashable, tuple] = {}   # key -> (input, output, version, forward weights used)
-        self.stashed = cfg.scheme == "fast-async"
-        self.forward_weights: dict[int, dict[str, torch.Tensor]] = {}   # fast-async: what forwards use now
+        self.forward_weights: dict[int, dict[str, torch.Tensor]] = {}   # copies for stale forwards, this version
         self.version = 0
         for i, module in layers.items():
             self.add(i, module)
@@ -76,9 +76,9 @@ class Stage:
         return keys == list(range(keys[0], keys[-1] + 1)) if keys else True
 
     # compute ---------------------------------------------------------------------------------
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, stale: bool = False) -> torch.Tensor:
         for i, module in self.layers.items():
-            x = functional_call(module, self._weights(i), (x,)) if self.stashed else module(x)
+            x = functional_call(module, self._weights(i), (x,)) if stale else module(x)
         return x
 
     def _weights(self, i: int) -> dict[str, torch.Tensor]:
@@ -87,11 +87,12 @@ class Stage:
                                        for name, p in self.layers[i].named_parameters()}
         return self.forward_weights[i]
 
-    def forward(self, key: Hashable, x: torch.Tensor, needs_input_grad: bool) -> torch.Tensor:
-        """Forward one microbatch, keeping its buffer for backward; returns the detached output."""
+    def forward(self, key: Hashable, x: torch.Tensor, needs_input_grad: bool, stale: bool = False) -> torch.Tensor:
+        """Forward one microbatch, keeping its buffer for backward; returns the detached output. `stale`:
+        a step will come before its backward, so it runs on a copy of the weights."""
         x = x.detach().requires_grad_(needs_input_grad)
-        y = self._run(x)
-        self.buffers[key] = (x, y, self.version, dict(self.forward_weights))
+        y = self._run(x, stale)
+        self.buffers[key] = (x, y, self.version, dict(self.forward_weights) if stale else {})
         return y.detach()
 
     def lag(self, key: Hashable) -> int:
@@ -99,13 +100,13 @@ class Stage:
         return self.version - self.buffers[key][2]
 
     def forward_loss(self, key: Hashable, x: torch.Tensor, labels: torch.Tensor, batch: int,
-                     needs_input_grad: bool) -> tuple[float, int]:
+                     needs_input_grad: bool, stale: bool = False) -> tuple[float, int]:
         """Tail forward: loss of one microbatch, scaled so that microbatch gradients sum to the
         batch-mean gradient. Returns (summed loss, correct predictions)."""
         x = x.detach().requires_grad_(needs_input_grad)
-        logits = self._run(x)
+        logits = self._run(x, stale)
         loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-        self.buffers[key] = (x, loss_sum / batch, self.version, dict(self.forward_weights))
+        self.buffers[key] = (x, loss_sum / batch, self.version, dict(self.forward_weights) if stale else {})
         return loss_sum.item(), int((logits.argmax(1) == labels).sum())
 
     def backward(self, key: Hashable, grad: torch.Tensor | None) -> torch.Tensor | None:
@@ -113,12 +114,11 @@ class Stage:
         Returns the gradient of its input (None at the head)."""
         x, y, _, used = self.buffers.pop(key)
         y.backward(grad)
-        if self.stashed:   # gradients that landed on forward copies (non-deferred parameters) go to the layer
-            for i, weights in used.items():
-                for name, p in self.layers[i].named_parameters():
-                    g, weights[name].grad = weights[name].grad, None
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad + g
+        for i, weights in used.items():   # gradients that landed on copies (parameters without deferred grads)
+            for name, p in self.layers[i].named_parameters():
+                g, weights[name].grad = weights[name].grad, None
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
         return x.grad
 
     def step(self) -> None:
