@@ -6,6 +6,9 @@ Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatc
   fast_sps              splitring Fast N-split (1F1B), 2 agents, 1 thread each
   fast_async_sps        splitring Fast N-split, asynchronous (--max-staleness 1), 2 agents, 1 thread each
   torch_pipelining_sps  torch.distributed.pipelining Schedule1F1B, 2 gloo ranks, 1 thread each
+Also measured in the same run, in one process on 1 thread: what each stage of the 2-way split Fast
+N-split used costs per step when computed alone (`fast_stage_ms`: 8 forwards, 8 backwards, the step).
+The busiest stage bounds any 2-stage pipeline of these microbatches: `fast_ceiling_sps`.
 Usage: python scripts/bench_pipeline.py [--json] [--steps N]
 """
 from __future__ import annotations
@@ -26,7 +29,9 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from peer.localring import LocalRing, train_cli  # noqa: E402
+from pipeline.config import JobConfig  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.stage import Stage  # noqa: E402
 from pipeline.swaps import even_split  # noqa: E402
 
 WIDTH, DEPTH, BATCH, MICRO = 1024, 8, 256, 8
@@ -50,6 +55,33 @@ def single(steps: int) -> float:
         F.cross_entropy(model(x[s * BATCH:(s + 1) * BATCH]), y[s * BATCH:(s + 1) * BATCH]).backward()
         opt.step()
     return steps * BATCH / (time.perf_counter() - t0)
+
+
+def stage_ms(ranges: list[tuple[int, int]], steps: int) -> list[float]:
+    """Milliseconds per step of each stage's own compute under Fast N-split, one thread, no I/O."""
+    torch.set_num_threads(1)
+    cfg = JobConfig(model=SPEC, scheme="fast", microbatches=MICRO, batch_size=BATCH, lr=0.01)
+    x, y = samples(1)
+    rows = BATCH // MICRO
+    out = []
+    for j, (a, b) in enumerate(ranges):
+        stage, tail = Stage.build(cfg, a, b), j == len(ranges) - 1
+        xs = x if j == 0 else torch.randn(BATCH, *stage.layers[a][0].weight.shape[1:])
+        grad = torch.randn(rows, WIDTH)
+        for s in range(steps + 1):
+            if s == 1:
+                t0 = time.perf_counter()
+            for m in range(MICRO):
+                part = slice(m * rows, (m + 1) * rows)
+                if tail:
+                    stage.forward_loss(m, xs[part], y[part], BATCH, needs_input_grad=j > 0)
+                else:
+                    stage.forward(m, xs[part], needs_input_grad=j > 0)
+            for m in range(MICRO):
+                stage.backward(m, None if tail else grad)
+            stage.step()
+        out.append(1000 * (time.perf_counter() - t0) / steps)
+    return out
 
 
 def splitring(steps: int, scheme: str) -> dict:
@@ -126,10 +158,13 @@ def main() -> None:
         res[f"{key}_sps"] = summary["samples_per_s"]
         res[f"{key}_ranges"] = summary["plans"][0]["ranges"]
     res["fast_async_max_staleness"] = max(summary["staleness"])
+    res["fast_stage_ms"] = stage_ms([tuple(r) for r in res["fast_ranges"].values()], args.steps)
+    res["fast_ceiling_sps"] = BATCH / (max(res["fast_stage_ms"]) / 1000)
     res["torch_pipelining_sps"] = torch_pipelining(args.steps)
     res["fast_vs_single"] = res["fast_sps"] / res["single_1thread_sps"]
     res["fast_vs_torch_pipelining"] = res["fast_sps"] / res["torch_pipelining_sps"]
     res["fast_async_vs_single"] = res["fast_async_sps"] / res["single_1thread_sps"]
+    res["fast_ceiling_vs_single"] = res["fast_ceiling_sps"] / res["single_1thread_sps"]
     res.update(steps=args.steps, batch=BATCH, microbatches=MICRO, width=WIDTH, depth=DEPTH)
     if args.json:
         print(json.dumps(res))
