@@ -158,4 +158,8 @@ def test_config_validation():
         JobConfig(optimizer="lbfgs")
     with pytest.raises(ConfigError, match="unknown job config"):
         JobConfig.from_dict({"epochs": 1, "warp": 9})
+    with pytest.raises(ConfigError, match="unknown scheme 'async' \\(nsplit, fast, fast-async\\)"):
+        JobConfig(scheme="async")
+    with pytest.raises(ConfigError, match="max_staleness must be >= 0"):
+        JobConfig(scheme="fast-async", max_staleness=-1)
     assert JobConfig.from_dict(JobConfig(epochs=3).to_dict()).epochs == 3
