@@ -397,7 +397,7 @@ class Agent:
             if rt.position == len(rt.chain) - 1:   # the tail knows the loss
                 ev.update(event="step", steps=rt.progress["steps"], samples=result.samples,
                           loss=result.loss_sum / max(size, 1), correct=result.correct)
-            elif msg["mode"] != "train":
+            elif msg["mode"] != "train" or rt.cfg.scheme != "fast-async":   # only fast-async has staleness
                 return
             await resp.write((json.dumps(ev) + "\n").encode())
 

@@ -34,7 +34,7 @@ class Coordinator:
         self.state_dict: dict | None = None
         self.ring: list[dict] = []
         self.summary: dict | None = None
-        self.staleness: list[int] = []   # per training step: the most steps behind any stage's forward weights were
+        self.staleness: list[int] = []   # fast-async, per step: the most steps old any stage's forward weights were
         self.task: asyncio.Task | None = None
 
     # --- events -------------------------------------------------------------------------------
@@ -228,15 +228,19 @@ class Coordinator:
         seen = 0
         pending: dict[int, list[dict]] = {}   # step -> the stages' reports so far
 
+        reporting = len(active) if self.cfg.scheme == "fast-async" else 1   # stages that report each step
+
         def report(ev: dict):
-            """A step is reported once every stage is done with it: loss from the tail, staleness from all."""
+            """A step is reported once every reporting stage is done with it: the loss comes from the tail,
+            fast-async's staleness from every stage."""
             got = pending.setdefault(ev["step"], [])
             got.append(ev)
-            if len(got) < len(active):
+            if len(got) < reporting:
                 return
             tail = next(e for e in pending.pop(ev["step"]) if e["event"] == "step")
             staleness = max(e["staleness"] for e in got)
-            self.staleness.append(staleness)
+            if self.cfg.scheme == "fast-async":
+                self.staleness.append(staleness)
             self.emit({"event": "step", "epoch": epoch + 1, "rotation": rotation, "head": active[0],
                        "step": tail["step"] + 1, "steps": tail["steps"], "loss": tail["loss"], "staleness": staleness,
                        "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})

@@ -74,7 +74,8 @@ class LocalRing:
 
     def __init__(self, data: list[list[str]], ring: str | None = None, interface: str = "127.0.0.1",
                  workdir: str | None = None, extra: list[str] | None = None, secret: str | None = None,
-                 tls: bool = False):
+                 tls: bool = False, peer_ids: list[str] | None = None):
+        """peer_ids: fixed ids (and so a fixed ring order) instead of random ones."""
         self.data = data
         self.ring = ring or f"test-{secrets.token_hex(3)}"
         self.interface = interface
@@ -82,6 +83,9 @@ class LocalRing:
         self.workdir = Path(workdir or self._tmp.name)
         self.extra = extra or []
         self.tls = tls
+        for k, pid in enumerate(peer_ids or []):
+            (self.workdir / f"agent{k}").mkdir(parents=True, exist_ok=True)
+            (self.workdir / f"agent{k}" / "peer_id").write_text(pid)
         self.agents: list[AgentProcess] = []
         self.secret_file = self.key = None
         if secret:

@@ -27,7 +27,7 @@ class JobConfig:
     shuffle: bool = True        # heads visit their shard in a seeded random order each epoch
     scheme: str = "nsplit"      # nsplit: one microbatch at a time; fast: pipelined microbatches (Fast N-split);
                                 # fast-async: pipelined across steps, forwards on weights up to max_staleness old
-    pipeline: str = "1f1b"      # fast only: 1f1b (fewer buffers in flight) or gpipe; both flush every step
+    pipeline: str = "1f1b"      # fast: 1f1b (fewer buffers in flight) or gpipe, both flush every step; fast-async: 1f1b
     max_staleness: int = 1      # fast-async only: optimizer steps a forward's weights may lag (0 = synchronous)
     split: str = "planned"      # planned: the split planner (speed, memory, links); even: equal layer counts
     recv_timeout: float = 120.0  # seconds a stage waits for a neighbour before the job fails
@@ -44,6 +44,8 @@ class JobConfig:
             (self.momentum >= 0 and self.weight_decay >= 0, "momentum and weight_decay must be >= 0"),
             (self.scheme in SCHEMES, f"unknown scheme {self.scheme!r} ({', '.join(SCHEMES)})"),
             (self.max_staleness >= 0, "max_staleness must be >= 0"),
+            (self.scheme != "fast-async" or self.pipeline == "1f1b",
+             "fast-async runs 1F1B across steps; pipeline gpipe is for scheme fast"),
             (self.split in ("planned", "even"), f"unknown split {self.split!r} (planned, even)"),
             (self.pipeline in ("1f1b", "gpipe"), f"unknown pipeline schedule {self.pipeline!r} (1f1b, gpipe)"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),

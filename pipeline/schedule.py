@@ -83,16 +83,23 @@ def one_f_one_b(stage: int, n_stages: int, n_mb: int) -> list[Action]:
 
 
 def asynchronous(stage: int, n_stages: int, mbs: list[int], max_staleness: int) -> list[Action]:
-    """fast-async: 1F1B run across step boundaries, flushed every max_staleness + 1 steps. A forward may
-    run before the updates of earlier steps of its group reach this stage, so the weights it uses are at
-    most max_staleness steps old (see `staleness`); max_staleness 0 is synchronous 1F1B."""
-    acts: list[Action] = []
-    group = max_staleness + 1
-    for first in range(0, len(mbs), group):
-        steps = range(first, min(first + group, len(mbs)))
-        acts += _interleaved(stage, n_stages, [(s, m) for s in steps for m in range(mbs[s])],
-                             {s: mbs[s] for s in steps})
-    return acts
+    """fast-async: 1F1B run across step boundaries. A stage's warm-up forwards of the next step run
+    before this step's update reaches it, so their weights are a few steps old: at most
+    ceil((n_stages-1-stage) / min(mbs)) steps (`lags`). When that can exceed max_staleness, the pass is
+    flushed every max_staleness + 1 steps instead, so no forward's weights are more than max_staleness
+    steps old; max_staleness 0 is synchronous 1F1B. Every stage decides alike (from the head, which
+    lags most), so the programs of a chain agree."""
+    def groups(size: int) -> list[Action]:
+        acts: list[Action] = []
+        for first in range(0, len(mbs), size):
+            steps = range(first, min(first + size, len(mbs)))
+            acts += _interleaved(stage, n_stages, [(s, m) for s in steps for m in range(mbs[s])],
+                                 {s: mbs[s] for s in steps})
+        return acts
+
+    whole = [(s, m) for s in range(len(mbs)) for m in range(mbs[s])]
+    head_lag = max(lags(_interleaved(0, n_stages, whole, dict(enumerate(mbs)))).values(), default=0)
+    return groups(len(mbs) if head_lag <= max_staleness else max_staleness + 1)
 
 
 def evaluation(stage: int, n_stages: int) -> list[Action]:
@@ -107,6 +114,8 @@ def program(scheme: str, pipeline: str, stage: int, n_stages: int, n_mb: int) ->
     """One step's actions for a stage: sequential N-split, or a pipelined schedule (Fast N-split)."""
     if scheme == "nsplit":
         return nsplit(stage, n_stages, n_mb)
+    if scheme != "fast":
+        raise ValueError(f"{scheme} has no one-step program: see pass_program")
     return PIPELINES[pipeline](stage, n_stages, n_mb)
 
 
@@ -164,12 +173,18 @@ def chain_order(ring: list[str], rotation: int) -> list[str]:
 
 
 def render(programs: list[list[Action]]) -> str:
-    """One line per stage: its actions in order."""
-    return "\n".join(f"stage {i}: " + " ".join(map(str, p)) for i, p in enumerate(programs))
+    """One line per stage: its actions in order (as step.microbatch when they span several steps)."""
+    several = any(a.step for p in programs for a in p)
+
+    def label(a: Action) -> str:
+        if not several:
+            return str(a)
+        return f"{a.kind}{a.step}" if a.mb is None else f"{a.kind}{a.step}.{a.mb}"
+    return "\n".join(f"stage {i}: " + " ".join(map(label, p)) for i, p in enumerate(programs))
 
 
 def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float = 2.0) -> list[tuple]:
-    """Simulate the programs of one step with unit costs (transfers free): (stage, action, start, end)
+    """Simulate the programs with unit costs (transfers free): (stage, action, start, end)
     for every F, B and STEP. Raises RuntimeError if the programs deadlock."""
     clock = [0.0] * len(programs)
     ready: dict[tuple, float] = {}   # (kind, receiving stage, step, mb) -> time it is available

@@ -59,12 +59,10 @@ class Stage:
         if self.cfg.scheme != "nsplit":  # pipelined: weight gradients batched over the step's microbatches
             self.deferred[index] = Deferred(module)
         self.layers = dict(sorted(self.layers.items()))
-        self.forward_weights.pop(index, None)
 
     def remove(self, index: int) -> None:
         del self.layers[index], self.optimizers[index]
         self.deferred.pop(index, None)
-        self.forward_weights.pop(index, None)
 
     @property
     def range(self) -> tuple[int, int]:
@@ -131,12 +129,15 @@ class Stage:
         self.version += 1
 
     def memory_bytes(self) -> int:
-        """Parameters, gradients (same size), optimizer state and the forward buffers held now."""
+        """Parameters, gradients (same size), optimizer state, the forward buffers and the weight copies of
+        stale forwards held now (a copy lives while a microbatch that ran on it is in flight)."""
         params = sum(p.numel() * p.element_size() for m in self.layers.values() for p in m.parameters())
         state = sum(v.numel() * v.element_size() for o in self.optimizers.values() for s in o.state.values()
                     for v in s.values() if torch.is_tensor(v))
         buffers = sum(t.numel() * t.element_size() for kept in self.buffers.values() for t in kept[:2])
-        buffers += sum(t.numel() * t.element_size() for w in self.forward_weights.values() for t in w.values())
+        copies = {id(w): w for used in [self.forward_weights, *(kept[3] for kept in self.buffers.values())]
+                  for w in used.values()}
+        buffers += sum(t.numel() * t.element_size() for w in copies.values() for t in w.values())
         deferred = sum(t.numel() * t.element_size() for d in self.deferred.values() for pairs in d.pending.values()
                        for pair in pairs for t in pair)
         return 2 * params + state + buffers + deferred

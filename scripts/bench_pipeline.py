@@ -152,12 +152,12 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     res = {"single_1thread_sps": single(args.steps)}
-    for scheme in ("nsplit", "fast", "fast-async"):
-        summary = splitring(args.steps, scheme)
+    summaries = {scheme: splitring(args.steps, scheme) for scheme in ("nsplit", "fast", "fast-async")}
+    for scheme, summary in summaries.items():
         key = scheme.replace("-", "_")
         res[f"{key}_sps"] = summary["samples_per_s"]
         res[f"{key}_ranges"] = summary["plans"][0]["ranges"]
-    res["fast_async_max_staleness"] = max(summary["staleness"])
+    res["fast_async_max_staleness"] = max(summaries["fast-async"]["staleness"])
     res["fast_stage_ms"] = stage_ms([tuple(r) for r in res["fast_ranges"].values()], args.steps)
     res["fast_ceiling_sps"] = BATCH / (max(res["fast_stage_ms"]) / 1000)
     res["torch_pipelining_sps"] = torch_pipelining(args.steps)

@@ -23,11 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # --- an independent statement of the cost and memory model --------------------------------------
 
+STALENESS = 2   # max_staleness of fast-async plans here
+
+
 def reference(devices, layers, ranges, scheme, m):
     """(step seconds, bytes per stage) straight from the model's definition."""
-    kept = m if scheme == "fast" else 1
+    kept = 1 if scheme == "nsplit" else m
     one_pass, busy, memory = 0.0, [], []
-    for d, (a, b) in zip(devices, ranges):
+    for j, (d, (a, b)) in enumerate(zip(devices, ranges)):
+        lag = min(STALENESS, math.ceil((len(devices) - 1 - j) / m)) if scheme == "fast-async" else 0
+        copies = lag + 1 if lag else 0   # weight copies of stale forwards
         if a == b:
             memory.append(0)
             continue
@@ -41,7 +46,7 @@ def reference(devices, layers, ranges, scheme, m):
             one_pass += 2 * (d.latency + wire)
             busy.append(wire)
         acts = sum(l.activation_bytes for l in layers[a:b]) + (layers[a - 1].activation_bytes if a else 0)
-        memory.append(sum(2 * l.param_bytes + l.optim_bytes for l in layers[a:b]) + kept * acts)
+        memory.append(sum((2 + copies) * l.param_bytes + l.optim_bytes for l in layers[a:b]) + kept * acts)
     step = m * one_pass if scheme == "nsplit" else one_pass + (m - 1) * max(busy)
     return step, memory
 
@@ -114,7 +119,8 @@ def check_plan(p, devices, layers, scheme, m):
     assert p.fits and fits(devices, memory)
 
 
-@pytest.mark.parametrize("scheme, batch", [("nsplit", solve.BATCH), ("fast", solve.BATCH), ("fast", 1)])
+@pytest.mark.parametrize("scheme, batch", [("nsplit", solve.BATCH), ("fast", solve.BATCH), ("fast", 1),
+                                           ("fast-async", solve.BATCH)])
 @settings(max_examples=300, deadline=None)
 @given(instance=instances())
 def test_optimal_as_brute_force(scheme, batch, instance):
@@ -123,9 +129,9 @@ def test_optimal_as_brute_force(scheme, batch, instance):
     with patch.object(solve, "BATCH", batch):   # 1: the "fast" search goes one cap at a time
         if not found:
             with pytest.raises(PlanInfeasible):
-                plan(devices, layers, scheme, m)
+                plan(devices, layers, scheme, m, max_staleness=STALENESS)
             return
-        p = plan(devices, layers, scheme, m)
+        p = plan(devices, layers, scheme, m, max_staleness=STALENESS)
     check_plan(p, devices, layers, scheme, m)
     assert math.isclose(p.step_s, found[0][0], rel_tol=1e-9, abs_tol=1e-9 * scale(devices, layers))
 

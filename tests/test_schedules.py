@@ -1,11 +1,15 @@
 """Pipelined schedules (Fast N-split) as data: well-formed, deadlock-free, exact."""
+import math
+
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from pipeline import data, local, reference
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.models import num_layers
+from pipeline.stage import Stage
 from pipeline.swaps import even_split
 
 
@@ -95,19 +99,51 @@ def test_async_programs_run_1f1b_across_steps_with_bounded_staleness(n_stages, m
         for s, n in enumerate(mbs):
             assert sorted(a.mb for a in prog if a.kind == S.F and a.step == s) == list(range(n))
             assert sorted(a.mb for a in prog if a.kind == S.B and a.step == s) == list(range(n))
-        assert max(S.staleness(prog).values()) <= k
+        natural = math.ceil((n_stages - 1 - j) / min(mbs))   # warm-up forwards over the fewest microbatches
+        assert max(S.staleness(prog).values()) <= min(k, natural)
         assert S.in_flight(prog) <= n_stages - j
     if k == 0:   # no staleness allowed: exactly synchronous 1F1B, a flush per step
         assert progs == [S.pass_program("fast", "1f1b", j, n_stages, mbs) for j in range(n_stages)]
-    if n_stages == 2 and k >= 1 and len(mbs) >= 2:   # the head's warm-up forward of step 1 runs before step 0's update
-        assert S.staleness(progs[0])[1] == 1
 
 
-def test_async_pipelining_saves_the_flush():
-    mbs = [4] * 4
-    sync = S.timeline([S.pass_program("fast", "1f1b", j, 3, mbs) for j in range(3)])
-    asyn = S.timeline([S.pass_program("fast-async", "1f1b", j, 3, mbs, 3) for j in range(3)])
-    assert max(s[3] for s in asyn) < max(s[3] for s in sync)
+def test_async_pipelining_drops_the_flush_when_the_bound_allows():
+    def makespan(scheme, n_stages, mbs, k=0):
+        return max(s[3] for s in S.timeline([S.pass_program(scheme, "1f1b", j, n_stages, mbs, k)
+                                              for j in range(n_stages)]))
+    # 3 stages, 6 steps of 4 microbatches: warm-ups lag one step at most, so K = 1 needs no flush
+    assert (makespan("fast", 3, [4] * 6), makespan("fast-async", 3, [4] * 6, 1)) == (108, 78)
+    assert makespan("fast-async", 3, [4] * 6, 5) == 78
+    # 4 stages, 1 microbatch per step: the head lags 3 steps; K = 1 flushes every 2 steps
+    sync, k1, k3 = makespan("fast", 4, [1] * 6), makespan("fast-async", 4, [1] * 6, 1), makespan("fast-async", 4, [1] * 6, 3)
+    assert sync > k1 > k3
+    assert max(S.staleness(S.pass_program("fast-async", "1f1b", 0, 4, [1] * 6, 1)).values()) == 1
+    assert max(S.staleness(S.pass_program("fast-async", "1f1b", 0, 4, [1] * 6, 3)).values()) == 3
+
+
+def test_pass_programs_render_step_and_microbatch():
+    text = S.render([S.pass_program("fast-async", "1f1b", j, 2, [2, 2], 1) for j in range(2)])
+    assert text.splitlines()[0].startswith("stage 0: F0.0 SEND_F0.0 F0.1 SEND_F0.1 RECV_B0.0 B0.0 F1.0 SEND_F1.0")
+    assert "STEP0" in text and "STEP1" in text
+    with pytest.raises(ValueError, match="pass_program"):
+        S.program("fast-async", "1f1b", 0, 2, 2)
+
+
+def test_stage_memory_counts_the_weight_copies_of_stale_forwards():
+    cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 32}, scheme="fast-async", microbatches=2)
+    stage = Stage.build(cfg, 0, 3)
+    params = sum(p.numel() * 4 for m in stage.layers.values() for p in m.parameters())
+    x = torch.zeros(4, 64)
+    stage.forward((0, 0), x, needs_input_grad=False)
+    base = stage.memory_bytes()
+    stage.forward((1, 0), x, needs_input_grad=False, stale=True)    # its backward will come after a step
+    with_copy = stage.memory_bytes()
+    stage.backward((0, 0), torch.ones(4, 10))
+    stage.step()
+    assert stage.lag((1, 0)) == 1
+    after_step = stage.memory_bytes()                               # the copy outlives the step ...
+    stage.backward((1, 0), torch.ones(4, 10))
+    stage.step()
+    assert with_copy - base >= params and after_step - stage.memory_bytes() >= params   # ... not its microbatch
 
 
 @pytest.mark.parametrize("k,spec", [(1, {"name": "mlp", "depth": 4, "width": 32}),

@@ -19,7 +19,9 @@ Memory model, per stage [a, b): parameters + gradients (same bytes) + optimizer 
 plus the activations it keeps for backward, per microbatch in flight: its input (layer a-1's output;
 the head's raw input is its data, not counted) and every layer's output. Microbatches in flight:
 1 for "nsplit", M for the pipelined schemes (all forwards before the first backward, the worst case).
-"fast-async" also keeps the weights its forwards ran on: up to max_staleness + 1 extra copies.
+"fast-async" also keeps copies of a stage's parameters for its stale forwards: with a lag of at most
+L = min(max_staleness, ceil((stages-1-j) / M)) steps at chain position j (assuming batches of at least
+M samples), L + 1 copies, and none where L = 0.
 """
 from __future__ import annotations
 
@@ -156,9 +158,10 @@ def microbatches_in_flight(scheme: str, microbatches: int) -> int:
     return 1 if scheme == "nsplit" else microbatches
 
 
-def weight_copies(scheme: str, max_staleness: int) -> int:
-    """Extra copies of the parameters a stage keeps for its forwards (see the module docstring)."""
-    return max_staleness + 1 if scheme == "fast-async" else 0
+def weight_copies(scheme: str, max_staleness: int, position: int, stages: int, microbatches: int) -> int:
+    """Extra copies of its parameters the stage at a chain position keeps (see the module docstring)."""
+    lag = min(max_staleness, -(-(stages - 1 - position) // microbatches)) if scheme == "fast-async" else 0
+    return lag + 1 if lag else 0
 
 
 def stage_memory(layers: list[LayerCost], a: int, b: int, in_flight: int, copies: int = 0) -> int:
@@ -181,7 +184,7 @@ def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[
                          f"with a non-empty head: {ranges}")
     m, k = microbatches, microbatches_in_flight(scheme, microbatches)
     one_pass, busiest, stages = 0.0, 0.0, []
-    for d, (a, b) in zip(devices, ranges):
+    for j, (d, (a, b)) in enumerate(zip(devices, ranges)):
         compute = sum(d.layer_times(layers)[a:b], 0.0)
         sends = a < b < len(layers)   # a used stage that is not the tail
         wire = layers[b - 1].activation_bytes / d.bandwidth if sends else 0.0
@@ -189,6 +192,7 @@ def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[
         one_pass += compute + send
         busiest = max(busiest, compute, wire)
         stages.append(StagePlan(d.name, (a, b), m * compute, m * send,
-                                stage_memory(layers, a, b, k, weight_copies(scheme, max_staleness)), d.memory_budget))
+                                stage_memory(layers, a, b, k, weight_copies(scheme, max_staleness, j, len(devices), m)),
+                                d.memory_budget))
     step = m * one_pass if scheme == "nsplit" else one_pass + (m - 1) * busiest
     return Plan(scheme, m, tuple(stages), step, busiest)

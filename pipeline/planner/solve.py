@@ -49,8 +49,8 @@ def plan(devices: list[Device], layers: list[LayerCost], scheme: str = "nsplit",
     check(devices, layers, scheme, microbatches)
     if previous and sorted(owners(previous)) != list(range(len(layers))):
         raise ValueError(f"the previous assignment {previous} does not cover layers 0..{len(layers) - 1}")
-    inst = _Instance(devices, layers, microbatches_in_flight(scheme, microbatches), previous,
-                     weight_copies(scheme, max_staleness))
+    copies = [weight_copies(scheme, max_staleness, k, len(devices), microbatches) for k in range(len(devices))]
+    inst = _Instance(devices, layers, microbatches_in_flight(scheme, microbatches), previous, copies)
     best = _solve(inst, np.array([np.inf]))[0] if scheme == "nsplit" else _fast(inst, microbatches)
     if best is None:
         raise _shortfall(inst, devices)
@@ -67,7 +67,7 @@ class _Instance:
     """One planning problem as integer arrays over (chain position k, layer boundary b = 0..L)."""
 
     def __init__(self, devices: list[Device], layers: list[LayerCost], kept_microbatches: int,
-                 previous: dict[str, tuple[int, int]] | None, copies: int = 0):
+                 previous: dict[str, tuple[int, int]] | None, copies: list[int]):
         self.n, self.L = len(devices), len(layers)
         times = np.array([d.layer_times(layers) for d in devices], dtype=float)
         act = np.array([l.activation_bytes for l in layers], dtype=float)
@@ -91,14 +91,15 @@ class _Instance:
         self.key = (self.T << BYTE_BITS) + units   # key[k, b]: device k taking layers [0, b)
         self.send_key = np.round(send / tick).astype(np.int64) << BYTE_BITS
 
-        # Memory of [a, b) = Q[b] - h[a]; h is nondecreasing, so the fitting a are a window [lo, b).
-        fixed = np.array([(2 + copies) * l.param_bytes + l.optim_bytes for l in layers], dtype=np.int64)
+        # Memory of [a, b) on device k = Q[b] - h[a]; h is nondecreasing, so the fitting a are a window [lo, b).
+        params = np.array([l.param_bytes for l in layers], dtype=np.int64)
+        fixed = np.array([2 * l.param_bytes + l.optim_bytes for l in layers], dtype=np.int64)
         kept = kept_microbatches * np.array([l.activation_bytes for l in layers], dtype=np.int64)
-        self.Q = _cumsum0(fixed + kept)
+        self.Q = np.stack([_cumsum0(fixed + extra * params + kept) for extra in copies])
         self.h = self.Q.copy()
-        self.h[1:] -= kept   # the stage's input (layer a-1's output) is kept too
-        budgets = [self.Q[-1] if d.memory_budget is None else d.memory_budget for d in devices]
-        self.mem_lo = np.stack([np.searchsorted(self.h, self.Q - budget, side="left") for budget in budgets])
+        self.h[:, 1:] -= kept   # the stage's input (layer a-1's output) is kept too
+        self.mem_lo = np.stack([np.searchsorted(h, Q - (Q[-1] if d.memory_budget is None else d.memory_budget),
+                                                side="left") for d, Q, h in zip(devices, self.Q, self.h)])
 
     def window(self, k: int, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per cap and boundary b: the smallest a such that [a, b) fits device k's budget and the cap, and
@@ -204,7 +205,7 @@ def _shortfall(inst: _Instance, devices: list[Device]) -> PlanInfeasible:
     """Explain why the budgets cannot hold the model: fill the peers in chain order, each taking as many
     layers as it can hold (the farthest any split can reach), and name what is left over."""
     head = devices[0]
-    first = int(inst.Q[1] - inst.h[0])
+    first = int(inst.Q[0, 1] - inst.h[0, 0])
     if first > head.memory_budget:
         short = first - head.memory_budget
         return PlanInfeasible(
@@ -215,12 +216,12 @@ def _shortfall(inst: _Instance, devices: list[Device]) -> PlanInfeasible:
     for k, d in enumerate(devices):   # every budget is set: a peer without one takes all that is left
         start = a
         a = max(a, int(np.searchsorted(inst.mem_lo[k], a, side="right")) - 1)   # farthest end it can hold
-        used = int(inst.Q[a] - inst.h[start]) if start < a else 0
+        used = int(inst.Q[k, a] - inst.h[k, start]) if start < a else 0
         fill.append(f"{d.name} {_layer_text(start, a)}, {format_bytes(used)} of {format_bytes(d.memory_budget)}")
     tail = devices[-1]
-    short = int(inst.Q[-1] - inst.h[start]) - tail.memory_budget
+    short = int(inst.Q[-1, -1] - inst.h[-1, start]) - tail.memory_budget
     shown = fill if len(fill) <= 8 else fill[:8] + [f"{len(fill) - 8} more"]
-    alone = inst.Q[1:] - inst.h[:-1]   # each layer as a stage of its own
+    alone = (inst.Q[:, 1:] - inst.h[:, :-1]).min(axis=0)   # each layer as a stage of its own, where it costs least
     largest = max(d.memory_budget for d in devices)
     too_big = "".join(f" Layer {i} alone needs {format_bytes(int(alone[i]))}, more than any budget."
                       for i in np.flatnonzero(alone > largest)[:3])
@@ -228,7 +229,7 @@ def _shortfall(inst: _Instance, devices: list[Device]) -> PlanInfeasible:
         f"the model does not fit the peers' memory budgets: {_layer_text(a, inst.L)} (of {inst.L}) are left "
         f"over: {tail.name} is {format_bytes(short)} ({short} bytes) short of holding them too.{too_big} Each "
         f"peer, in chain order, took all it can hold: {'; '.join(shown)}. All layers need at least "
-        f"{format_bytes(int(inst.Q[-1]))}; the budgets sum to {format_bytes(sum(d.memory_budget for d in devices))}",
+        f"{format_bytes(int(inst.Q[:, -1].min()))}; the budgets sum to {format_bytes(sum(d.memory_budget for d in devices))}",
         short, (a, inst.L), tuple(d.name for d in devices))
 
 
