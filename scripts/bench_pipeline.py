@@ -9,7 +9,9 @@ Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatc
 Also measured in the same run, in one process on 1 thread: what each stage of the 2-way split Fast
 N-split used costs per step when computed alone (`fast_stage_ms`: 8 forwards, 8 backwards, the step).
 The busiest stage bounds any 2-stage pipeline of these microbatches: `fast_ceiling_sps`.
-Usage: python scripts/bench_pipeline.py [--json] [--steps N]
+With --repeats R every throughput is the best of R runs (these machines are noisy; the best run is the
+one least disturbed).
+Usage: python scripts/bench_pipeline.py [--json] [--steps N] [--repeats R]
 """
 from __future__ import annotations
 
@@ -148,11 +150,14 @@ def torch_pipelining(steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    res = {"single_1thread_sps": single(args.steps)}
-    summaries = {scheme: splitring(args.steps, scheme) for scheme in ("nsplit", "fast", "fast-async")}
+    runs = range(args.repeats)
+    res = {"single_1thread_sps": max(single(args.steps) for _ in runs)}
+    summaries = {scheme: max((splitring(args.steps, scheme) for _ in runs), key=lambda s: s["samples_per_s"])
+                 for scheme in ("nsplit", "fast", "fast-async")}
     for scheme, summary in summaries.items():
         key = scheme.replace("-", "_")
         res[f"{key}_sps"] = summary["samples_per_s"]
@@ -160,12 +165,12 @@ def main() -> None:
     res["fast_async_max_staleness"] = max(summaries["fast-async"]["staleness"])
     res["fast_stage_ms"] = stage_ms([tuple(r) for r in res["fast_ranges"].values()], args.steps)
     res["fast_ceiling_sps"] = BATCH / (max(res["fast_stage_ms"]) / 1000)
-    res["torch_pipelining_sps"] = torch_pipelining(args.steps)
+    res["torch_pipelining_sps"] = max(torch_pipelining(args.steps) for _ in runs)
     res["fast_vs_single"] = res["fast_sps"] / res["single_1thread_sps"]
     res["fast_vs_torch_pipelining"] = res["fast_sps"] / res["torch_pipelining_sps"]
     res["fast_async_vs_single"] = res["fast_async_sps"] / res["single_1thread_sps"]
     res["fast_ceiling_vs_single"] = res["fast_ceiling_sps"] / res["single_1thread_sps"]
-    res.update(steps=args.steps, batch=BATCH, microbatches=MICRO, width=WIDTH, depth=DEPTH)
+    res.update(steps=args.steps, repeats=args.repeats, batch=BATCH, microbatches=MICRO, width=WIDTH, depth=DEPTH)
     if args.json:
         print(json.dumps(res))
     else:
