@@ -246,7 +246,20 @@ class Agent:
         """One incoming data-plane connection: hello first, then fwd/bwd for this peer's stages, pings (each
         answered by a pong) and sinks (discarded: bandwidth tests).
         Anything wrong is answered with an error reply; nothing of a job is touched by a refused message."""
-        sender, handshake = None, ServerHandshake(self.key, self.peer_id, self.ring, self.fingerprint)
+        handshake = ServerHandshake(self.key, self.peer_id, self.ring, self.fingerprint)
+        deadline = asyncio.timeout(LIMITS.handshake_s)   # lifted once the sender has proved itself
+        try:
+            async with deadline:
+                await self._serve_frames(remote, frames, reply, handshake, deadline)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            self.m_rejected.labels("handshake_timeout").inc()
+            log.warning("data plane: closed a connection from %s that did not finish its handshake in %.0f s",
+                        remote, LIMITS.handshake_s)
+
+    async def _serve_frames(self, remote, frames, reply, handshake: ServerHandshake, deadline) -> None:
+        sender = None
         async for frame in frames:
             ref = None
             try:
@@ -259,6 +272,8 @@ class Agent:
                 if sender is None:
                     answer = handshake.step(msg)
                     sender = handshake.sender
+                    if sender:
+                        deadline.reschedule(None)   # a proven neighbour may stay connected
                     if answer:
                         await reply(answer)
                 elif msg["type"] in ("fwd", "bwd"):

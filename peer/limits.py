@@ -22,6 +22,9 @@ class Limits:
     # address, with a burst allowance; more are answered 429 without further work
     connections_per_s: float = 20.0
     connection_burst: int = 50
+    # seconds a new data-plane connection has to prove itself (hello, and auth in a ring with a secret);
+    # one that has not is closed, so idle unauthenticated connections cannot pile up
+    handshake_s: float = 10.0
 
 
 LIMITS = Limits()

@@ -202,3 +202,22 @@ def test_a_peer_killed_mid_job_stops_the_job_cleanly(start_ring):
     for a in survivors:
         ckpt = torch.load(r.workdir / f"agent{r.agents.index(a)}" / "jobs" / job_id / "stage.pt", weights_only=True)
         assert ckpt["job"] == job_id and ckpt["layers"]
+
+
+def test_a_data_plane_connection_that_never_proves_itself_is_closed(ring):
+    """Unauthenticated connections cannot pile up: one that does not finish its handshake is closed
+    after peer.limits' handshake_s, and the agent keeps serving."""
+    import socket
+
+    from peer.limits import LIMITS
+    from peer.transport import UPGRADE
+
+    host, port = ring.urls[0].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(f"GET /data HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE}\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 101")
+        t0 = time.monotonic()
+        s.settimeout(LIMITS.handshake_s + 10)
+        assert s.recv(4096) == b""   # closed by the agent, not by our timeout (which would raise)
+        assert LIMITS.handshake_s - 1 <= time.monotonic() - t0 <= LIMITS.handshake_s + 5
+    assert get_json(ring.urls[0] + "/status")["peer"] == ring.agents[0].peer_id
