@@ -10,7 +10,9 @@ import torch
 from pipeline.config import JobConfig
 from pipeline.models import activation_shapes, build_layer, input_shape, layer_factories
 
-PROBE_REPEATS = 3
+PROBE_REPEATS = 3       # timed rounds per layer at least ...
+PROBE_BUDGET_S = 0.05   # ... and more, up to PROBE_MAX_REPEATS, while a layer has had less than this
+PROBE_MAX_REPEATS = 30
 
 
 def optimizer_state_ratio(cfg: JobConfig) -> float:
@@ -25,7 +27,8 @@ def microbatch_rows(cfg: JobConfig) -> int:
 
 
 def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS) -> dict:
-    """Per layer, for one microbatch: forward and backward seconds (best of `repeats`), parameter,
+    """Per layer, for one microbatch: forward and backward seconds (best of at least `repeats` rounds;
+    fast layers get more, so that a busy machine's noise does not decide the split), parameter,
     optimizer-state and output-activation bytes."""
     rows = microbatch_rows(cfg)
     shapes = [input_shape(cfg.model)] + activation_shapes(cfg.model)
@@ -37,14 +40,16 @@ def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS) -> dict:
     for i in range(len(factories)):
         layer = build_layer(cfg.model, cfg.seed, i, factories)
         x = torch.randn((rows, *shapes[i]), generator=gen).requires_grad_(i > 0)
-        fwd, bwd = math.inf, math.inf
-        for _ in range(repeats + 1):  # the first round warms up
+        fwd, bwd, spent, rounds = math.inf, math.inf, 0.0, 0
+        while rounds <= repeats or (spent < PROBE_BUDGET_S and rounds <= PROBE_MAX_REPEATS):
             t0 = time.perf_counter()
             y = layer(x)
             t1 = time.perf_counter()
             y.backward(torch.ones_like(y))
             t2 = time.perf_counter()
-            fwd, bwd = min(fwd, t1 - t0), min(bwd, t2 - t1)
+            if rounds:   # the first round warms up
+                fwd, bwd, spent = min(fwd, t1 - t0), min(bwd, t2 - t1), spent + t2 - t0
+            rounds += 1
         params = sum(p.numel() * p.element_size() for p in layer.parameters())
         out["forward_s"].append(fwd)
         out["backward_s"].append(bwd)
