@@ -120,5 +120,7 @@ def run(args) -> int:
         acc = "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f}%"
         print(f"done: {summary['epochs']} epochs, final loss {summary['final_loss']:.4f}, held-out accuracy {acc}, "
               f"{summary['samples_per_s']:.0f} samples/s, {summary['seconds']:.1f}s"
+              + (f", forward weights at most {max(summary['staleness'], default=0)} step(s) stale"
+                 if summary["scheme"] == "fast-async" else "")
               + (f"; model written to {args.out}" if args.out else ""))
     return 0
