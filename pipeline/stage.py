@@ -90,8 +90,12 @@ class Stage:
         a step will come before its backward, so it runs on a copy of the weights."""
         x = x.detach().requires_grad_(needs_input_grad)
         y = self._run(x, stale)
-        self.buffers[key] = (x, y, self.version, dict(self.forward_weights) if stale else {})
+        self._keep(key, x, y, stale)
         return y.detach()
+
+    def _keep(self, key: Hashable, x: torch.Tensor, y: torch.Tensor, stale: bool) -> None:
+        """The forward buffer: input, output (or scaled loss), version, and the weight copies it ran on."""
+        self.buffers[key] = (x, y, self.version, dict(self.forward_weights) if stale else {})
 
     def lag(self, key: Hashable) -> int:
         """How many optimizer steps this stage took since the microbatch's forward."""
@@ -104,7 +108,7 @@ class Stage:
         x = x.detach().requires_grad_(needs_input_grad)
         logits = self._run(x, stale)
         loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-        self.buffers[key] = (x, loss_sum / batch, self.version, dict(self.forward_weights) if stale else {})
+        self._keep(key, x, loss_sum / batch, stale)
         return loss_sum.item(), int((logits.argmax(1) == labels).sum())
 
     def backward(self, key: Hashable, grad: torch.Tensor | None) -> torch.Tensor | None:

@@ -162,13 +162,12 @@ def test_async_training_equals_weight_stashing_in_plain_pytorch(k, spec):
     seen = []
     got = local.train(cfg, shards, ranges, on_step=lambda results: seen.append(max(r.staleness for r in results)))
     mbs = [len(data.microbatch_sizes(b, 2)) for b in data.batch_sizes(90, 16)]
-    lag_of = [S.lags(S.pass_program("fast-async", "1f1b", j, n_peers, mbs, k)) for j in range(n_peers)]
+    progs = [S.pass_program("fast-async", "1f1b", j, n_peers, mbs, k) for j in range(n_peers)]
+    lag_of = [S.lags(p) for p in progs]
     stage_of = {i: j for j, (a, b) in enumerate(ranges) for i in range(a, b)}
     want = reference.train_stale(cfg, shards, lambda p, i, s, m: lag_of[stage_of[i]][s, m]).state_dict()
     assert max((got[key] - want[key]).abs().max().item() for key in want) <= 1e-5
-    expected = [max(S.staleness(p)[s] for p in
-                    [S.pass_program("fast-async", "1f1b", j, n_peers, mbs, k) for j in range(n_peers)])
-                for s in range(len(mbs))] * n_peers
+    expected = [max(S.staleness(p)[s] for p in progs) for s in range(len(mbs))] * n_peers
     assert seen == expected and max(seen) == min(k, 1)   # 2 microbatches, 3 stages: 1 step behind at most
     sync = local.train(JobConfig(**{**cfg.to_dict(), "scheme": "fast"}), shards, ranges)
     assert max((got[key] - sync[key]).abs().max().item() for key in want) > 1e-4   # staleness changes the result

@@ -165,14 +165,20 @@ def wait_for_stages(agents, timeout=120) -> str:
     raise AssertionError("no job started")
 
 
-def test_cancel_from_a_peer_that_does_not_coordinate(ring):
-    order = ring.ring_order()
+def start_long_job(ring) -> tuple[threading.Thread, dict, str]:
+    """A 20-epoch job started from the first peer in ring order, in a thread: (thread, result, job id);
+    result["proc"] is the train CLI's completed process once the thread ends."""
     env = {**os.environ, "SPLITRING_SECRET_FILE": str(ring.secret_file)}
     result = {}
     job = threading.Thread(target=lambda: result.update(proc=train_cli(
-        order[0].url, "--epochs", "20", "--split", "even", env=env)))
+        ring.ring_order()[0].url, "--epochs", "20", "--split", "even", env=env)))
     job.start()
-    job_id = wait_for_stages(ring.agents)
+    return job, result, wait_for_stages(ring.agents)
+
+
+def test_cancel_from_a_peer_that_does_not_coordinate(ring):
+    order = ring.ring_order()
+    job, result, job_id = start_long_job(ring)
     proc = cli("cancel", "--job", job_id, "--peer", order[2].url, "--secret-file", str(ring.secret_file))
     assert proc.returncode == 0 and f"job {job_id} cancelled (coordinator {order[0].peer_id})" in proc.stdout
     job.join(120)
@@ -186,12 +192,7 @@ def test_cancel_from_a_peer_that_does_not_coordinate(ring):
 def test_a_peer_killed_mid_job_stops_the_job_cleanly(start_ring):
     r = start_ring([["--data", "digits", "--shard", f"{k}/3"] for k in range(3)], secret=SECRET)
     order = r.ring_order()
-    env = {**os.environ, "SPLITRING_SECRET_FILE": str(r.secret_file)}
-    result = {}
-    job = threading.Thread(target=lambda: result.update(proc=train_cli(
-        order[0].url, "--epochs", "20", "--split", "even", env=env)))
-    job.start()
-    job_id = wait_for_stages(r.agents)
+    job, result, job_id = start_long_job(r)
     victim = order[2]
     victim.proc.send_signal(signal.SIGKILL)
     job.join(120)
