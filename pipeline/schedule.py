@@ -5,6 +5,11 @@ m, RECV_F / SEND_F move activations (with labels) down the chain, RECV_B / SEND_
 STEP applies the stage's optimizers. The head's F reads its own data; the tail's F computes the loss.
 Every action names its step, so one program can span a whole pass: the synchronous schemes repeat
 one step's program (a flush per step); `fast-async` runs 1F1B across step boundaries.
+
+Backward offload (fast-async): a stage's forward and backward run on different peers, each a role with
+its own program. The forward role sends its input to the backward role (SEND_X / RECV_X) and keeps
+nothing; the backward role recomputes the forward on the weights the forward used, takes the
+gradients, steps the optimizer and sends the new weights back (SEND_P / RECV_P).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class Action:
 
 
 F, B, SEND_F, RECV_F, SEND_B, RECV_B, STEP = "F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "STEP"
+SEND_X, RECV_X, SEND_P, RECV_P = "SEND_X", "RECV_X", "SEND_P", "RECV_P"
 
 
 def _forward(stage: int, n_stages: int, m: int, step: int = 0) -> list[Action]:
@@ -100,6 +106,73 @@ def asynchronous(stage: int, n_stages: int, mbs: list[int], max_staleness: int) 
     whole = [(s, m) for s in range(len(mbs)) for m in range(mbs[s])]
     head_lag = max(lags(_interleaved(0, n_stages, whole, dict(enumerate(mbs)))).values(), default=0)
     return groups(len(mbs) if head_lag <= max_staleness else max_staleness + 1)
+
+
+def forward_version(step: int, max_staleness: int) -> int:
+    """Backward offload: the weights a forward role uses for `step` are those after this many steps of
+    the pass (a fixed lag, so the result is reproducible whatever the timing)."""
+    return max(0, step - max_staleness)
+
+
+def offloaded_forward(mbs: list[int], max_staleness: int) -> list[Action]:
+    """The forward role of an offloaded middle stage: before step s it installs the weights of version
+    forward_version(s) (RECV_P of the step that made them); per microbatch it forwards and sends its
+    input to the backward role."""
+    acts: list[Action] = []
+    for s, n in enumerate(mbs):
+        if forward_version(s, max_staleness) > forward_version(s - 1, max_staleness):
+            acts.append(Action(RECV_P, None, forward_version(s, max_staleness) - 1))
+        for m in range(n):
+            acts += [Action(RECV_F, m, s), Action(F, m, s), Action(SEND_F, m, s), Action(SEND_X, m, s)]
+    return acts
+
+
+def offloaded_backward(mbs: list[int], max_staleness: int) -> list[Action]:
+    """The backward role of an offloaded middle stage: per microbatch, the forward's input and the output
+    gradient, then B (recompute and backward) and the input gradient upstream; after each step the new
+    weights go to the forward role when a later step of the pass uses them."""
+    acts: list[Action] = []
+    for s, n in enumerate(mbs):
+        for m in range(n):
+            acts += [Action(RECV_X, m, s), Action(RECV_B, m, s), Action(B, m, s), Action(SEND_B, m, s)]
+        acts.append(Action(STEP, None, s))
+        if any(forward_version(t, max_staleness) == s + 1 for t in range(len(mbs))):
+            acts.append(Action(SEND_P, None, s))
+    return acts
+
+
+def role_programs(n_stages: int, mbs: list[int], max_staleness: int, offloaded: set[int]) -> list[list[Action]]:
+    """A fast-async pass with backward offload: the programs of chain positions 0..n_stages-1 (the
+    forward role where offloaded), then the backward roles of the offloaded positions, in order. Only
+    middle stages may be offloaded: the head's input is its private data, and the tail's forward is
+    its loss."""
+    bad = sorted(j for j in offloaded if not 0 < j < n_stages - 1)
+    if bad:
+        raise ValueError(f"only middle stages (1..{n_stages - 2}) can offload their backward, not {bad}")
+    progs = [offloaded_forward(mbs, max_staleness) if j in offloaded else asynchronous(j, n_stages, mbs, max_staleness)
+             for j in range(n_stages)]
+    return progs + [offloaded_backward(mbs, max_staleness) for _ in sorted(offloaded)]
+
+
+MESSAGE = {SEND_F: "fwd", RECV_F: "fwd", SEND_B: "bwd", RECV_B: "bwd", SEND_X: "x", RECV_X: "x",
+           SEND_P: "params", RECV_P: "params"}
+
+
+def route(n_stages: int, offloaded: set[int] = frozenset()):
+    """Who receives what a program sends, for the programs of `role_programs` (or a plain chain):
+    route(sender, kind) -> receiving program index."""
+    backs = {j: n_stages + k for k, j in enumerate(sorted(offloaded))}   # position -> its backward role
+
+    def backward_of(j: int) -> int:
+        return backs.get(j, j)
+
+    def position(i: int) -> int:
+        return i if i < n_stages else sorted(offloaded)[i - n_stages]
+
+    def to(sender: int, kind: str) -> int:
+        j = position(sender)
+        return {"fwd": j + 1, "bwd": backward_of(j - 1), "x": backward_of(j), "params": j}[kind]
+    return to
 
 
 def evaluation(stage: int, n_stages: int) -> list[Action]:
@@ -183,11 +256,14 @@ def render(programs: list[list[Action]]) -> str:
     return "\n".join(f"stage {i}: " + " ".join(map(label, p)) for i, p in enumerate(programs))
 
 
-def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float = 2.0) -> list[tuple]:
-    """Simulate the programs with unit costs (transfers free): (stage, action, start, end)
-    for every F, B and STEP. Raises RuntimeError if the programs deadlock."""
+def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float = 2.0, to=None,
+             recompute: frozenset[int] = frozenset()) -> list[tuple]:
+    """Simulate the programs with unit costs (transfers free): (program, action, start, end) for every
+    F, B and STEP. `to` routes messages (see `route`; default a plain chain); a B of a program in
+    `recompute` also redoes its forward. Raises RuntimeError if the programs deadlock."""
+    to = to or route(len(programs))
     clock = [0.0] * len(programs)
-    ready: dict[tuple, float] = {}   # (kind, receiving stage, step, mb) -> time it is available
+    ready: dict[tuple, float] = {}   # (kind, receiving program, step, mb) -> time it is available
     pc = [0] * len(programs)
     spans = []
     while any(p < len(prog) for p, prog in zip(pc, programs)):
@@ -195,17 +271,15 @@ def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float
         for j, prog in enumerate(programs):
             while pc[j] < len(prog):
                 a = prog[pc[j]]
-                if a.kind in (RECV_F, RECV_B):
-                    key = ("fwd" if a.kind == RECV_F else "bwd", j, a.step, a.mb)
+                if a.kind in (RECV_F, RECV_B, RECV_X, RECV_P):
+                    key = (MESSAGE[a.kind], j, a.step, a.mb)
                     if key not in ready:
                         break
                     clock[j] = max(clock[j], ready.pop(key))
-                elif a.kind == SEND_F:
-                    ready["fwd", j + 1, a.step, a.mb] = clock[j]
-                elif a.kind == SEND_B:
-                    ready["bwd", j - 1, a.step, a.mb] = clock[j]
+                elif a.kind in (SEND_F, SEND_B, SEND_X, SEND_P):
+                    ready[MESSAGE[a.kind], to(j, MESSAGE[a.kind]), a.step, a.mb] = clock[j]
                 else:
-                    cost = {F: forward, B: backward}.get(a.kind, 0.0)
+                    cost = {F: forward, B: backward + (forward if j in recompute else 0.0)}.get(a.kind, 0.0)
                     spans.append((j, a, clock[j], clock[j] + cost))
                     clock[j] += cost
                 pc[j] += 1

@@ -74,9 +74,9 @@ class Stage:
         return keys == list(range(keys[0], keys[-1] + 1)) if keys else True
 
     # compute ---------------------------------------------------------------------------------
-    def _run(self, x: torch.Tensor, stale: bool = False) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, weights: dict[int, dict] | None = None) -> torch.Tensor:
         for i, module in self.layers.items():
-            x = functional_call(module, self._weights(i), (x,)) if stale else module(x)
+            x = module(x) if weights is None else functional_call(module, weights[i], (x,))
         return x
 
     def _weights(self, i: int) -> dict[str, torch.Tensor]:
@@ -85,17 +85,23 @@ class Stage:
                                        for name, p in self.layers[i].named_parameters()}
         return self.forward_weights[i]
 
-    def forward(self, key: Hashable, x: torch.Tensor, needs_input_grad: bool, stale: bool = False) -> torch.Tensor:
+    def _stale(self) -> dict[int, dict]:
+        return {i: self._weights(i) for i in self.layers}
+
+    def forward(self, key: Hashable, x: torch.Tensor, needs_input_grad: bool, stale: bool = False,
+                weights: dict[int, dict] | None = None) -> torch.Tensor:
         """Forward one microbatch, keeping its buffer for backward; returns the detached output. `stale`:
-        a step will come before its backward, so it runs on a copy of the weights."""
+        a step will come before its backward, so it runs on a copy of the weights. `weights`: run on
+        these instead (per layer, name -> tensor), as an offloaded backward role recomputing a forward."""
+        weights = self._stale() if stale else weights
         x = x.detach().requires_grad_(needs_input_grad)
-        y = self._run(x, stale)
-        self._keep(key, x, y, stale)
+        y = self._run(x, weights)
+        self._keep(key, x, y, weights)
         return y.detach()
 
-    def _keep(self, key: Hashable, x: torch.Tensor, y: torch.Tensor, stale: bool) -> None:
+    def _keep(self, key: Hashable, x: torch.Tensor, y: torch.Tensor, weights: dict[int, dict] | None) -> None:
         """The forward buffer: input, output (or scaled loss), version, and the weight copies it ran on."""
-        self.buffers[key] = (x, y, self.version, dict(self.forward_weights) if stale else {})
+        self.buffers[key] = (x, y, self.version, weights or {})
 
     def lag(self, key: Hashable) -> int:
         """How many optimizer steps this stage took since the microbatch's forward."""
@@ -106,9 +112,10 @@ class Stage:
         """Tail forward: loss of one microbatch, scaled so that microbatch gradients sum to the
         batch-mean gradient. Returns (summed loss, correct predictions)."""
         x = x.detach().requires_grad_(needs_input_grad)
-        logits = self._run(x, stale)
+        weights = self._stale() if stale else None
+        logits = self._run(x, weights)
         loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-        self._keep(key, x, loss_sum / batch, stale)
+        self._keep(key, x, loss_sum / batch, weights)
         return loss_sum.item(), int((logits.argmax(1) == labels).sum())
 
     def backward(self, key: Hashable, grad: torch.Tensor | None) -> torch.Tensor | None:
@@ -149,6 +156,18 @@ class Stage:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)
+
+    def snapshot(self) -> dict[int, dict[str, torch.Tensor]]:
+        """A copy of the current weights, per layer (what an offloaded forward role runs on)."""
+        return {i: {name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in m.named_parameters()}
+                for i, m in self.layers.items()}
+
+    @torch.no_grad()
+    def load(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Take weights sent by the backward role (a forward role's copy; optimizer state stays there)."""
+        for i, named in weights.items():
+            for name, p in self.layers[i].named_parameters():
+                p.copy_(named[name])
 
     # state -----------------------------------------------------------------------------------
     def export(self, indices=None) -> dict[int, dict]:
