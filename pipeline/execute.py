@@ -112,46 +112,55 @@ def run_program(stage: Stage, program: list[S.Action], position: int, n_stages: 
 
 
 def run_forward_role(stage: Stage, program: list[S.Action], max_staleness: int) -> Generator[Any, Any, None]:
-    """Backward offload, the forward role: forwards without keeping anything (no graph, no buffer), on the
-    weights the backward role sends; its input goes to the backward role."""
+    """Remote backward, the forward role (on the stage's owner): lends the layers' state to the backward
+    role, then forwards without keeping anything (no graph, no buffer) on the weights the backward role
+    sends, passing each input on to it; takes the state back at the end of the pass."""
     last = {a.step: a.mb for a in program if a.kind == S.F}   # each step's last microbatch
     inbox: dict[tuple, dict] = {}
     outbox: dict[tuple, dict] = {}
     for action in program:
         k, s, m = action.kind, action.step, action.mb
-        if k == S.RECV_P:
-            stage.load((yield Recv("params", s, 0))["weights"])
+        if k == S.SEND_L:
+            yield Send("lend", s, 0, {"layers": stage.export()})
+        elif k == S.RECV_W:
+            stage.load((yield Recv("weights", s, 0))["weights"])
+        elif k == S.RECV_R:
+            stage.install((yield Recv("return", s, 0))["layers"])
         elif k == S.RECV_F:
             inbox[s, m] = yield Recv("fwd", s, m)
         elif k == S.F:
             msg = inbox.pop((s, m))
             outbox["fwd", s, m] = {"x": stage.evaluate(msg["x"]), "y": msg["y"]}
-            outbox["x", s, m] = {"x": msg["x"]}
-        elif k in (S.SEND_F, S.SEND_X):
+            outbox["input", s, m] = {"x": msg["x"]}
+        elif k in (S.SEND_F, S.SEND_I):
             kind = S.MESSAGE[k]
             yield Send(kind, s, m, outbox.pop((kind, s, m)))
-            if k == S.SEND_X and m == last[s]:
+            if k == S.SEND_I and m == last[s]:
                 yield StepDone(s, StepResult(staleness=s - S.forward_version(s, max_staleness)))
         else:
             raise ValueError(f"unknown action {action} for a forward role")
 
 
 def run_backward_role(stage: Stage, program: list[S.Action], max_staleness: int) -> Generator[Any, Any, None]:
-    """Backward offload, the backward role: holds the stage's weights and optimizer; per microbatch it
-    recomputes the forward on the weights the forward role used (kept here by version), backpropagates,
-    and after each step sends the new weights to the forward role."""
-    versions = {0: stage.snapshot()}   # weights after v steps of this pass
+    """Remote backward, the backward role (on another peer; `stage` starts empty): takes the lent layers,
+    and per microbatch recomputes the forward on the weights the forward role used (kept here by
+    version), backpropagates, steps the optimizer after each step and sends the new weights to the
+    forward role; returns the layers' state at the end of the pass."""
+    versions: dict[int, dict] = {}   # weights after v steps of this pass
     inbox: dict[tuple, dict] = {}
     outbox: dict[tuple, dict] = {}
     results: dict[int, StepResult] = {}
     for action in program:
         k, s, m = action.kind, action.step, action.mb
-        if k in (S.RECV_X, S.RECV_B):
+        if k == S.RECV_L:
+            stage.install((yield Recv("lend", s, 0))["layers"])
+            versions[0] = stage.snapshot()
+        elif k in (S.RECV_I, S.RECV_B):
             kind = S.MESSAGE[k]
             inbox[kind, s, m] = yield Recv(kind, s, m)
         elif k == S.B:
             v = S.forward_version(s, max_staleness)
-            stage.forward((s, m), inbox.pop(("x", s, m))["x"], True, weights=versions[v])
+            stage.forward((s, m), inbox.pop(("input", s, m))["x"], True, weights=versions[v])
             outbox["bwd", s, m] = {"grad": stage.backward((s, m), inbox.pop(("bwd", s, m))["grad"])}
             results.setdefault(s, StepResult()).staleness = s - v
         elif k == S.SEND_B:
@@ -162,7 +171,9 @@ def run_backward_role(stage: Stage, program: list[S.Action], max_staleness: int)
             for old in [v for v in versions if v < S.forward_version(s + 1, max_staleness)]:
                 del versions[old]
             yield StepDone(s, results.pop(s, StepResult()))
-        elif k == S.SEND_P:
-            yield Send("params", s, 0, {"weights": versions[s + 1]})
+        elif k == S.SEND_W:
+            yield Send("weights", s, 0, {"weights": versions[s + 1]})
+        elif k == S.SEND_R:
+            yield Send("return", s, 0, {"layers": stage.export()})
         else:
             raise ValueError(f"unknown action {action} for a backward role")

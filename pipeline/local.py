@@ -15,11 +15,11 @@ class Deadlock(RuntimeError):
     pass
 
 
-def drive(gens: list, to=None) -> list[list[StepResult]]:
-    """Run the generators of one chain's programs to completion; `to(sender, kind)` says who receives a
-    message (`schedule.route`; default a plain chain: fwd to i+1, bwd to i-1). Returns, per
-    generator, its results in the order its steps finished."""
-    to = to or S.route(len(gens))
+def drive(gens: list, roles: S.Roles | None = None) -> list[list[StepResult]]:
+    """Run the generators of one chain's programs to completion; `roles` says who receives a message
+    (default a plain chain: fwd to i+1, bwd to i-1). Returns, per generator, its results in the order
+    its steps finished."""
+    roles = roles or S.Roles(len(gens))
     mail: dict[tuple[int, str, int, int], dict] = {}
     waiting: list[Recv | None] = [None] * len(gens)
     started = [False] * len(gens)
@@ -43,7 +43,7 @@ def drive(gens: list, to=None) -> list[list[StepResult]]:
                     if isinstance(req, StepDone):
                         results[i].append(req.result)
                     else:
-                        mail[to(i, req.kind), req.kind, req.step, req.mb] = req.payload
+                        mail[roles.to(i, req.kind), req.kind, req.step, req.mb] = req.payload
                     req = g.send(None)
                 waiting[i] = req
             except StopIteration:
@@ -69,9 +69,8 @@ def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]],
     (the same for every rotation). on_step(results), if given, gets each step's results, one per
     stage. Returns the final full state dict (as build_model's)."""
     n = len(shards)
-    stages = [Stage.build(cfg, a, b) for a, b in ranges]   # under offload, these are the backward roles
-    offloaded = sorted(cfg.offload)
-    forward_roles = {j: Stage.build(cfg, *ranges[j]) for j in offloaded}
+    stages = [Stage.build(cfg, a, b) for a, b in ranges]
+    roles = S.Roles(n, cfg.remote_backward())
     for epoch in range(cfg.epochs):
         for p in range(n):
             head = shards[p]
@@ -80,17 +79,15 @@ def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]],
             starts = [sum(sizes[:s]) for s in range(len(sizes))]
             inputs = (make_step_input(head, order[a:a + b], cfg.microbatches) for a, b in zip(starts, sizes))
             mbs = [len(microbatch_sizes(b, cfg.microbatches)) for b in sizes]
-            if offloaded:
-                progs = S.role_programs(n, mbs, cfg.max_staleness, set(offloaded))
-                for j, fwd in forward_roles.items():   # each pass starts from the current weights
-                    fwd.load(stages[j].snapshot())
-                gens = [run_forward_role(forward_roles[j], progs[j], cfg.max_staleness) if j in forward_roles else
+            if roles.remote:
+                progs = roles.pass_programs(mbs, cfg.max_staleness)
+                gens = [run_forward_role(stages[j], progs[j], cfg.max_staleness) if j in roles.remote else
                         run_program(stages[j], progs[j], j, n, sizes, inputs if j == 0 else None) for j in range(n)]
-                gens += [run_backward_role(stages[j], p, cfg.max_staleness) for j, p in zip(offloaded, progs[n:])]
+                gens += [run_backward_role(Stage(cfg, {}), p, cfg.max_staleness) for p in progs[n:]]
             else:
                 gens = [run_program(st, S.pass_program(cfg.scheme, cfg.pipeline, j, n, mbs, cfg.max_staleness), j, n,
                                     sizes, inputs if j == 0 else None) for j, st in enumerate(stages)]
-            per_stage = drive(gens, S.route(n, set(offloaded)))
+            per_stage = drive(gens, roles)
             if on_step:
                 for step_results in zip(*per_stage):
                     on_step(list(step_results))

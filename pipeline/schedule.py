@@ -6,10 +6,11 @@ STEP applies the stage's optimizers. The head's F reads its own data; the tail's
 Every action names its step, so one program can span a whole pass: the synchronous schemes repeat
 one step's program (a flush per step); `fast-async` runs 1F1B across step boundaries.
 
-Backward offload (fast-async): a stage's forward and backward run on different peers, each a role with
-its own program. The forward role sends its input to the backward role (SEND_X / RECV_X) and keeps
-nothing; the backward role recomputes the forward on the weights the forward used, takes the
-gradients, steps the optimizer and sends the new weights back (SEND_P / RECV_P).
+Remote backward (fast-async): a middle stage's forward and backward run on different peers, each a role
+with its own program (`Roles`). The forward role lends its layers' state to the backward role (SEND_L),
+sends it each microbatch's input (SEND_I) and keeps nothing else; the backward role recomputes the
+forward on the weights the forward used, takes the gradients, steps the optimizer, sends the new weights
+back (SEND_W) and, at the end of the pass, the state (SEND_R).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class Action:
 
 
 F, B, SEND_F, RECV_F, SEND_B, RECV_B, STEP = "F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "STEP"
-SEND_X, RECV_X, SEND_P, RECV_P = "SEND_X", "RECV_X", "SEND_P", "RECV_P"
+SEND_I, RECV_I, SEND_W, RECV_W = "SEND_I", "RECV_I", "SEND_W", "RECV_W"
+SEND_L, RECV_L, SEND_R, RECV_R = "SEND_L", "RECV_L", "SEND_R", "RECV_R"
 
 
 def _forward(stage: int, n_stages: int, m: int, step: int = 0) -> list[Action]:
@@ -109,70 +111,103 @@ def asynchronous(stage: int, n_stages: int, mbs: list[int], max_staleness: int) 
 
 
 def forward_version(step: int, max_staleness: int) -> int:
-    """Backward offload: the weights a forward role uses for `step` are those after this many steps of
+    """Remote backward: the weights a forward role uses for `step` are those after this many steps of
     the pass (a fixed lag, so the result is reproducible whatever the timing)."""
     return max(0, step - max_staleness)
 
 
-def offloaded_forward(mbs: list[int], max_staleness: int) -> list[Action]:
-    """The forward role of an offloaded middle stage: before step s it installs the weights of version
-    forward_version(s) (RECV_P of the step that made them); per microbatch it forwards and sends its
-    input to the backward role."""
-    acts: list[Action] = []
+def forward_role(mbs: list[int], max_staleness: int) -> list[Action]:
+    """The forward role of a middle stage whose backward runs on another peer. It lends its layers'
+    state (weights and optimizer) to the backward role first and gets it back last; before step s it
+    installs the weights of version forward_version(s) (RECV_W of the step that made them); per
+    microbatch it forwards and sends its input to the backward role."""
+    acts = [Action(SEND_L, None, 0)]
     for s, n in enumerate(mbs):
         if forward_version(s, max_staleness) > forward_version(s - 1, max_staleness):
-            acts.append(Action(RECV_P, None, forward_version(s, max_staleness) - 1))
+            acts.append(Action(RECV_W, None, forward_version(s, max_staleness) - 1))
         for m in range(n):
-            acts += [Action(RECV_F, m, s), Action(F, m, s), Action(SEND_F, m, s), Action(SEND_X, m, s)]
-    return acts
+            acts += [Action(RECV_F, m, s), Action(F, m, s), Action(SEND_F, m, s), Action(SEND_I, m, s)]
+    return acts + [Action(RECV_R, None, len(mbs))]
 
 
-def offloaded_backward(mbs: list[int], max_staleness: int) -> list[Action]:
-    """The backward role of an offloaded middle stage: per microbatch, the forward's input and the output
-    gradient, then B (recompute and backward) and the input gradient upstream; after each step the new
-    weights go to the forward role when a later step of the pass uses them."""
-    acts: list[Action] = []
+def backward_role(mbs: list[int], max_staleness: int) -> list[Action]:
+    """The backward role of that stage, on another peer: per microbatch, the forward's input and the
+    output gradient, then B (recompute the forward, backward) and the input gradient upstream; after each
+    step the new weights go to the forward role when a later step of the pass uses them; at the end the
+    layers' state goes back."""
+    acts = [Action(RECV_L, None, 0)]
     for s, n in enumerate(mbs):
         for m in range(n):
-            acts += [Action(RECV_X, m, s), Action(RECV_B, m, s), Action(B, m, s), Action(SEND_B, m, s)]
+            acts += [Action(RECV_I, m, s), Action(RECV_B, m, s), Action(B, m, s), Action(SEND_B, m, s)]
         acts.append(Action(STEP, None, s))
         if any(forward_version(t, max_staleness) == s + 1 for t in range(len(mbs))):
-            acts.append(Action(SEND_P, None, s))
-    return acts
+            acts.append(Action(SEND_W, None, s))
+    return acts + [Action(SEND_R, None, len(mbs))]
 
 
-def role_programs(n_stages: int, mbs: list[int], max_staleness: int, offloaded: set[int]) -> list[list[Action]]:
-    """A fast-async pass with backward offload: the programs of chain positions 0..n_stages-1 (the
-    forward role where offloaded), then the backward roles of the offloaded positions, in order. Only
-    middle stages may be offloaded: the head's input is its private data, and the tail's forward is
-    its loss."""
-    bad = sorted(j for j in offloaded if not 0 < j < n_stages - 1)
-    if bad:
-        raise ValueError(f"only middle stages (1..{n_stages - 2}) can offload their backward, not {bad}")
-    progs = [offloaded_forward(mbs, max_staleness) if j in offloaded else asynchronous(j, n_stages, mbs, max_staleness)
-             for j in range(n_stages)]
-    return progs + [offloaded_backward(mbs, max_staleness) for _ in sorted(offloaded)]
+class Roles:
+    """Who runs what in a fast-async chain of n_stages where some middle stages' backward runs on another
+    peer: remote = {stage position: chain position of the peer running its backward}. Programs are
+    numbered: 0..n_stages-1 for the chain positions (the forward role where remote), then one backward
+    role per remote stage, in stage order."""
+
+    def __init__(self, n_stages: int, remote: dict[int, int] | None = None):
+        self.n, self.remote = n_stages, dict(sorted((remote or {}).items()))
+        bad = [f"{j}:{h}" for j, h in self.remote.items()
+               if not 0 < j < n_stages - 1 or not 0 <= h < n_stages or h == j]
+        if bad:
+            raise ValueError(f"backward-at {', '.join(bad)}: a middle stage (1..{n_stages - 2}) can run its "
+                             f"backward at another chain position (0..{n_stages - 1}); the head's input is its "
+                             "private data and the tail's forward is its loss")
+        self.back = {j: n_stages + k for k, j in enumerate(self.remote)}   # stage -> program of its backward
+
+    @property
+    def programs(self) -> int:
+        return self.n + len(self.remote)
+
+    def stage(self, program: int) -> int:
+        """The stage (chain position of the layers) a program works on."""
+        return program if program < self.n else list(self.remote)[program - self.n]
+
+    def host(self, program: int) -> int:
+        """The chain position of the peer that runs a program."""
+        return program if program < self.n else self.remote[self.stage(program)]
+
+    def backward_of(self, stage: int) -> int:
+        return self.back.get(stage, stage)
+
+    def to(self, sender: int, kind: str) -> int:
+        """The program that receives what `sender` sends."""
+        j = self.stage(sender)
+        return {"fwd": j + 1, "bwd": self.backward_of(j - 1), "input": self.back.get(j), "weights": j,
+                "lend": self.back.get(j), "return": j}[kind]
+
+    def receiver(self, stage: int, kind: str) -> int:
+        """The program a message of `kind` for `stage` is for."""
+        return self.backward_of(stage) if kind in ("bwd", "input", "lend") else stage
+
+    def sender(self, receiver: int, kind: str) -> int | None:
+        """The only program that may send `kind` to `receiver` (None: none may)."""
+        j, backward_role, forward_role = self.stage(receiver), receiver >= self.n, receiver in self.remote
+        if kind == "fwd":
+            return j - 1 if j > 0 and not backward_role else None
+        if kind == "bwd":
+            return self.backward_of(j + 1) if j < self.n - 1 and not forward_role else None
+        if kind in ("input", "lend"):
+            return j if backward_role else None
+        if kind in ("weights", "return"):
+            return self.back[j] if forward_role else None
+        return None
+
+    def pass_programs(self, mbs: list[int], max_staleness: int) -> list[list[Action]]:
+        progs = [forward_role(mbs, max_staleness) if j in self.remote else asynchronous(j, self.n, mbs, max_staleness)
+                 for j in range(self.n)]
+        return progs + [backward_role(mbs, max_staleness) for _ in self.remote]
 
 
-MESSAGE = {SEND_F: "fwd", RECV_F: "fwd", SEND_B: "bwd", RECV_B: "bwd", SEND_X: "x", RECV_X: "x",
-           SEND_P: "params", RECV_P: "params"}
-
-
-def route(n_stages: int, offloaded: set[int] = frozenset()):
-    """Who receives what a program sends, for the programs of `role_programs` (or a plain chain):
-    route(sender, kind) -> receiving program index."""
-    backs = {j: n_stages + k for k, j in enumerate(sorted(offloaded))}   # position -> its backward role
-
-    def backward_of(j: int) -> int:
-        return backs.get(j, j)
-
-    def position(i: int) -> int:
-        return i if i < n_stages else sorted(offloaded)[i - n_stages]
-
-    def to(sender: int, kind: str) -> int:
-        j = position(sender)
-        return {"fwd": j + 1, "bwd": backward_of(j - 1), "x": backward_of(j), "params": j}[kind]
-    return to
+MESSAGE = {SEND_F: "fwd", RECV_F: "fwd", SEND_B: "bwd", RECV_B: "bwd", SEND_I: "input", RECV_I: "input",
+           SEND_W: "weights", RECV_W: "weights", SEND_L: "lend", RECV_L: "lend", SEND_R: "return", RECV_R: "return"}
+SENDS = {k for k in MESSAGE if k.startswith("SEND")}
 
 
 def evaluation(stage: int, n_stages: int) -> list[Action]:
@@ -256,12 +291,12 @@ def render(programs: list[list[Action]]) -> str:
     return "\n".join(f"stage {i}: " + " ".join(map(label, p)) for i, p in enumerate(programs))
 
 
-def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float = 2.0, to=None,
-             recompute: frozenset[int] = frozenset()) -> list[tuple]:
+def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float = 2.0,
+             roles: Roles | None = None) -> list[tuple]:
     """Simulate the programs with unit costs (transfers free): (program, action, start, end) for every
-    F, B and STEP. `to` routes messages (see `route`; default a plain chain); a B of a program in
-    `recompute` also redoes its forward. Raises RuntimeError if the programs deadlock."""
-    to = to or route(len(programs))
+    F, B and STEP. `roles` routes messages (default a plain chain); the B of a backward role also redoes
+    the forward. Raises RuntimeError if the programs deadlock."""
+    roles = roles or Roles(len(programs))
     clock = [0.0] * len(programs)
     ready: dict[tuple, float] = {}   # (kind, receiving program, step, mb) -> time it is available
     pc = [0] * len(programs)
@@ -271,15 +306,15 @@ def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float
         for j, prog in enumerate(programs):
             while pc[j] < len(prog):
                 a = prog[pc[j]]
-                if a.kind in (RECV_F, RECV_B, RECV_X, RECV_P):
+                if a.kind in MESSAGE and a.kind not in SENDS:
                     key = (MESSAGE[a.kind], j, a.step, a.mb)
                     if key not in ready:
                         break
                     clock[j] = max(clock[j], ready.pop(key))
-                elif a.kind in (SEND_F, SEND_B, SEND_X, SEND_P):
-                    ready[MESSAGE[a.kind], to(j, MESSAGE[a.kind]), a.step, a.mb] = clock[j]
+                elif a.kind in SENDS:
+                    ready[MESSAGE[a.kind], roles.to(j, MESSAGE[a.kind]), a.step, a.mb] = clock[j]
                 else:
-                    cost = {F: forward, B: backward + (forward if j in recompute else 0.0)}.get(a.kind, 0.0)
+                    cost = {F: forward, B: backward + (forward if j >= roles.n else 0.0)}.get(a.kind, 0.0)
                     spans.append((j, a, clock[j], clock[j] + cost))
                     clock[j] += cost
                 pc[j] += 1
