@@ -32,6 +32,7 @@ from protocols.frames import encode_parts
 log = logging.getLogger("splitring.agent")
 CAPABILITIES = ["nsplit"]
 MAX_CONTROL_BODY = LIMITS.max_control_body
+STAGE_MESSAGES = ("fwd", "bwd", "input", "weights", "lend", "return")   # delivered to a job's stages
 
 
 def json_error(status: int, code: str, text: str) -> web.Response:
@@ -276,9 +277,9 @@ class Agent:
                         deadline.reschedule(None)   # a proven neighbour may stay connected
                     if answer:
                         await reply(answer)
-                elif msg["type"] in ("fwd", "bwd"):
+                elif msg["type"] in STAGE_MESSAGES:
                     rt = self.runtime(msg["job"])
-                    await rt.mailbox.room(msg["type"])  # backpressure: stop reading this neighbour meanwhile
+                    await rt.mailbox.room(rt.box(msg))  # backpressure: stop reading this neighbour meanwhile
                     rt.accept(sender, msg)
                 elif msg["type"] == "ping":
                     await reply(message("pong", seq=msg["seq"]))
@@ -407,9 +408,9 @@ class Agent:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
 
-        async def on_step(step, result, size):
-            ev = {"event": "stage_step", "step": step, "stage": rt.position, "staleness": result.staleness}
-            if rt.position == len(rt.chain) - 1:   # the tail knows the loss
+        async def on_step(step, result, size, stage):
+            ev = {"event": "stage_step", "step": step, "stage": stage, "staleness": result.staleness}
+            if stage == len(rt.chain) - 1:   # the tail knows the loss
                 ev.update(event="step", steps=rt.progress["steps"], samples=result.samples,
                           loss=result.loss_sum / max(size, 1), correct=result.correct)
             elif msg["mode"] != "train" or rt.cfg.scheme != "fast-async":   # only fast-async has staleness

@@ -1,6 +1,7 @@
 """`splitring train`: start a job on the ring from any of its peers and follow it to the end."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import urllib.error
@@ -28,6 +29,9 @@ def register(sub) -> None:
                         "--max-staleness steps old")
     p.add_argument("--max-staleness", type=int, default=1, metavar="K",
                    help="fast-async: steps a forward's weights may lag behind (0 = synchronous 1F1B; default 1)")
+    p.add_argument("--backward-at", type=backward_at, default=[], metavar="STAGE:HOST[,STAGE:HOST]",
+                   help="fast-async: the middle stage at chain position STAGE runs its backward and optimizer on the "
+                        "peer at chain position HOST, which sends the new weights back (remote backward)")
     p.add_argument("--pipeline", choices=["1f1b", "gpipe"], default="1f1b",
                    help="schedule of --scheme fast (both flush at every step, so the result is exact)")
     p.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -42,6 +46,13 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def backward_at(text: str) -> list[list[int]]:
+    try:
+        return [[int(v) for v in pair.split(":")] for pair in text.split(",") if pair] if text else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STAGE:HOST pairs of chain positions, got {text!r}") from None
+
+
 def config_from_args(args) -> dict:
     from pipeline.config import JobConfig
     from pipeline.models import parse_spec
@@ -50,7 +61,8 @@ def config_from_args(args) -> dict:
                      batch_size=args.batch_size, microbatches=args.microbatches, optimizer=args.optimizer,
                      lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                      shuffle=args.shuffle == "on", scheme=args.scheme,
-                     pipeline=args.pipeline, max_staleness=args.max_staleness, split=args.split,
+                     pipeline=args.pipeline, max_staleness=args.max_staleness, backward_at=args.backward_at,
+                     split=args.split,
                      wire_dtype=args.wire_dtype,
                      compress=args.compress).to_dict()
 

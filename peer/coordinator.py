@@ -181,6 +181,10 @@ class Coordinator:
                           "predicted_step_s": split.step_s, "bytes_moved": split.bytes_moved if assignment else 0})
             self.emit({"event": "plan", **plans[-1]})
             active = [p for p in chain if ranges[p][1] > ranges[p][0]]
+            try:
+                S.Roles(len(active), cfg.remote_backward())
+            except ValueError as e:
+                raise JobError(f"a chain of {len(active)} stages: {e}") from None
             if assignment is not None:
                 moves = swap_moves(assignment, ranges)
                 senders = sorted({src for _, src, _ in moves})
@@ -228,7 +232,8 @@ class Coordinator:
         seen = 0
         pending: dict[int, list[dict]] = {}   # step -> the stages' reports so far
 
-        reporting = len(active) if self.cfg.scheme == "fast-async" else 1   # stages that report each step
+        # programs that report each step: under fast-async every stage (and every remote backward role)
+        reporting = S.Roles(len(active), self.cfg.remote_backward()).programs if self.cfg.scheme == "fast-async" else 1
 
         def report(ev: dict):
             """A step is reported once every reporting stage is done with it: the loss comes from the tail,

@@ -11,9 +11,9 @@ import torch
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
-from pipeline.execute import Recv, Send, StepDone, run_program
+from pipeline.execute import Recv, Send, StepDone, run_backward_role, run_forward_role, run_program
 from pipeline.local import make_step_input
-from pipeline.models import activation_shapes, input_shape
+from pipeline.models import activation_shapes, build_layer, input_shape
 from pipeline.stage import Stage, checksum
 from peer.dataplane import Links, Mailbox, wire_policy
 from protocols import ProtocolError, message
@@ -45,6 +45,8 @@ class JobRuntime:
         self.ranges: dict[str, tuple[int, int]] = {}
         self.head_samples = self.head_test_samples = 0
         self.mailbox = Mailbox()
+        self._shapes_of: dict[tuple, dict] = {}
+        self.backward_roles: dict[int, Stage] = {}   # program -> stage: other stages' backward run here (this pass)
         self.progress = {"rotation": -1, "step": 0, "loss": None}
         self.task: asyncio.Task | None = None
 
@@ -128,28 +130,74 @@ class JobRuntime:
         return digest
 
     # --- data plane input ---------------------------------------------------------------------
+    def roles(self, mode: str) -> S.Roles:
+        """Who runs what in this rotation's chain: a middle stage's backward may run on another peer
+        (fast-async, backward_at); evaluation is forward only, on the owners."""
+        return S.Roles(len(self.chain), self.cfg.remote_backward() if mode == "train" else {})
+
+    def box(self, msg: dict) -> str:
+        """The mailbox kind of a stage message: its type and the stage (chain position) it is for."""
+        return f"{msg['type']}@{msg.get('stage', self.position)}"
+
     def accept(self, sender: str, msg: dict) -> None:
-        """Check a fwd/bwd message against what this stage expects, then deliver it."""
-        rot, kind = msg["rotation"], msg["type"]
+        """Check a stage message (fwd, bwd, and the remote backward's input, weights, lend, return)
+        against what this peer expects from that sender, then deliver it."""
+        rot, kind, stage = msg["rotation"], msg["type"], msg.get("stage", self.position)
         if rot != self.rotation or self.position < 0:
             raise ProtocolError("stale", f"message for rotation {rot}; this stage is at {self.rotation}")
-        want_from = self.neighbour(-1) if kind == "fwd" else (
-            self.neighbour(1) if self.position + 1 < len(self.chain) else None)
-        if kind == "fwd" and self.position == 0 or sender != want_from:
-            raise ProtocolError("unexpected", f"{kind} from {sender} is not expected by stage {self.position}")
         mode = msg.get("mode", "train")
         if mode not in ("train", "eval"):
             raise ProtocolError("malformed", f"unknown mode {mode!r}")
-        size = self._mb_size(mode, msg["step"], msg["mb"])
-        a, b = self.stage.range
-        if kind == "fwd":
-            self._check(msg["x"], (size, *self.shapes[a]), torch.float32, "activation")
-            self._check(msg["y"], (size,), torch.int64, "labels")
-            payload = {"x": msg["x"], "y": msg["y"]}
+        roles = self.roles(mode)
+        receiver = roles.receiver(stage, kind) if 0 <= stage < len(self.chain) else None
+        source = None if receiver is None else roles.sender(receiver, kind)
+        if source is None or roles.host(receiver) != self.position or sender != self.chain[roles.host(source)]:
+            raise ProtocolError("unexpected", f"{kind} for stage {stage} from {sender} is not expected by "
+                                              f"{self.me} (stage {self.position})")
+        a, b = self.ranges[self.chain[stage]]
+        if kind in ("fwd", "bwd", "input"):
+            size = self._mb_size(mode, msg["step"], msg["mb"])
+            if kind == "bwd":
+                self._check(msg["grad"], (size, *self.shapes[b]), torch.float32, "gradient")
+                payload = {"grad": msg["grad"]}
+            else:
+                self._check(msg["x"], (size, *self.shapes[a]), torch.float32, "activation")
+                payload = {"x": msg["x"]}
+                if kind == "fwd":
+                    self._check(msg["y"], (size,), torch.int64, "labels")
+                    payload["y"] = msg["y"]
+            mb = msg["mb"]
         else:
-            self._check(msg["grad"], (size, *self.shapes[b]), torch.float32, "gradient")
-            payload = {"grad": msg["grad"]}
-        self.mailbox.deliver((rot, mode, msg["step"], kind, msg["mb"]), payload)
+            self._mb_size(mode, msg["step"] - (kind == "return"), 0)   # return comes after the last step
+            field = "weights" if kind == "weights" else "layers"
+            payload = {field: self._check_layers(msg[field], a, b, with_optimizer=field == "layers")}
+            mb = 0
+        self.mailbox.deliver((rot, mode, msg["step"], self.box(msg), mb), payload)
+
+    def _check_layers(self, layers: dict, a: int, b: int, with_optimizer: bool) -> dict:
+        """Layers [a, b) as a remote backward sends them: weights (name -> tensor) or exported state
+        ({"params", "optim"}), every tensor of the expected shape."""
+        if not isinstance(layers, dict) or sorted(map(str, layers)) != sorted(map(str, range(a, b))) or \
+                not all(type(i) is int for i in layers):
+            raise ProtocolError("bad_shape", f"expected the state of layers [{a},{b})")
+        for i, entry in layers.items():
+            want = self._layer_shapes(i, with_optimizer)
+            named = entry.get("params") if with_optimizer and isinstance(entry, dict) else entry
+            if not isinstance(named, dict) or set(named) != set(want) or \
+                    (with_optimizer and not isinstance(entry.get("optim"), dict)):
+                raise ProtocolError("bad_shape", f"layer {i}: expected tensors {sorted(want)}")
+            for name, (shape, dtype) in want.items():
+                self._check(named[name], shape, dtype, f"layer {i} {name}")
+        return layers
+
+    def _layer_shapes(self, i: int, state: bool) -> dict[str, tuple]:
+        """Parameter (or, with state, state-dict) shapes and dtypes of layer i, from the model spec, once."""
+        key = (i, state)
+        if key not in self._shapes_of:
+            module = build_layer(self.cfg.model, self.cfg.seed, i)
+            tensors = module.state_dict() if state else dict(module.named_parameters())
+            self._shapes_of[key] = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+        return self._shapes_of[key]
 
     def _mb_size(self, mode: str, step: int, mb: int) -> int:
         n = self.head_samples if mode == "train" else self.head_test_samples
@@ -167,8 +215,9 @@ class JobRuntime:
             raise ProtocolError("bad_shape", f"{what}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
 
     # --- running a pass -----------------------------------------------------------------------
-    async def _drive(self, gen, mode: str, on_step) -> None:
-        pos = self.position
+    async def _drive(self, gen, mode: str, on_step, roles: S.Roles, program: int) -> None:
+        """Step one program's generator on the compute thread; do its receives and sends here."""
+        stage = roles.stage(program)
 
         def advance(value):
             try:
@@ -176,23 +225,26 @@ class JobRuntime:
             except StopIteration:
                 return True, None
             if self.memory_budget is not None:  # peak accounting, for /status and tests
-                self.peak_memory = max(self.peak_memory, self.stage.memory_bytes())
+                self.peak_memory = max(self.peak_memory, self.stage.memory_bytes() +
+                                       sum(st.memory_bytes() for st in self.backward_roles.values()))
             return out
 
         done, req = await self._compute(advance, None)
         while not done:
             value = None
             if isinstance(req, Recv):
-                value = await self.mailbox.get((self.rotation, mode, req.step, req.kind, req.mb), self.cfg.recv_timeout)
+                key = (self.rotation, mode, req.step, f"{req.kind}@{stage}", req.mb)
+                value = await self.mailbox.get(key, self.cfg.recv_timeout)
             elif isinstance(req, StepDone):
                 await on_step(req.step, req.result)
             else:
                 assert isinstance(req, Send)
-                dst = self.chain[pos + 1] if req.kind == "fwd" else self.chain[pos - 1]
-                msg = message(req.kind, job=self.job, rotation=self.rotation, step=req.step, mb=req.mb, **req.payload)
+                to = roles.to(program, req.kind)
+                msg = message(req.kind, job=self.job, rotation=self.rotation, step=req.step, stage=roles.stage(to),
+                              **({} if req.kind in ("weights", "lend", "return") else {"mb": req.mb}), **req.payload)
                 if req.kind == "fwd":
                     msg["mode"] = mode
-                await self.links.send(self.urls[dst], msg, wire_policy(self.cfg))
+                await self.links.send(self.urls[self.chain[roles.host(to)]], msg, wire_policy(self.cfg))
             done, req = await self._compute(advance, value)
 
     def _head_batches(self, mode: str):
@@ -210,7 +262,8 @@ class JobRuntime:
 
     async def run_pass(self, mode: str, on_step) -> dict:
         """This stage's part of the current rotation's pass (mode "train") or evaluation ("eval").
-        on_step(step, result, size) is called as this stage finishes each step."""
+        on_step(step, result, size, stage) is called as each of this peer's programs finishes a step
+        (stage: the chain position of the layers the program works on)."""
         pos, n = self.position, len(self.chain)
         if pos < 0:
             return {"steps": 0}
@@ -218,20 +271,38 @@ class JobRuntime:
         sizes = batch_sizes(total, self.cfg.batch_size if mode == "train" else EVAL_BATCH)
         if pos == 0 and mode == "train" and len(self.data) != total:
             raise JobError(f"head {self.me} has {len(self.data)} samples, the coordinator expected {total}")
-        if mode == "train":
-            mbs = [len(microbatch_sizes(b, self.cfg.microbatches)) for b in sizes]
-            program = S.pass_program(self.cfg.scheme, self.cfg.pipeline, pos, n, mbs, self.cfg.max_staleness)
+        roles, k = self.roles(mode), self.cfg.max_staleness
+        mbs = [len(microbatch_sizes(b, self.cfg.microbatches)) for b in sizes]
+        head_inputs = self._head_batches(mode) if pos == 0 else None
+        self.backward_roles = {p: Stage(self.cfg, {}) for p in range(n, roles.programs) if roles.host(p) == pos}
+        if mode == "eval":
+            gens = {pos: run_program(self.stage, S.evaluation_pass(pos, n, len(sizes)), pos, n, sizes, head_inputs,
+                                     train=False)}
+        elif roles.remote:   # this peer's programs: its own stage's (or forward role's), and backward roles
+            progs = roles.pass_programs(mbs, k)
+            gens = {p: run_forward_role(self.stage, progs[p], k) if p in roles.remote else
+                    run_backward_role(self.backward_roles[p], progs[p], k) if p >= n else
+                    run_program(self.stage, progs[p], pos, n, sizes, head_inputs)
+                    for p in range(roles.programs) if roles.host(p) == pos}
         else:
-            program = S.evaluation_pass(pos, n, len(sizes))
-        gen = run_program(self.stage, program, pos, n, sizes, self._head_batches(mode) if pos == 0 else None,
-                          train=mode == "train")
+            program = S.pass_program(self.cfg.scheme, self.cfg.pipeline, pos, n, mbs, k)
+            gens = {pos: run_program(self.stage, program, pos, n, sizes, head_inputs)}
         t0 = time.perf_counter()
 
-        async def step_done(step, result):
-            self.progress = {"rotation": self.rotation, "mode": mode, "step": step + 1, "steps": len(sizes)}
-            await on_step(step, result, sizes[step])
+        def step_done(stage: int):
+            async def done(step, result):
+                if stage == pos:
+                    self.progress = {"rotation": self.rotation, "mode": mode, "step": step + 1, "steps": len(sizes)}
+                await on_step(step, result, sizes[step], stage)
+            return done
 
-        await self._drive(gen, mode, step_done)
+        tasks = [asyncio.create_task(self._drive(g, mode, step_done(roles.stage(p)), roles, p)) for p, g in gens.items()]
+        try:
+            await asyncio.gather(*tasks)
+        finally:   # one program failed (or the pass was cancelled): stop the others too
+            for t in tasks:
+                t.cancel()
+            self.backward_roles = {}
         return {"steps": len(sizes), "seconds": time.perf_counter() - t0}
 
     def abort(self, reason: str) -> None:

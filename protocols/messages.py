@@ -23,6 +23,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "auth": {"proof": Bytes},             # the dialling side's proof, after the server's hello
     "fwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "mode": Str, "x": Tensor, "y": Tensor},
     "bwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "grad": Tensor},
+    # remote backward (fast-async): between a middle stage's forward role and its backward role on another peer
+    "input": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "stage": Int, "x": Tensor},
+    "weights": {"job": Str, "rotation": Int, "step": Int, "stage": Int, "weights": Dict},
+    "lend": {"job": Str, "rotation": Int, "step": Int, "stage": Int, "layers": Dict},
+    "return": {"job": Str, "rotation": Int, "step": Int, "stage": Int, "layers": Dict},
     "ping": {"seq": Int},       # answered by a pong on the same connection; optional `data` is discarded
     "pong": {"seq": Int},
     "sink": {"data": Tensor},   # discarded unanswered (bandwidth tests)
@@ -41,7 +46,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "data_probe": {"url": Str, "bytes": Int, "count": Int},  # measure the data plane to another agent (stream
                                                               # of sinks, or with round_trips: pings)
 }
-OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor}, "data_probe": {"round_trips": Bool, "copies": Bool}}
+OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor},
+                                       "fwd": {"stage": Int}, "bwd": {"stage": Int}, "data_probe": {"round_trips": Bool, "copies": Bool}}
 
 OPTIONAL["hello"] = {"nonce": Bytes, "proof": Bytes}
 

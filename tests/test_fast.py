@@ -72,3 +72,40 @@ def test_fast_async_reaches_the_accuracy_of_fast_on_digits(start_ring, tmp_path)
     print("held-out accuracy", accuracy)
     assert accuracy["fast"] >= 0.95, accuracy
     assert abs(accuracy["fast-async"] - accuracy["fast"]) <= 0.01, accuracy
+
+
+def test_remote_backward_on_a_live_ring(digits_ring, tmp_path):
+    """The middle stage's backward and optimizer run on the tail's peer (--backward-at 1:2): its owner only
+    forwards, on weights the tail sends back after each step. The agents compute what plain PyTorch
+    computes with those stale weights, and report the staleness."""
+    ring, out = digits_ring, tmp_path / "model.pt"
+    args = ["--epochs", "1", "--batch-size", "64", "--microbatches", "4", "--lr", "0.05", "--momentum", "0.9",
+            "--model-options", "depth=5,width=64", "--scheme", "fast-async", "--max-staleness", "1",
+            "--backward-at", "1:2", "--split", "even", "--out", str(out)]
+    summary = summary_of(train_cli(ring.urls[0], *args))
+    heads = [data.load("digits", f"{ring.agents.index(a)}/3") for a in ring.ring_order()]
+    cfg = JobConfig(model={"name": "mlp", "depth": 5, "width": 64}, batch_size=64, microbatches=4, lr=0.05,
+                    momentum=0.9, scheme="fast-async", max_staleness=1)
+    tables, want_staleness = [], []
+    for ds, plan in zip(heads, summary["plans"]):
+        mbs = [len(data.microbatch_sizes(b, 4)) for b in data.batch_sizes(len(ds), 64)]
+        position = {i: j for j, r in enumerate(plan["ranges"].values()) for i in range(*r)}   # chain order
+        tables.append((position, [S.lags(S.asynchronous(j, 3, mbs, 1)) for j in range(3)]))
+        want_staleness += [max(min(s, 1), *(S.staleness(S.asynchronous(j, 3, mbs, 1)).get(s, 0) for j in (0, 2)))
+                           for s in range(len(mbs))]
+
+    def lag(pass_index, layer, step, mb):
+        position, lags = tables[pass_index]
+        j = position[layer]
+        return step - S.forward_version(step, 1) if j == 1 else lags[j][step, mb]
+
+    assert summary["staleness"] == want_staleness
+    assert max_diff(load_out(out), reference.train_stale(cfg, heads, lag).state_dict()) <= 1e-5
+    owner_backward = reference.train_stale(cfg, heads, lambda p, i, s, m: tables[p][1][tables[p][0][i]][s, m])
+    assert max_diff(load_out(out), owner_backward.state_dict()) > 1e-4   # where the backward ran shows
+
+
+def test_remote_backward_refuses_the_head_and_tail(digits_ring):
+    proc = train_cli(digits_ring.urls[0], "--epochs", "1", "--scheme", "fast-async", "--backward-at", "2:0",
+                     "--split", "even")
+    assert proc.returncode != 0 and "a middle stage (1..1)" in proc.stderr + proc.stdout
