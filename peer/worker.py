@@ -240,11 +240,18 @@ class JobRuntime:
             else:
                 assert isinstance(req, Send)
                 to = roles.to(program, req.kind)
-                msg = message(req.kind, job=self.job, rotation=self.rotation, step=req.step, stage=roles.stage(to),
-                              **({} if req.kind in ("weights", "lend", "return") else {"mb": req.mb}), **req.payload)
-                if req.kind == "fwd":
-                    msg["mode"] = mode
-                await self.links.send(self.urls[self.chain[roles.host(to)]], msg, wire_policy(self.cfg))
+                dest = self.chain[roles.host(to)]
+                if dest == self.me:   # to another program of this peer (a backward role hosted here)
+                    box = f"{req.kind}@{roles.stage(to)}"
+                    await self.mailbox.room(box)
+                    self.mailbox.deliver((self.rotation, mode, req.step, box, req.mb), req.payload)
+                else:
+                    msg = message(req.kind, job=self.job, rotation=self.rotation, step=req.step,
+                                  stage=roles.stage(to), **req.payload,
+                                  **({} if req.kind in ("weights", "lend", "return") else {"mb": req.mb}))
+                    if req.kind == "fwd":
+                        msg["mode"] = mode
+                    await self.links.send(self.urls[dest], msg, wire_policy(self.cfg))
             done, req = await self._compute(advance, value)
 
     def _head_batches(self, mode: str):
