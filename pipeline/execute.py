@@ -145,7 +145,8 @@ def run_backward_role(stage: Stage, program: list[S.Action], max_staleness: int)
     """Remote backward, the backward role (on another peer; `stage` starts empty): takes the lent layers,
     and per microbatch recomputes the forward on the weights the forward role used (kept here by
     version), backpropagates, steps the optimizer after each step and sends the new weights to the
-    forward role; returns the layers' state at the end of the pass."""
+    forward role, predicted max_staleness steps ahead along SGD's momentum (`Stage.snapshot`); returns
+    the layers' state at the end of the pass."""
     versions: dict[int, dict] = {}   # weights after v steps of this pass
     inbox: dict[tuple, dict] = {}
     outbox: dict[tuple, dict] = {}
@@ -167,7 +168,8 @@ def run_backward_role(stage: Stage, program: list[S.Action], max_staleness: int)
             yield Send("bwd", s, m, outbox.pop(("bwd", s, m)))
         elif k == S.STEP:
             stage.step()
-            versions[s + 1] = stage.snapshot()
+            # forwards of step s + 1 + K use it and their gradients land on version s + 1 + K: predict K steps
+            versions[s + 1] = stage.snapshot(ahead=max_staleness)
             for old in [v for v in versions if v < S.forward_version(s + 1, max_staleness)]:
                 del versions[old]
             yield StepDone(s, results.pop(s, StepResult()))

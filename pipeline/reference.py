@@ -33,22 +33,31 @@ def _optimizer(cfg: JobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_stale(cfg: JobConfig, heads: list[Dataset], lag) -> torch.nn.Sequential:
+def train_stale(cfg: JobConfig, heads: list[Dataset], lag, ahead=None) -> torch.nn.Sequential:
     """Training with stale forward weights (PipeDream's weight stashing), in plain PyTorch: microbatch m
-    of step s of pass p runs layer i on the weights of lag(p, i, s, m) steps ago; its gradient is taken
-    at those weights and applied, summed over the step's microbatches, to the current weights."""
+    of step s of pass p runs layer i on the weights of lag(p, i, s, m) steps ago, extrapolated
+    ahead(p, i, s, m) steps along SGD's momentum buffer of that time (weight prediction; default none);
+    its gradient is taken at those weights and applied, summed over the step's microbatches, to the
+    current weights."""
     model = build_model(cfg.model, cfg.seed)
     opt = _optimizer(cfg, model)
-    history: list[dict[str, torch.Tensor]] = []   # the weights before each step so far
+    history: list[tuple[dict, dict]] = []   # (weights, momentum buffers) before each step so far
     for p, ds, idx, s in [(p, ds, idx, s) for p, (ds, steps) in enumerate(passes(cfg, heads))
                           for s, idx in enumerate(steps)]:
-        history.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        history.append(({k: v.detach().clone() for k, v in model.named_parameters()},
+                        {k: opt.state[v]["momentum_buffer"].clone() for k, v in model.named_parameters()
+                         if opt.state.get(v, {}).get("momentum_buffer") is not None}))
         opt.zero_grad()
         start = 0
         for m, size in enumerate(microbatch_sizes(len(idx), cfg.microbatches)):
             part = idx[start:start + size]
             start += size
-            weights = {k: history[-1 - lag(p, int(k.split(".")[0]), s, m)][k].requires_grad_(True) for k in history[-1]}
+            weights = {}
+            for k in history[-1][0]:
+                layer = int(k.split(".")[0])
+                w, buf = history[-1 - lag(p, layer, s, m)]
+                steps = ahead(p, layer, s, m) if ahead else 0
+                weights[k] = (w[k].detach() - cfg.lr * steps * buf[k] if steps and k in buf else w[k]).requires_grad_(True)
             loss = F.cross_entropy(functional_call(model, weights, (ds.x[part],)), ds.y[part], reduction="sum") / len(idx)
             for param, g in zip(model.parameters(), torch.autograd.grad(loss, list(weights.values()))):
                 param.grad = g if param.grad is None else param.grad + g

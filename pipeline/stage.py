@@ -157,10 +157,22 @@ class Stage:
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)
 
-    def snapshot(self) -> dict[int, dict[str, torch.Tensor]]:
-        """A copy of the current weights, per layer (what an offloaded forward role runs on)."""
-        return {i: {name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in m.named_parameters()}
-                for i, m in self.layers.items()}
+    def snapshot(self, ahead: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+        """A copy of the current weights, per layer. With `ahead`, extrapolated that many steps along SGD's
+        momentum, W - lr * ahead * buffer (weight prediction, as SpecTrain): what a remote backward's
+        forward role runs on, so that its gradients are taken near the weights they are applied to."""
+        out = {}
+        for i, m in self.layers.items():
+            opt = self.optimizers[i]
+            lr = opt.param_groups[0]["lr"]
+            out[i] = {}
+            for name, p in m.named_parameters():
+                w = p.detach().clone()
+                buf = opt.state.get(p, {}).get("momentum_buffer") if ahead else None
+                if buf is not None:
+                    w.sub_(buf, alpha=lr * ahead)
+                out[i][name] = w.requires_grad_(p.requires_grad)
+        return out
 
     @torch.no_grad()
     def load(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:

@@ -2,8 +2,9 @@
 
 The same code as the agents (pipeline.local drives the stage programs in one process): a ring of 3
 peers with one digits shard each, the default MLP split evenly, SGD with momentum, 4 microbatches.
-Prints per-seed accuracies on the 360 held-out digits and the gaps, in points.
-Usage: python scripts/bench_async_accuracy.py [--seeds N] [--max-staleness K] [--json]
+Prints per-seed accuracies on the 360 held-out digits and the gaps, in points. With --backward-at 1:2,
+fast-async runs with the middle stage's backward on the tail's peer (remote backward) instead.
+Usage: python scripts/bench_async_accuracy.py [--seeds N] [--max-staleness K] [--backward-at S:H] [--json]
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from peer.cli_train import backward_at  # noqa: E402
 from pipeline import data, local, reference  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.models import build_model, num_layers  # noqa: E402
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--max-staleness", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--backward-at", type=backward_at, default=[])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -44,10 +47,11 @@ def main() -> None:
                          lr=args.lr, momentum=0.9, scheme="fast")
         sync = held_out_accuracy(base, shards, held_out)
         asyn = held_out_accuracy(JobConfig(**{**base.to_dict(), "scheme": "fast-async",
-                                              "max_staleness": args.max_staleness}), shards, held_out)
+                                              "max_staleness": args.max_staleness,
+                                              "backward_at": args.backward_at}), shards, held_out)
         runs.append({"seed": seed, "fast": sync, "fast_async": asyn, "gap": asyn - sync})
     gaps = [r["gap"] for r in runs]
-    res = {"max_staleness": args.max_staleness, "runs": runs, "mean_gap_points": sum(gaps) / len(gaps),
+    res = {"max_staleness": args.max_staleness, "backward_at": args.backward_at, "runs": runs, "mean_gap_points": sum(gaps) / len(gaps),
            "worst_gap_points": min(gaps), "within_1_point": sum(abs(g) <= 1 for g in gaps)}
     if args.json:
         print(json.dumps(res))

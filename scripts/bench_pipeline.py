@@ -86,16 +86,17 @@ def stage_ms(ranges: list[tuple[int, int]], steps: int) -> list[float]:
     return out
 
 
-def splitring(steps: int, scheme: str) -> dict:
+def splitring(steps: int, scheme: str, agents: int = 2, *extra: str) -> dict:
+    """One epoch on a fixed-order ring of `agents` (1 thread each); the first holds the data."""
     x, y = samples(steps)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.npz"
         np.savez(path, x=x.numpy(), y=y.numpy())
-        with LocalRing([["--data", str(path)], []]) as ring:
+        with LocalRing([["--data", str(path)]] + [[]] * (agents - 1), peer_ids=[f"p{k}" for k in range(agents)]) as ring:
             proc = train_cli(ring.urls[0], "--model", "mlp", "--model-options",
                              f"in_features={WIDTH},depth={DEPTH},width={WIDTH}", "--epochs", "1",
                              "--batch-size", str(BATCH), "--microbatches", str(MICRO), "--lr", "0.01",
-                             "--shuffle", "off", "--scheme", scheme, "--max-staleness", "1")
+                             "--shuffle", "off", "--scheme", scheme, "--max-staleness", "1", *extra)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-2000:])
             return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -215,27 +215,30 @@ def test_only_middle_stages_run_their_backward_elsewhere():
 @pytest.mark.parametrize("k,remote", [(1, {1: 3}), (2, {1: 0, 2: 3}), (0, {2: 0})])
 def test_remote_backward_equals_weight_stashing_in_plain_pytorch(k, remote):
     """A remote backward role recomputes each forward on the weights its forward role used
-    (forward_version: k steps old at most) and applies the gradient to the current weights; the other
-    stages run fast-async. Same as plain PyTorch doing that, to float tolerance, over 2 epochs (the state
-    goes back to the owner after each pass)."""
+    (forward_version: k steps old at most, predicted k steps ahead along the momentum) and applies the
+    gradient to the current weights; the other stages run fast-async. Same as plain PyTorch doing that,
+    to float tolerance, over 2 epochs (the state goes back to the owner after each pass)."""
     n_peers = 4
     spec = {"name": "mlp", "depth": 5, "width": 32}
     shards = [data.Dataset("cut", s.x[:48], s.y[:48]) for s in (data.load("digits", f"{j}/4") for j in range(4))]
     ranges = even_split(num_layers(spec), n_peers)
-    cfg = JobConfig(model=spec, epochs=2, momentum=0.9, microbatches=2, batch_size=16, scheme="fast-async",
+    cfg = JobConfig(model=spec, epochs=2, momentum=0.9, microbatches=2, batch_size=8, scheme="fast-async",
                     max_staleness=k, backward_at=[[j, h] for j, h in remote.items()])
     seen = []
     got = local.train(cfg, shards, ranges, on_step=lambda results: seen.append([r.staleness for r in results]))
-    mbs = [len(data.microbatch_sizes(b, 2)) for b in data.batch_sizes(48, 16)]
+    mbs = [len(data.microbatch_sizes(b, 2)) for b in data.batch_sizes(48, 8)]
     lag_of = [S.lags(S.asynchronous(j, n_peers, mbs, k)) for j in range(n_peers)]
     stage_of = {i: j for j, (a, b) in enumerate(ranges) for i in range(a, b)}
 
     def lag(p, i, s, m):
         j = stage_of[i]
         return s - S.forward_version(s, k) if j in remote else lag_of[j][s, m]
-    want = reference.train_stale(cfg, shards, lag).state_dict()
+    def ahead(p, i, s, m):   # weights made by a step of this pass are predicted k steps ahead
+        return k if stage_of[i] in remote and S.forward_version(s, k) > 0 else 0
+    want = reference.train_stale(cfg, shards, lag, ahead).state_dict()
     assert max((got[key] - want[key]).abs().max().item() for key in want) <= 1e-5
     assert all(r[j] == min(s % len(mbs), k) for s, r in enumerate(seen) for j in remote)
-    if k:   # the lag matters: taken as in plain fast-async, the result differs
-        plain = reference.train_stale(cfg, shards, lambda p, i, s, m: lag_of[stage_of[i]][s, m]).state_dict()
-        assert max((got[key] - plain[key]).abs().max().item() for key in want) > 1e-4
+    if k:   # the lag and the prediction matter: without either, the result differs
+        for other in (reference.train_stale(cfg, shards, lambda p, i, s, m: lag_of[stage_of[i]][s, m], ahead),
+                      reference.train_stale(cfg, shards, lag)):
+            assert max((got[key] - other.state_dict()[key]).abs().max().item() for key in want) > 1e-4
