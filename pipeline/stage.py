@@ -92,7 +92,7 @@ class Stage:
                 weights: dict[int, dict] | None = None) -> torch.Tensor:
         """Forward one microbatch, keeping its buffer for backward; returns the detached output. `stale`:
         a step will come before its backward, so it runs on a copy of the weights. `weights`: run on
-        these instead (per layer, name -> tensor), as an offloaded backward role recomputing a forward."""
+        these instead (per layer, name -> tensor), as a remote backward role recomputing a forward."""
         weights = self._stale() if stale else weights
         x = x.detach().requires_grad_(needs_input_grad)
         y = self._run(x, weights)
