@@ -309,6 +309,11 @@ frames = st.one_of(
               st.sampled_from(["fwd", "bwd"]), st.sampled_from(["j", "nojob"]), st.integers(0, 3),
               st.integers(0, 2), st.sampled_from([0, 1, 32, 64]), st.sampled_from([1, 64, 128, 10]),
               st.sampled_from([torch.float32, torch.float64, torch.int64])),
+    st.builds(lambda kind, stage, rows, cols: message(   # the remote backward's messages, to a job without one
+        kind, job="j", rotation=0, step=0, mb=0, stage=stage, x=torch.zeros(rows, cols),
+        weights={1: {"0.weight": torch.zeros(cols, rows)}}, layers={1: {"params": {}, "optim": {}}}),
+              st.sampled_from(["input", "weights", "lend", "return"]), st.integers(-1, 3),
+              st.sampled_from([0, 32]), st.sampled_from([1, 128])),
 )
 
 
@@ -352,7 +357,7 @@ def test_data_plane_answers_adversarial_frames(open_agent, sent, as_neighbour):
     assert all(r["type"] in ("error", "pong") for r in replies)
     assert all(r["code"] for r in replies if r["type"] == "error")
     for key in accepted:  # delivered: exactly the shape stage 1 expects, from its predecessor
-        assert as_neighbour and key[3] == "fwd"
+        assert as_neighbour and key[3] == "fwd@1"
         x = rt.mailbox.slots[key].result()["x"]
         assert x.dtype == torch.float32 and x.shape[1] == 128
     rt.mailbox.new_rotation(1)  # forget for the next example (the job itself is never run here)
