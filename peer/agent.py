@@ -396,7 +396,7 @@ class Agent:
         msg = await self.read(request, "job_commit")
         rt = self.runtime(msg["job"])
         out = await self.compute_call(rt.commit, msg["rotation"], msg["chain"], msg["ranges"], msg["head_samples"],
-                                      msg["head_test_samples"])
+                                      msg["head_test_samples"], msg.get("backward_at", []))
         return web.json_response(out)
 
     @guarded

@@ -29,9 +29,10 @@ def register(sub) -> None:
                         "--max-staleness steps old")
     p.add_argument("--max-staleness", type=int, default=1, metavar="K",
                    help="fast-async: steps a forward's weights may lag behind (0 = synchronous 1F1B; default 1)")
-    p.add_argument("--backward-at", type=backward_at, default=[], metavar="STAGE:HOST[,STAGE:HOST]",
+    p.add_argument("--backward-at", type=backward_at, default=[], metavar="STAGE:HOST[,STAGE:HOST] | auto",
                    help="fast-async: the middle stage at chain position STAGE runs its backward and optimizer on the "
-                        "peer at chain position HOST, which sends the new weights back (remote backward)")
+                        "peer at chain position HOST, which sends the new weights back (remote backward); auto: "
+                        "for each middle stage that does not fit its peer's memory budget, a peer with room")
     p.add_argument("--pipeline", choices=["1f1b", "gpipe"], default="1f1b",
                    help="schedule of --scheme fast (both flush at every step, so the result is exact)")
     p.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -46,7 +47,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def backward_at(text: str) -> list[list[int]]:
+def backward_at(text: str) -> list[list[int]] | str:
+    if text == "auto":
+        return text
     try:
         return [[int(v) for v in pair.split(":")] for pair in text.split(",") if pair] if text else []
     except ValueError:

@@ -17,7 +17,7 @@ import torch
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.models import num_layers, spec_hash
-from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, evaluate, plan
+from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, evaluate, place_backward, plan
 from pipeline.swaps import even_split, swap_moves
 from peer.worker import JobError
 from protocols import encode_frame, message
@@ -101,23 +101,35 @@ class Coordinator:
         return size / max(times[1] - times[0], 1e-6), latency
 
     def plan_chain(self, chain: list[str], devices: dict[str, Device], layers: list[LayerCost],
-                   previous: dict[str, tuple[int, int]] | None) -> Plan:
-        """The split of one rotation: the planner's (fewest bytes moved among the fastest), or an even
-        split checked against the same memory model."""
+                   previous: dict[str, tuple[int, int]] | None) -> tuple[Plan, dict[int, int]]:
+        """The split of one rotation, and its remote backwards ({stage: host} chain positions): the
+        planner's split (fewest bytes moved among the fastest), or an even split, checked against the
+        same memory model with the remote backwards given, or placed (`--backward-at auto`)."""
         chained = [replace(devices[p], bandwidth=min(devices[p].bandwidth, devices[q].bandwidth))
                    for p, q in zip(chain, chain[1:] + chain[:1])]
-        scheme = self.cfg.scheme
+        cfg, auto = self.cfg, self.cfg.backward_at == "auto"
+        scheme, m, k, remote = cfg.scheme, cfg.microbatches, cfg.max_staleness, cfg.remote_backward()
+        even = even_split(len(layers), len(chain))
         try:
-            if self.cfg.split == "even":
-                p = evaluate(chained, layers, even_split(len(layers), len(chain)), scheme, self.cfg.microbatches,
-                             self.cfg.max_staleness)
-                if not p.fits:
-                    over = [f"{s.peer} needs {s.memory_bytes} of {s.memory_budget} bytes" for s in p.stages if not s.fits]
-                    raise JobError(f"the even split does not fit the memory budgets: {'; '.join(over)}")
-                return p
-            return plan(chained, layers, scheme, self.cfg.microbatches, previous, self.cfg.max_staleness)
+            p = evaluate(chained, layers, even, scheme, m, k) if cfg.split == "even" else None
+            if p is None:
+                try:
+                    p = plan(chained, layers, scheme, m, previous, k)
+                except PlanInfeasible:
+                    if not auto:
+                        raise
+                    p = evaluate(chained, layers, even, scheme, m, k)   # the solver cannot count remote backwards
         except PlanInfeasible as e:
             raise JobError(f"the ring cannot hold the model: {e}") from None
+        if auto:
+            remote = place_backward(chained, layers, p.ranges, scheme, m, k)
+        if remote:   # the solver places layers as if every stage ran its own backward: count the roles
+            p = replace(evaluate(chained, layers, p.ranges, scheme, m, k, remote), bytes_moved=p.bytes_moved)
+        if not p.fits:
+            over = [f"{s.peer} needs {s.memory_bytes} of {s.memory_budget} bytes" for s in p.stages if not s.fits]
+            raise JobError(f"the {cfg.split} split does not fit the memory budgets"
+                           f"{' with --backward-at' if cfg.backward_at else ''}: {'; '.join(over)}")
+        return p, remote
 
     async def plan_only(self) -> list[dict]:
         """Every rotation's plan for the ring as it is now (no job is started)."""
@@ -125,7 +137,7 @@ class Coordinator:
         devices, layers, _ = await self.gather_devices(self.ring)
         ids, plans, previous = [p["peer"] for p in self.ring], [], None
         for r in range(len(ids)):
-            p = self.plan_chain(S.chain_order(ids, r), devices, layers, previous)
+            p, _ = self.plan_chain(S.chain_order(ids, r), devices, layers, previous)
             previous = p.assignment
             plans.append(p.to_dict())
         return plans
@@ -166,6 +178,10 @@ class Coordinator:
         rotations = [r for r in range(cfg.epochs * n) if samples[S.chain_order(ids, r)[0]] > 0]
         if not rotations:
             raise JobError("no peer of the ring has training data")
+        try:
+            S.Roles(n, cfg.remote_backward())
+        except ValueError as e:
+            raise JobError(f"a chain of {n} stages: {e}") from None
         steps_per_pass = {p: -(-samples[p] // cfg.batch_size) for p in ids}
         self.emit({"event": "started", "job": self.job, "ring": ids, "coordinator": self.agent.peer_id,
                    "layers": n_layers, "samples": samples, "config": cfg.to_dict(),
@@ -175,16 +191,16 @@ class Coordinator:
         train_seconds, plans, steps_done = 0.0, [], 0
         for k, r in enumerate(rotations):
             chain = S.chain_order(ids, r)
-            split = self.plan_chain(chain, devices, layers, assignment)
+            split, remote = self.plan_chain(chain, devices, layers, assignment)
             ranges = split.assignment
             plans.append({"rotation": r, "ranges": {k: list(v) for k, v in ranges.items()},
-                          "predicted_step_s": split.step_s, "bytes_moved": split.bytes_moved if assignment else 0})
+                          "predicted_step_s": split.step_s, "bytes_moved": split.bytes_moved if assignment else 0,
+                          "backward_at": [[j, h] for j, h in remote.items()]})
             self.emit({"event": "plan", **plans[-1]})
             active = [p for p in chain if ranges[p][1] > ranges[p][0]]
-            try:
-                S.Roles(len(active), cfg.remote_backward())
-            except ValueError as e:
-                raise JobError(f"a chain of {len(active)} stages: {e}") from None
+            if remote and len(active) < n:
+                raise JobError(f"--backward-at names chain positions, but the plan leaves {n - len(active)} peer(s) "
+                               "without layers; use --split even")
             if assignment is not None:
                 moves = swap_moves(assignment, ranges)
                 senders = sorted({src for _, src, _ in moves})
@@ -194,12 +210,12 @@ class Coordinator:
             head = chain[0]
             commit = message("job_commit", job=self.job, rotation=r, chain=active,
                              ranges={p: list(v) for p, v in ranges.items()}, head_samples=samples[head],
-                             head_test_samples=tests[head])
+                             head_test_samples=tests[head], backward_at=plans[-1]["backward_at"])
             await self.call_all(ring, "/job/commit", lambda p: commit)
             assignment = ranges
             epoch = r // n
             tp = time.perf_counter()
-            steps = await self._pass(active, by_id, r, "train", epoch)
+            steps = await self._pass(active, by_id, r, "train", epoch, remote)
             train_seconds += time.perf_counter() - tp
             steps_done += len(steps)
             total_samples += samples[head]
@@ -224,7 +240,8 @@ class Coordinator:
         await asyncio.gather(*(self.call(p, "/job/end", message("job_end", job=self.job)) for p in ring))
         self.emit({"event": "done", "summary": self.summary})
 
-    async def _pass(self, active: list[str], by_id: dict, rotation: int, mode: str, epoch: int) -> list[dict]:
+    async def _pass(self, active: list[str], by_id: dict, rotation: int, mode: str, epoch: int,
+                    remote: dict[int, int] | None = None) -> list[dict]:
         """Start the pass on every stage; returns the step results the tail streams back."""
         results: list[dict] = []
         body = encode_frame(message("job_pass", job=self.job, rotation=rotation, mode=mode))
@@ -233,7 +250,7 @@ class Coordinator:
         pending: dict[int, list[dict]] = {}   # step -> the stages' reports so far
 
         # programs that report each step: under fast-async every stage (and every remote backward role)
-        reporting = S.Roles(len(active), self.cfg.remote_backward()).programs if self.cfg.scheme == "fast-async" else 1
+        reporting = S.Roles(len(active), remote).programs if self.cfg.scheme == "fast-async" else 1
 
         def report(ev: dict):
             """A step is reported once every reporting stage is done with it: the loss comes from the tail,

@@ -42,6 +42,7 @@ class JobRuntime:
         self.pending: dict[int, dict[int, dict]] = {}   # rotation -> received layers awaiting commit
         self.rotation = -1
         self.chain: list[str] = []
+        self.remote: dict[int, int] = {}   # this rotation's remote backwards: stage position -> host position
         self.ranges: dict[str, tuple[int, int]] = {}
         self.head_samples = self.head_test_samples = 0
         self.mailbox = Mailbox()
@@ -60,10 +61,16 @@ class JobRuntime:
 
     # --- ownership: commit a rotation's assignment ---------------------------------------------
     def commit(self, rotation: int, chain: list[str], ranges: dict[str, list[int]], head_samples: int,
-               head_test_samples: int) -> dict:
-        """Take ownership for `rotation`: install received layers, free moved ones, checkpoint."""
+               head_test_samples: int, backward_at: list = ()) -> dict:
+        """Take ownership for `rotation`: install received layers, free moved ones, checkpoint.
+        backward_at: [[stage, host], ...], the remote backwards of this rotation (chain positions)."""
         if rotation <= self.rotation:
             raise ProtocolError("stale", f"rotation {rotation} is not after the current {self.rotation}")
+        try:
+            remote = {int(j): int(h) for j, h in backward_at}
+            S.Roles(len(chain), remote)
+        except (TypeError, ValueError) as e:
+            raise ProtocolError("malformed", f"backward_at: {e}") from None
         a, b = ranges.get(self.me, (0, 0))
         if self.rotation < 0:  # first assignment: build own layers from (spec, seed, i)
             self.stage = Stage.build(self.cfg, a, b)
@@ -71,14 +78,15 @@ class JobRuntime:
             self.stage.install(self.pending.pop(rotation, {}))
             for i in [i for i in self.stage.layers if not a <= i < b]:
                 self.stage.remove(i)
-        used = self.stage.memory_bytes()
+        owner = self.me in chain and chain.index(self.me) in remote
+        used = self.stage.memory_bytes(gradients=not owner)   # a remote backward's owner keeps no gradients
         if self.memory_budget is not None and used > self.memory_budget:
             raise JobError(f"peer {self.me} would hold {used} bytes for layers [{a},{b}), over its memory budget of "
                            f"{self.memory_budget}")
         if sorted(self.stage.layers) != list(range(a, b)):
             raise JobError(f"peer {self.me} should own layers [{a},{b}) for rotation {rotation} but holds "
                            f"{sorted(self.stage.layers)}: a transfer is missing")
-        self.rotation, self.chain = rotation, list(chain)
+        self.rotation, self.chain, self.remote = rotation, list(chain), remote
         self.ranges = {p: tuple(r) for p, r in ranges.items()}
         self.head_samples, self.head_test_samples = head_samples, head_test_samples
         self.pending = {r: v for r, v in self.pending.items() if r > rotation}
@@ -133,7 +141,7 @@ class JobRuntime:
     def roles(self, mode: str) -> S.Roles:
         """Who runs what in this rotation's chain: a middle stage's backward may run on another peer
         (fast-async, backward_at); evaluation is forward only, on the owners."""
-        return S.Roles(len(self.chain), self.cfg.remote_backward() if mode == "train" else {})
+        return S.Roles(len(self.chain), self.remote if mode == "train" else {})
 
     def box(self, msg: dict) -> str:
         """The mailbox kind of a stage message: its type and the stage (chain position) it is for."""
@@ -225,7 +233,7 @@ class JobRuntime:
             except StopIteration:
                 return True, None
             if self.memory_budget is not None:  # peak accounting, for /status and tests
-                self.peak_memory = max(self.peak_memory, self.stage.memory_bytes() +
+                self.peak_memory = max(self.peak_memory, self.stage.memory_bytes(gradients=program not in roles.remote) +
                                        sum(st.memory_bytes() for st in self.backward_roles.values()))
             return out
 

@@ -29,8 +29,10 @@ class JobConfig:
                                 # fast-async: pipelined across steps, forwards on weights up to max_staleness old
     pipeline: str = "1f1b"      # fast: 1f1b (fewer buffers in flight) or gpipe, both flush every step; fast-async: 1f1b
     max_staleness: int = 1      # fast-async only: optimizer steps a forward's weights may lag (0 = synchronous)
-    backward_at: list = field(default_factory=list)  # fast-async only: [[stage, host], ...]: the middle stage at
-                                # chain position `stage` runs its backward and optimizer on the peer at `host`
+    backward_at: list | str = field(default_factory=list)  # fast-async only: [[stage, host], ...]: the middle
+                                # stage at chain position `stage` runs its backward and optimizer on the peer at
+                                # `host`; or "auto": the coordinator does so, per rotation, for each middle stage
+                                # that does not fit its peer's memory budget (planner.place_backward)
     split: str = "planned"      # planned: the split planner (speed, memory, links); even: equal layer counts
     recv_timeout: float = 120.0  # seconds a stage waits for a neighbour before the job fails
     wire_dtype: str = "float32"  # activations and gradients on the wire: float32 | bfloat16 | float16
@@ -48,10 +50,10 @@ class JobConfig:
             (self.max_staleness >= 0, "max_staleness must be >= 0"),
             (self.scheme != "fast-async" or self.pipeline == "1f1b",
              "fast-async runs 1F1B across steps; pipeline gpipe is for scheme fast"),
-            (isinstance(self.backward_at, list) and all(isinstance(p, list | tuple) and len(p) == 2 and
-                                                         all(type(v) is int and v >= 0 for v in p) for p in self.backward_at)
-             and len({p[0] for p in self.backward_at}) == len(self.backward_at),
-             "backward_at must be a list of [stage, host] chain positions, one per stage"),
+            (self.backward_at == "auto" or isinstance(self.backward_at, list) and all(
+                isinstance(p, list | tuple) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p)
+                for p in self.backward_at) and len({p[0] for p in self.backward_at}) == len(self.backward_at),
+             "backward_at must be \"auto\" or a list of [stage, host] chain positions, one per stage"),
             (not self.backward_at or self.scheme == "fast-async", "backward_at (a remote backward) needs scheme fast-async"),
             (self.split in ("planned", "even"), f"unknown split {self.split!r} (planned, even)"),
             (self.pipeline in ("1f1b", "gpipe"), f"unknown pipeline schedule {self.pipeline!r} (1f1b, gpipe)"),
@@ -64,8 +66,9 @@ class JobConfig:
                 raise ConfigError(text)
 
     def remote_backward(self) -> dict[int, int]:
-        """{stage position: host position} of the stages whose backward runs on another peer."""
-        return {int(j): int(h) for j, h in self.backward_at}
+        """{stage position: host position} of the stages whose backward runs on another peer, as given (none
+        for "auto": the coordinator places them per rotation)."""
+        return {} if self.backward_at == "auto" else {int(j): int(h) for j, h in self.backward_at}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -139,9 +139,10 @@ class Stage:
         self.forward_weights = {}   # new copies for the next forwards; graphs in flight keep theirs
         self.version += 1
 
-    def memory_bytes(self) -> int:
-        """Parameters, gradients (same size), optimizer state, the forward buffers and the weight copies of
-        stale forwards held now (a copy lives while a microbatch that ran on it is in flight)."""
+    def memory_bytes(self, gradients: bool = True) -> int:
+        """Parameters, gradients (same size; not for a stage whose backward runs elsewhere), optimizer
+        state, the forward buffers and the weight copies of stale forwards held now (a copy lives while a
+        microbatch that ran on it is in flight)."""
         params = sum(p.numel() * p.element_size() for m in self.layers.values() for p in m.parameters())
         state = sum(v.numel() * v.element_size() for o in self.optimizers.values() for s in o.state.values()
                     for v in s.values() if torch.is_tensor(v))
@@ -151,7 +152,7 @@ class Stage:
         buffers += sum(t.numel() * t.element_size() for w in copies.values() for t in w.values())
         deferred = sum(t.numel() * t.element_size() for d in self.deferred.values() for pairs in d.pending.values()
                        for pair in pairs for t in pair)
-        return 2 * params + state + buffers + deferred
+        return (2 if gradients else 1) * params + state + buffers + deferred
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:

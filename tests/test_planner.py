@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pipeline.planner import solve
 from pipeline.planner import (Device, LayerCost, PlanInfeasible, even_split, evaluate, layers_from_profile,
-                              moved_bytes, plan, plan_rotations, proportional_split, swap_moves)
+                              moved_bytes, place_backward, plan, plan_rotations, proportional_split, swap_moves)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -284,3 +284,37 @@ def test_cli_table_and_shortfall():
     assert "predicted step time" in out.stdout and "laptop" in out.stdout
     out = run_cli("--profile", "vgg19_cifar", "--devices", "laptop,d1", "--memory-budget", "50MiB,1GiB")
     assert out.returncode == 1 and "short" in out.stderr and "laptop" in out.stderr
+
+
+def test_a_remote_backward_moves_the_backward_and_the_memory_to_its_host():
+    """Stage 1 of 3 runs only forwards; its backward (with a recomputed forward), gradients, K+1 weight
+    versions and the inputs in flight are the host's. A memory-poor middle device then fits."""
+    layers = [LayerCost(1.0, 2.0, 100, 100, 10) for _ in range(6)]
+    even = [(0, 2), (2, 4), (4, 6)]
+    devices = [Device("a"), Device("b", memory_budget=450), Device("c")]
+    alone = evaluate(devices, layers, even, "fast-async", 4, 1)
+    assert not alone.stages[1].fits   # params, grads, 2 stashed copies, optimizer state; 4 microbatches' activations
+    assert alone.stages[1].memory_bytes == 2 * ((2 + 2) * 100 + 100) + 4 * (10 + 20)
+    moved = evaluate(devices, layers, even, "fast-async", 4, 1, remote={1: 2})
+    owner, host = moved.stages[1], moved.stages[2]
+    assert owner.fits and owner.memory_bytes == 2 * (100 + 100)                     # weights + optimizer state
+    assert owner.compute_s == 4 * 2 * 1.0                                            # forwards only
+    extra = 2 * 200 + (1 + 2) * 200 + 2 * 4 * 10 + 2 * 10   # state, grads + 2 versions, (K+1)M inputs, recompute
+    assert host.memory_bytes == alone.stages[2].memory_bytes + extra
+    assert host.compute_s == alone.stages[2].compute_s + 4 * 2 * (1.0 + 3.0)         # forward again + both
+    assert moved.step_s > alone.step_s   # the host is now the bottleneck
+
+
+def test_place_backward_relieves_the_stages_that_do_not_fit():
+    layers = [LayerCost(1.0, 2.0, 100, 100, 10) for _ in range(6)]
+    even = [(0, 2), (2, 4), (4, 6)]
+    poor = [Device("a"), Device("b", memory_budget=450), Device("c", memory_budget=3000)]
+    assert place_backward(poor, layers, even, "fast-async", 4, 1) == {1: 0}   # a has no budget: the most room
+    assert place_backward(poor, layers, even, "fast", 4, 1) == {}             # only fast-async has the roles
+    full = [Device("a", memory_budget=1200), Device("b", memory_budget=450), Device("c", memory_budget=3000)]
+    assert place_backward(full, layers, even, "fast-async", 4, 1) == {1: 2}   # a cannot take it, c can
+    assert evaluate(full, layers, even, "fast-async", 4, 1, {1: 2}).fits
+    none = [Device("a", memory_budget=1200), Device("b", memory_budget=450), Device("c", memory_budget=1200)]
+    assert place_backward(none, layers, even, "fast-async", 4, 1) == {}
+    roomy = [Device("a"), Device("b"), Device("c")]
+    assert place_backward(roomy, layers, even, "fast-async", 4, 1) == {}      # everything fits: nothing moves

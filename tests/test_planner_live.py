@@ -49,3 +49,24 @@ def test_splitring_plan_on_a_live_ring(start_ring):
     rotations = json.loads(proc.stdout)["rotations"]
     assert [r["stages"][0]["peer"] for r in rotations] == sorted(a.peer_id for a in ring.agents)
     assert all(r["stages"][0]["layers"][0] == 0 and r["step_s"] > 0 for r in rotations)
+
+
+def test_a_memory_poor_middle_peer_fits_once_its_backward_runs_elsewhere(start_ring):
+    """The middle layer (256x256) does not fit p1's budget with its gradients, stashed copies and
+    activations, but its weights and momentum do. With --backward-at auto the coordinator moves that
+    stage's backward to a peer with room in the one rotation where p1 is in the middle: the job runs and
+    p1 stays within its budget. A fixed --backward-at 1:2 would make p1 the host when it is the tail."""
+    budget = 700 * 1024
+    ring = start_ring([["--data", "digits", "--shard", f"{k}/3"] + (["--memory-budget", str(budget)] if k == 1 else [])
+                       for k in range(3)], peer_ids=[f"p{k}" for k in range(3)])
+    args = ["--model-options", "depth=2,width=256", "--epochs", "1", "--momentum", "0.9", "--microbatches", "4",
+            "--scheme", "fast-async", "--split", "even"]
+    proc = train_cli(ring.urls[0], *args)
+    assert proc.returncode == 1 and "does not fit the memory budgets: p1 needs" in proc.stderr
+    proc = train_cli(ring.urls[0], *args, "--backward-at", "1:2")
+    assert proc.returncode == 1 and "with --backward-at: p1 needs" in proc.stderr
+    summary = summary_of(train_cli(ring.urls[0], *args, "--backward-at", "auto"))
+    placed = {tuple(p["ranges"]): p["backward_at"] for p in summary["plans"]}
+    assert placed == {("p0", "p1", "p2"): [[1, 0]], ("p1", "p2", "p0"): [], ("p2", "p0", "p1"): []}
+    st = ring.agents[1].status()
+    assert 0 < st["peak_memory_bytes"] <= st["memory_budget"] == budget

@@ -10,11 +10,12 @@ Cost and memory model: pipeline.planner.model. Algorithms: pipeline.planner.solv
 from pipeline.planner.baselines import even_split, proportional_split
 from pipeline.planner.measured import devices_from_profile, layers_from_profile
 from pipeline.planner.model import (DEFAULT_BANDWIDTH, DEFAULT_LATENCY, SCHEMES, Device, LayerCost, Plan,
-                                    PlanInfeasible, StagePlan, evaluate, format_bytes, stage_memory)
+                                    PlanInfeasible, StagePlan, evaluate, format_bytes, place_backward,
+                                    stage_memory)
 from pipeline.planner.rotations import plan_rotations
 from pipeline.planner.solve import moved_bytes, plan
 from pipeline.swaps import swap_moves
 
 __all__ = ["DEFAULT_BANDWIDTH", "DEFAULT_LATENCY", "SCHEMES", "Device", "LayerCost", "Plan", "PlanInfeasible",
            "StagePlan", "devices_from_profile", "even_split", "evaluate", "format_bytes", "layers_from_profile",
-           "moved_bytes", "plan", "plan_rotations", "proportional_split", "stage_memory", "swap_moves"]
+           "moved_bytes", "place_backward", "plan", "plan_rotations", "proportional_split", "stage_memory", "swap_moves"]

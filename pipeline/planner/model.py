@@ -22,6 +22,8 @@ the head's raw input is its data, not counted) and every layer's output. Microba
 "fast-async" also keeps copies of a stage's parameters for its stale forwards: with a lag of at most
 L = min(max_staleness, ceil((stages-1-j) / M)) steps at chain position j (assuming batches of at least
 M samples), L + 1 copies, and none where L = 0.
+A stage whose backward runs on another peer (fast-async's remote backward) moves its backward time and
+most of its memory to that peer: `remote_backward_costs`.
 """
 from __future__ import annotations
 
@@ -64,6 +66,12 @@ class Device:
     backward_s: tuple[float, ...] | None = None
     bandwidth: float = DEFAULT_BANDWIDTH      # bytes/s on the link to its successor in the ring
     latency: float = DEFAULT_LATENCY          # seconds, one way, on that link
+
+    def forward_times(self, layers: list[LayerCost]) -> list[float]:
+        """Forward seconds of each layer, for one microbatch on this device."""
+        if self.forward_s is None or self.backward_s is None:
+            return [l.forward_s / self.speed for l in layers]
+        return list(self.forward_s)
 
     def layer_times(self, layers: list[LayerCost]) -> list[float]:
         """Forward + backward seconds of each layer, for one microbatch on this device."""
@@ -173,9 +181,12 @@ def stage_memory(layers: list[LayerCost], a: int, b: int, in_flight: int, copies
 
 
 def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[int, int]],
-             scheme: str = "nsplit", microbatches: int = 1, max_staleness: int = 0) -> Plan:
+             scheme: str = "nsplit", microbatches: int = 1, max_staleness: int = 0,
+             remote: dict[int, int] | None = None) -> Plan:
     """The plan for given ranges (one per device, in chain order), with its predicted times and memory.
-    Used for the planner's result and for baselines; it does not check budgets (see `Plan.fits`)."""
+    Used for the planner's result and for baselines; it does not check budgets (see `Plan.fits`).
+    `remote` ({stage: host} chain positions, fast-async): those stages' backward runs on the host
+    (`remote_backward_costs`)."""
     check(devices, layers, scheme, microbatches)
     if (len(ranges) != len(devices) or ranges[0][0] != 0 or ranges[-1][1] != len(layers)
             or ranges[0][1] < 1 or any(a > b for a, b in ranges)
@@ -183,16 +194,67 @@ def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[
         raise ValueError(f"not a chain split of {len(layers)} layers over {len(devices)} devices "
                          f"with a non-empty head: {ranges}")
     m, k = microbatches, microbatches_in_flight(scheme, microbatches)
+    compute = [sum(d.layer_times(layers)[a:b], 0.0) for d, (a, b) in zip(devices, ranges)]
+    memory = [stage_memory(layers, a, b, k, weight_copies(scheme, max_staleness, j, len(devices), m))
+              for j, (a, b) in enumerate(ranges)]
+    for j, h in (remote or {}).items():
+        compute[j], memory[j], extra_s, extra_bytes = remote_backward_costs(devices[j], devices[h], layers, ranges[j],
+                                                                            max_staleness, m)
+        compute[h] += extra_s
+        memory[h] += extra_bytes
     one_pass, busiest, stages = 0.0, 0.0, []
     for j, (d, (a, b)) in enumerate(zip(devices, ranges)):
-        compute = sum(d.layer_times(layers)[a:b], 0.0)
         sends = a < b < len(layers)   # a used stage that is not the tail
         wire = layers[b - 1].activation_bytes / d.bandwidth if sends else 0.0
         send = 2 * (d.latency + wire) if sends else 0.0
-        one_pass += compute + send
-        busiest = max(busiest, compute, wire)
-        stages.append(StagePlan(d.name, (a, b), m * compute, m * send,
-                                stage_memory(layers, a, b, k, weight_copies(scheme, max_staleness, j, len(devices), m)),
-                                d.memory_budget))
+        one_pass += compute[j] + send
+        busiest = max(busiest, compute[j], wire)
+        stages.append(StagePlan(d.name, (a, b), m * compute[j], m * send, memory[j], d.memory_budget))
     step = m * one_pass if scheme == "nsplit" else one_pass + (m - 1) * busiest
     return Plan(scheme, m, tuple(stages), step, busiest)
+
+
+def remote_backward_costs(owner: Device, host: Device, layers: list[LayerCost], span: tuple[int, int],
+                          max_staleness: int, microbatches: int) -> tuple[float, int, float, int]:
+    """A stage [a, b) whose backward runs on `host` (fast-async): (owner's seconds and bytes, host's extra
+    seconds and bytes). Per microbatch the owner only forwards; the host recomputes the forward and
+    backpropagates. The owner holds the weights and, between passes, the optimizer state. The host holds
+    them too, with the gradients, K+1 weight versions, the inputs of up to (K+1)M microbatches in flight
+    and one microbatch's activations while it recomputes."""
+    a, b = span
+    if a == b:
+        return 0.0, 0, 0.0, 0
+    forward = sum(owner.forward_times(layers)[a:b])
+    host_s = sum(host.forward_times(layers)[a:b]) + sum(host.layer_times(layers)[a:b])
+    state = sum(l.param_bytes + l.optim_bytes for l in layers[a:b])
+    params = sum(l.param_bytes for l in layers[a:b])
+    inputs = (max_staleness + 1) * microbatches * (layers[a - 1].activation_bytes if a > 0 else 0)
+    recompute = sum(l.activation_bytes for l in layers[a:b])
+    return forward, state, host_s, state + (max_staleness + 2) * params + inputs + recompute
+
+
+def place_backward(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[int, int]], scheme: str,
+                   microbatches: int, max_staleness: int) -> dict[int, int]:
+    """Remote backward placement (fast-async): for each middle stage, in chain order, that does not fit its
+    device's budget, the chain position whose peer takes its backward: the one with the most memory to
+    spare (no budget counts as unlimited; ties: the nearest) among those where both then fit. A stage no
+    peer can relieve stays (the plan will not fit)."""
+    remote: dict[int, int] = {}
+    if scheme != "fast-async":
+        return remote
+
+    def spare(stage: StagePlan) -> float:
+        return math.inf if stage.memory_budget is None else stage.memory_budget - stage.memory_bytes
+
+    for j in range(1, len(devices) - 1):
+        current = evaluate(devices, layers, ranges, scheme, microbatches, max_staleness, remote)
+        if current.stages[j].fits or ranges[j][0] == ranges[j][1]:
+            continue
+        hosts = sorted((h for h in range(len(devices)) if h != j and h not in remote),
+                       key=lambda h: (-spare(current.stages[h]), abs(h - j), h))
+        for h in hosts:
+            trial = evaluate(devices, layers, ranges, scheme, microbatches, max_staleness, {**remote, j: h})
+            if trial.stages[j].fits and trial.stages[h].fits:
+                remote[j] = h
+                break
+    return remote
