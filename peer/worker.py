@@ -233,8 +233,9 @@ class JobRuntime:
             except StopIteration:
                 return True, None
             if self.memory_budget is not None:  # peak accounting, for /status and tests
-                self.peak_memory = max(self.peak_memory, self.stage.memory_bytes(gradients=program not in roles.remote) +
-                                       sum(st.memory_bytes() for st in self.backward_roles.values()))
+                own = self.stage.memory_bytes(gradients=program not in roles.remote)
+                hosted = sum(st.memory_bytes() for st in self.backward_roles.values())
+                self.peak_memory = max(self.peak_memory, own + hosted)
             return out
 
         done, req = await self._compute(advance, None)
@@ -311,7 +312,8 @@ class JobRuntime:
                 await on_step(step, result, sizes[step], stage)
             return done
 
-        tasks = [asyncio.create_task(self._drive(g, mode, step_done(roles.stage(p)), roles, p)) for p, g in gens.items()]
+        tasks = [asyncio.create_task(self._drive(g, mode, step_done(roles.stage(p)), roles, p))
+                 for p, g in gens.items()]
         try:
             await asyncio.gather(*tasks)
         finally:   # one program failed (or the pass was cancelled): stop the others too

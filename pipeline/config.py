@@ -54,7 +54,8 @@ class JobConfig:
                 isinstance(p, list | tuple) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p)
                 for p in self.backward_at) and len({p[0] for p in self.backward_at}) == len(self.backward_at),
              "backward_at must be \"auto\" or a list of [stage, host] chain positions, one per stage"),
-            (not self.backward_at or self.scheme == "fast-async", "backward_at (a remote backward) needs scheme fast-async"),
+            (not self.backward_at or self.scheme == "fast-async",
+             "backward_at (a remote backward) needs scheme fast-async"),
             (self.split in ("planned", "even"), f"unknown split {self.split!r} (planned, even)"),
             (self.pipeline in ("1f1b", "gpipe"), f"unknown pipeline schedule {self.pipeline!r} (1f1b, gpipe)"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),

@@ -57,7 +57,8 @@ def train_stale(cfg: JobConfig, heads: list[Dataset], lag, ahead=None) -> torch.
                 layer = int(k.split(".")[0])
                 w, buf = history[-1 - lag(p, layer, s, m)]
                 steps = ahead(p, layer, s, m) if ahead else 0
-                weights[k] = (w[k].detach() - cfg.lr * steps * buf[k] if steps and k in buf else w[k]).requires_grad_(True)
+                t = w[k].detach() - cfg.lr * steps * buf[k] if steps and k in buf else w[k]
+                weights[k] = t.requires_grad_(True)
             loss = F.cross_entropy(functional_call(model, weights, (ds.x[part],)), ds.y[part], reduction="sum") / len(idx)
             for param, g in zip(model.parameters(), torch.autograd.grad(loss, list(weights.values()))):
                 param.grad = g if param.grad is None else param.grad + g

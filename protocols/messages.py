@@ -47,7 +47,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                                               # of sinks, or with round_trips: pings)
 }
 OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor},
-                                       "fwd": {"stage": Int}, "bwd": {"stage": Int}, "job_commit": {"backward_at": List}, "data_probe": {"round_trips": Bool, "copies": Bool}}
+                                       "fwd": {"stage": Int}, "bwd": {"stage": Int},
+                                       "job_commit": {"backward_at": List},
+                                       "data_probe": {"round_trips": Bool, "copies": Bool}}
 
 OPTIONAL["hello"] = {"nonce": Bytes, "proof": Bytes}
 

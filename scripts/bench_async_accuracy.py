@@ -51,7 +51,8 @@ def main() -> None:
                                               "backward_at": args.backward_at}), shards, held_out)
         runs.append({"seed": seed, "fast": sync, "fast_async": asyn, "gap": asyn - sync})
     gaps = [r["gap"] for r in runs]
-    res = {"max_staleness": args.max_staleness, "backward_at": args.backward_at, "runs": runs, "mean_gap_points": sum(gaps) / len(gaps),
+    res = {"max_staleness": args.max_staleness, "backward_at": args.backward_at, "runs": runs,
+           "mean_gap_points": sum(gaps) / len(gaps),
            "worst_gap_points": min(gaps), "within_1_point": sum(abs(g) <= 1 for g in gaps)}
     if args.json:
         print(json.dumps(res))

@@ -92,7 +92,8 @@ def splitring(steps: int, scheme: str, agents: int = 2, *extra: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.npz"
         np.savez(path, x=x.numpy(), y=y.numpy())
-        with LocalRing([["--data", str(path)]] + [[]] * (agents - 1), peer_ids=[f"p{k}" for k in range(agents)]) as ring:
+        peers = [["--data", str(path)]] + [[]] * (agents - 1)
+        with LocalRing(peers, peer_ids=[f"p{k}" for k in range(agents)]) as ring:
             proc = train_cli(ring.urls[0], "--model", "mlp", "--model-options",
                              f"in_features={WIDTH},depth={DEPTH},width={WIDTH}", "--epochs", "1",
                              "--batch-size", str(BATCH), "--microbatches", str(MICRO), "--lr", "0.01",

@@ -18,4 +18,5 @@ from pipeline.swaps import swap_moves
 
 __all__ = ["DEFAULT_BANDWIDTH", "DEFAULT_LATENCY", "SCHEMES", "Device", "LayerCost", "Plan", "PlanInfeasible",
            "StagePlan", "devices_from_profile", "even_split", "evaluate", "format_bytes", "layers_from_profile",
-           "moved_bytes", "place_backward", "plan", "plan_rotations", "proportional_split", "stage_memory", "swap_moves"]
+           "moved_bytes", "place_backward", "plan", "plan_rotations", "proportional_split", "stage_memory",
+           "swap_moves"]
