@@ -56,9 +56,6 @@ class JobRuntime:
     def position(self) -> int:
         return self.chain.index(self.me) if self.me in self.chain else -1
 
-    def neighbour(self, offset: int) -> str:
-        return self.chain[self.position + offset]
-
     # --- ownership: commit a rotation's assignment ---------------------------------------------
     def commit(self, rotation: int, chain: list[str], ranges: dict[str, list[int]], head_samples: int,
                head_test_samples: int, backward_at: list = ()) -> dict:
@@ -176,7 +173,10 @@ class JobRuntime:
                     payload["y"] = msg["y"]
             mb = msg["mb"]
         else:
-            self._mb_size(mode, msg["step"] - (kind == "return"), 0)   # return comes after the last step
+            steps = len(batch_sizes(self.head_samples, self.cfg.batch_size))
+            want = {"lend": [0], "return": [steps]}.get(kind, range(steps))   # lend first, return after the last step
+            if msg["step"] not in want:
+                raise ProtocolError("unexpected", f"{kind} for step {msg['step']} (this pass has {steps} steps)")
             field = "weights" if kind == "weights" else "layers"
             payload = {field: self._check_layers(msg[field], a, b, with_optimizer=field == "layers")}
             mb = 0
@@ -210,10 +210,10 @@ class JobRuntime:
     def _mb_size(self, mode: str, step: int, mb: int) -> int:
         n = self.head_samples if mode == "train" else self.head_test_samples
         steps = batch_sizes(n, self.cfg.batch_size if mode == "train" else EVAL_BATCH)
-        if step >= len(steps):
+        if not 0 <= step < len(steps):
             raise ProtocolError("unexpected", f"step {step} out of range ({len(steps)} steps in this pass)")
         mbs = microbatch_sizes(steps[step], self.cfg.microbatches if mode == "train" else 1)
-        if mb >= len(mbs):
+        if not 0 <= mb < len(mbs):
             raise ProtocolError("unexpected", f"microbatch {mb} out of range ({len(mbs)})")
         return mbs[mb]
 
@@ -233,7 +233,7 @@ class JobRuntime:
             except StopIteration:
                 return True, None
             if self.memory_budget is not None:  # peak accounting, for /status and tests
-                own = self.stage.memory_bytes(gradients=program not in roles.remote)
+                own = self.stage.memory_bytes(gradients=self.position not in roles.remote)
                 hosted = sum(st.memory_bytes() for st in self.backward_roles.values())
                 self.peak_memory = max(self.peak_memory, own + hosted)
             return out

@@ -321,6 +321,8 @@ def timeline(programs: list[list[Action]], forward: float = 1.0, backward: float
                 moved = True
         if not moved:
             raise RuntimeError(f"schedule deadlocks at {[str(p[i]) if i < len(p) else '-' for p, i in zip(programs, pc)]}")
+    if ready:
+        raise RuntimeError(f"messages sent but never received: {sorted(ready)[:5]}")
     return spans
 
 

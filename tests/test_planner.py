@@ -288,33 +288,48 @@ def test_cli_table_and_shortfall():
 
 def test_a_remote_backward_moves_the_backward_and_the_memory_to_its_host():
     """Stage 1 of 3 runs only forwards; its backward (with a recomputed forward), gradients, K+1 weight
-    versions and the inputs in flight are the host's. A memory-poor middle device then fits."""
+    versions, the inputs in flight and the step's activations are the host's. A memory-poor middle
+    device then fits."""
     layers = [LayerCost(1.0, 2.0, 100, 100, 10) for _ in range(6)]
     even = [(0, 2), (2, 4), (4, 6)]
-    devices = [Device("a"), Device("b", memory_budget=450), Device("c")]
+    devices = [Device("a"), Device("b", memory_budget=650), Device("c")]
     alone = evaluate(devices, layers, even, "fast-async", 4, 1)
     assert not alone.stages[1].fits   # params, grads, 2 stashed copies, optimizer state; 4 microbatches' activations
     assert alone.stages[1].memory_bytes == 2 * ((2 + 2) * 100 + 100) + 4 * (10 + 20)
     moved = evaluate(devices, layers, even, "fast-async", 4, 1, remote={1: 2})
     owner, host = moved.stages[1], moved.stages[2]
-    assert owner.fits and owner.memory_bytes == 2 * (100 + 100)                     # weights + optimizer state
-    assert owner.compute_s == 4 * 2 * 1.0                                            # forwards only
-    extra = 2 * 200 + (1 + 2) * 200 + 2 * 4 * 10 + 2 * 10   # state, grads + 2 versions, (K+1)M inputs, recompute
+    assert owner.fits and owner.memory_bytes == 200 + 2 * 200    # weights + K+1 versions sent back, unread
+    assert owner.compute_s == 4 * 2 * 1.0                          # forwards only
+    extra = 2 * 200 + (1 + 2) * 200 + 2 * 4 * 10 + 4 * 30   # state, grads + 2 versions, (K+1)M inputs, activations
     assert host.memory_bytes == alone.stages[2].memory_bytes + extra
-    assert host.compute_s == alone.stages[2].compute_s + 4 * 2 * (1.0 + 3.0)         # forward again + both
+    assert host.compute_s == alone.stages[2].compute_s + 4 * 2 * (1.0 + 3.0)   # forward again + both
     assert moved.step_s > alone.step_s   # the host is now the bottleneck
+
+
+def test_a_stage_can_be_remote_and_host_a_remote_backward():
+    """Stage 2's backward runs on the head while it hosts stage 1's: both costs count, in any order."""
+    layers = [LayerCost(1.0, 2.0, 100, 100, 10) for _ in range(8)]
+    devices = [Device(n) for n in "abcd"]
+    even = even_split(8, 4)
+
+    def memory(remote):
+        return [s.memory_bytes for s in evaluate(devices, layers, even, "fast-async", 4, 1, remote).stages]
+    both = memory({1: 2, 2: 0})
+    assert both == memory({2: 0, 1: 2})
+    hosted = memory({1: 2})[2] - memory({})[2]
+    assert both[2] == memory({2: 0})[2] + hosted > memory({2: 0})[2]
 
 
 def test_place_backward_relieves_the_stages_that_do_not_fit():
     layers = [LayerCost(1.0, 2.0, 100, 100, 10) for _ in range(6)]
     even = [(0, 2), (2, 4), (4, 6)]
-    poor = [Device("a"), Device("b", memory_budget=450), Device("c", memory_budget=3000)]
+    poor = [Device("a"), Device("b", memory_budget=650), Device("c", memory_budget=3000)]
     assert place_backward(poor, layers, even, "fast-async", 4, 1) == {1: 0}   # a has no budget: the most room
     assert place_backward(poor, layers, even, "fast", 4, 1) == {}             # only fast-async has the roles
-    full = [Device("a", memory_budget=1200), Device("b", memory_budget=450), Device("c", memory_budget=3000)]
+    full = [Device("a", memory_budget=1200), Device("b", memory_budget=650), Device("c", memory_budget=3000)]
     assert place_backward(full, layers, even, "fast-async", 4, 1) == {1: 2}   # a cannot take it, c can
     assert evaluate(full, layers, even, "fast-async", 4, 1, {1: 2}).fits
-    none = [Device("a", memory_budget=1200), Device("b", memory_budget=450), Device("c", memory_budget=1200)]
+    none = [Device("a", memory_budget=1200), Device("b", memory_budget=650), Device("c", memory_budget=1200)]
     assert place_backward(none, layers, even, "fast-async", 4, 1) == {}
     roomy = [Device("a"), Device("b"), Device("c")]
     assert place_backward(roomy, layers, even, "fast-async", 4, 1) == {}      # everything fits: nothing moves

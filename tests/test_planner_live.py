@@ -53,10 +53,10 @@ def test_splitring_plan_on_a_live_ring(start_ring):
 
 def test_a_memory_poor_middle_peer_fits_once_its_backward_runs_elsewhere(start_ring):
     """The middle layer (256x256) does not fit p1's budget with its gradients, stashed copies and
-    activations, but its weights and momentum do. With --backward-at auto the coordinator moves that
+    activations, but its weights and the versions sent back do. With --backward-at auto the coordinator moves that
     stage's backward to a peer with room in the one rotation where p1 is in the middle: the job runs and
     p1 stays within its budget. A fixed --backward-at 1:2 would make p1 the host when it is the tail."""
-    budget = 700 * 1024
+    budget = 900 * 1024
     ring = start_ring([["--data", "digits", "--shard", f"{k}/3"] + (["--memory-budget", str(budget)] if k == 1 else [])
                        for k in range(3)], peer_ids=[f"p{k}" for k in range(3)])
     args = ["--model-options", "depth=2,width=256", "--epochs", "1", "--momentum", "0.9", "--microbatches", "4",

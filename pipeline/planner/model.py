@@ -197,11 +197,13 @@ def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[
     compute = [sum(d.layer_times(layers)[a:b], 0.0) for d, (a, b) in zip(devices, ranges)]
     memory = [stage_memory(layers, a, b, k, weight_copies(scheme, max_staleness, j, len(devices), m))
               for j, (a, b) in enumerate(ranges)]
-    for j, h in (remote or {}).items():
-        compute[j], memory[j], extra_s, extra_bytes = remote_backward_costs(devices[j], devices[h], layers, ranges[j],
-                                                                            max_staleness, m)
-        compute[h] += extra_s
-        memory[h] += extra_bytes
+    costs = {j: remote_backward_costs(devices[j], devices[h], layers, ranges[j], max_staleness, m)
+             for j, h in (remote or {}).items()}
+    for j, (own_s, own_bytes, _, _) in costs.items():   # owners first: a stage may be remote and a host
+        compute[j], memory[j] = own_s, own_bytes
+    for j, (_, _, extra_s, extra_bytes) in costs.items():
+        compute[remote[j]] += extra_s
+        memory[remote[j]] += extra_bytes
     one_pass, busiest, stages = 0.0, 0.0, []
     for j, (d, (a, b)) in enumerate(zip(devices, ranges)):
         sends = a < b < len(layers)   # a used stage that is not the tail
@@ -218,19 +220,21 @@ def remote_backward_costs(owner: Device, host: Device, layers: list[LayerCost], 
                           max_staleness: int, microbatches: int) -> tuple[float, int, float, int]:
     """A stage [a, b) whose backward runs on `host` (fast-async): (owner's seconds and bytes, host's extra
     seconds and bytes). Per microbatch the owner only forwards; the host recomputes the forward and
-    backpropagates. The owner holds the weights and, between passes, the optimizer state. The host holds
-    them too, with the gradients, K+1 weight versions, the inputs of up to (K+1)M microbatches in flight
-    and one microbatch's activations while it recomputes."""
+    backpropagates. The owner holds the weights, up to K+1 versions of them sent back and not yet used,
+    and between passes the optimizer state. The host holds the weights and optimizer state, gradients,
+    K+1 weight versions, the inputs of up to (K+1)M microbatches in flight and, as any pipelined stage,
+    M microbatches' activations (what the deferred weight gradients keep until the step)."""
     a, b = span
     if a == b:
         return 0.0, 0, 0.0, 0
     forward = sum(owner.forward_times(layers)[a:b])
     host_s = sum(host.forward_times(layers)[a:b]) + sum(host.layer_times(layers)[a:b])
-    state = sum(l.param_bytes + l.optim_bytes for l in layers[a:b])
     params = sum(l.param_bytes for l in layers[a:b])
+    state = params + sum(l.optim_bytes for l in layers[a:b])
+    owner = params + max(sum(l.optim_bytes for l in layers[a:b]), (max_staleness + 1) * params)
     inputs = (max_staleness + 1) * microbatches * (layers[a - 1].activation_bytes if a > 0 else 0)
-    recompute = sum(l.activation_bytes for l in layers[a:b])
-    return forward, state, host_s, state + (max_staleness + 2) * params + inputs + recompute
+    kept = microbatches * sum(l.activation_bytes for l in layers[a - 1 if a > 0 else a:b])
+    return forward, owner, host_s, state + (max_staleness + 2) * params + inputs + kept
 
 
 def place_backward(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[int, int]], scheme: str,
