@@ -67,6 +67,7 @@ def test_a_memory_poor_middle_peer_fits_once_its_backward_runs_elsewhere(start_r
     assert proc.returncode == 1 and "with --backward-at: p1 needs" in proc.stderr
     summary = summary_of(train_cli(ring.urls[0], *args, "--backward-at", "auto"))
     placed = {tuple(p["ranges"]): p["backward_at"] for p in summary["plans"]}
-    assert placed == {("p0", "p1", "p2"): [[1, 0]], ("p1", "p2", "p0"): [], ("p2", "p0", "p1"): []}
+    assert placed[("p1", "p2", "p0")] == placed[("p2", "p0", "p1")] == []   # p1 fits as head and as tail
+    assert placed[("p0", "p1", "p2")] in ([[1, 0]], [[1, 2]])   # whichever peer reports more room
     st = ring.agents[1].status()
     assert 0 < st["peak_memory_bytes"] <= st["memory_budget"] == budget
