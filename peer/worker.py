@@ -42,7 +42,7 @@ class JobRuntime:
         self.pending: dict[int, dict[int, dict]] = {}   # rotation -> received layers awaiting commit
         self.rotation = -1
         self.chain: list[str] = []
-        self.remote: dict[int, int] = {}   # this rotation's remote backwards: stage position -> host position
+        self.roles_of = {"train": S.Roles(0), "eval": S.Roles(0)}   # this rotation's, per mode (see roles)
         self.ranges: dict[str, tuple[int, int]] = {}
         self.head_samples = self.head_test_samples = 0
         self.mailbox = Mailbox()
@@ -65,7 +65,7 @@ class JobRuntime:
             raise ProtocolError("stale", f"rotation {rotation} is not after the current {self.rotation}")
         try:
             remote = {int(j): int(h) for j, h in backward_at}
-            S.Roles(len(chain), remote)
+            train_roles = S.Roles(len(chain), remote)
         except (TypeError, ValueError) as e:
             raise ProtocolError("malformed", f"backward_at: {e}") from None
         a, b = ranges.get(self.me, (0, 0))
@@ -83,7 +83,8 @@ class JobRuntime:
         if sorted(self.stage.layers) != list(range(a, b)):
             raise JobError(f"peer {self.me} should own layers [{a},{b}) for rotation {rotation} but holds "
                            f"{sorted(self.stage.layers)}: a transfer is missing")
-        self.rotation, self.chain, self.remote = rotation, list(chain), remote
+        self.rotation, self.chain = rotation, list(chain)
+        self.roles_of = {"train": train_roles, "eval": S.Roles(len(chain))}
         self.ranges = {p: tuple(r) for p, r in ranges.items()}
         self.head_samples, self.head_test_samples = head_samples, head_test_samples
         self.pending = {r: v for r, v in self.pending.items() if r > rotation}
@@ -138,7 +139,7 @@ class JobRuntime:
     def roles(self, mode: str) -> S.Roles:
         """Who runs what in this rotation's chain: a middle stage's backward may run on another peer
         (fast-async, backward_at); evaluation is forward only, on the owners."""
-        return S.Roles(len(self.chain), self.remote if mode == "train" else {})
+        return self.roles_of[mode]
 
     def box(self, msg: dict) -> str:
         """The mailbox kind of a stage message: its type and the stage (chain position) it is for."""

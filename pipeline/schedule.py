@@ -160,6 +160,7 @@ class Roles:
                              f"backward at another chain position (0..{n_stages - 1}); the head's input is its "
                              "private data and the tail's forward is its loss")
         self.back = {j: n_stages + k for k, j in enumerate(self.remote)}   # stage -> program of its backward
+        self.backed = list(self.remote)   # program n_stages + k works on stage backed[k]
 
     @property
     def programs(self) -> int:
@@ -167,7 +168,7 @@ class Roles:
 
     def stage(self, program: int) -> int:
         """The stage (chain position of the layers) a program works on."""
-        return program if program < self.n else list(self.remote)[program - self.n]
+        return program if program < self.n else self.backed[program - self.n]
 
     def host(self, program: int) -> int:
         """The chain position of the peer that runs a program."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from peer.worker import JobRuntime
+from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.data import empty
 from pipeline.stage import Stage
@@ -19,7 +20,8 @@ RANGES = {"p0": (0, 2), "p1": (2, 4), "p2": (4, 6)}
 def runtime(me: str) -> JobRuntime:
     ring = [{"peer": p, "url": f"http://{p}"} for p in RANGES]
     rt = JobRuntime("j", CFG, me, ring, "p0", empty(), links=None, compute=None, state_dir=None)
-    rt.rotation, rt.chain, rt.ranges, rt.head_samples, rt.remote = 0, list(RANGES), dict(RANGES), 128, {1: 2}
+    rt.rotation, rt.chain, rt.ranges, rt.head_samples = 0, list(RANGES), dict(RANGES), 128
+    rt.roles_of = {"train": S.Roles(3, {1: 2}), "eval": S.Roles(3)}
     return rt
 
 
