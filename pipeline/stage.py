@@ -122,6 +122,8 @@ class Stage:
         """Backward one microbatch (grad of its output; None at the tail), freeing its buffer.
         Returns the gradient of its input (None at the head)."""
         x, y, _, used = self.buffers.pop(key)
+        if grad is not None and grad.stride() != y.stride():   # received gradients are contiguous; see wgrad
+            grad = torch.empty_like(y).copy_(grad)
         y.backward(grad)
         for i, weights in used.items():   # gradients that landed on copies (parameters without deferred grads)
             for name, p in self.layers[i].named_parameters():

@@ -29,7 +29,14 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         ctx.pending.append((x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])))
-        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        if x.dim() == 2 and x.stride(0) == 1:
+            # x is a transposed view (the previous Linear's y^T, through an elementwise op): give its
+            # gradient the same layout, so that op's backward runs over matching contiguous memory
+            # (about 6x faster for ReLU at 32 x 1024 than over mixed layouts).
+            return (weight.t() @ grad.t()).t(), None, None, None
+        return grad @ weight, None, None, None
 
 
 class Deferred:

@@ -1,4 +1,6 @@
 """The pure core: models, data, stages, schedules, swaps, and single-process N-split against PyTorch."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.models import SpecError, build_layer, build_model, num_layers, parse_spec, spec_hash
 from pipeline.stage import Stage, checksum
 from pipeline.swaps import even_split, owners, swap_moves
+from pipeline.wgrad import Deferred
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -163,3 +166,28 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="max_staleness must be >= 0"):
         JobConfig(scheme="fast-async", max_staleness=-1)
     assert JobConfig.from_dict(JobConfig(epochs=3).to_dict()).epochs == 3
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_deferred_linear_equals_nn_linear_and_keeps_the_input_layout(transposed):
+    """The deferred Linear's gradients are nn.Linear's; its input gradient has its input's layout (a transposed
+    view stays one), so the elementwise op before it runs its backward over matching memory."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    deferred = copy.deepcopy(plain)
+    wrappers = [Deferred(m) for m in deferred]
+    x = torch.randn(24, 5).t() if transposed else torch.randn(5, 24)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]   # clone keeps the layout
+    layouts = []
+    for _ in range(2):   # two microbatches accumulate
+        g = torch.randn(5, 8)
+        plain(xs[0]).backward(g)
+        h = deferred[1](deferred[0](xs[1]))
+        h.register_hook(lambda grad, h=h: layouts.append((grad.stride(), h.stride())))
+        deferred[2](h).backward(g)
+    for w in wrappers:
+        w.flush()
+    assert len(layouts) == 2 and all(got == want for got, want in layouts)
+    assert torch.allclose(xs[0].grad, xs[1].grad, atol=1e-6)
+    for p, q in zip(plain.parameters(), deferred.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
