@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from peer.cli_common import add_ring_options, resolve_interface, secret
+from peer.cli_common import add_ring_options, parse_cpus, pin_to, resolve_interface, secret
 from peer.cli_plan import BYTE_UNITS, quantity
 
 
@@ -23,6 +23,9 @@ def register(sub) -> None:
                    help="a known peer, polled over HTTP where mDNS does not reach (repeatable)")
     p.add_argument("--no-mdns", action="store_true", help="do not use mDNS; find peers through --join only")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for this agent's compute")
+    p.add_argument("--cpus", default=None, metavar="LIST",
+                   help="run this agent on these CPUs only, e.g. 0 or 0-1,3 (Linux; as taskset -c). Agents "
+                        "sharing a machine each on their own cores do not stall one another's compute")
     p.add_argument("--memory-budget", default=None, metavar="BYTES",
                    help="most memory this agent's stages may use, e.g. 512MiB (default: 80%% of the RAM "
                         "available at start); the planner never gives it more")
@@ -56,6 +59,12 @@ def tls_options(args, key: bytes | None):
 
 
 def run(args) -> int:
+    if args.cpus is not None:   # first, so every thread the agent starts inherits it
+        try:
+            pin_to(parse_cpus(args.cpus, os.sched_getaffinity(0)))
+        except ValueError as e:
+            print(f"splitring agent: {e}", file=sys.stderr)
+            return 2
     import uvloop
 
     from peer.agent import Agent, serve

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import sys
 
 import ifaddr
@@ -18,6 +19,26 @@ def add_ring_options(p, *, peer: bool = True) -> None:
         p.add_argument("--peer", default=None,
                        help="URL of a peer (e.g. http://127.0.0.1:7001, https:// with TLS): skips discovery")
         p.add_argument("--discover-timeout", type=float, default=5.0, help="seconds to look for peers by mDNS")
+
+
+def parse_cpus(text: str, available: set[int]) -> set[int]:
+    """A CPU list as `taskset -c` writes it ("0", "0-2,5") -> the set of CPUs; ValueError names what is wrong."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) < int(lo):
+            raise ValueError(f"--cpus {text!r}: expected a list like 0 or 0-2,5")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    if not cpus <= available:
+        raise ValueError(f"--cpus {text!r}: CPU {min(cpus - available)} is not available to this process "
+                         f"(available: {','.join(map(str, sorted(available)))})")
+    return cpus
+
+
+def pin_to(cpus: set[int]) -> None:
+    """Run every thread of this process, and all it starts later, on `cpus` only (Linux)."""
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cpus)
 
 
 def add_secret_option(p) -> None:

@@ -74,8 +74,9 @@ class LocalRing:
 
     def __init__(self, data: list[list[str]], ring: str | None = None, interface: str = "127.0.0.1",
                  workdir: str | None = None, extra: list[str] | None = None, secret: str | None = None,
-                 tls: bool = False, peer_ids: list[str] | None = None):
-        """peer_ids: fixed ids (and so a fixed ring order) instead of random ones."""
+                 tls: bool = False, peer_ids: list[str] | None = None, cpus: list[str] | None = None):
+        """peer_ids: fixed ids (and so a fixed ring order) instead of random ones. cpus: agent k runs on
+        CPUs cpus[k] (--cpus)."""
         self.data = data
         self.ring = ring or f"test-{secrets.token_hex(3)}"
         self.interface = interface
@@ -83,6 +84,7 @@ class LocalRing:
         self.workdir = Path(workdir or self._tmp.name)
         self.extra = extra or []
         self.tls = tls
+        self.cpus = cpus
         for k, pid in enumerate(peer_ids or []):
             (self.workdir / f"agent{k}").mkdir(parents=True, exist_ok=True)
             (self.workdir / f"agent{k}" / "peer_id").write_text(pid)
@@ -104,7 +106,8 @@ class LocalRing:
                 make_certificate(cert, key)
             tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
         return ["--ring", self.ring, "--interface", self.interface, "--port", "0", "--threads", "1",
-                "--state-dir", str(self.workdir / f"agent{k}"), *self.data[k], *self.extra, *tls]
+                "--state-dir", str(self.workdir / f"agent{k}"), *self.data[k], *self.extra, *tls,
+                *(["--cpus", self.cpus[k]] if self.cpus else [])]
 
     def start(self, timeout: float = 60.0) -> "LocalRing":
         for k in range(len(self.data)):

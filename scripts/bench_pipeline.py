@@ -6,6 +6,9 @@ Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatc
   fast_sps              splitring Fast N-split (1F1B), 2 agents, 1 thread each
   fast_async_sps        splitring Fast N-split, asynchronous (--max-staleness 1), 2 agents, 1 thread each
   torch_pipelining_sps  torch.distributed.pipelining Schedule1F1B, 2 gloo ranks, 1 thread each
+Each agent and each gloo rank runs on a core of its own (`splitring agent --cpus`), as it would on its own
+device, and the single process on one core; `fast_unpinned_sps` and `torch_pipelining_unpinned_sps` are the
+same runs left to the OS scheduler.
 Also measured in the same run, in one process on 1 thread: what each stage of the 2-way split Fast
 N-split used costs per step when computed alone (`fast_stage_ms`: 8 forwards, 8 backwards, the step).
 The busiest stage bounds any 2-stage pipeline of these microbatches: `fast_ceiling_sps`.
@@ -30,6 +33,7 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from peer.cli_common import pin_to  # noqa: E402
 from peer.localring import LocalRing, train_cli  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
@@ -45,7 +49,11 @@ def samples(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(steps * BATCH, WIDTH, generator=g), torch.randint(0, 10, (steps * BATCH,), generator=g)
 
 
-def single(steps: int) -> float:
+def single(steps: int, cpu: int | None = None) -> float:
+    """Plain PyTorch on 1 thread (on CPU `cpu` if given)."""
+    mask = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     torch.set_num_threads(1)
     model = build_model(SPEC, 0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -56,7 +64,9 @@ def single(steps: int) -> float:
         opt.zero_grad()
         F.cross_entropy(model(x[s * BATCH:(s + 1) * BATCH]), y[s * BATCH:(s + 1) * BATCH]).backward()
         opt.step()
-    return steps * BATCH / (time.perf_counter() - t0)
+    sps = steps * BATCH / (time.perf_counter() - t0)
+    os.sched_setaffinity(0, mask)
+    return sps
 
 
 def stage_ms(ranges: list[tuple[int, int]], steps: int) -> list[float]:
@@ -86,14 +96,15 @@ def stage_ms(ranges: list[tuple[int, int]], steps: int) -> list[float]:
     return out
 
 
-def splitring(steps: int, scheme: str, agents: int = 2, *extra: str) -> dict:
-    """One epoch on a fixed-order ring of `agents` (1 thread each); the first holds the data."""
+def splitring(steps: int, scheme: str, agents: int = 2, *extra: str, cpus: list[str] | None = None) -> dict:
+    """One epoch on a fixed-order ring of `agents` (1 thread each; agent k on CPUs cpus[k] if given); the
+    first holds the data."""
     x, y = samples(steps)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.npz"
         np.savez(path, x=x.numpy(), y=y.numpy())
         peers = [["--data", str(path)]] + [[]] * (agents - 1)
-        with LocalRing(peers, peer_ids=[f"p{k}" for k in range(agents)]) as ring:
+        with LocalRing(peers, peer_ids=[f"p{k}" for k in range(agents)], cpus=cpus) as ring:
             proc = train_cli(ring.urls[0], "--model", "mlp", "--model-options",
                              f"in_features={WIDTH},depth={DEPTH},width={WIDTH}", "--epochs", "1",
                              "--batch-size", str(BATCH), "--microbatches", str(MICRO), "--lr", "0.01",
@@ -103,10 +114,12 @@ def splitring(steps: int, scheme: str, agents: int = 2, *extra: str) -> dict:
             return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _pipelining_rank(rank: int, port: int, steps: int, result) -> None:
+def _pipelining_rank(rank: int, port: int, steps: int, result, cpus: list[str] | None) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
+    if cpus:
+        pin_to({int(cpus[rank])})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = build_model(SPEC, 0)
@@ -133,13 +146,13 @@ def _pipelining_rank(rank: int, port: int, steps: int, result) -> None:
     dist.destroy_process_group()
 
 
-def torch_pipelining(steps: int) -> float:
+def torch_pipelining(steps: int, cpus: list[str] | None = None) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     result = ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_pipelining_rank, args=(r, port, steps, result)) for r in range(2)]
+    procs = [ctx.Process(target=_pipelining_rank, args=(r, port, steps, result, cpus)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -157,9 +170,13 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     runs = range(args.repeats)
-    res = {"single_1thread_sps": max(single(args.steps) for _ in runs)}
-    summaries = {scheme: max((splitring(args.steps, scheme) for _ in runs), key=lambda s: s["samples_per_s"])
-                 for scheme in ("nsplit", "fast", "fast-async")}
+    # Each agent (and each gloo rank) on a core of its own, as on two devices; the single process on one.
+    cores = sorted(os.sched_getaffinity(0))
+    cpus = [str(c) for c in cores[:2]] if len(cores) >= 2 else None
+    res = {"single_1thread_sps": max(single(args.steps, cores[0]) for _ in runs)}
+    summaries = {scheme: max((splitring(args.steps, scheme, cpus=cpus) for _ in runs),
+                             key=lambda s: s["samples_per_s"]) for scheme in ("nsplit", "fast", "fast-async")}
+    res["fast_unpinned_sps"] = max(splitring(args.steps, "fast")["samples_per_s"] for _ in runs)
     for scheme, summary in summaries.items():
         key = scheme.replace("-", "_")
         res[f"{key}_sps"] = summary["samples_per_s"]
@@ -167,7 +184,9 @@ def main() -> None:
     res["fast_async_max_staleness"] = max(summaries["fast-async"]["staleness"])
     res["fast_stage_ms"] = stage_ms([tuple(r) for r in res["fast_ranges"].values()], args.steps)
     res["fast_ceiling_sps"] = BATCH / (max(res["fast_stage_ms"]) / 1000)
-    res["torch_pipelining_sps"] = max(torch_pipelining(args.steps) for _ in runs)
+    res["torch_pipelining_sps"] = max(torch_pipelining(args.steps, cpus) for _ in runs)
+    res["torch_pipelining_unpinned_sps"] = max(torch_pipelining(args.steps) for _ in runs)
+    res["pinned_cpus"] = cpus
     res["fast_vs_single"] = res["fast_sps"] / res["single_1thread_sps"]
     res["fast_vs_torch_pipelining"] = res["fast_sps"] / res["torch_pipelining_sps"]
     res["fast_async_vs_single"] = res["fast_async_sps"] / res["single_1thread_sps"]
