@@ -237,12 +237,19 @@ class Mailbox:
             raise ProtocolError("overflow", f"{self.limit} {key[3]} messages already wait unread")
         self._slot(key).set_result(payload)
 
+    def ready(self, key: tuple) -> bool:
+        """Whether get(key) would return at once."""
+        fut = self.slots.get(key)
+        return fut is not None and fut.done()
+
     async def get(self, key: tuple, timeout: float) -> dict:
         if self.failure:
             raise self.failure
         fut = self._slot(key)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            if not fut.done():
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return fut.result()
         except asyncio.TimeoutError:
             raise TimeoutError(f"waited {timeout:.0f}s for {key} from a neighbour") from None
         finally:

@@ -224,8 +224,10 @@ class JobRuntime:
             raise ProtocolError("bad_shape", f"{what}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
 
     # --- running a pass -----------------------------------------------------------------------
-    async def _drive(self, gen, mode: str, on_step, roles: S.Roles, program: int) -> None:
-        """Step one program's generator on the compute thread; do its receives and sends here."""
+    async def _drive(self, gen, owner: Stage, mode: str, on_step, roles: S.Roles, program: int) -> None:
+        """Step one program's generator (running on `owner`) on the compute thread; do its receives and
+        sends here. While a message it waits for in a drain (Recv.slack) is not there yet, the stage works
+        ahead."""
         stage = roles.stage(program)
 
         def advance(value):
@@ -233,7 +235,8 @@ class JobRuntime:
                 out = False, gen.send(value)
             except StopIteration:
                 return True, None
-            if self.memory_budget is not None:  # peak accounting, for /status and tests
+            if self.memory_budget is not None and not isinstance(out[1], Recv):
+                # peak accounting, for /status and tests (a Recv follows a Send with nothing done between)
                 own = self.stage.memory_bytes(gradients=self.position not in roles.remote)
                 hosted = sum(st.memory_bytes() for st in self.backward_roles.values())
                 self.peak_memory = max(self.peak_memory, own + hosted)
@@ -244,6 +247,8 @@ class JobRuntime:
             value = None
             if isinstance(req, Recv):
                 key = (self.rotation, mode, req.step, f"{req.kind}@{stage}", req.mb)
+                while req.slack and not self.mailbox.ready(key) and await self._compute(owner.work_ahead):
+                    pass
                 value = await self.mailbox.get(key, self.cfg.recv_timeout)
             elif isinstance(req, StepDone):
                 await on_step(req.step, req.result)
@@ -292,13 +297,14 @@ class JobRuntime:
         mbs = [len(microbatch_sizes(b, self.cfg.microbatches)) for b in sizes]
         head_inputs = self._head_batches(mode) if pos == 0 else None
         self.backward_roles = {p: Stage(self.cfg, {}) for p in range(n, roles.programs) if roles.host(p) == pos}
+        owner = {p: self.backward_roles.get(p, self.stage) for p in range(roles.programs)}   # program -> Stage
         if mode == "eval":
             gens = {pos: run_program(self.stage, S.evaluation_pass(pos, n, len(sizes)), pos, n, sizes, head_inputs,
                                      train=False)}
         elif roles.remote:   # this peer's programs: its own stage's (or forward role's), and backward roles
             progs = roles.pass_programs(mbs, k)
             gens = {p: run_forward_role(self.stage, progs[p], k) if p in roles.remote else
-                    run_backward_role(self.backward_roles[p], progs[p], k) if p >= n else
+                    run_backward_role(owner[p], progs[p], k) if p >= n else
                     run_program(self.stage, progs[p], pos, n, sizes, head_inputs)
                     for p in range(roles.programs) if roles.host(p) == pos}
         else:
@@ -313,7 +319,7 @@ class JobRuntime:
                 await on_step(step, result, sizes[step], stage)
             return done
 
-        tasks = [asyncio.create_task(self._drive(g, mode, step_done(roles.stage(p)), roles, p))
+        tasks = [asyncio.create_task(self._drive(g, owner[p], mode, step_done(roles.stage(p)), roles, p))
                  for p, g in gens.items()]
         try:
             await asyncio.gather(*tasks)

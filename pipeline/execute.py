@@ -22,6 +22,7 @@ class Recv:
     kind: str  # "fwd" | "bwd"
     step: int
     mb: int
+    slack: bool = False   # waiting here holds up no forward (schedule.slack): the stage may work ahead
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,14 @@ def run_program(stage: Stage, program: list[S.Action], position: int, n_stages: 
     fed: dict[int, StepInput] = {}
     inbox: dict[tuple, dict] = {}
     outbox: dict[tuple, dict] = {}
-    for action in program:
+    slack = S.slack(program) if train else set()
+    for i, action in enumerate(program):
         k, s, m = action.kind, action.step, action.mb
         result = results.setdefault(s, StepResult()) if k in (S.F, S.B) else None
         if k == S.RECV_F:
-            inbox["fwd", s, m] = yield Recv("fwd", s, m)
+            inbox["fwd", s, m] = yield Recv("fwd", s, m, i in slack)
         elif k == S.RECV_B:
-            inbox["bwd", s, m] = yield Recv("bwd", s, m)
+            inbox["bwd", s, m] = yield Recv("bwd", s, m, i in slack)
         elif k in (S.SEND_F, S.SEND_B):
             kind = "fwd" if k == S.SEND_F else "bwd"
             yield Send(kind, s, m, outbox.pop((kind, s, m)))

@@ -15,10 +15,11 @@ class Deadlock(RuntimeError):
     pass
 
 
-def drive(gens: list, roles: S.Roles | None = None) -> list[list[StepResult]]:
+def drive(gens: list, roles: S.Roles | None = None, idle=None) -> list[list[StepResult]]:
     """Run the generators of one chain's programs to completion; `roles` says who receives a message
-    (default a plain chain: fwd to i+1, bwd to i-1). Returns, per generator, its results in the order
-    its steps finished."""
+    (default a plain chain: fwd to i+1, bwd to i-1); idle(i), if given, is called when generator i
+    waits for a message that is not there yet (as an agent works ahead then). Returns, per generator,
+    its results in the order its steps finished."""
     roles = roles or S.Roles(len(gens))
     mail: dict[tuple[int, str, int, int], dict] = {}
     waiting: list[Recv | None] = [None] * len(gens)
@@ -34,6 +35,8 @@ def drive(gens: list, roles: S.Roles | None = None) -> list[list[StepResult]]:
             if waiting[i] is not None:
                 key = (i, waiting[i].kind, waiting[i].step, waiting[i].mb)
                 if key not in mail:
+                    if idle:
+                        idle(i)
                     continue
                 value = mail.pop(key)
             try:
@@ -64,10 +67,11 @@ def make_step_input(ds: Dataset, idx, microbatches: int) -> StepInput:
 
 
 def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]],
-          on_step=None) -> dict:
+          on_step=None, work_ahead: bool = False) -> dict:
     """Train like a ring of len(shards) peers with the given per-chain-position layer ranges
     (the same for every rotation). on_step(results), if given, gets each step's results, one per
-    stage. Returns the final full state dict (as build_model's)."""
+    stage. work_ahead: stages do deferred work whenever they wait (Stage.work_ahead), which must not
+    change the result. Returns the final full state dict (as build_model's)."""
     n = len(shards)
     stages = [Stage.build(cfg, a, b) for a, b in ranges]
     roles = S.Roles(n, cfg.remote_backward())
@@ -83,11 +87,14 @@ def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]],
                 progs = roles.pass_programs(mbs, cfg.max_staleness)
                 gens = [run_forward_role(stages[j], progs[j], cfg.max_staleness) if j in roles.remote else
                         run_program(stages[j], progs[j], j, n, sizes, inputs if j == 0 else None) for j in range(n)]
-                gens += [run_backward_role(Stage(cfg, {}), p, cfg.max_staleness) for p in progs[n:]]
+                hosted = [Stage(cfg, {}) for _ in progs[n:]]
+                gens += [run_backward_role(st, p, cfg.max_staleness) for st, p in zip(hosted, progs[n:])]
             else:
                 gens = [run_program(st, S.pass_program(cfg.scheme, cfg.pipeline, j, n, mbs, cfg.max_staleness), j, n,
                                     sizes, inputs if j == 0 else None) for j, st in enumerate(stages)]
-            per_stage = drive(gens, roles)
+                hosted = []
+            owner = stages + hosted   # the Stage each generator runs on
+            per_stage = drive(gens, roles, (lambda i: owner[i].work_ahead()) if work_ahead else None)
             if on_step:
                 for step_results in zip(*per_stage):
                     on_step(list(step_results))

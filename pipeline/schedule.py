@@ -263,6 +263,23 @@ def staleness(program: list[Action]) -> dict[int, int]:
     return worst
 
 
+def slack(program: list[Action]) -> set[int]:
+    """Indices of the receives after which the stage forwards nothing more before its next optimizer
+    step (the drain of a step). Waiting there holds up no forward, so the stage may spend the wait on
+    deferred work (Stage.work_ahead)."""
+    out: set[int] = set()
+    drained = True   # scanning backwards: no forward between here and the next STEP
+    for i in range(len(program) - 1, -1, -1):
+        kind = program[i].kind
+        if kind == STEP:
+            drained = True
+        elif kind == F:
+            drained = False
+        elif kind in (RECV_F, RECV_B) and drained:
+            out.add(i)
+    return out
+
+
 def in_flight(program: list[Action]) -> int:
     """Most microbatches whose forward buffer a stage holds at once under this program."""
     held = peak = 0

@@ -132,6 +132,11 @@ class Stage:
                     p.grad = g if p.grad is None else p.grad + g
         return x.grad
 
+    def work_ahead(self) -> bool:
+        """Some of the next step's deferred weight-gradient work (wgrad.Deferred), if any is ready: what
+        to do while waiting for a neighbour. Says whether there was any."""
+        return any(d.work_ahead() for d in self.deferred.values())
+
     def step(self) -> None:
         for i, opt in self.optimizers.items():
             if i in self.deferred:
@@ -152,8 +157,7 @@ class Stage:
         copies = {id(w): w for used in [self.forward_weights, *(kept[3] for kept in self.buffers.values())]
                   for w in used.values()}
         buffers += sum(t.numel() * t.element_size() for w in copies.values() for t in w.values())
-        deferred = sum(t.numel() * t.element_size() for d in self.deferred.values() for pairs in d.pending.values()
-                       for pair in pairs for t in pair)
+        deferred = sum(d.memory_bytes() for d in self.deferred.values())
         return (2 if gradients else 1) * params + state + buffers + deferred
 
     @torch.no_grad()

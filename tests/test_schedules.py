@@ -242,3 +242,36 @@ def test_remote_backward_equals_weight_stashing_in_plain_pytorch(k, remote):
         for other in (reference.train_stale(cfg, shards, lambda p, i, s, m: lag_of[stage_of[i]][s, m], ahead),
                       reference.train_stale(cfg, shards, lag)):
             assert max((got[key] - other.state_dict()[key]).abs().max().item() for key in want) > 1e-4
+
+
+@pytest.mark.parametrize("scheme,extra", [("fast", {}), ("fast-async", {"max_staleness": 1}),
+                                          ("fast-async", {"max_staleness": 1, "backward_at": [[1, 2]]})])
+def test_working_ahead_while_waiting_does_not_change_the_result(monkeypatch, scheme, extra):
+    """Stages sum complete groups of deferred weight gradients while they wait (as agents do, whenever a
+    message is late): the same sums in the same order as at the step, so the parameters are bitwise equal."""
+    shards = [data.Dataset("cut", s.x[:300], s.y[:300]) for s in (data.load("digits", f"{j}/3") for j in range(3))]
+    spec = {"name": "mlp", "depth": 4, "width": 64}
+    cfg = JobConfig(model=spec, epochs=1, momentum=0.9, microbatches=8, batch_size=256, scheme=scheme, **extra)
+    ranges = even_split(num_layers(spec), 3)
+    worked = []
+    real = Stage.work_ahead
+    monkeypatch.setattr(Stage, "work_ahead", lambda self: worked.append(real(self)) or worked[-1])
+    lazy = local.train(cfg, shards, ranges)
+    eager = local.train(cfg, shards, ranges, work_ahead=True)
+    assert any(worked)   # groups of 4 microbatches of 32 rows were summed ahead
+    assert all(torch.equal(lazy[k], eager[k]) for k in lazy)
+
+
+def test_slack_is_the_drain_of_each_step():
+    """A stage may work ahead only at receives with no forward of its own left before its next step."""
+    def waits(program):
+        return [f"{program[i].kind}{program[i].mb}" for i in sorted(S.slack(program))]
+    assert waits(S.one_f_one_b(0, 2, 8)) == ["RECV_B6", "RECV_B7"]
+    assert waits(S.one_f_one_b(1, 2, 8)) == []   # the last stage forwards right after every receive
+    assert waits(S.gpipe(0, 3, 3)) == ["RECV_B0", "RECV_B1", "RECV_B2"]
+    assert waits(S.one_f_one_b(1, 3, 4)) == ["RECV_B2", "RECV_B3"]
+    program = S.asynchronous(0, 3, [4, 4, 4], 2)
+    assert S.slack(program)
+    for i in S.slack(program):
+        rest = program[i:]
+        assert all(a.kind != S.F for a in rest[:next(j for j, a in enumerate(rest) if a.kind == S.STEP)])
