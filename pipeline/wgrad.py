@@ -80,7 +80,7 @@ class Deferred:
                 if m.bias is not None:
                     _accumulate(m.bias, bias)
 
-    @torch.no_grad()
+    @torch.no_grad()   # the saved inputs require grad; their sums need no graph
     def _sum(self, m: nn.Linear, n: int) -> None:
         pairs = self.pending[m]
         group, pairs[:n] = pairs[:n], []

@@ -191,3 +191,12 @@ def test_deferred_linear_equals_nn_linear_and_keeps_the_input_layout(transposed)
     assert torch.allclose(xs[0].grad, xs[1].grad, atol=1e-6)
     for p, q in zip(plain.parameters(), deferred.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_deferred_weight_gradients_carry_no_graph():
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    wrappers = [Deferred(m) for m in layer]
+    layer(torch.randn(3, 8, requires_grad=True)).sum().backward()
+    for w in wrappers:
+        w.flush()
+    assert all(p.grad is not None and p.grad.grad_fn is None and not p.grad.requires_grad for p in layer.parameters())
