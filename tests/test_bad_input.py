@@ -176,3 +176,17 @@ def test_agent_refuses_a_missing_or_malformed_data_file(tmp_path, content, expec
     assert proc.returncode == 2 and expected in proc.stderr
     if content is not None:
         assert path.read_bytes() == content  # untouched
+
+
+@pytest.mark.parametrize("cpus, expected", [("99999", "CPU 99999 is not available"), ("1-0", "expected a list"),
+                                            ("a", "expected a list"), ("", "expected a list")])
+def test_agent_refuses_cpus_it_cannot_have(tmp_path, cpus, expected):
+    proc = subprocess.run([sys.executable, "-m", "peer", "agent", "--cpus", cpus, "--state-dir",
+                           str(tmp_path / "state"), "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and expected in proc.stderr
+
+
+def test_cpu_lists_parse_as_taskset_writes_them():
+    from peer.cli_common import parse_cpus
+    assert parse_cpus("0", {0, 1}) == {0} and parse_cpus("0-2,5", set(range(8))) == {0, 1, 2, 5}
+    assert parse_cpus(" 1 , 0", {0, 1}) == {0, 1}

@@ -1,4 +1,5 @@
 """A real ring: agent processes on loopback, mDNS on 127.0.0.1, HTTP and WebSocket between them."""
+import os
 import time
 
 import torch
@@ -14,12 +15,18 @@ def test_exact_when_only_one_peer_has_data(start_ring, tmp_path):
     digits = data.load("digits")
     mine = data.Dataset("mine", digits.x[:300], digits.y[:300])
     path = save_npz(tmp_path / "mine.npz", mine.x, mine.y)
-    ring = start_ring([[], ["--data", path], []])
+    cores = sorted(os.sched_getaffinity(0))
+    cpus = [str(cores[k % len(cores)]) for k in range(3)]   # agents pinned (--cpus), as on separate devices
+    ring = start_ring([[], ["--data", path], []], cpus=cpus)
     out = tmp_path / "model.pt"
     summary = summary_of(train_cli(ring.urls[2], "--epochs", "2", "--batch-size", "32", "--lr", "0.05",
                                    "--optimizer", "sgd", "--momentum", "0.9", "--shuffle", "off",
                                    "--microbatches", "2", "--split", "even", "--out", str(out)))
     assert summary["passes"] == 2 and summary["epochs"] == 2  # empty heads' passes are skipped
+    for agent, cpu in zip(ring.agents, cpus):   # every thread, those started for the job included
+        pid = agent.proc.pid
+        tids = os.listdir(f"/proc/{pid}/task")
+        assert len(tids) > 2 and all(os.sched_getaffinity(int(t)) == {int(cpu)} for t in tids)
     cfg = JobConfig(epochs=2, batch_size=32, lr=0.05, momentum=0.9, shuffle=False, microbatches=2)
     want = reference.train(cfg, [mine]).state_dict()
     got = load_out(out)
