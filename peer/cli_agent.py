@@ -61,8 +61,10 @@ def tls_options(args, key: bytes | None):
 def run(args) -> int:
     if args.cpus is not None:   # first, so every thread the agent starts inherits it
         try:
+            if not hasattr(os, "sched_setaffinity"):
+                raise ValueError("--cpus needs Linux (sched_setaffinity)")
             pin_to(parse_cpus(args.cpus, os.sched_getaffinity(0)))
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             print(f"splitring agent: {e}", file=sys.stderr)
             return 2
     import uvloop

@@ -28,7 +28,8 @@ def parse_cpus(text: str, available: set[int]) -> set[int]:
         lo, _, hi = part.strip().partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) < int(lo):
             raise ValueError(f"--cpus {text!r}: expected a list like 0 or 0-2,5")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
+        top = min(int(hi or lo), max(available, default=-1) + 1)   # one past the last available is enough
+        cpus.update(range(int(lo), max(top, int(lo)) + 1))
     if not cpus <= available:
         raise ValueError(f"--cpus {text!r}: CPU {min(cpus - available)} is not available to this process "
                          f"(available: {','.join(map(str, sorted(available)))})")
@@ -38,7 +39,10 @@ def parse_cpus(text: str, available: set[int]) -> set[int]:
 def pin_to(cpus: set[int]) -> None:
     """Run every thread of this process, and all it starts later, on `cpus` only (Linux)."""
     for tid in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(tid), cpus)
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:   # a thread that has just ended
+            pass
 
 
 def add_secret_option(p) -> None:

@@ -84,6 +84,8 @@ class LocalRing:
         self.workdir = Path(workdir or self._tmp.name)
         self.extra = extra or []
         self.tls = tls
+        if cpus is not None and len(cpus) != len(data):
+            raise ValueError(f"cpus names {len(cpus)} agents' CPUs for {len(data)} agents")
         self.cpus = cpus
         for k, pid in enumerate(peer_ids or []):
             (self.workdir / f"agent{k}").mkdir(parents=True, exist_ok=True)

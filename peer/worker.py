@@ -230,16 +230,19 @@ class JobRuntime:
         ahead."""
         stage = roles.stage(program)
 
+        last = [None]   # the request before this one
+
         def advance(value):
             try:
                 out = False, gen.send(value)
             except StopIteration:
                 return True, None
-            if self.memory_budget is not None and not isinstance(out[1], Recv):
-                # peak accounting, for /status and tests (a Recv follows a Send with nothing done between)
+            if self.memory_budget is not None and not (isinstance(out[1], Recv) and isinstance(last[0], Send)):
+                # peak accounting, for /status and tests (nothing is computed between a Send and a Recv)
                 own = self.stage.memory_bytes(gradients=self.position not in roles.remote)
                 hosted = sum(st.memory_bytes() for st in self.backward_roles.values())
                 self.peak_memory = max(self.peak_memory, own + hosted)
+            last[0] = out[1]
             return out
 
         done, req = await self._compute(advance, None)

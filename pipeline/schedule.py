@@ -266,7 +266,8 @@ def staleness(program: list[Action]) -> dict[int, int]:
 def slack(program: list[Action]) -> set[int]:
     """Indices of the receives after which the stage forwards nothing more before its next optimizer
     step (the drain of a step). Waiting there holds up no forward, so the stage may spend the wait on
-    deferred work (Stage.work_ahead)."""
+    deferred work (Stage.work_ahead); a message that comes meanwhile waits for the unit under way (one
+    weight-gradient GEMM), which in a middle stage delays the gradient it sends back by as much."""
     out: set[int] = set()
     drained = True   # scanning backwards: no forward between here and the next STEP
     for i in range(len(program) - 1, -1, -1):

@@ -130,7 +130,8 @@ class Stage:
                 g, weights[name].grad = weights[name].grad, None
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
-        return x.grad
+        grad_in, x.grad = x.grad, None   # x itself may stay referenced (deferred weight gradients)
+        return grad_in
 
     def work_ahead(self) -> bool:
         """Some of the next step's deferred weight-gradient work (wgrad.Deferred), if any is ready: what

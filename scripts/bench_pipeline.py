@@ -54,19 +54,20 @@ def single(steps: int, cpu: int | None = None) -> float:
     mask = os.sched_getaffinity(0)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    torch.set_num_threads(1)
-    model = build_model(SPEC, 0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = samples(steps + 1)
-    for s in range(steps + 1):
-        if s == 1:  # the first step warms up allocators
-            t0 = time.perf_counter()
-        opt.zero_grad()
-        F.cross_entropy(model(x[s * BATCH:(s + 1) * BATCH]), y[s * BATCH:(s + 1) * BATCH]).backward()
-        opt.step()
-    sps = steps * BATCH / (time.perf_counter() - t0)
-    os.sched_setaffinity(0, mask)
-    return sps
+    try:
+        torch.set_num_threads(1)
+        model = build_model(SPEC, 0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = samples(steps + 1)
+        for s in range(steps + 1):
+            if s == 1:  # the first step warms up allocators
+                t0 = time.perf_counter()
+            opt.zero_grad()
+            F.cross_entropy(model(x[s * BATCH:(s + 1) * BATCH]), y[s * BATCH:(s + 1) * BATCH]).backward()
+            opt.step()
+        return steps * BATCH / (time.perf_counter() - t0)
+    finally:
+        os.sched_setaffinity(0, mask)
 
 
 def stage_ms(ranges: list[tuple[int, int]], steps: int) -> list[float]:

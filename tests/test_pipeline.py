@@ -200,3 +200,24 @@ def test_deferred_weight_gradients_carry_no_graph():
     for w in wrappers:
         w.flush()
     assert all(p.grad is not None and p.grad.grad_fn is None and not p.grad.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("case", ["input_without_grad", "three_d", "no_bias", "frozen_bias"])
+def test_deferred_linear_edge_cases_equal_plain_pytorch(case):
+    """An input that needs no gradient with an in-place op after the Linear, 3-D inputs, no bias, a frozen
+    bias: the deferred Linear gives plain PyTorch's gradients (and trains nothing frozen)."""
+    torch.manual_seed(1)
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=case != "no_bias"), torch.nn.ReLU(inplace=True),
+                                torch.nn.Linear(5, 3))
+    if case == "frozen_bias":
+        plain[0].bias.requires_grad_(False)
+    deferred = copy.deepcopy(plain)
+    wrappers = [Deferred(m) for m in deferred]
+    x = torch.randn(2, 4, 6) if case == "three_d" else torch.randn(4, 6)
+    for model in (plain, deferred):
+        model(x.clone().requires_grad_(case != "input_without_grad")).sum().backward()
+    for w in wrappers:
+        w.flush()
+    for p, q in zip(plain.parameters(), deferred.parameters()):
+        assert (p.grad is None) == (q.grad is None) == (not p.requires_grad)
+        assert p.grad is None or torch.allclose(p.grad, q.grad, atol=1e-6)

@@ -247,8 +247,9 @@ def test_remote_backward_equals_weight_stashing_in_plain_pytorch(k, remote):
 @pytest.mark.parametrize("scheme,extra", [("fast", {}), ("fast-async", {"max_staleness": 1}),
                                           ("fast-async", {"max_staleness": 1, "backward_at": [[1, 2]]})])
 def test_working_ahead_while_waiting_does_not_change_the_result(monkeypatch, scheme, extra):
-    """Stages sum complete groups of deferred weight gradients while they wait (as agents do, whenever a
-    message is late): the same sums in the same order as at the step, so the parameters are bitwise equal."""
+    """Stages sum complete groups of deferred weight gradients while they wait (agents do so in a step's
+    drain; here at every wait, the most there can be): the same sums in the same order as at the step, so
+    the parameters are bitwise equal."""
     shards = [data.Dataset("cut", s.x[:300], s.y[:300]) for s in (data.load("digits", f"{j}/3") for j in range(3))]
     spec = {"name": "mlp", "depth": 4, "width": 64}
     cfg = JobConfig(model=spec, epochs=1, momentum=0.9, microbatches=8, batch_size=256, scheme=scheme, **extra)
