@@ -13,7 +13,8 @@ Also measured in the same run, in one process on 1 thread: what each stage of th
 N-split used costs per step when computed alone (`fast_stage_ms`: 8 forwards, 8 backwards, the step).
 The busiest stage bounds any 2-stage pipeline of these microbatches: `fast_ceiling_sps`.
 With --repeats R every throughput is the best of R runs (these machines are noisy; the best run is the
-one least disturbed).
+one least disturbed); each repeat measures everything back to back, and `fast_vs_single_paired` and
+`fast_vs_torch_pipelining_paired` are the medians of the ratios within a repeat.
 Usage: python scripts/bench_pipeline.py [--json] [--steps N] [--repeats R]
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -170,28 +172,39 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    runs = range(args.repeats)
     # Each agent (and each gloo rank) on a core of its own, as on two devices; the single process on one.
     cores = sorted(os.sched_getaffinity(0))
     cpus = [str(c) for c in cores[:2]] if len(cores) >= 2 else None
-    res = {"single_1thread_sps": max(single(args.steps, cores[0]) for _ in runs)}
-    summaries = {scheme: max((splitring(args.steps, scheme, cpus=cpus) for _ in runs),
-                             key=lambda s: s["samples_per_s"]) for scheme in ("nsplit", "fast", "fast-async")}
-    res["fast_unpinned_sps"] = max(splitring(args.steps, "fast")["samples_per_s"] for _ in runs)
-    for scheme, summary in summaries.items():
+    # Every repeat measures everything once, back to back, so each repeat's ratios compare runs made
+    # under the same conditions (`*_paired`: their median); the plain figures are each the best run.
+    rounds: list[dict] = []
+    for _ in range(args.repeats):
+        r = {"single": single(args.steps, cores[0])}
+        r.update({scheme: splitring(args.steps, scheme, cpus=cpus) for scheme in ("nsplit", "fast", "fast-async")})
+        r["fast_unpinned"] = splitring(args.steps, "fast")["samples_per_s"]
+        r["torch"] = torch_pipelining(args.steps, cpus)
+        r["torch_unpinned"] = torch_pipelining(args.steps)
+        rounds.append(r)
+    res = {"single_1thread_sps": max(r["single"] for r in rounds)}
+    for scheme in ("nsplit", "fast", "fast-async"):
+        best = max((r[scheme] for r in rounds), key=lambda summary: summary["samples_per_s"])
         key = scheme.replace("-", "_")
-        res[f"{key}_sps"] = summary["samples_per_s"]
-        res[f"{key}_ranges"] = summary["plans"][0]["ranges"]
-    res["fast_async_max_staleness"] = max(summaries["fast-async"]["staleness"])
+        res[f"{key}_sps"] = best["samples_per_s"]
+        res[f"{key}_ranges"] = best["plans"][0]["ranges"]
+    res["fast_async_max_staleness"] = max(max(r["fast-async"]["staleness"]) for r in rounds)
+    res["fast_unpinned_sps"] = max(r["fast_unpinned"] for r in rounds)
+    res["torch_pipelining_sps"] = max(r["torch"] for r in rounds)
+    res["torch_pipelining_unpinned_sps"] = max(r["torch_unpinned"] for r in rounds)
     res["fast_stage_ms"] = stage_ms([tuple(r) for r in res["fast_ranges"].values()], args.steps)
     res["fast_ceiling_sps"] = BATCH / (max(res["fast_stage_ms"]) / 1000)
-    res["torch_pipelining_sps"] = max(torch_pipelining(args.steps, cpus) for _ in runs)
-    res["torch_pipelining_unpinned_sps"] = max(torch_pipelining(args.steps) for _ in runs)
     res["pinned_cpus"] = cpus
     res["fast_vs_single"] = res["fast_sps"] / res["single_1thread_sps"]
     res["fast_vs_torch_pipelining"] = res["fast_sps"] / res["torch_pipelining_sps"]
     res["fast_async_vs_single"] = res["fast_async_sps"] / res["single_1thread_sps"]
     res["fast_ceiling_vs_single"] = res["fast_ceiling_sps"] / res["single_1thread_sps"]
+    res["fast_vs_single_paired"] = statistics.median(r["fast"]["samples_per_s"] / r["single"] for r in rounds)
+    res["fast_vs_torch_pipelining_paired"] = statistics.median(r["fast"]["samples_per_s"] / r["torch"]
+                                                               for r in rounds)
     res.update(steps=args.steps, repeats=args.repeats, batch=BATCH, microbatches=MICRO, width=WIDTH, depth=DEPTH)
     if args.json:
         print(json.dumps(res))
