@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 
 from pipeline.planner import (SCHEMES, Device, Plan, PlanInfeasible, devices_from_profile, format_bytes,
-                              layers_from_profile, plan, plan_rotations)
+                              layers_from_profile, plan, plan_chain, plan_rotations)
 from pipeline.profiles import available
 
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
@@ -76,15 +76,20 @@ def table(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def print_plans(plans: list[Plan], as_json: bool, rotations: bool) -> None:
-    """Print one plan, or every rotation's with the bytes each swap moves; as a table or as JSON."""
+def print_plans(plans: list[Plan], as_json: bool, rotations: bool, remotes: list[dict] | None = None) -> None:
+    """Print one plan, or every rotation's with the bytes each swap moves; as a table or as JSON.
+    remotes[r]: rotation r's remote backwards ({stage: host} chain positions), if any."""
+    remotes = remotes or [{} for _ in plans]
     if as_json:
-        out = {"rotations": [p.to_dict() for p in plans]} if rotations else plans[0].to_dict()
-        print(json.dumps(out, indent=2))
+        dicts = [{**p.to_dict(), **({"backward_at": [[j, h] for j, h in rm.items()]} if rm else {})}
+                 for p, rm in zip(plans, remotes)]
+        print(json.dumps({"rotations": dicts} if rotations else dicts[0], indent=2))
         return
-    for r, p in enumerate(plans):
+    for r, (p, rm) in enumerate(zip(plans, remotes)):
         if rotations:
             print(f"rotation {r}" + (f" (swap moves {format_bytes(p.bytes_moved)})" if r else ""))
+        for j, h in rm.items():
+            print(f"backward of stage {j} ({p.stages[j].peer}) runs on {p.stages[h].peer} (--backward-at {j}:{h})")
         print(table(p) + ("\n" if rotations and r < len(plans) - 1 else ""))
 
 
@@ -106,7 +111,7 @@ def show_schedule(args: argparse.Namespace, n_stages: int) -> None:
         print(f"timeline drawn to {args.schedule_image}")
 
 
-def live_plans(args: argparse.Namespace) -> list[Plan]:
+def live_plans(args: argparse.Namespace) -> tuple[list[Plan], list[dict]]:
     """Ask a peer of the ring to plan a job on the ring as it is now (measured profiles and links)."""
     import urllib.error
 
@@ -118,7 +123,8 @@ def live_plans(args: argparse.Namespace) -> list[Plan]:
 
     cfg = JobConfig(model=parse_spec(args.model, args.model_options), batch_size=args.batch_size,
                     microbatches=args.microbatches, optimizer=args.optimizer, momentum=args.momentum,
-                    scheme=args.scheme, pipeline=args.pipeline, max_staleness=args.max_staleness)
+                    scheme=args.scheme, pipeline=args.pipeline, max_staleness=args.max_staleness,
+                    backward_at=args.backward_at or [])
     url, key = connect(args)
     body = json.dumps({"v": 1, "type": "job_start", "config": cfg.to_dict()}).encode()
     try:
@@ -128,8 +134,10 @@ def live_plans(args: argparse.Namespace) -> list[Plan]:
         raise ValueError(json.loads(e.read() or b"{}").get("message", str(e))) from None
     except RingAuthError as e:
         raise ValueError(f"{e}; check --secret-file") from None
-    return [Plan(**{**d, "stages": tuple(StagePlan(**{**st, "layers": tuple(st["layers"])}) for st in d["stages"])})
-            for d in reply["rotations"]]
+    plans = [Plan(**{**{k: v for k, v in d.items() if k != "backward_at"},
+                     "stages": tuple(StagePlan(**{**st, "layers": tuple(st["layers"])}) for st in d["stages"])})
+             for d in reply["rotations"]]
+    return plans, [{j: h for j, h in d.get("backward_at", [])} for d in reply["rotations"]]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,25 +146,39 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         if args.peer or args.ring:
-            print_plans(live_plans(args), args.json, rotations=True)
+            plans, remotes = live_plans(args)
+            print_plans(plans, args.json, True, remotes)
             return 0
         if not (args.profile and args.devices):
             raise ValueError("give --profile and --devices (offline), or --peer/--ring (a live ring)")
         devices = offline_devices(args)
         layers = layers_from_profile(args.profile, optimizer_state=args.optimizer_state)
-        if args.rotations:
+        remotes = None
+        if args.backward_at:
+            if args.rotations or args.scheme != "fast-async":
+                raise ValueError("--backward-at plans one chain of --scheme fast-async (not with --rotations)")
+            p, remote = plan_chain(devices, layers, args.scheme, args.microbatches, args.max_staleness,
+                                   backward_at={j: h for j, h in args.backward_at} if args.backward_at != "auto"
+                                   else "auto")
+            if not p.fits:
+                raise ValueError("the split does not fit the memory budgets with --backward-at: " + "; ".join(
+                    f"{s.peer} needs {format_bytes(s.memory_bytes)} of {format_bytes(s.memory_budget)}"
+                    for s in p.stages if not s.fits))
+            plans, remotes = [p], [remote]
+        elif args.rotations:
             plans = plan_rotations(devices, layers, args.scheme, args.microbatches, max_staleness=args.max_staleness)
         else:
             plans = [plan(devices, layers, args.scheme, args.microbatches, max_staleness=args.max_staleness)]
     except (ValueError, FileNotFoundError) as e:   # PlanInfeasible is a ValueError
         print(f"splitring plan: {'cannot plan' if isinstance(e, PlanInfeasible) else 'error'}: {e}", file=sys.stderr)
         return 1
-    print_plans(plans, args.json, args.rotations)
+    print_plans(plans, args.json, args.rotations, remotes)
     return 0
 
 
 def register(subparsers) -> None:
     from peer.cli_common import add_secret_option
+    from peer.cli_train import backward_at as backward_at_option
 
     p = subparsers.add_parser(
         "plan", help="choose each peer's layers (the split planner)",
@@ -181,6 +203,9 @@ def register(subparsers) -> None:
                    help="optimizer state bytes per parameter byte: 1 SGD with momentum (default), 2 Adam, 0 SGD")
     p.add_argument("--rotations", action="store_true",
                    help="plan every rotation of the ring and show the bytes each swap moves")
+    p.add_argument("--backward-at", type=backward_at_option, default=None, metavar="STAGE:HOST,...|auto",
+                   help="--scheme fast-async: run these middle stages' backward on the peer at chain position HOST, "
+                        "or (auto) place each that does not fit its budget; shown above the table")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     live = p.add_argument_group("live ring (plans with the peers' measured profiles, budgets and links)")
     live.add_argument("--peer", default=None, help="URL of a peer of the ring")

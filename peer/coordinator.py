@@ -17,8 +17,8 @@ import torch
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.models import num_layers, spec_hash
-from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, evaluate, place_backward, plan
-from pipeline.swaps import even_split, swap_moves
+from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, plan_chain
+from pipeline.swaps import swap_moves
 from peer.worker import JobError
 from protocols import encode_frame, message
 
@@ -107,24 +107,12 @@ class Coordinator:
         same memory model with the remote backwards given, or placed (`--backward-at auto`)."""
         chained = [replace(devices[p], bandwidth=min(devices[p].bandwidth, devices[q].bandwidth))
                    for p, q in zip(chain, chain[1:] + chain[:1])]
-        cfg, auto = self.cfg, self.cfg.backward_at == "auto"
-        scheme, m, k, remote = cfg.scheme, cfg.microbatches, cfg.max_staleness, cfg.remote_backward()
-        even = even_split(len(layers), len(chain))
+        cfg = self.cfg
         try:
-            p = evaluate(chained, layers, even, scheme, m, k) if cfg.split == "even" else None
-            if p is None:
-                try:
-                    p = plan(chained, layers, scheme, m, previous, k)
-                except PlanInfeasible:
-                    if not auto:
-                        raise
-                    p = evaluate(chained, layers, even, scheme, m, k)   # the solver cannot count remote backwards
+            p, remote = plan_chain(chained, layers, cfg.scheme, cfg.microbatches, cfg.max_staleness, cfg.split,
+                                   "auto" if cfg.backward_at == "auto" else cfg.remote_backward(), previous)
         except PlanInfeasible as e:
             raise JobError(f"the ring cannot hold the model: {e}") from None
-        if auto:
-            remote = place_backward(chained, layers, p.ranges, scheme, m, k)
-        if remote:   # the solver places layers as if every stage ran its own backward: count the roles
-            p = replace(evaluate(chained, layers, p.ranges, scheme, m, k, remote), bytes_moved=p.bytes_moved)
         if not p.fits:
             over = [f"{s.peer} needs {s.memory_bytes} of {s.memory_budget} bytes" for s in p.stages if not s.fits]
             raise JobError(f"the {cfg.split} split does not fit the memory budgets"
@@ -137,9 +125,9 @@ class Coordinator:
         devices, layers, _ = await self.gather_devices(self.ring)
         ids, plans, previous = [p["peer"] for p in self.ring], [], None
         for r in range(len(ids)):
-            p, _ = self.plan_chain(S.chain_order(ids, r), devices, layers, previous)
+            p, remote = self.plan_chain(S.chain_order(ids, r), devices, layers, previous)
             previous = p.assignment
-            plans.append(p.to_dict())
+            plans.append({**p.to_dict(), "backward_at": [[j, h] for j, h in remote.items()]})
         return plans
 
     async def run(self) -> None:

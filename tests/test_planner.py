@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.planner import solve
-from pipeline.planner import (Device, LayerCost, PlanInfeasible, even_split, evaluate, layers_from_profile,
+from pipeline.planner import (Device, LayerCost, PlanInfeasible, even_split, evaluate, layers_from_profile, plan_chain,
                               moved_bytes, place_backward, plan, plan_rotations, proportional_split, swap_moves)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -333,3 +333,31 @@ def test_place_backward_relieves_the_stages_that_do_not_fit():
     assert place_backward(none, layers, even, "fast-async", 4, 1) == {}
     roomy = [Device("a"), Device("b"), Device("c")]
     assert place_backward(roomy, layers, even, "fast-async", 4, 1) == {}      # everything fits: nothing moves
+
+
+def test_plan_chain_places_backwards_over_the_planned_or_an_even_split():
+    """plan_chain, as the coordinator and `splitring plan` use it: given pairs are counted; with auto, a split
+    the solver finds fitting needs no remote roles, and when it finds none, the even split with placed roles."""
+    layers = [LayerCost(1.0, 2.0, 100, 100, 10) for _ in range(6)]
+    even = [(0, 2), (2, 4), (4, 6)]
+    roomy = [Device("a"), Device("b"), Device("c")]
+    p, remote = plan_chain(roomy, layers, "fast-async", 4, 1, "even", {1: 2})
+    assert remote == {1: 2} and p == evaluate(roomy, layers, even, "fast-async", 4, 1, {1: 2})
+    assert plan_chain(roomy, layers, "fast-async", 4, 1, backward_at="auto")[1] == {}
+    full = [Device("a", memory_budget=1200), Device("b", memory_budget=650), Device("c", memory_budget=3000)]
+    with patch("pipeline.planner.chain.plan", side_effect=PlanInfeasible("no split fits", 1, (0, 6), ("b",))):
+        p, remote = plan_chain(full, layers, "fast-async", 4, 1, backward_at="auto")
+        assert remote == {1: 2} and p.fits and p.ranges == even
+        with pytest.raises(PlanInfeasible):   # without auto the solver's verdict stands
+            plan_chain(full, layers, "fast-async", 4, 1, backward_at={1: 2})
+
+
+def test_cli_shows_where_backwards_run():
+    base = ["--profile", "resnet101_cifar", "--devices", "VM,laptop,d1", "--scheme", "fast-async", "--microbatches", "4"]
+    proc = run_cli(*base, "--backward-at", "1:2")
+    assert proc.returncode == 0 and "backward of stage 1 (laptop) runs on d1 (--backward-at 1:2)" in proc.stdout
+    out = json.loads(run_cli(*base, "--backward-at", "1:2", "--json").stdout)
+    assert out["backward_at"] == [[1, 2]] and out["stages"][2]["memory_bytes"] > 0   # the host holds the role
+    assert "backward_at" not in json.loads(run_cli(*base, "--backward-at", "auto", "--json").stdout)   # all fits
+    proc = run_cli(*base[:4], "--scheme", "fast", "--backward-at", "1:2")
+    assert proc.returncode == 1 and "--scheme fast-async" in proc.stderr

@@ -1,0 +1,37 @@
+"""One chain's split as a job uses it: the planner's split or an even one, with remote backwards
+(fast-async `--backward-at`) given or placed. Shared by the coordinator and `splitring plan`."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pipeline.planner.model import Device, LayerCost, Plan, PlanInfeasible, evaluate, place_backward
+from pipeline.planner.solve import plan
+from pipeline.swaps import even_split
+
+
+def plan_chain(devices: list[Device], layers: list[LayerCost], scheme: str, microbatches: int,
+               max_staleness: int = 0, split: str = "planned", backward_at: dict[int, int] | str | None = None,
+               previous: dict[str, tuple[int, int]] | None = None) -> tuple[Plan, dict[int, int]]:
+    """(plan, {stage: host} remote backwards). split "planned": the planner's split (fewest bytes moved
+    from `previous` among the fastest); "even": equal layer counts. backward_at "auto": each middle stage
+    that does not fit goes to the peer with most room (place_backward), over the planner's split or, if
+    the solver finds none that fits (it counts every stage with its own backward), an even one. The
+    plan's memory counts the remote roles; check `plan.fits`. Raises PlanInfeasible when no split fits."""
+    auto = backward_at == "auto"
+    remote = {} if auto else dict(backward_at or {})
+    even = even_split(len(layers), len(devices))
+    if split == "even":
+        p = evaluate(devices, layers, even, scheme, microbatches, max_staleness)
+    else:
+        try:
+            p = plan(devices, layers, scheme, microbatches, previous, max_staleness)
+        except PlanInfeasible:
+            if not auto:
+                raise
+            p = evaluate(devices, layers, even, scheme, microbatches, max_staleness)
+    if auto:
+        remote = place_backward(devices, layers, p.ranges, scheme, microbatches, max_staleness)
+    if remote:
+        p = replace(evaluate(devices, layers, p.ranges, scheme, microbatches, max_staleness, remote),
+                    bytes_moved=p.bytes_moved)
+    return p, remote
