@@ -134,7 +134,7 @@ class Stage:
         return grad_in
 
     def work_ahead(self) -> bool:
-        """Some of the next step's deferred weight-gradient work (wgrad.Deferred), if any is ready: what
+        """Some of this step's deferred weight-gradient work (wgrad.Deferred), if any is ready: what
         to do while waiting for a neighbour. Says whether there was any."""
         return any(d.work_ahead() for d in self.deferred.values())
 
