@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 
 from pipeline.planner import (SCHEMES, Device, Plan, PlanInfeasible, devices_from_profile, format_bytes,
-                              layers_from_profile, plan, plan_chain, plan_rotations)
+                              layers_from_profile, over_budget, plan, plan_chain, plan_rotations)
 from pipeline.profiles import available
 
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
@@ -161,9 +161,7 @@ def run(args: argparse.Namespace) -> int:
                                    backward_at={j: h for j, h in args.backward_at} if args.backward_at != "auto"
                                    else "auto")
             if not p.fits:
-                raise ValueError("the split does not fit the memory budgets with --backward-at: " + "; ".join(
-                    f"{s.peer} needs {format_bytes(s.memory_bytes)} of {format_bytes(s.memory_budget)}"
-                    for s in p.stages if not s.fits))
+                raise ValueError(f"the split does not fit the memory budgets with --backward-at: {over_budget(p)}")
             plans, remotes = [p], [remote]
         elif args.rotations:
             plans = plan_rotations(devices, layers, args.scheme, args.microbatches, max_staleness=args.max_staleness)

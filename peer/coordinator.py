@@ -17,7 +17,7 @@ import torch
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.models import num_layers, spec_hash
-from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, plan_chain
+from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, over_budget, plan_chain
 from pipeline.swaps import swap_moves
 from peer.worker import JobError
 from protocols import encode_frame, message
@@ -114,9 +114,8 @@ class Coordinator:
         except PlanInfeasible as e:
             raise JobError(f"the ring cannot hold the model: {e}") from None
         if not p.fits:
-            over = [f"{s.peer} needs {s.memory_bytes} of {s.memory_budget} bytes" for s in p.stages if not s.fits]
             raise JobError(f"the {cfg.split} split does not fit the memory budgets"
-                           f"{' with --backward-at' if cfg.backward_at else ''}: {'; '.join(over)}")
+                           f"{' with --backward-at' if cfg.backward_at else ''}: {over_budget(p)}")
         return p, remote
 
     async def plan_only(self) -> list[dict]:

@@ -18,7 +18,8 @@ class Deadlock(RuntimeError):
 def drive(gens: list, roles: S.Roles | None = None, idle=None) -> list[list[StepResult]]:
     """Run the generators of one chain's programs to completion; `roles` says who receives a message
     (default a plain chain: fwd to i+1, bwd to i-1); idle(i), if given, is called when generator i
-    waits for a message that is not there yet (as an agent works ahead then). Returns, per generator,
+    waits for a message that is not there yet (agents work ahead only in a step's drain; tests
+    call it at every wait, the most there can be). Returns, per generator,
     its results in the order its steps finished."""
     roles = roles or S.Roles(len(gens))
     mail: dict[tuple[int, str, int, int], dict] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pipeline.planner.model import Device, LayerCost, Plan, PlanInfeasible, evaluate, place_backward
+from pipeline.planner.model import Device, LayerCost, Plan, PlanInfeasible, evaluate, format_bytes, place_backward
 from pipeline.planner.solve import plan
 from pipeline.swaps import even_split
 
@@ -35,3 +35,9 @@ def plan_chain(devices: list[Device], layers: list[LayerCost], scheme: str, micr
         p = replace(evaluate(devices, layers, p.ranges, scheme, microbatches, max_staleness, remote),
                     bytes_moved=p.bytes_moved)
     return p, remote
+
+
+def over_budget(p: Plan) -> str:
+    """The stages of a plan that do not fit, as an error message names them."""
+    return "; ".join(f"{s.peer} needs {format_bytes(s.memory_bytes)} of {format_bytes(s.memory_budget)}"
+                     for s in p.stages if not s.fits)
