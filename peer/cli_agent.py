@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from peer.cli_common import add_ring_options, parse_cpus, pin_to, resolve_interface, secret
+from peer.cli_common import add_ring_options, keep_freed_memory, parse_cpus, pin_to, resolve_interface, secret
 from peer.cli_plan import BYTE_UNITS, quantity
 
 
@@ -67,6 +67,7 @@ def run(args) -> int:
         except (ValueError, OSError) as e:
             print(f"splitring agent: {e}", file=sys.stderr)
             return 2
+    keep_freed_memory()
     import uvloop
 
     from peer.agent import Agent, serve

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import os
 import sys
@@ -43,6 +44,21 @@ def pin_to(cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
         except ProcessLookupError:   # a thread that has just ended
             pass
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the system. A stage frees
+    and allocates tensors of the same sizes every microbatch; by default each block over 128 KiB is mapped
+    and unmapped every time, so every reuse pays page faults and zeroing (measured: ~6% of a stage's
+    compute on the benchmark MLP). The process's resident memory then stays at its peak. Other C libraries:
+    nothing to do."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)   # the largest glibc accepts: larger blocks are still mapped
+    mallopt(m_trim_threshold, 1 << 30)
 
 
 def add_secret_option(p) -> None:

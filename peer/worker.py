@@ -210,10 +210,11 @@ class JobRuntime:
 
     def _mb_size(self, mode: str, step: int, mb: int) -> int:
         n = self.head_samples if mode == "train" else self.head_test_samples
-        steps = batch_sizes(n, self.cfg.batch_size if mode == "train" else EVAL_BATCH)
-        if not 0 <= step < len(steps):
-            raise ProtocolError("unexpected", f"step {step} out of range ({len(steps)} steps in this pass)")
-        mbs = microbatch_sizes(steps[step], self.cfg.microbatches if mode == "train" else 1)
+        size = self.cfg.batch_size if mode == "train" else EVAL_BATCH
+        steps = -(-n // size)   # as batch_sizes(n, size), without listing them: this runs for every message
+        if not 0 <= step < steps:
+            raise ProtocolError("unexpected", f"step {step} out of range ({steps} steps in this pass)")
+        mbs = microbatch_sizes(min(size, n - step * size), self.cfg.microbatches if mode == "train" else 1)
         if not 0 <= mb < len(mbs):
             raise ProtocolError("unexpected", f"microbatch {mb} out of range ({len(mbs)})")
         return mbs[mb]

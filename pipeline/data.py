@@ -120,5 +120,7 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
 
 
 def microbatch_sizes(batch: int, microbatches: int) -> list[int]:
-    """A batch cut into at most `microbatches` near-equal non-empty parts (as torch.tensor_split)."""
-    return [len(p) for p in np.array_split(np.arange(batch), min(microbatches, batch))]
+    """A batch cut into at most `microbatches` near-equal non-empty parts (as torch.tensor_split: the
+    first batch % parts are one larger)."""
+    parts = min(microbatches, batch)
+    return [batch // parts + (i < batch % parts) for i in range(parts)] if parts > 0 else []

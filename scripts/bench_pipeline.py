@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from peer.cli_common import pin_to  # noqa: E402
+from peer.cli_common import keep_freed_memory, pin_to  # noqa: E402
 from peer.localring import LocalRing, train_cli  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
@@ -123,6 +123,7 @@ def _pipelining_rank(rank: int, port: int, steps: int, result, cpus: list[str] |
 
     if cpus:
         pin_to({int(cpus[rank])})
+    keep_freed_memory()   # as the agents do
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = build_model(SPEC, 0)
@@ -172,6 +173,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    keep_freed_memory()   # the allocator setting agents run with, for the in-process baselines too
     # Each agent (and each gloo rank) on a core of its own, as on two devices; the single process on one.
     cores = sorted(os.sched_getaffinity(0))
     cpus = [str(c) for c in cores[:2]] if len(cores) >= 2 else None

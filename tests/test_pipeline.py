@@ -85,6 +85,13 @@ def test_batches_and_microbatches():
     assert not torch.equal(data.pass_order(50, 0, 0, True), data.pass_order(50, 0, 1, True))
 
 
+@given(st.integers(0, 600), st.integers(1, 40))
+def test_microbatch_sizes_cut_as_tensor_split(batch, microbatches):
+    """The head cuts a batch with torch.tensor_split; every stage must expect the same sizes."""
+    parts = torch.arange(batch).tensor_split(min(microbatches, batch)) if batch else ()
+    assert data.microbatch_sizes(batch, microbatches) == [len(p) for p in parts]
+
+
 @pytest.mark.parametrize("cfg", [
     JobConfig(epochs=2, momentum=0.9, microbatches=2, shuffle=False),
     JobConfig(epochs=1, optimizer="adam", lr=0.01, weight_decay=0.01, microbatches=3, batch_size=20),

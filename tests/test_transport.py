@@ -3,6 +3,8 @@
 import asyncio
 import gc
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -287,3 +289,26 @@ def test_quantize_matches_its_definition_on_a_hand_example():
     want = [0.0, round(1.0 / s) * s, -127 * s, round(0.5 / s) * s] + [0.0] * (BLOCK - 4) + [3.0]
     assert torch.allclose(got, torch.tensor(want), atol=1e-6)
     assert math.isclose(got[-1].item(), 3.0, rel_tol=1e-6)  # its own block, its own scale
+
+
+_IN_HEAP = """
+import sys, torch
+if sys.argv[1] == "keep":
+    from peer.cli_common import keep_freed_memory
+    keep_freed_memory()
+block = torch.empty(4 << 20)   # 16 MiB
+heap = next(line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]"))
+lo, hi = (int(a, 16) for a in heap.split()[0].split("-"))
+print(lo <= block.data_ptr() < hi)
+"""
+
+
+def test_agents_keep_freed_memory_in_the_heap():
+    """keep_freed_memory (every agent calls it) has glibc serve blocks up to 32 MiB from its heap, which it
+    keeps when they are freed, where by default a large block is a mapping of its own, given back when freed
+    and faulted in anew the next time (a stage frees and allocates the same sizes every microbatch)."""
+    def in_heap(mode):
+        out = subprocess.run([sys.executable, "-c", _IN_HEAP, mode], capture_output=True, text=True, check=True)
+        return out.stdout.strip() == "True"
+    assert not in_heap("default")
+    assert in_heap("keep")
