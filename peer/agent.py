@@ -42,7 +42,8 @@ def json_error(status: int, code: str, text: str) -> web.Response:
 class Agent:
     def __init__(self, ring: str, state: StateDir, data: Dataset, host: str, port: int, interface: str,
                  advertise: str, join: list[str], threads: int = 1, memory_budget: int | None = None,
-                 slowdown: float = 1.0, key: bytes | None = None, tls: tuple[ssl.SSLContext, str] | None = None):
+                 slowdown: float = 1.0, key: bytes | None = None, tls: tuple[ssl.SSLContext, str] | None = None,
+                 busy_poll: bool = False):
         self.ring, self.state, self.data = ring, state, data
         self.key = key  # the ring key (peer.security.key_for); None: an open ring
         # TLS (peer.security.server_tls): the server's context and its certificate's fingerprint; None: plain
@@ -56,6 +57,10 @@ class Agent:
         self.codec = Codec()
         self.memory_budget = memory_budget
         self.slowdown = slowdown  # test knob: compute takes this many times longer (a slower device)
+        # compute on the event loop's thread, and keep the loop polling while a pass runs (see --busy-poll)
+        self.busy_poll = busy_poll
+        if busy_poll:   # intra-op threads are set per thread: this one computes then
+            torch.set_num_threads(threads)
         self.jobs: dict[str, JobRuntime] = {}
         self.coordinated: dict[str, Coordinator] = {}
         self.registry = CollectorRegistry()
@@ -73,14 +78,24 @@ class Agent:
         self.streams: set[FrameStream] = set()
 
     async def compute_call(self, fn, *args):
-        """Run fn on the compute thread (a slowdown > 1 stretches it, as a slower device would)."""
+        """Run fn on the compute thread, or with busy_poll here, after the loop has seen to what is ready
+        (a slowdown > 1 stretches it, as a slower device would)."""
         def timed():
             t0 = time.perf_counter()
             out = fn(*args)
             if self.slowdown > 1:
                 time.sleep((self.slowdown - 1) * (time.perf_counter() - t0))
             return out
+        if self.busy_poll:
+            await asyncio.sleep(0)
+            return timed()
         return await asyncio.get_running_loop().run_in_executor(self.compute, timed)
+
+    @staticmethod
+    async def _poll():
+        """Keep the event loop turning: with a task always ready it polls its sockets without sleeping."""
+        while True:
+            await asyncio.sleep(0)
 
     def profile(self, cfg: JobConfig) -> dict:
         """This machine's per-layer costs for a job's model (cached per spec, microbatch and optimizer)."""
@@ -191,6 +206,7 @@ class Agent:
             "peers": [r.public() for r in self.discovery.view.values()], "conflicts": self.discovery.conflicts,
             "data": {"name": self.data.name, "samples": len(self.data), "test_samples": self.data.n_test},
             "memory_budget": self.memory_budget,
+            "busy_poll": self.busy_poll,
             "peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
             "stages": [{"job": j, "rotation": rt.rotation, "layers": list(rt.stage.range), "position": rt.position,
                         "progress": rt.progress, "peak_memory_bytes": rt.peak_memory}
@@ -418,12 +434,16 @@ class Agent:
             await resp.write((json.dumps(ev) + "\n").encode())
 
         rt.task = asyncio.current_task()
+        poller = asyncio.create_task(self._poll()) if self.busy_poll else None
         try:
             out = await rt.run_pass(msg["mode"], on_step)
             await resp.write((json.dumps({"event": "end", **out}) + "\n").encode())
         except (JobError, TimeoutError, ProtocolError, ConnectionError, aiohttp.ClientError) as e:
             log.error("job %s: pass failed: %s", rt.job, e)
             await resp.write((json.dumps({"error": str(e)}) + "\n").encode())
+        finally:
+            if poller:
+                poller.cancel()
         return resp
 
     @guarded

@@ -7,8 +7,10 @@ Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatc
   fast_async_sps        splitring Fast N-split, asynchronous (--max-staleness 1), 2 agents, 1 thread each
   torch_pipelining_sps  torch.distributed.pipelining Schedule1F1B, 2 gloo ranks, 1 thread each
 Each agent and each gloo rank runs on a core of its own (`splitring agent --cpus`), as it would on its own
-device, and the single process on one core; `fast_unpinned_sps` and `torch_pipelining_unpinned_sps` are the
-same runs left to the OS scheduler.
+device, and the single process on one core; the agents busy-poll (`--busy-poll`: compute on the event loop's
+thread, which polls instead of sleeping between messages). `fast_unpinned_sps` is Fast N-split with agents as
+started by default (left to the OS scheduler, no busy polling), `torch_pipelining_unpinned_sps` the gloo
+ranks left to the OS scheduler. Every process runs with the allocator setting agents use (keep_freed_memory).
 Also measured in the same run, in one process on 1 thread: what each stage of the 2-way split Fast
 N-split used costs per step when computed alone (`fast_stage_ms`: 8 forwards, 8 backwards, the step).
 The busiest stage bounds any 2-stage pipeline of these microbatches: `fast_ceiling_sps`.
@@ -43,6 +45,7 @@ from pipeline.stage import Stage  # noqa: E402
 from pipeline.swaps import even_split  # noqa: E402
 
 WIDTH, DEPTH, BATCH, MICRO = 1024, 8, 256, 8
+DEDICATED = ("--busy-poll",)   # agents on cores of their own, as on devices that do nothing else
 SPEC = {"name": "mlp", "in_features": WIDTH, "depth": DEPTH, "width": WIDTH, "classes": 10}
 
 
@@ -99,15 +102,16 @@ def stage_ms(ranges: list[tuple[int, int]], steps: int) -> list[float]:
     return out
 
 
-def splitring(steps: int, scheme: str, agents: int = 2, *extra: str, cpus: list[str] | None = None) -> dict:
-    """One epoch on a fixed-order ring of `agents` (1 thread each; agent k on CPUs cpus[k] if given); the
-    first holds the data."""
+def splitring(steps: int, scheme: str, agents: int = 2, *extra: str, cpus: list[str] | None = None,
+              options: tuple[str, ...] = ()) -> dict:
+    """One epoch on a fixed-order ring of `agents` (1 thread each, started with `options`; agent k on CPUs
+    cpus[k] if given); the first holds the data."""
     x, y = samples(steps)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.npz"
         np.savez(path, x=x.numpy(), y=y.numpy())
         peers = [["--data", str(path)]] + [[]] * (agents - 1)
-        with LocalRing(peers, peer_ids=[f"p{k}" for k in range(agents)], cpus=cpus) as ring:
+        with LocalRing(peers, peer_ids=[f"p{k}" for k in range(agents)], cpus=cpus, extra=list(options)) as ring:
             proc = train_cli(ring.urls[0], "--model", "mlp", "--model-options",
                              f"in_features={WIDTH},depth={DEPTH},width={WIDTH}", "--epochs", "1",
                              "--batch-size", str(BATCH), "--microbatches", str(MICRO), "--lr", "0.01",
@@ -182,7 +186,8 @@ def main() -> None:
     rounds: list[dict] = []
     for _ in range(args.repeats):
         r = {"single": single(args.steps, cores[0])}
-        r.update({scheme: splitring(args.steps, scheme, cpus=cpus) for scheme in ("nsplit", "fast", "fast-async")})
+        r.update({scheme: splitring(args.steps, scheme, cpus=cpus, options=DEDICATED)
+                  for scheme in ("nsplit", "fast", "fast-async")})
         r["fast_unpinned"] = splitring(args.steps, "fast")["samples_per_s"]
         r["torch"] = torch_pipelining(args.steps, cpus)
         r["torch_unpinned"] = torch_pipelining(args.steps)
@@ -200,6 +205,7 @@ def main() -> None:
     res["fast_stage_ms"] = stage_ms([tuple(r) for r in res["fast_ranges"].values()], args.steps)
     res["fast_ceiling_sps"] = BATCH / (max(res["fast_stage_ms"]) / 1000)
     res["pinned_cpus"] = cpus
+    res["agent_options"] = list(DEDICATED)
     res["fast_vs_single"] = res["fast_sps"] / res["single_1thread_sps"]
     res["fast_vs_torch_pipelining"] = res["fast_sps"] / res["torch_pipelining_sps"]
     res["fast_async_vs_single"] = res["fast_async_sps"] / res["single_1thread_sps"]

@@ -9,9 +9,7 @@ from pipeline.config import JobConfig
 from pipeline.models import build_model
 
 
-@pytest.mark.parametrize("pipe", ["1f1b", "gpipe"])
-def test_fast_nsplit_on_a_live_ring_is_exact(digits_ring, tmp_path, pipe):
-    ring = digits_ring
+def check_fast_is_exact(ring, tmp_path, pipe: str) -> None:
     out = tmp_path / "model.pt"
     args = ["--epochs", "1", "--batch-size", "64", "--microbatches", "4", "--lr", "0.05", "--momentum", "0.9",
             "--model-options", "depth=5,width=64", "--scheme", "fast", "--pipeline", pipe, "--split", "even",
@@ -24,6 +22,19 @@ def test_fast_nsplit_on_a_live_ring_is_exact(digits_ring, tmp_path, pipe):
     cfg = JobConfig(model={"name": "mlp", "depth": 5, "width": 64}, batch_size=64, microbatches=4, lr=0.05,
                     momentum=0.9)
     assert max_diff(load_out(out), reference.train(cfg, heads).state_dict()) <= 1e-5
+
+
+@pytest.mark.parametrize("pipe", ["1f1b", "gpipe"])
+def test_fast_nsplit_on_a_live_ring_is_exact(digits_ring, tmp_path, pipe):
+    check_fast_is_exact(digits_ring, tmp_path, pipe)
+
+
+def test_busy_polling_agents_compute_on_their_loop_and_stay_exact(start_ring, tmp_path):
+    """--busy-poll: each agent computes on its event loop's thread, which polls between messages; the
+    result is the same."""
+    ring = start_ring([["--data", "digits", "--shard", f"{k}/3"] for k in range(3)], extra=["--busy-poll"])
+    assert all(agent.status()["busy_poll"] for agent in ring.agents)
+    check_fast_is_exact(ring, tmp_path, "1f1b")
 
 
 def test_fast_async_on_a_live_ring_stashes_weights_and_reports_staleness(digits_ring, tmp_path):
