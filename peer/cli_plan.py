@@ -219,7 +219,7 @@ def register(subparsers) -> None:
     sched = p.add_argument_group("schedule timeline")
     sched.add_argument("--show-schedule", action="store_true",
                        help="print the actions per stage of --steps steps and their timeline for --scheme/--pipeline")
-    sched.add_argument("--pipeline", choices=["1f1b", "gpipe"], default="1f1b")
+    sched.add_argument("--pipeline", choices=["1f1b", "gpipe", "eager"], default="1f1b")
     sched.add_argument("--steps", type=int, default=1, help="steps to draw (default 1)")
     sched.add_argument("--max-staleness", type=int, default=1, metavar="K", help="for --scheme fast-async")
     sched.add_argument("--stages", type=int, default=None, help="stages to draw (default: --devices count, or 3)")

@@ -33,8 +33,11 @@ def register(sub) -> None:
                    help="fast-async: the middle stage at chain position STAGE runs its backward and optimizer on the "
                         "peer at chain position HOST, which sends the new weights back (remote backward); auto: "
                         "for each middle stage that does not fit its peer's memory budget, a peer with room")
-    p.add_argument("--pipeline", choices=["1f1b", "gpipe"], default="1f1b",
-                   help="schedule of --scheme fast (both flush at every step, so the result is exact)")
+    p.add_argument("--pipeline", choices=["1f1b", "gpipe", "eager"], default="1f1b",
+                   help="schedule of --scheme fast, all with a flush at every step, so the result is exact: 1f1b "
+                        "keeps fewest forward buffers; gpipe runs every forward first; eager runs every forward "
+                        "first on the stages before the last, which then fill their waits with weight-gradient "
+                        "work (fastest when the stages are about equally busy; M buffers upstream)")
     p.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="how activations and gradients travel (layer state moved by swaps is always exact)")
     p.add_argument("--compress", choices=["none", "int8"], default="none",

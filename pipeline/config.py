@@ -27,7 +27,7 @@ class JobConfig:
     shuffle: bool = True        # heads visit their shard in a seeded random order each epoch
     scheme: str = "nsplit"      # nsplit: one microbatch at a time; fast: pipelined microbatches (Fast N-split);
                                 # fast-async: pipelined across steps, forwards on weights up to max_staleness old
-    pipeline: str = "1f1b"      # fast: 1f1b (fewer buffers in flight) or gpipe, both flush every step; fast-async: 1f1b
+    pipeline: str = "1f1b"      # fast: 1f1b (fewest buffers in flight), gpipe or eager, all flush every step; fast-async: 1f1b
     max_staleness: int = 1      # fast-async only: optimizer steps a forward's weights may lag (0 = synchronous)
     backward_at: list | str = field(default_factory=list)  # fast-async only: [[stage, host], ...]: the middle
                                 # stage at chain position `stage` runs its backward and optimizer on the peer at
@@ -49,7 +49,7 @@ class JobConfig:
             (self.scheme in SCHEMES, f"unknown scheme {self.scheme!r} ({', '.join(SCHEMES)})"),
             (self.max_staleness >= 0, "max_staleness must be >= 0"),
             (self.scheme != "fast-async" or self.pipeline == "1f1b",
-             "fast-async runs 1F1B across steps; pipeline gpipe is for scheme fast"),
+             "fast-async runs 1F1B across steps; pipelines gpipe and eager are for scheme fast"),
             (self.backward_at == "auto" or isinstance(self.backward_at, list) and all(
                 isinstance(p, list | tuple) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p)
                 for p in self.backward_at) and len({p[0] for p in self.backward_at}) == len(self.backward_at),
@@ -57,7 +57,8 @@ class JobConfig:
             (not self.backward_at or self.scheme == "fast-async",
              "backward_at (a remote backward) needs scheme fast-async"),
             (self.split in ("planned", "even"), f"unknown split {self.split!r} (planned, even)"),
-            (self.pipeline in ("1f1b", "gpipe"), f"unknown pipeline schedule {self.pipeline!r} (1f1b, gpipe)"),
+            (self.pipeline in ("1f1b", "gpipe", "eager"),
+             f"unknown pipeline schedule {self.pipeline!r} (1f1b, gpipe, eager)"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),
             (self.wire_dtype in WIRE_DTYPES, f"unknown wire dtype {self.wire_dtype!r} ({', '.join(WIRE_DTYPES)})"),
             (self.compress in COMPRESSIONS, f"unknown compression {self.compress!r} ({', '.join(COMPRESSIONS)})"),

@@ -66,6 +66,15 @@ def gpipe(stage: int, n_stages: int, n_mb: int) -> list[Action]:
     return acts + [Action(STEP)]
 
 
+def eager(stage: int, n_stages: int, n_mb: int) -> list[Action]:
+    """Eager forwards: the stages before the last run every forward first (as GPipe), the last alternates
+    (as 1F1B). An upstream stage's backwards then all come in its drain (`slack`), where it spends the
+    waits for gradients on deferred weight-gradient work, so its flush is short and the next step's first
+    forward reaches the last stage before that has finished its own update. Costs the upstream stages
+    n_mb forward buffers (1F1B: n_stages - stage)."""
+    return gpipe(stage, n_stages, n_mb) if stage < n_stages - 1 else one_f_one_b(stage, n_stages, n_mb)
+
+
 def _interleaved(stage: int, n_stages: int, order: list[tuple[int, int]], sizes: dict[int, int]) -> list[Action]:
     """1F1B over a sequence of (step, microbatch): warm up with (stages after this one) forwards, then
     alternate one forward and one backward, then drain the backwards; STEP s follows the backward of
@@ -216,7 +225,7 @@ def evaluation(stage: int, n_stages: int) -> list[Action]:
     return _forward(stage, n_stages, 0)
 
 
-PIPELINES = {"1f1b": one_f_one_b, "gpipe": gpipe}
+PIPELINES = {"1f1b": one_f_one_b, "gpipe": gpipe, "eager": eager}
 
 
 def program(scheme: str, pipeline: str, stage: int, n_stages: int, n_mb: int) -> list[Action]:

@@ -3,13 +3,14 @@
 Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatches, SGD.
   single_1thread_sps    plain PyTorch, one process, 1 thread
   nsplit_sps            splitring sequential N-split, 2 agents (processes), 1 thread each
-  fast_sps              splitring Fast N-split (1F1B), 2 agents, 1 thread each
+  fast_sps              splitring Fast N-split (--pipeline eager), 2 agents, 1 thread each
+  fast_1f1b_sps         the same with the default schedule, 1F1B
   fast_async_sps        splitring Fast N-split, asynchronous (--max-staleness 1), 2 agents, 1 thread each
   torch_pipelining_sps  torch.distributed.pipelining Schedule1F1B, 2 gloo ranks, 1 thread each
 Each agent and each gloo rank runs on a core of its own (`splitring agent --cpus`), as it would on its own
 device, and the single process on one core; the agents busy-poll (`--busy-poll`: compute on the event loop's
-thread, which polls instead of sleeping between messages). `fast_unpinned_sps` is Fast N-split with agents as
-started by default (left to the OS scheduler, no busy polling), `torch_pipelining_unpinned_sps` the gloo
+thread, which polls instead of sleeping between messages). `fast_unpinned_sps` is the same Fast N-split with agents
+as started by default (left to the OS scheduler, no busy polling), `torch_pipelining_unpinned_sps` the gloo
 ranks left to the OS scheduler. Every process runs with the allocator setting agents use (keep_freed_memory).
 Also measured in the same run, in one process on 1 thread: what each stage of the 2-way split Fast
 N-split used costs per step when computed alone (`fast_stage_ms`: 8 forwards, 8 backwards, the step).
@@ -46,6 +47,7 @@ from pipeline.swaps import even_split  # noqa: E402
 
 WIDTH, DEPTH, BATCH, MICRO = 1024, 8, 256, 8
 DEDICATED = ("--busy-poll",)   # agents on cores of their own, as on devices that do nothing else
+FAST = ("--pipeline", "eager")   # the stages are about equally busy: the head fills its waits (schedule.eager)
 SPEC = {"name": "mlp", "in_features": WIDTH, "depth": DEPTH, "width": WIDTH, "classes": 10}
 
 
@@ -186,9 +188,10 @@ def main() -> None:
     rounds: list[dict] = []
     for _ in range(args.repeats):
         r = {"single": single(args.steps, cores[0])}
-        r.update({scheme: splitring(args.steps, scheme, cpus=cpus, options=DEDICATED)
-                  for scheme in ("nsplit", "fast", "fast-async")})
-        r["fast_unpinned"] = splitring(args.steps, "fast")["samples_per_s"]
+        r.update({scheme: splitring(args.steps, scheme, *extra, cpus=cpus, options=DEDICATED)
+                  for scheme, extra in (("nsplit", ()), ("fast", FAST), ("fast-async", ()))})
+        r["fast_1f1b"] = splitring(args.steps, "fast", cpus=cpus, options=DEDICATED)["samples_per_s"]
+        r["fast_unpinned"] = splitring(args.steps, "fast", *FAST)["samples_per_s"]
         r["torch"] = torch_pipelining(args.steps, cpus)
         r["torch_unpinned"] = torch_pipelining(args.steps)
         rounds.append(r)
@@ -199,13 +202,14 @@ def main() -> None:
         res[f"{key}_sps"] = best["samples_per_s"]
         res[f"{key}_ranges"] = best["plans"][0]["ranges"]
     res["fast_async_max_staleness"] = max(max(r["fast-async"]["staleness"]) for r in rounds)
+    res["fast_1f1b_sps"] = max(r["fast_1f1b"] for r in rounds)
     res["fast_unpinned_sps"] = max(r["fast_unpinned"] for r in rounds)
     res["torch_pipelining_sps"] = max(r["torch"] for r in rounds)
     res["torch_pipelining_unpinned_sps"] = max(r["torch_unpinned"] for r in rounds)
     res["fast_stage_ms"] = stage_ms([tuple(r) for r in res["fast_ranges"].values()], args.steps)
     res["fast_ceiling_sps"] = BATCH / (max(res["fast_stage_ms"]) / 1000)
     res["pinned_cpus"] = cpus
-    res["agent_options"] = list(DEDICATED)
+    res["agent_options"], res["fast_options"] = list(DEDICATED), list(FAST)
     res["fast_vs_single"] = res["fast_sps"] / res["single_1thread_sps"]
     res["fast_vs_torch_pipelining"] = res["fast_sps"] / res["torch_pipelining_sps"]
     res["fast_async_vs_single"] = res["fast_async_sps"] / res["single_1thread_sps"]

@@ -29,12 +29,12 @@ def test_fast_nsplit_on_a_live_ring_is_exact(digits_ring, tmp_path, pipe):
     check_fast_is_exact(digits_ring, tmp_path, pipe)
 
 
-def test_busy_polling_agents_compute_on_their_loop_and_stay_exact(start_ring, tmp_path):
-    """--busy-poll: each agent computes on its event loop's thread, which polls between messages; the
-    result is the same."""
+def test_eager_schedule_on_busy_polling_agents_is_exact(start_ring, tmp_path):
+    """--pipeline eager on agents started with --busy-poll (each computes on its event loop's thread, which
+    polls between messages): the same model as plain PyTorch."""
     ring = start_ring([["--data", "digits", "--shard", f"{k}/3"] for k in range(3)], extra=["--busy-poll"])
     assert all(agent.status()["busy_poll"] for agent in ring.agents)
-    check_fast_is_exact(ring, tmp_path, "1f1b")
+    check_fast_is_exact(ring, tmp_path, "eager")
 
 
 def test_fast_async_on_a_live_ring_stashes_weights_and_reports_staleness(digits_ring, tmp_path):

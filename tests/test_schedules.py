@@ -34,14 +34,16 @@ def check_program(prog, stage, n_stages, n_mb):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(["nsplit", "1f1b", "gpipe"]), st.integers(1, 6), st.integers(1, 12))
+@given(st.sampled_from(["nsplit", "1f1b", "gpipe", "eager"]), st.integers(1, 6), st.integers(1, 12))
 def test_programs_are_well_formed_and_buffers_bounded(kind, n_stages, n_mb):
     scheme, pipe = ("nsplit", "1f1b") if kind == "nsplit" else ("fast", kind)
     for j in range(n_stages):
         prog = S.program(scheme, pipe, j, n_stages, n_mb)
         check_program(prog, j, n_stages, n_mb)
-        bound = {"nsplit": 1, "1f1b": min(n_stages - j, n_mb), "gpipe": n_mb}[kind]
+        bound = {"nsplit": 1, "1f1b": min(n_stages - j, n_mb), "gpipe": n_mb,
+                 "eager": n_mb if j < n_stages - 1 else 1}[kind]
         assert S.in_flight(prog) == bound
+    S.timeline([S.program(scheme, pipe, j, n_stages, n_mb) for j in range(n_stages)])   # raises on a deadlock
 
 
 def test_1f1b_timeline_for_three_stages():
@@ -53,7 +55,7 @@ def test_1f1b_timeline_for_three_stages():
     ]
 
 
-@pytest.mark.parametrize("pipe", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("pipe", ["1f1b", "gpipe", "eager"])
 @pytest.mark.parametrize("n_peers", [2, 3])
 def test_pipelined_training_equals_sequential_nsplit_and_pytorch(pipe, n_peers):
     shards = [data.load("digits", f"{k}/{n_peers}") for k in range(n_peers)]
@@ -271,6 +273,8 @@ def test_slack_is_the_drain_of_each_step():
     assert waits(S.one_f_one_b(1, 2, 8)) == []   # the last stage forwards right after every receive
     assert waits(S.gpipe(0, 3, 3)) == ["RECV_B0", "RECV_B1", "RECV_B2"]
     assert waits(S.one_f_one_b(1, 3, 4)) == ["RECV_B2", "RECV_B3"]
+    assert waits(S.eager(0, 2, 4)) == ["RECV_B0", "RECV_B1", "RECV_B2", "RECV_B3"]   # every backward's wait
+    assert waits(S.eager(1, 2, 4)) == []
     program = S.asynchronous(0, 3, [4, 4, 4], 2)
     assert S.slack(program)
     for i in S.slack(program):
