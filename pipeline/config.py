@@ -27,7 +27,7 @@ class JobConfig:
     shuffle: bool = True        # heads visit their shard in a seeded random order each epoch
     scheme: str = "nsplit"      # nsplit: one microbatch at a time; fast: pipelined microbatches (Fast N-split);
                                 # fast-async: pipelined across steps, forwards on weights up to max_staleness old
-    pipeline: str = "1f1b"      # fast: 1f1b (fewest buffers in flight), gpipe or eager, all flush every step; fast-async: 1f1b
+    pipeline: str = "1f1b"      # fast: 1f1b (fewest buffers), gpipe or eager, all flush every step; fast-async: 1f1b
     max_staleness: int = 1      # fast-async only: optimizer steps a forward's weights may lag (0 = synchronous)
     backward_at: list | str = field(default_factory=list)  # fast-async only: [[stage, host], ...]: the middle
                                 # stage at chain position `stage` runs its backward and optimizer on the peer at

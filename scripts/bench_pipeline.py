@@ -188,10 +188,10 @@ def main() -> None:
     rounds: list[dict] = []
     for _ in range(args.repeats):
         r = {"single": single(args.steps, cores[0])}
-        r.update({scheme: splitring(args.steps, scheme, *extra, cpus=cpus, options=DEDICATED)
+        r.update({scheme: splitring(args.steps, scheme, 2, *extra, cpus=cpus, options=DEDICATED)
                   for scheme, extra in (("nsplit", ()), ("fast", FAST), ("fast-async", ()))})
         r["fast_1f1b"] = splitring(args.steps, "fast", cpus=cpus, options=DEDICATED)["samples_per_s"]
-        r["fast_unpinned"] = splitring(args.steps, "fast", *FAST)["samples_per_s"]
+        r["fast_unpinned"] = splitring(args.steps, "fast", 2, *FAST)["samples_per_s"]
         r["torch"] = torch_pipelining(args.steps, cpus)
         r["torch_unpinned"] = torch_pipelining(args.steps)
         rounds.append(r)
