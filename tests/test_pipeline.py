@@ -172,6 +172,10 @@ def test_config_validation():
         JobConfig(scheme="async")
     with pytest.raises(ConfigError, match="max_staleness must be >= 0"):
         JobConfig(scheme="fast-async", max_staleness=-1)
+    with pytest.raises(ConfigError, match="unknown pipeline schedule 'zb' \\(1f1b, gpipe, eager\\)"):
+        JobConfig(scheme="fast", pipeline="zb")
+    with pytest.raises(ConfigError, match="gpipe and eager are for scheme fast"):
+        JobConfig(scheme="fast-async", pipeline="eager")
     assert JobConfig.from_dict(JobConfig(epochs=3).to_dict()).epochs == 3
 
 
