@@ -15,6 +15,7 @@ from dataclasses import replace
 from pipeline.planner import (SCHEMES, Device, Plan, PlanInfeasible, devices_from_profile, format_bytes,
                               layers_from_profile, over_budget, plan, plan_chain, plan_rotations)
 from pipeline.profiles import available
+from pipeline.schedule import PIPELINES
 
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
               "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -219,7 +220,7 @@ def register(subparsers) -> None:
     sched = p.add_argument_group("schedule timeline")
     sched.add_argument("--show-schedule", action="store_true",
                        help="print the actions per stage of --steps steps and their timeline for --scheme/--pipeline")
-    sched.add_argument("--pipeline", choices=["1f1b", "gpipe", "eager"], default="1f1b")
+    sched.add_argument("--pipeline", choices=list(PIPELINES), default="1f1b")
     sched.add_argument("--steps", type=int, default=1, help="steps to draw (default 1)")
     sched.add_argument("--max-staleness", type=int, default=1, metavar="K", help="for --scheme fast-async")
     sched.add_argument("--stages", type=int, default=None, help="stages to draw (default: --devices count, or 3)")

@@ -7,6 +7,7 @@ import sys
 import urllib.error
 
 from peer.cli_common import add_ring_options, connect
+from pipeline.schedule import PIPELINES
 
 
 def register(sub) -> None:
@@ -33,7 +34,7 @@ def register(sub) -> None:
                    help="fast-async: the middle stage at chain position STAGE runs its backward and optimizer on the "
                         "peer at chain position HOST, which sends the new weights back (remote backward); auto: "
                         "for each middle stage that does not fit its peer's memory budget, a peer with room")
-    p.add_argument("--pipeline", choices=["1f1b", "gpipe", "eager"], default="1f1b",
+    p.add_argument("--pipeline", choices=list(PIPELINES), default="1f1b",
                    help="schedule of --scheme fast, all with a flush at every step, so the result is exact: 1f1b "
                         "keeps fewest forward buffers; gpipe runs every forward first; eager runs every forward "
                         "first on the stages before the last, which then fill their waits with weight-gradient "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from pipeline.schedule import PIPELINES
 from protocols.compression import COMPRESSIONS, WIRE_DTYPES
 
 
@@ -57,8 +58,7 @@ class JobConfig:
             (not self.backward_at or self.scheme == "fast-async",
              "backward_at (a remote backward) needs scheme fast-async"),
             (self.split in ("planned", "even"), f"unknown split {self.split!r} (planned, even)"),
-            (self.pipeline in ("1f1b", "gpipe", "eager"),
-             f"unknown pipeline schedule {self.pipeline!r} (1f1b, gpipe, eager)"),
+            (self.pipeline in PIPELINES, f"unknown pipeline schedule {self.pipeline!r} ({', '.join(PIPELINES)})"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),
             (self.wire_dtype in WIRE_DTYPES, f"unknown wire dtype {self.wire_dtype!r} ({', '.join(WIRE_DTYPES)})"),
             (self.compress in COMPRESSIONS, f"unknown compression {self.compress!r} ({', '.join(COMPRESSIONS)})"),
