@@ -35,6 +35,7 @@ class Coordinator:
         self.ring: list[dict] = []
         self.summary: dict | None = None
         self.staleness: list[int] = []   # fast-async, per step: the most steps old any stage's forward weights were
+        self.finished: list[list[tuple[float, int]]] = []   # per training pass: (time, samples) as each step ended
         self.task: asyncio.Task | None = None
 
     # --- events -------------------------------------------------------------------------------
@@ -217,6 +218,7 @@ class Coordinator:
         self.state_dict = await self._collect(ring)
         self.summary = {"job": self.job, "epochs": cfg.epochs, "final_loss": last_loss, "accuracy": accuracy,
                         "samples": total_samples, "samples_per_s": total_samples / max(train_seconds, 1e-9),
+                        "steady_samples_per_s": steady_rate(self.finished),
                         "seconds": time.perf_counter() - t0, "ring": ids, "layers": n_layers,
                         "passes": len(rotations), "seconds_per_step": train_seconds / max(steps_done, 1),
                         "plans": plans, "bytes_moved": sum(p["bytes_moved"] for p in plans),
@@ -235,6 +237,9 @@ class Coordinator:
         t0 = time.perf_counter()
         seen = 0
         pending: dict[int, list[dict]] = {}   # step -> the stages' reports so far
+        finished: list[tuple[float, int]] = []
+        if mode == "train":
+            self.finished.append(finished)
 
         # programs that report each step: under fast-async every stage (and every remote backward role)
         reporting = S.Roles(len(active), remote).programs if self.cfg.scheme == "fast-async" else 1
@@ -250,6 +255,7 @@ class Coordinator:
             staleness = max(e["staleness"] for e in got)
             if self.cfg.scheme == "fast-async":
                 self.staleness.append(staleness)
+            finished.append((time.perf_counter(), tail["samples"]))
             self.emit({"event": "step", "epoch": epoch + 1, "rotation": rotation, "head": active[0],
                        "step": tail["step"] + 1, "steps": tail["steps"], "loss": tail["loss"], "staleness": staleness,
                        "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
@@ -304,3 +310,12 @@ class Coordinator:
         buf = io.BytesIO()
         torch.save(self.state_dict, buf)
         return buf.getvalue()
+
+
+def steady_rate(passes: list[list[tuple[float, int]]]) -> float | None:
+    """Samples per second once each pass is running: from the end of its first step to the end of its last
+    (the first step, which fills the pipeline and warms allocators, is left out, as benchmarks time a
+    process after a warm-up step). None without a pass of two steps or more."""
+    samples = sum(n for steps in passes for _, n in steps[1:])
+    seconds = sum(steps[-1][0] - steps[0][0] for steps in passes if len(steps) > 1)
+    return samples / seconds if samples and seconds > 0 else None

@@ -5,10 +5,17 @@ import time
 import torch
 
 from conftest import load_out, max_diff, save_npz, summary_of
+from peer.coordinator import steady_rate
 from peer.localring import train_cli
 from pipeline import data, reference
 from pipeline.config import JobConfig
 from pipeline.models import build_model
+
+
+def test_steady_rate_leaves_out_the_first_step_of_each_pass():
+    passes = [[(10.0, 32), (10.5, 32), (11.5, 16)], [(20.0, 32)], [(30.0, 32), (30.25, 32)]]
+    assert steady_rate(passes) == (32 + 16 + 32) / (1.5 + 0.25)
+    assert steady_rate([[(1.0, 32)]]) is None and steady_rate([]) is None
 
 
 def test_exact_when_only_one_peer_has_data(start_ring, tmp_path):
@@ -23,6 +30,7 @@ def test_exact_when_only_one_peer_has_data(start_ring, tmp_path):
                                    "--optimizer", "sgd", "--momentum", "0.9", "--shuffle", "off",
                                    "--microbatches", "2", "--split", "even", "--out", str(out)))
     assert summary["passes"] == 2 and summary["epochs"] == 2  # empty heads' passes are skipped
+    assert 0 < summary["steady_samples_per_s"] < float("inf")
     for agent, cpu in zip(ring.agents, cpus):   # every thread, those started for the job included
         masks = []
         for tid in os.listdir(f"/proc/{agent.proc.pid}/task"):
