@@ -124,8 +124,7 @@ def run_forward_role(stage: Stage, program: list[S.Action], max_staleness: int) 
         k, s, m = action.kind, action.step, action.mb
         if k == S.SEND_L:
             yield Send("lend", s, 0, {"layers": stage.export()})
-            for opt in stage.optimizers.values():   # the backward role keeps it until the state comes back
-                opt.state.clear()
+            stage.drop_optimizer_state()   # the backward role keeps it until the state comes back
         elif k == S.RECV_W:
             stage.load((yield Recv("weights", s, 0))["weights"])
         elif k == S.RECV_R:

@@ -41,6 +41,7 @@ class Stage:
         self.buffers: dict[Hashable, tuple] = {}   # key -> (input, output, version, forward weights used)
         self.forward_weights: dict[int, dict[str, torch.Tensor]] = {}   # copies for stale forwards, this version
         self.version = 0
+        self._held: tuple[int, int] | None = None   # (parameter, optimizer state) bytes, until they change
         for i, module in layers.items():
             self.add(i, module)
 
@@ -59,10 +60,12 @@ class Stage:
         if self.cfg.scheme != "nsplit":  # pipelined: weight gradients batched over the step's microbatches
             self.deferred[index] = Deferred(module)
         self.layers = dict(sorted(self.layers.items()))
+        self._held = None
 
     def remove(self, index: int) -> None:
         del self.layers[index], self.optimizers[index]
         self.deferred.pop(index, None)
+        self._held = None
 
     @property
     def range(self) -> tuple[int, int]:
@@ -146,14 +149,22 @@ class Stage:
             opt.zero_grad(set_to_none=True)
         self.forward_weights = {}   # new copies for the next forwards; graphs in flight keep theirs
         self.version += 1
+        self._held = None   # an optimizer's state appears at its first step
+
+    def drop_optimizer_state(self) -> None:
+        for opt in self.optimizers.values():
+            opt.state.clear()
+        self._held = None
 
     def memory_bytes(self, gradients: bool = True) -> int:
         """Parameters, gradients (same size; not for a stage whose backward runs elsewhere), optimizer
         state, the forward buffers and the weight copies of stale forwards held now (a copy lives while a
         microbatch that ran on it is in flight)."""
-        params = sum(p.numel() * p.element_size() for m in self.layers.values() for p in m.parameters())
-        state = sum(v.numel() * v.element_size() for o in self.optimizers.values() for s in o.state.values()
-                    for v in s.values() if torch.is_tensor(v))
+        if self._held is None:   # cached: this runs after every action of a pass
+            self._held = (sum(p.numel() * p.element_size() for m in self.layers.values() for p in m.parameters()),
+                          sum(v.numel() * v.element_size() for o in self.optimizers.values()
+                              for s in o.state.values() for v in s.values() if torch.is_tensor(v)))
+        params, state = self._held
         buffers = sum(t.numel() * t.element_size() for kept in self.buffers.values() for t in kept[:2])
         copies = {id(w): w for used in [self.forward_weights, *(kept[3] for kept in self.buffers.values())]
                   for w in used.values()}

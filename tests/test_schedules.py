@@ -148,6 +148,21 @@ def test_stage_memory_counts_the_weight_copies_of_stale_forwards():
     assert with_copy - base >= params and after_step - stage.memory_bytes() >= params   # ... not its microbatch
 
 
+def test_stage_memory_follows_optimizer_state_and_owned_layers():
+    cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 32}, scheme="fast", microbatches=1, momentum=0.9)
+    stage = Stage.build(cfg, 0, 3)
+    size = {i: sum(p.numel() * 4 for p in m.parameters()) for i, m in stage.layers.items()}
+    assert stage.memory_bytes() == 2 * sum(size.values())                 # parameters and gradients
+    stage.forward_loss((0, 0), torch.zeros(4, 64), torch.zeros(4, dtype=torch.long), 4, needs_input_grad=False)
+    stage.backward((0, 0), None)
+    stage.step()
+    assert stage.memory_bytes() == 3 * sum(size.values())                 # + momentum, from the first step
+    stage.drop_optimizer_state()
+    assert stage.memory_bytes() == 2 * sum(size.values())
+    stage.remove(2)
+    assert stage.memory_bytes() == 2 * (size[0] + size[1])
+
+
 @pytest.mark.parametrize("k,spec", [(1, {"name": "mlp", "depth": 4, "width": 32}),
                                     (2, {"name": "mlp", "depth": 4, "width": 32}),
                                     (1, {"name": "cnn", "channels": 4})])
