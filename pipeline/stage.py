@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from pipeline import direct
 from pipeline.config import JobConfig
 from pipeline.models import build_layer, layer_factories
 from pipeline.wgrad import Deferred
@@ -38,10 +39,13 @@ class Stage:
         self.layers: dict[int, nn.Module] = {}
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self.deferred: dict[int, Deferred] = {}
-        self.buffers: dict[Hashable, tuple] = {}   # key -> (input, output, version, forward weights used)
+        # key -> (input, output, version, forward weights used, direct.Tape or None for autograd's graph)
+        self.buffers: dict[Hashable, tuple] = {}
         self.forward_weights: dict[int, dict[str, torch.Tensor]] = {}   # copies for stale forwards, this version
         self.version = 0
         self._held: tuple[int, int] | None = None   # (parameter, optimizer state) bytes, until they change
+        self._ops: list | None = None   # direct.ops_of the layers ([]: not such a stage), until they change
+        self.autograd_only = False      # True: never pipeline.direct (tests compare the two)
         for i, module in layers.items():
             self.add(i, module)
 
@@ -60,12 +64,12 @@ class Stage:
         if self.cfg.scheme != "nsplit":  # pipelined: weight gradients batched over the step's microbatches
             self.deferred[index] = Deferred(module)
         self.layers = dict(sorted(self.layers.items()))
-        self._held = None
+        self._held = self._ops = None
 
     def remove(self, index: int) -> None:
         del self.layers[index], self.optimizers[index]
         self.deferred.pop(index, None)
-        self._held = None
+        self._held = self._ops = None
 
     @property
     def range(self) -> tuple[int, int]:
@@ -91,20 +95,37 @@ class Stage:
     def _stale(self) -> dict[int, dict]:
         return {i: self._weights(i) for i in self.layers}
 
+    def _direct(self, x: torch.Tensor, weights: dict | None) -> list | None:
+        """The ops to run this forward with pipeline.direct, or None for autograd: direct needs Linear/ReLU
+        layers with deferred weight gradients, on the stage's own weights, and 2-D inputs."""
+        if weights is not None or not self.deferred or self.autograd_only or x.dim() != 2:
+            return None
+        if self._ops is None:
+            pending = {m: d.pending[m] for d in self.deferred.values() for m in d.linears}
+            self._ops = direct.ops_of(self.layers, pending) or []
+        return self._ops or None
+
     def forward(self, key: Hashable, x: torch.Tensor, needs_input_grad: bool, stale: bool = False,
                 weights: dict[int, dict] | None = None) -> torch.Tensor:
         """Forward one microbatch, keeping its buffer for backward; returns the detached output. `stale`:
         a step will come before its backward, so it runs on a copy of the weights. `weights`: run on
         these instead (per layer, name -> tensor), as a remote backward role recomputing a forward."""
         weights = self._stale() if stale else weights
-        x = x.detach().requires_grad_(needs_input_grad)
+        x = x.detach()
+        if ops := self._direct(x, weights):
+            y, tape = direct.forward(ops, x, needs_input_grad)
+            self._keep(key, x, y, weights, tape)
+            return y
+        x.requires_grad_(needs_input_grad)
         y = self._run(x, weights)
         self._keep(key, x, y, weights)
         return y.detach()
 
-    def _keep(self, key: Hashable, x: torch.Tensor, y: torch.Tensor, weights: dict[int, dict] | None) -> None:
-        """The forward buffer: input, output (or scaled loss), version, and the weight copies it ran on."""
-        self.buffers[key] = (x, y, self.version, weights or {})
+    def _keep(self, key: Hashable, x: torch.Tensor, y: torch.Tensor, weights: dict[int, dict] | None,
+              tape: direct.Tape | None = None) -> None:
+        """The forward buffer: input, output (or scaled loss), version, the weight copies it ran on, and
+        direct's tape (None: autograd's graph hangs on the output)."""
+        self.buffers[key] = (x, y, self.version, weights or {}, tape)
 
     def lag(self, key: Hashable) -> int:
         """How many optimizer steps this stage took since the microbatch's forward."""
@@ -114,17 +135,27 @@ class Stage:
                      needs_input_grad: bool, stale: bool = False) -> tuple[float, int]:
         """Tail forward: loss of one microbatch, scaled so that microbatch gradients sum to the
         batch-mean gradient. Returns (summed loss, correct predictions)."""
-        x = x.detach().requires_grad_(needs_input_grad)
+        x = x.detach()
         weights = self._stale() if stale else None
-        logits = self._run(x, weights)
+        tape = None
+        if ops := self._direct(x, weights):
+            out, tape = direct.forward(ops, x, needs_input_grad)
+            logits = tape.out = out.requires_grad_()
+        else:
+            logits = self._run(x.requires_grad_(needs_input_grad), weights)
         loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-        self._keep(key, x, loss_sum / batch, weights)
+        self._keep(key, x, loss_sum / batch, weights, tape)
         return loss_sum.item(), int((logits.argmax(1) == labels).sum())
 
     def backward(self, key: Hashable, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward one microbatch (grad of its output; None at the tail), freeing its buffer.
         Returns the gradient of its input (None at the head)."""
-        x, y, _, used = self.buffers.pop(key)
+        x, y, _, used, tape = self.buffers.pop(key)
+        if tape is not None:
+            if grad is None:   # the last stage: autograd takes the loss to the logits
+                y.backward()
+                grad = tape.out.grad
+            return direct.backward(tape, grad)
         if grad is not None and grad.stride() != y.stride():   # received gradients are contiguous; see wgrad
             grad = torch.empty_like(y).copy_(grad)
         y.backward(grad)
@@ -165,7 +196,9 @@ class Stage:
                           sum(v.numel() * v.element_size() for o in self.optimizers.values()
                               for s in o.state.values() for v in s.values() if torch.is_tensor(v)))
         params, state = self._held
-        buffers = sum(t.numel() * t.element_size() for kept in self.buffers.values() for t in kept[:2])
+        held = {(t.data_ptr(), t.numel()): t for x, y, _, _, tape in self.buffers.values()   # views once
+                for t in (x, y, *(tape.saved if tape else ()))}
+        buffers = sum(t.numel() * t.element_size() for t in held.values())
         copies = {id(w): w for used in [self.forward_weights, *(kept[3] for kept in self.buffers.values())]
                   for w in used.values()}
         buffers += sum(t.numel() * t.element_size() for w in copies.values() for t in w.values())

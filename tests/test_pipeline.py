@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pipeline import data, local, reference
+from pipeline import data, direct, local, reference
 from pipeline import schedule as S
 from pipeline.config import ConfigError, JobConfig
 from pipeline.models import SpecError, build_layer, build_model, num_layers, parse_spec, spec_hash
@@ -232,3 +232,56 @@ def test_deferred_linear_edge_cases_equal_plain_pytorch(case):
     for p, q in zip(plain.parameters(), deferred.parameters()):
         assert (p.grad is None) == (q.grad is None) == (not p.requires_grad)
         assert p.grad is None or torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def _stage_layers(case: str) -> dict:
+    torch.manual_seed(3)
+    L, R, Seq = torch.nn.Linear, torch.nn.ReLU, torch.nn.Sequential
+    if case == "mlp":
+        return {0: Seq(L(6, 8), R()), 1: Seq(L(8, 8), R()), 2: L(8, 3)}
+    return {0: Seq(R(), L(6, 8, bias=False), R(inplace=True)), 1: Seq(Seq(L(8, 3)))}   # ReLU first, no bias, nested
+
+
+@pytest.mark.parametrize("case", ["mlp", "relu_first_no_bias"])
+@pytest.mark.parametrize("position", ["head", "middle", "tail"])
+def test_direct_stage_equals_the_autograd_stage(case, position):
+    """pipeline.direct runs Linear/ReLU stages without autograd: same outputs, input gradients, losses and
+    trained weights as the autograd path, over two steps of two microbatches (momentum: state carries)."""
+    cfg = JobConfig(scheme="fast", microbatches=2, momentum=0.9, lr=0.1)
+    layers = _stage_layers(case)
+    stages = [Stage(cfg, copy.deepcopy(layers)) for _ in range(2)]
+    stages[1].autograd_only = True
+    torch.manual_seed(4)
+    x, labels, grads = torch.randn(2, 4, 6), torch.randint(0, 3, (2, 4)), torch.randn(2, 4, 3)
+    runs, given = [], x.clone()
+    for stage in stages:
+        got = []
+        for s in range(2):
+            for m in range(2):
+                part = slice(2 * m, 2 * m + 2)
+                if position == "tail":
+                    got.append(torch.tensor(stage.forward_loss((s, m), x[s, part], labels[s, part], 4, True)))
+                else:
+                    got.append(stage.forward((s, m), x[s, part], needs_input_grad=position != "head"))
+            assert (stage.buffers[s, 0][4] is None) == stage.autograd_only   # which path ran
+            assert torch.equal(x, given)   # the input is left alone
+            for m in range(2):
+                got.append(stage.backward((s, m), None if position == "tail" else grads[s, 2 * m:2 * m + 2]))
+            stage.step()
+        runs.append(got + [p.detach().clone() for m in stage.layers.values() for p in m.parameters()])
+    for a, b in zip(*runs):
+        assert (a is None) == (b is None)
+        assert a is None or torch.allclose(a, b, atol=1e-6)
+    assert sum(a is None for a in runs[0]) == (4 if position == "head" else 0)   # no input gradient at the head
+
+
+def test_direct_takes_only_trainable_linear_and_relu_layers():
+    def ops(layers):
+        pending = {m: [] for layer in layers.values() for m in layer.modules() if type(m) is torch.nn.Linear}
+        return direct.ops_of(layers, pending)
+    L, R, Seq = torch.nn.Linear, torch.nn.ReLU, torch.nn.Sequential
+    assert len(ops(_stage_layers("mlp"))) == 5 and len(ops(_stage_layers("relu_first_no_bias"))) == 4
+    frozen = Seq(L(4, 4), R())
+    frozen[0].bias.requires_grad_(False)
+    for other in (Seq(L(4, 4), torch.nn.GELU()), Seq(torch.nn.Conv1d(1, 1, 1)), torch.nn.Flatten(), frozen):
+        assert ops({0: Seq(L(4, 4), R()), 1: other}) is None
