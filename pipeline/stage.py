@@ -167,6 +167,12 @@ class Stage:
         grad_in, x.grad = x.grad, None   # x itself may stay referenced (deferred weight gradients)
         return grad_in
 
+    def sum_weight_gradients_by_step(self, whole_step: bool) -> None:
+        """For a pass whose program never waits in a step's drain (nothing to do ahead): each step's
+        deferred weight gradients in one group (see wgrad.Deferred). Fixed per program, so exact."""
+        for d in self.deferred.values():
+            d.whole_step = whole_step
+
     def work_ahead(self) -> bool:
         """Some of this step's deferred weight-gradient work (wgrad.Deferred), if any is ready: what
         to do while waiting for a neighbour. Says whether there was any."""

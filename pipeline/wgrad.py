@@ -38,12 +38,14 @@ class Deferred:
     A step's pending (input, output-gradient) pairs are summed in fixed groups of consecutive
     microbatches, GROUP_ROWS rows or more each, in order. A group can be summed as soon as it is complete
     (`work_ahead`, what a stage does while it waits for a neighbour) or at the flush: the arithmetic is
-    the same either way, so the result does not depend on timing."""
+    the same either way, so the result does not depend on timing. A stage that never waits in a step
+    (`whole_step`) sums all its pairs at the flush in one group: one GEMM, no partial sums to add up."""
 
     def __init__(self, module: nn.Module):
         self.linears = [m for m in module.modules() if type(m) is nn.Linear]
         self.pending: dict[nn.Linear, list] = {m: [] for m in self.linears}
         self.sums: dict[nn.Linear, tuple] = {}   # (weight grad, bias grad) of the groups summed so far
+        self.whole_step = False
         for m in self.linears:
             m.forward = self._forward_for(m)
 
@@ -77,6 +79,8 @@ class Deferred:
 
     def work_ahead(self) -> bool:
         """Sum one complete group of one Linear, if there is one; says whether there was."""
+        if self.whole_step:
+            return False
         for m, pairs in self.pending.items():
             if _group_size(pairs) <= len(pairs):
                 self._sum(m, _group_size(pairs))
@@ -87,7 +91,7 @@ class Deferred:
         """Turn the pending pairs into .grad."""
         for m, pairs in self.pending.items():
             while pairs:
-                self._sum(m, min(_group_size(pairs), len(pairs)))
+                self._sum(m, len(pairs) if self.whole_step else min(_group_size(pairs), len(pairs)))
             if m in self.sums:
                 weight, bias = self.sums.pop(m)
                 _accumulate(m.weight, weight)

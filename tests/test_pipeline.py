@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from pipeline import data, direct, local, reference
 from pipeline import schedule as S
 from pipeline.config import ConfigError, JobConfig
+from pipeline.execute import StepInput, run_program
 from pipeline.models import SpecError, build_layer, build_model, num_layers, parse_spec, spec_hash
 from pipeline.stage import Stage, checksum
 from pipeline.swaps import even_split, owners, swap_moves
@@ -232,6 +233,36 @@ def test_deferred_linear_edge_cases_equal_plain_pytorch(case):
     for p, q in zip(plain.parameters(), deferred.parameters()):
         assert (p.grad is None) == (q.grad is None) == (not p.requires_grad)
         assert p.grad is None or torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_deferred_sums_a_whole_step_at_once_when_told():
+    """A stage with nothing to do ahead sums a step's weight gradients in one group at the flush: nothing is
+    summed early, and the gradients are the grouped ones (to float tolerance)."""
+    torch.manual_seed(2)
+    layers = [torch.nn.Linear(16, 8) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    wrappers = [Deferred(m) for m in layers]
+    wrappers[1].whole_step = True
+    for _ in range(8):   # 8 microbatches of 32 rows: groups of GROUP_ROWS = 128 rows, or one of 256
+        x, g = torch.randn(32, 16, requires_grad=True), torch.randn(32, 8)
+        for m in layers:
+            m(x).backward(g)
+    assert wrappers[0].work_ahead() and not wrappers[1].work_ahead()
+    assert len(wrappers[1].pending[layers[1]]) == 8
+    for w in wrappers:
+        w.flush()
+    for p, q in zip(layers[0].parameters(), layers[1].parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5)
+
+
+def test_only_a_stage_without_slack_sums_by_step():
+    cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 16}, scheme="fast", microbatches=2)
+    for j in range(2):
+        stage = Stage.build(cfg, *even_split(3, 2)[j])
+        program = S.pass_program("fast", "eager", j, 2, [2])
+        feed = iter([StepInput([(torch.randn(2, 64), torch.zeros(2, dtype=torch.long))] * 2)])
+        next(run_program(stage, program, j, 2, [4], feed))   # the first request: set up for the pass
+        assert all(d.whole_step == (j == 1) for d in stage.deferred.values())
 
 
 def _stage_layers(case: str) -> dict:
