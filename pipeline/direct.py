@@ -77,8 +77,8 @@ def backward(tape: Tape, grad: torch.Tensor) -> torch.Tensor | None:
             continue
         m, pending = op
         pending.append((saved.t(), g.t()))
-        if k == 0 and not tape.input_grad:
-            return None
+        if k == 0:   # the input gradient leaves the stage: (rows, features), contiguous as sent, no copy
+            return g.t() @ m.weight if tape.input_grad else None
         g = m.weight.t() @ g
     return g.t() if tape.input_grad else None
 
