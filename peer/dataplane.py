@@ -66,7 +66,8 @@ class Codec:
     async def encode_parts(self, msg: dict, policy: WirePolicy = EXACT) -> list:
         """A frame as [header, payload views...], role fields packed by `policy` (the only work, done on
         the codec thread)."""
-        msg = await self._run(policy.lossy, apply_policy, msg, policy)
+        if policy.lossy:
+            msg = await self._run(True, apply_policy, msg, policy)
         return encode_parts(msg)
 
     async def decode(self, frame: bytes | RawFrame, max_bytes: int) -> dict:

@@ -3,8 +3,9 @@
 The client sends `GET /data` with `Upgrade: splitring-data/1`, waits for `101 Switching Protocols`, and
 from then on the TCP connection carries protocols.frames frames back to back (a payload's length follows
 from its header entry, so no other framing is needed).
-Writing: the header, then each payload in CHUNK-sized views of the tensor's memory, waiting while the
-transport holds more than WRITE_HIGH bytes: a receiver that stops reading stops the sender there.
+Writing: the header and the payloads as CHUNK-sized views of the tensors' memory, gathered into writes of
+about CHUNK bytes (one writev each), waiting while the transport holds more than WRITE_HIGH bytes: a
+receiver that stops reading stops the sender there.
 Reading (asyncio.BufferedProtocol): the kernel copies each payload straight into a tensor made from the
 header's table, in a reused buffer (peer.buffers); whole frames wait for the consumer in a queue, and
 reading pauses while that queue holds RECV_HIGH bytes or more, which stops the sender through TCP flow
@@ -186,10 +187,17 @@ class FrameStream(asyncio.BufferedProtocol):
             if sum(len(p) for p in parts) <= SMALL:  # one write, one segment: copying is cheaper here
                 await self._write_when_ready(self.transport.write, b"".join(parts))
                 return
+            batch, size = [], 0   # CHUNK bytes or so per writelines: one writev system call
             for part in parts:
                 view = memoryview(part).cast("B")
                 for i in range(0, len(view), CHUNK):
-                    await self._write_when_ready(self.transport.write, view[i:i + CHUNK])
+                    batch.append(view[i:i + CHUNK])
+                    size += len(batch[-1])
+                    if size >= CHUNK:
+                        await self._write_when_ready(self.transport.writelines, batch)
+                        batch, size = [], 0
+            if batch:
+                await self._write_when_ready(self.transport.writelines, batch)
 
     async def _write_when_ready(self, write, data) -> None:
         await self._writable.wait()
