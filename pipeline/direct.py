@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 RELU = "relu"
 
@@ -26,7 +27,6 @@ class Tape:
     ops: list                   # what ran (ops_of)
     saved: list[torch.Tensor]   # per op: a Linear's input or a ReLU's output, (features, rows)
     input_grad: bool            # whether backward returns the gradient of the stage's input
-    out: torch.Tensor | None = None   # the last stage's logits as a leaf: autograd takes the loss to them
 
 
 def ops_of(layers: dict[int, nn.Module], pending: dict[nn.Linear, list]) -> list | None:
@@ -82,3 +82,13 @@ def backward(tape: Tape, grad: torch.Tensor) -> torch.Tensor | None:
         g = m.weight.t() @ g
     return g.t() if tape.input_grad else None
 
+
+@torch.no_grad()
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[float, int, torch.Tensor]:
+    """A microbatch's summed cross-entropy, its correct predictions, and the gradient of sum / batch with
+    respect to the logits (softmax minus one-hot, over batch): F.cross_entropy's, without a graph."""
+    logp = torch.log_softmax(logits, 1)
+    loss = F.nll_loss(logp, labels, reduction="sum").item()
+    correct = int((logits.argmax(1) == labels).sum())
+    grad = logp.exp_().scatter_add_(1, labels[:, None], torch.full((len(labels), 1), -1.0)).div_(batch)
+    return loss, correct, grad

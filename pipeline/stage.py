@@ -137,25 +137,22 @@ class Stage:
         batch-mean gradient. Returns (summed loss, correct predictions)."""
         x = x.detach()
         weights = self._stale() if stale else None
-        tape = None
-        if ops := self._direct(x, weights):
-            out, tape = direct.forward(ops, x, needs_input_grad)
-            logits = tape.out = out.requires_grad_()
-        else:
-            logits = self._run(x.requires_grad_(needs_input_grad), weights)
+        if ops := self._direct(x, weights):   # kept: the logits' gradient, for backward
+            logits, tape = direct.forward(ops, x, needs_input_grad)
+            loss, correct, grad = direct.cross_entropy(logits, labels, batch)
+            self._keep(key, x, grad, weights, tape)
+            return loss, correct
+        logits = self._run(x.requires_grad_(needs_input_grad), weights)
         loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-        self._keep(key, x, loss_sum / batch, weights, tape)
+        self._keep(key, x, loss_sum / batch, weights)
         return loss_sum.item(), int((logits.argmax(1) == labels).sum())
 
     def backward(self, key: Hashable, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward one microbatch (grad of its output; None at the tail), freeing its buffer.
         Returns the gradient of its input (None at the head)."""
         x, y, _, used, tape = self.buffers.pop(key)
-        if tape is not None:
-            if grad is None:   # the last stage: autograd takes the loss to the logits
-                y.backward()
-                grad = tape.out.grad
-            return direct.backward(tape, grad)
+        if tape is not None:   # at the last stage, y is the logits' gradient
+            return direct.backward(tape, y if grad is None else grad)
         if grad is not None and grad.stride() != y.stride():   # received gradients are contiguous; see wgrad
             grad = torch.empty_like(y).copy_(grad)
         y.backward(grad)
