@@ -3,9 +3,9 @@
 The client sends `GET /data` with `Upgrade: splitring-data/1`, waits for `101 Switching Protocols`, and
 from then on the TCP connection carries protocols.frames frames back to back (a payload's length follows
 from its header entry, so no other framing is needed).
-Writing: the header and the payloads as CHUNK-sized views of the tensors' memory, gathered into writes of
-about CHUNK bytes (one writev each), waiting while the transport holds more than WRITE_HIGH bytes: a
-receiver that stops reading stops the sender there.
+Writing: the header and views of the payloads' memory, gathered into writes of at most CHUNK bytes (each
+one writelines: one writev under uvloop, which the agents run), waiting while the transport holds more
+than WRITE_HIGH bytes: a receiver that stops reading stops the sender there.
 Reading (asyncio.BufferedProtocol): the kernel copies each payload straight into a tensor made from the
 header's table, in a reused buffer (peer.buffers); whole frames wait for the consumer in a queue, and
 reading pauses while that queue holds RECV_HIGH bytes or more, which stops the sender through TCP flow
@@ -187,15 +187,16 @@ class FrameStream(asyncio.BufferedProtocol):
             if sum(len(p) for p in parts) <= SMALL:  # one write, one segment: copying is cheaper here
                 await self._write_when_ready(self.transport.write, b"".join(parts))
                 return
-            batch, size = [], 0   # CHUNK bytes or so per writelines: one writev system call
+            batch, room = [], CHUNK   # views of up to CHUNK bytes per writelines (uvloop: one writev)
             for part in parts:
                 view = memoryview(part).cast("B")
-                for i in range(0, len(view), CHUNK):
-                    batch.append(view[i:i + CHUNK])
-                    size += len(batch[-1])
-                    if size >= CHUNK:
+                while view:
+                    piece, view = view[:room], view[room:]
+                    batch.append(piece)
+                    room -= len(piece)
+                    if not room:
                         await self._write_when_ready(self.transport.writelines, batch)
-                        batch, size = [], 0
+                        batch, room = [], CHUNK
             if batch:
                 await self._write_when_ready(self.transport.writelines, batch)
 

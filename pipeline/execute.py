@@ -64,7 +64,8 @@ def run_program(stage: Stage, program: list[S.Action], position: int, n_stages: 
     inbox: dict[tuple, dict] = {}
     outbox: dict[tuple, dict] = {}
     slack = S.slack(program) if train else set()
-    stage.sum_weight_gradients_by_step(not slack)
+    if train:
+        stage.sum_weight_gradients_by_step(not slack)
     for i, action in enumerate(program):
         k, s, m = action.kind, action.step, action.mb
         result = results.setdefault(s, StepResult()) if k in (S.F, S.B) else None

@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.steps < 2:
+        ap.error("--steps must be 2 or more: every throughput leaves the first step out")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     keep_freed_memory()   # the allocator setting agents run with, for the in-process baselines too
     # Each agent (and each gloo rank) on a core of its own, as on two devices; the single process on one.

@@ -316,3 +316,17 @@ def test_direct_takes_only_trainable_linear_and_relu_layers():
     frozen[0].bias.requires_grad_(False)
     for other in (Seq(L(4, 4), torch.nn.GELU()), Seq(torch.nn.Conv1d(1, 1, 1)), torch.nn.Flatten(), frozen):
         assert ops({0: Seq(L(4, 4), R()), 1: other}) is None
+
+
+def test_direct_stage_memory_counts_what_microbatches_in_flight_keep():
+    """Per microbatch in flight: its input and what the tape keeps (each Linear's input, each ReLU's output),
+    each tensor once, however many views of it are held."""
+    cfg = JobConfig(scheme="fast", microbatches=2)
+    stage = Stage(cfg, _stage_layers("mlp"))   # Linear(6,8) ReLU Linear(8,8) ReLU Linear(8,3)
+    idle = stage.memory_bytes()
+    stage.forward((0, 0), torch.randn(4, 6), needs_input_grad=True)
+    assert stage.buffers[0, 0][4] is not None
+    # input 4x6; ReLU outputs 4x8 twice (also the next Linears' inputs); the output 4x3, not kept by the tape
+    assert stage.memory_bytes() - idle == 4 * 4 * (6 + 8 + 8 + 3)
+    stage.forward((0, 1), torch.randn(4, 6), needs_input_grad=True)
+    assert stage.memory_bytes() - idle == 2 * 4 * 4 * (6 + 8 + 8 + 3)

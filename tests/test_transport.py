@@ -200,6 +200,40 @@ def test_a_malformed_stream_yields_one_error_and_ends():
     asyncio.run(main())
 
 
+def test_a_frame_goes_out_in_writes_of_at_most_chunk_bytes_and_arrives_intact():
+    """Header and payloads are gathered into writelines calls of at most CHUNK bytes (one for a small
+    frame), the pieces straddling tensor boundaries."""
+    class Recording:
+        def __init__(self, inner):
+            self.inner, self.writes = inner, []
+
+        def writelines(self, views):
+            self.writes.append(sum(len(v) for v in views))
+            self.inner.writelines(views)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    async def main():
+        client, server, srv = await stream_pair()
+        client.transport = recording = Recording(client.transport)
+        chunk = transport.CHUNK
+        msg = {"a": torch.rand(3 * chunk // 16), "b": torch.rand(5), "c": torch.rand(chunk // 8), "d": torch.zeros(0),
+               "e": torch.rand(5 * chunk // 16)}   # 3/4, tiny, 1/2, empty, 5/4 of a chunk
+        parts = encode_parts(msg)
+        await client.send(parts)
+        got = await receive(server)
+        assert all(torch.equal(got[k], v) for k, v in msg.items())
+        assert sum(recording.writes) == sum(len(p) for p in parts)
+        assert max(recording.writes) == chunk and len(recording.writes) == 3   # 2.5 chunks and a bit
+        small = encode_parts({"t": torch.rand(32 * 1024)})   # 128 KiB: header and payload in one write
+        await client.send(small)
+        assert recording.writes[3:] == [sum(len(p) for p in small)]
+        await receive(server)
+        srv.close()
+    asyncio.run(main())
+
+
 def test_a_receiver_that_stops_reading_stops_the_sender_with_bounded_buffers():
     async def main():
         client, server, srv = await stream_pair()
