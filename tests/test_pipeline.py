@@ -344,7 +344,8 @@ def test_weights_with_rows_a_multiple_of_2_kib_are_padded_and_train_as_plain_pyt
     spec = {"name": "mlp", "in_features": 64, "depth": 2, "width": 512}
     cfg = JobConfig(model=spec, epochs=1, momentum=0.9, microbatches=2, batch_size=16, scheme="fast")
     stage = Stage.build(cfg, 1, 3)
-    assert stage.layers[1][0].weight.stride() == (528, 1)   # 512 inputs: padded
+    assert stage.layers[1][0].weight.stride() == (528, 1)   # 512 inputs: padded (a deferred Linear)
+    assert Stage.build(JobConfig(**{**cfg.to_dict(), "scheme": "nsplit"}), 1, 3).layers[1][0].weight.is_contiguous()
     assert all(t.is_contiguous() for entry in stage.export().values() for t in entry["params"].values())
     shards = [data.Dataset("cut", s.x[:48], s.y[:48]) for s in (data.load("digits", f"{k}/2") for k in range(2))]
     want = reference.train(cfg, shards).state_dict()
