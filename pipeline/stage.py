@@ -27,25 +27,6 @@ from pipeline.models import build_layer, layer_factories
 from pipeline.wgrad import Deferred
 
 
-ALIAS_BYTES = 2048   # weight rows a multiple of this apart share cache sets when a GEMM reads down a column
-PAD_BYTES = 64       # one cache line
-
-
-def pad_rows(m: nn.Linear) -> None:
-    """Give a Linear's weight rows a stride that is not a multiple of ALIAS_BYTES (a view into a slightly wider
-    buffer; same values). The input gradient's GEMM reads the weight transposed, down its columns: measured on
-    one thread, 12% faster at 1024 wide (0.62 -> 0.54 ms at 32 rows), 45% at 2048. Exports are contiguous.
-    For wgrad.Deferred's Linears: nn.Linear's own forward (F.linear) gets slower over such a weight (the
-    benchmark MLP in plain PyTorch: -19%)."""
-    w = m.weight
-    rows, cols = w.shape
-    if (cols * w.element_size()) % ALIAS_BYTES or w.stride() != (cols, 1):
-        return
-    store = torch.empty(rows, cols + PAD_BYTES // w.element_size(), dtype=w.dtype)
-    store[:, :cols] = w.detach()
-    m.weight = nn.Parameter(store[:, :cols], requires_grad=w.requires_grad)
-
-
 def make_optimizer(cfg: JobConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -75,18 +56,13 @@ class Stage:
 
     # ownership -------------------------------------------------------------------------------
     def add(self, index: int, module: nn.Module, optim_state: dict | None = None) -> None:
-        pipelined = self.cfg.scheme != "nsplit"   # weight gradients batched over the step's microbatches
-        if pipelined:   # (deferred Linears only: F.linear over a padded weight runs slower)
-            for m in module.modules():
-                if type(m) is nn.Linear:
-                    pad_rows(m)
+        if self.cfg.scheme != "nsplit":  # pipelined: weight gradients batched over the step's microbatches
+            self.deferred[index] = Deferred(module)   # before the optimizer: it may re-home the weights
         opt = make_optimizer(self.cfg, module.parameters())
         if optim_state:
             opt.load_state_dict({"state": optim_state, "param_groups": opt.state_dict()["param_groups"]})
         self.layers[index] = module
         self.optimizers[index] = opt
-        if pipelined:
-            self.deferred[index] = Deferred(module)
         self.layers = dict(sorted(self.layers.items()))
         self._held = self._ops = None
 

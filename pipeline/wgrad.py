@@ -32,6 +32,25 @@ class _Tap(torch.autograd.Function):
 _ANCHOR = torch.zeros((), requires_grad=True)   # never changes: _Tap gives it no gradient
 
 
+ALIAS_BYTES = 2048   # weight rows a multiple of this apart share cache sets when a GEMM reads down a column
+PAD_BYTES = 64       # one cache line
+
+
+def pad_rows(m: nn.Linear) -> None:
+    """Give a Linear's weight rows a stride that is not a multiple of ALIAS_BYTES (a view into a slightly wider
+    buffer; same values). The input gradient's GEMM reads the weight transposed, down its columns: measured on
+    one thread, 12% faster at 1024 wide (0.62 -> 0.54 ms at 32 rows), 45% at 2048. Exports are contiguous.
+    Only for Deferred's Linears: nn.Linear's own forward (F.linear) gets slower over such a weight (the
+    benchmark MLP in plain PyTorch: -19%)."""
+    w = m.weight
+    rows, cols = w.shape
+    if (cols * w.element_size()) % ALIAS_BYTES or w.stride() != (cols, 1):
+        return
+    store = torch.empty(rows, cols + PAD_BYTES // w.element_size(), dtype=w.dtype)
+    store[:, :cols] = w.detach()
+    m.weight = nn.Parameter(store[:, :cols], requires_grad=w.requires_grad)
+
+
 class Deferred:
     """Patches the Linear modules of a layer so their weight gradients wait for `flush`.
 
@@ -39,7 +58,8 @@ class Deferred:
     microbatches, GROUP_ROWS rows or more each, in order. A group can be summed as soon as it is complete
     (`work_ahead`, what a stage does while it waits for a neighbour) or at the flush: the arithmetic is
     the same either way, so the result does not depend on timing. A stage that never waits in a step
-    (`whole_step`) sums all its pairs at the flush in one group: one GEMM, no partial sums to add up."""
+    (`whole_step`) sums all its pairs at the flush in one group: one GEMM, no partial sums to add up.
+    Its Linears' weights get rows that do not alias in the cache (pad_rows): make it before their optimizer."""
 
     def __init__(self, module: nn.Module):
         self.linears = [m for m in module.modules() if type(m) is nn.Linear]
@@ -47,6 +67,7 @@ class Deferred:
         self.sums: dict[nn.Linear, tuple] = {}   # (weight grad, bias grad) of the groups summed so far
         self.whole_step = False
         for m in self.linears:
+            pad_rows(m)
             m.forward = self._forward_for(m)
 
     def _forward_for(self, m: nn.Linear):

@@ -11,9 +11,9 @@ from pipeline import schedule as S
 from pipeline.config import ConfigError, JobConfig
 from pipeline.execute import StepInput, run_program
 from pipeline.models import SpecError, build_layer, build_model, num_layers, parse_spec, spec_hash
-from pipeline.stage import Stage, checksum, pad_rows
+from pipeline.stage import Stage, checksum
 from pipeline.swaps import even_split, owners, swap_moves
-from pipeline.wgrad import Deferred
+from pipeline.wgrad import Deferred, pad_rows
 
 
 def max_diff(a: dict, b: dict) -> float:
