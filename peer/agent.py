@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
 import ssl
 import time
@@ -15,12 +16,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.data import Dataset
-from pipeline.models import SpecError, activation_shapes, input_shape, spec_hash
+from pipeline.data import Dataset, fits_model
+from pipeline.models import SpecError, footprint, input_shape, spec_hash
 from peer.coordinator import Coordinator
 from peer.dataplane import MAX_DATA_FRAME, Codec, Links
 from peer.discovery import Discovery
-from peer.limits import LIMITS
+from peer.limits import JOB_LIMITS, LIMITS, check_job
 from peer.security import Guard, Pins, ServerHandshake, client_session
 from peer.transport import UPGRADE, FrameStream, RawFrame, adopt
 from peer.state import StateDir, write_atomic
@@ -43,8 +44,9 @@ class Agent:
     def __init__(self, ring: str, state: StateDir, data: Dataset, host: str, port: int, interface: str,
                  advertise: str, join: list[str], threads: int = 1, memory_budget: int | None = None,
                  slowdown: float = 1.0, key: bytes | None = None, tls: tuple[ssl.SSLContext, str] | None = None,
-                 busy_poll: bool = False):
+                 busy_poll: bool = False, allow_models: list[str] = ()):
         self.ring, self.state, self.data = ring, state, data
+        self.allow_models = list(allow_models)   # custom model code this agent's owner allows (--allow-model)
         self.key = key  # the ring key (peer.security.key_for); None: an open ring
         # TLS (peer.security.server_tls): the server's context and its certificate's fingerprint; None: plain
         self.tls, self.fingerprint = tls or (None, "")
@@ -171,9 +173,18 @@ class Agent:
                 msg = json.loads(body)
             except ValueError as e:
                 raise ProtocolError("malformed", f"body is not JSON: {e}") from None
+            except RecursionError:
+                raise ProtocolError("malformed", "body is nested too deeply") from None
         else:
             msg = await self.codec.decode(body, MAX_CONTROL_BODY)
         return validate(msg, {kind})
+
+    def job_config(self, config) -> JobConfig:
+        """A job's config from a request, refused unless every value is within this agent's limits and its
+        model is built in or allowed by the owner: checked before any import or allocation."""
+        cfg = JobConfig.from_dict(config)
+        check_job(cfg, self.allow_models)
+        return cfg
 
     def runtime(self, job: str) -> JobRuntime:
         rt = self.jobs.get(job)
@@ -197,15 +208,17 @@ class Agent:
 
     # --- public -------------------------------------------------------------------------------
     async def h_status(self, request):
-        public = {"peer": self.peer_id, "ring": self.ring, "version": PROTOCOL_VERSION, "capabilities": CAPABILITIES}
+        public = {"peer": self.peer_id, "ring": self.ring, "version": PROTOCOL_VERSION, "capabilities": CAPABILITIES,
+                  "instance": self.discovery.instance}
         if not self.guard.member(request):
             return web.json_response({**public, "private": "sign the request with the ring secret to see more"})
         return web.json_response({
             **public,
             "url": self.url, "interface": self.interface,
-            "peers": [r.public() for r in self.discovery.view.values()], "conflicts": self.discovery.conflicts,
+            **self.discovery.public(),   # peers, conflicts, missing
             "data": {"name": self.data.name, "samples": len(self.data), "test_samples": self.data.n_test},
             "memory_budget": self.memory_budget,
+            "allowed_models": self.allow_models,
             "busy_poll": self.busy_poll,
             "peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
             "stages": [{"job": j, "rotation": rt.rotation, "layers": list(rt.stage.range), "position": rt.position,
@@ -215,7 +228,7 @@ class Agent:
         })
 
     async def h_metrics(self, request):
-        self.m_peers.set(len(self.discovery.view))
+        self.m_peers.set(len(self.discovery.peers()))
         return web.Response(body=generate_latest(self.registry), content_type="text/plain")
 
     # --- data plane ---------------------------------------------------------------------------
@@ -331,11 +344,12 @@ class Agent:
     @guarded
     async def h_start_job(self, request):
         msg = await self.read(request, "job_start")
-        cfg = JobConfig.from_dict(msg["config"])
-        spec_hash(cfg.model)  # an unknown or unbuildable model is refused here, before anything starts
-        activation_shapes(cfg.model)
-        coord = Coordinator(self, cfg)
+        cfg = self.job_config(msg["config"])
+        # an unbuildable model is refused here, before anything starts (built on the meta device, off the loop)
+        sizes = await asyncio.to_thread(footprint, cfg.model, JOB_LIMITS.max_layers)
+        coord = Coordinator(self, cfg, sizes=sizes)
         self.coordinated[coord.job] = coord
+        self._forget_old_jobs()
         queue: asyncio.Queue = asyncio.Queue()
         coord.listeners.add(queue)
         coord.task = asyncio.create_task(coord.run())
@@ -351,17 +365,25 @@ class Agent:
             coord.listeners.discard(queue)
         return resp
 
+    def _forget_old_jobs(self) -> None:
+        """Keep the last JOB_LIMITS.kept_jobs finished coordinations in memory (their models are on disk)."""
+        finished = [j for j, c in self.coordinated.items() if c.task is not None and c.task.done()]
+        for j in finished[:max(0, len(finished) - JOB_LIMITS.kept_jobs)]:
+            del self.coordinated[j]
+
     async def h_job(self, request):
         coord = self.coordinated.get(request.match_info["job"])
         if coord is None:
             return json_error(404, "unknown_job", "no such job coordinated here")
-        return web.json_response({"job": coord.job, "events": coord.events[-5:], "summary": coord.summary})
+        return web.json_response({"job": coord.job, "events": list(coord.events)[-5:], "summary": coord.summary})
 
     async def h_model(self, request):
-        coord = self.coordinated.get(request.match_info["job"])
-        if coord is None or coord.state_dict is None:
-            return json_error(404, "unknown_job", "no finished job with that id here")
-        return web.Response(body=coord.model_bytes(), content_type="application/octet-stream")
+        path = self.state.model_path(request.match_info["job"])
+        if path is None or not path.exists():
+            return json_error(404, "unknown_job", f"no finished model of that job here (models are kept for the "
+                                                  f"last {JOB_LIMITS.kept_models} jobs, at most "
+                                                  f"{JOB_LIMITS.kept_model_s / 86400:.0f} days)")
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
     async def h_cancel(self, request):
         """Cancel a job: here if this peer coordinates it, else at its coordinator (which aborts every stage)."""
@@ -385,14 +407,15 @@ class Agent:
     @guarded
     async def h_prepare(self, request):
         msg = await self.read(request, "job_prepare")
-        cfg = JobConfig.from_dict(msg["config"])
-        mine = spec_hash(cfg.model)
+        cfg = self.job_config(msg["config"])
+        mine = await asyncio.to_thread(spec_hash, cfg.model)
         if mine != msg["spec_hash"]:
             raise JobError(f"model spec hash differs: peer {self.peer_id} has {mine}, coordinator has "
                            f"{msg['spec_hash']}; run the same splitring version and model code on every peer")
-        if len(self.data) and tuple(self.data.x.shape[1:]) != input_shape(cfg.model):
-            raise JobError(f"peer {self.peer_id}'s data has samples of shape {list(self.data.x.shape[1:])}, "
-                           f"model {cfg.model['name']} expects {list(input_shape(cfg.model))}")
+        sizes = await asyncio.to_thread(footprint, cfg.model, JOB_LIMITS.max_layers)
+        problem = fits_model(self.data, input_shape(cfg.model), sizes[-1][0])
+        if problem:
+            raise JobError(f"peer {self.peer_id}: {problem}")
         if msg["job"] in self.jobs:
             raise ProtocolError("duplicate", f"job {msg['job']} is already prepared")
         self.jobs[msg["job"]] = JobRuntime(msg["job"], cfg, self.peer_id, msg["ring"], msg["coordinator"],
@@ -402,7 +425,7 @@ class Agent:
     @guarded
     async def h_profile(self, request):
         """What the planner needs from this peer for a job's model: its measured layer costs and budget."""
-        cfg = JobConfig.from_dict((await self.read(request, "job_profile"))["config"])
+        cfg = self.job_config((await self.read(request, "job_profile"))["config"])
         prof = await asyncio.get_running_loop().run_in_executor(self.compute, self.profile, cfg)
         return web.json_response({"memory_budget": self.memory_budget, "profile": prof,
                                   "samples": len(self.data), "test_samples": self.data.n_test})
@@ -427,8 +450,11 @@ class Agent:
         async def on_step(step, result, size, stage):
             ev = {"event": "stage_step", "step": step, "stage": stage, "staleness": result.staleness}
             if stage == len(rt.chain) - 1:   # the tail knows the loss
+                loss = result.loss_sum / max(size, 1)
+                if not math.isfinite(loss):
+                    raise JobError(nonfinite_loss(loss, msg["mode"], step, rt))
                 ev.update(event="step", steps=rt.progress["steps"], samples=result.samples,
-                          loss=result.loss_sum / max(size, 1), correct=result.correct)
+                          loss=loss, correct=result.correct)
             elif msg["mode"] != "train" or rt.cfg.scheme != "fast-async":   # only fast-async has staleness
                 return
             await resp.write((json.dumps(ev) + "\n").encode())
@@ -440,7 +466,10 @@ class Agent:
             await resp.write((json.dumps({"event": "end", **out}) + "\n").encode())
         except (JobError, TimeoutError, ProtocolError, ConnectionError, aiohttp.ClientError) as e:
             log.error("job %s: pass failed: %s", rt.job, e)
-            await resp.write((json.dumps({"error": str(e)}) + "\n").encode())
+            await resp.write((json.dumps({"error": str(e), "cause": cause_of(e)}) + "\n").encode())
+        except Exception as e:   # the stage's own computation failed: its real cause goes to the coordinator
+            log.exception("job %s: pass failed", rt.job)
+            await resp.write((json.dumps({"error": f"{type(e).__name__}: {e}", "cause": "compute"}) + "\n").encode())
         finally:
             if poller:
                 poller.cancel()
@@ -485,9 +514,8 @@ class Agent:
     async def h_plan(self, request):
         """Plan a job on the ring as it is now, without running it (for `splitring plan --peer`)."""
         msg = await self.read(request, "job_start")
-        cfg = JobConfig.from_dict(msg["config"])
-        spec_hash(cfg.model)
-        coord = Coordinator(self, cfg)
+        cfg = self.job_config(msg["config"])
+        coord = Coordinator(self, cfg, sizes=await asyncio.to_thread(footprint, cfg.model, JOB_LIMITS.max_layers))
         plans = await coord.plan_only()
         return web.json_response({"ring": [p["peer"] for p in coord.ring], "rotations": plans})
 
@@ -496,6 +524,21 @@ class Agent:
         rt = self.runtime(request.match_info["job"])
         layers = {i: {k: v.detach() for k, v in m.state_dict().items()} for i, m in rt.stage.layers.items()}
         return web.Response(body=await self.codec.encode({"layers": layers}), content_type="application/cbor")
+
+
+def cause_of(e: Exception) -> str:
+    """How a pass failed, for the coordinator to tell the root cause from its echoes: a stage's own error
+    ("job"), or waiting on a neighbour that fell silent ("timeout"), or a broken link ("link")."""
+    if isinstance(e, TimeoutError):
+        return "timeout"
+    return "link" if isinstance(e, (ConnectionError, aiohttp.ClientError)) else "job"
+
+
+def nonfinite_loss(loss: float, mode: str, step: int, rt: JobRuntime) -> str:
+    what = "training" if mode == "train" else "evaluation"
+    return (f"non-finite loss ({loss}) at step {step + 1} of the {what} pass of rotation {rt.rotation} (epoch "
+            f"{rt.rotation // len(rt.ring) + 1}, head {rt.chain[0]}): the job stops here; lower --lr, or check "
+            f"that peer's data")
 
 
 async def serve(agent: Agent, ready=None) -> None:

@@ -40,6 +40,11 @@ def register(sub) -> None:
                    help="serve HTTPS and TLS with this certificate (self-signed is expected: peers pin its "
                         "fingerprint); needs --tls-key and a ring secret")
     p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--allow-model", action="append", default=[], metavar="PACKAGE.MODULE:FUNCTION",
+                   help="let jobs build their model with this code of yours (repeatable; fnmatch patterns such as "
+                        "'mymodels.*' allowed). Without it only the built-in models run: a job naming anything else "
+                        "is refused before any import, since a job request would otherwise run code of the "
+                        "requester's choosing on this device (see docs/security.md)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
 
@@ -97,7 +102,8 @@ def run(args) -> int:
         print(f"splitring agent: {e}", file=sys.stderr)
         return 2
     agent = Agent(args.ring, state, data, args.listen or address, args.port, None if args.no_mdns else address,
-                  address, args.join, args.threads, budget, args.compute_slowdown, key, tls, args.busy_poll)
+                  address, args.join, args.threads, budget, args.compute_slowdown, key, tls, args.busy_poll,
+                  args.allow_model)
 
     def ready(a):
         print(f"splitring agent {a.peer_id} ring={a.ring} listening on {a.url} data={data.name} "

@@ -74,6 +74,15 @@ def config_from_args(args) -> dict:
                      compress=args.compress).to_dict()
 
 
+def warn_missing(started: dict) -> None:
+    """On stderr: the peers the job runs on, and any peer seen recently that is not among them."""
+    print(f"splitring train: job {started['job']} uses {len(started['ring'])} peer(s): "
+          + ", ".join(f"{p} ({started['urls'][p]})" for p in started["ring"]), file=sys.stderr)
+    for m in started["missing"]:
+        print(f"splitring train: warning: peer {m['peer']} ({m['url']}), seen {m['seen_s_ago']:.0f} s ago, is not "
+              f"answering and is left out of this job: its data is not trained on", file=sys.stderr)
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -95,10 +104,12 @@ def run(args) -> int:
             for line in resp:
                 ev = json.loads(line)
                 kind = ev["event"]
-                if kind == "started" and not args.json:
-                    bar = tqdm(total=ev["total_steps"], unit="step", dynamic_ncols=True)
-                    bar.write(f"job {ev['job']} on ring of {len(ev['ring'])} peers, {ev['layers']} layers; "
-                              f"coordinator {ev['coordinator']}")
+                if kind == "started":
+                    warn_missing(ev)
+                    if not args.json:
+                        bar = tqdm(total=ev["total_steps"], unit="step", dynamic_ncols=True)
+                        bar.write(f"job {ev['job']} on ring of {len(ev['ring'])} peers, {ev['layers']} layers; "
+                                  f"coordinator {ev['coordinator']}")
                 elif kind == "step" and bar:
                     bar.update(1)
                     bar.set_postfix_str(f"epoch {ev['epoch']} head {ev['head'][:6]} step {ev['step']}/{ev['steps']} "
@@ -139,7 +150,7 @@ def run(args) -> int:
         acc = "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f}%"
         print(f"done: {summary['epochs']} epochs, final loss {summary['final_loss']:.4f}, held-out accuracy {acc}, "
               f"{summary['samples_per_s']:.0f} samples/s, {summary['seconds']:.1f}s"
-              + (f", forward weights at most {max(summary['staleness'], default=0)} step(s) stale"
+              + (f", forward weights at most {len(summary['staleness']) - 1} step(s) stale"
                  if summary["scheme"] == "fast-async" else "")
               + (f"; model written to {args.out}" if args.out else ""))
     return 0

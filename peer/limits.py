@@ -5,7 +5,12 @@ step and microbatch (peer.worker.JobRuntime.accept), so the largest tensor accep
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, field
+
+from pipeline.config import ConfigError, JobConfig
+from pipeline.models import BUILTIN, check_allowed
 
 
 @dataclass(frozen=True)
@@ -47,3 +52,84 @@ class RateLimiter:
         ok = tokens >= 1
         self.buckets[remote] = (tokens - 1 if ok else tokens, now)
         return ok
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What an agent accepts in a job, checked before anything is built or allocated (check_job). A value
+    outside these is refused with a message naming the field and its limit."""
+    max_epochs: int = 100_000
+    max_batch_size: int = 65_536
+    max_microbatches: int = 1_024
+    max_lr: float = 10.0               # learning rates above this diverge on every model we ship
+    max_momentum: float = 1.0          # exclusive: momentum 1 never forgets a gradient
+    max_weight_decay: float = 1.0
+    max_staleness: int = 16
+    max_recv_timeout: float = 3_600.0
+    max_seed: int = 2**32 - 1
+    max_layers: int = 4_096            # layers of a model (built-in or custom)
+    max_spec_bytes: int = 4_096        # the model spec as JSON
+    max_input_numel: int = 1 << 24     # values in one input sample
+    # built-in models' options: (lowest, highest), integers
+    model_options: dict = field(default_factory=lambda: {
+        "mlp": {"in_features": (1, 1 << 20), "depth": (0, 1_024), "width": (1, 1 << 16), "classes": (2, 1 << 20)},
+        "cnn": {"channels": (1, 1_024), "classes": (2, 1 << 20)},
+    })
+    # finished models the coordinator keeps on disk (its state dir's models/), and for how long
+    kept_models: int = 20
+    kept_model_s: float = 7 * 24 * 3600.0
+    # finished jobs whose events and summary a coordinator keeps in memory (for /jobs/ID and /status)
+    kept_jobs: int = 64
+    # plans listed in a job's summary (the first rotations'; the rest are counted)
+    summary_plans: int = 64
+
+
+JOB_LIMITS = JobLimits()
+
+
+def check_job(cfg: JobConfig, allowed_models=(), limits: JobLimits = JOB_LIMITS) -> None:
+    """Refuse a job config (pipeline.config.JobConfig, already type-checked) whose values are outside the
+    limits, or whose model is custom code the agent's owner has not allowed. Pure and cheap: nothing is
+    imported or built here. Raises ConfigError or SpecError."""
+    L = limits
+    checks = [
+        (cfg.epochs <= L.max_epochs, f"epochs must be <= {L.max_epochs}"),
+        (cfg.batch_size <= L.max_batch_size, f"batch_size must be <= {L.max_batch_size}"),
+        (cfg.microbatches <= L.max_microbatches, f"microbatches must be <= {L.max_microbatches}"),
+        (cfg.lr <= L.max_lr, f"lr must be <= {L.max_lr}"),
+        (cfg.momentum < L.max_momentum, f"momentum must be < {L.max_momentum}"),
+        (cfg.weight_decay <= L.max_weight_decay, f"weight_decay must be <= {L.max_weight_decay}"),
+        (cfg.max_staleness <= L.max_staleness, f"max_staleness must be <= {L.max_staleness}"),
+        (cfg.recv_timeout <= L.max_recv_timeout, f"recv_timeout must be <= {L.max_recv_timeout:.0f} s"),
+        (cfg.seed <= L.max_seed, f"seed must be <= {L.max_seed}"),
+        (cfg.backward_at == "auto" or all(v < L.max_layers for p in cfg.backward_at for v in p),
+         "backward_at names chain positions beyond any ring"),
+    ]
+    for ok, text in checks:
+        if not ok:
+            raise ConfigError(text)
+    spec = cfg.model
+    try:
+        size = len(json.dumps(spec))
+    except (TypeError, ValueError, RecursionError):
+        raise ConfigError("the model spec must be plain JSON values") from None
+    if size > L.max_spec_bytes:
+        raise ConfigError(f"the model spec is {size} bytes as JSON, more than {L.max_spec_bytes}")
+    check_allowed(spec, allowed_models)
+    if "input_shape" in spec:
+        shape = spec["input_shape"]
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(type(d) is int and d >= 1 for d in shape)
+                and math.prod(shape) <= L.max_input_numel):
+            raise ConfigError(f"input_shape must be a list of 1 to 4 positive integers with at most "
+                              f"{L.max_input_numel} values in all, got {shape!r}")
+    if spec["name"] in BUILTIN:
+        bounds = L.model_options.get(spec["name"], {})
+        for key, value in spec.items():
+            if key in ("name", "input_shape"):
+                continue
+            if key not in bounds:
+                raise ConfigError(f"model {spec['name']!r} has no option {key!r} (it has {', '.join(sorted(bounds))})")
+            lo, hi = bounds[key]
+            if type(value) is not int or not lo <= value <= hi:
+                raise ConfigError(f"model option {key} must be an integer from {lo} to {hi}, got {value!r}")
+

@@ -5,10 +5,15 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import re
 import secrets
+import time
 from pathlib import Path
 
 import torch
+
+
+JOB_ID = re.compile(r"[0-9a-f]{12}")
 
 
 class StateDirInUse(RuntimeError):
@@ -60,6 +65,23 @@ class StateDir:
         torch.save(payload, buf)
         path = self.checkpoint_path(job)
         write_atomic(path, buf.getvalue())
+        return path
+
+    def model_path(self, job: str) -> Path | None:
+        """Where a finished job's model lives (None for a job id that is not one: no path from a request)."""
+        return self.root / "models" / f"{job}.pt" if JOB_ID.fullmatch(job) else None
+
+    def save_model(self, job: str, state_dict: dict, keep: int, keep_s: float) -> Path:
+        """Write a finished model, then delete all but the newest `keep` models and any older than `keep_s`."""
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        path = self.model_path(job)
+        write_atomic(path, buf.getvalue())
+        models = sorted(path.parent.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        now = time.time()
+        for i, old in enumerate(models):
+            if i >= keep or now - old.stat().st_mtime > keep_s:
+                old.unlink(missing_ok=True)
         return path
 
     def close(self) -> None:

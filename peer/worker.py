@@ -253,7 +253,12 @@ class JobRuntime:
                 key = (self.rotation, mode, req.step, f"{req.kind}@{stage}", req.mb)
                 while req.slack and not self.mailbox.ready(key) and await self._compute(owner.work_ahead):
                     pass
-                value = await self.mailbox.get(key, self.cfg.recv_timeout)
+                try:
+                    value = await self.mailbox.get(key, self.cfg.recv_timeout)
+                except TimeoutError:
+                    silent = self.chain[roles.host(roles.sender(program, req.kind))]
+                    raise TimeoutError(f"peer {silent} sent nothing for {self.cfg.recv_timeout:.0f} s (peer {self.me} "
+                                       f"waited for its {req.kind} of step {req.step}, microbatch {req.mb})") from None
             elif isinstance(req, StepDone):
                 await on_step(req.step, req.result)
             else:

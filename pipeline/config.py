@@ -1,6 +1,7 @@
 """Every knob of a job, with its default, in one place."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from pipeline.schedule import PIPELINES
@@ -12,6 +13,12 @@ SCHEMES = ("nsplit", "fast", "fast-async")
 
 class ConfigError(ValueError):
     pass
+
+
+# fields checked for type first; upper limits on values live in peer.limits (an agent's own policy)
+TYPES = {"seed": int, "epochs": int, "batch_size": int, "microbatches": int, "max_staleness": int,
+         "lr": float, "momentum": float, "weight_decay": float, "recv_timeout": float, "shuffle": bool,
+         "optimizer": str, "scheme": str, "pipeline": str, "split": str, "wire_dtype": str, "compress": str}
 
 
 @dataclass
@@ -40,7 +47,18 @@ class JobConfig:
     compress: str = "none"      # none | int8: activations and gradients 8-bit blockwise (overrides wire_dtype)
 
     def __post_init__(self):
+        for f in fields(self):   # a value of the wrong type is refused before it is compared with anything
+            v, want = getattr(self, f.name), TYPES.get(f.name)
+            if want is int and (type(v) is not int):
+                raise ConfigError(f"{f.name} must be an integer, got {v!r}")
+            if want is float and (type(v) not in (int, float) or not math.isfinite(v)):
+                raise ConfigError(f"{f.name} must be a finite number, got {v!r}")
+            if want is bool and type(v) is not bool:
+                raise ConfigError(f"{f.name} must be true or false, got {v!r}")
+            if want is str and not isinstance(v, str):
+                raise ConfigError(f"{f.name} must be a name, got {v!r}")
         checks = [
+            (self.seed >= 0, "seed must be >= 0"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.microbatches >= 1, "microbatches must be >= 1"),
@@ -49,6 +67,7 @@ class JobConfig:
             (self.momentum >= 0 and self.weight_decay >= 0, "momentum and weight_decay must be >= 0"),
             (self.scheme in SCHEMES, f"unknown scheme {self.scheme!r} ({', '.join(SCHEMES)})"),
             (self.max_staleness >= 0, "max_staleness must be >= 0"),
+            (self.recv_timeout > 0, "recv_timeout must be > 0"),
             (self.scheme != "fast-async" or self.pipeline == "1f1b",
              "fast-async runs 1F1B across steps; pipelines gpipe and eager are for scheme fast"),
             (self.backward_at == "auto" or isinstance(self.backward_at, list) and all(

@@ -60,7 +60,11 @@ def _pair(arrays, xk: str, yk: str, path: str) -> tuple[torch.Tensor, torch.Tens
     if y.ndim != 1 or x.ndim < 2 or len(x) != len(y):
         raise DataError(f"{path}: {xk} must be (N, ...) and {yk} (N,); got {x.shape} and {y.shape}")
     if len(y) and y.min() < 0:
-        raise DataError(f"{path}: {yk} has negative labels")
+        raise DataError(f"{path}: {yk} has negative labels (first at sample {int(np.argmax(y < 0))})")
+    bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1) if len(x) else np.zeros(0, bool)
+    if bad.any():
+        raise DataError(f"{path}: {xk} has {int(bad.sum())} sample(s) with NaN or infinite values (first at sample "
+                        f"{int(np.argmax(bad))}); splitring trains on finite inputs only")
     return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
@@ -80,6 +84,26 @@ def npz(path: str) -> Dataset:
     if "x_test" in arrays and "y_test" in arrays:
         ds.x_test, ds.y_test = _pair(arrays, "x_test", "y_test", path)
     return ds
+
+
+def fits_model(ds: Dataset, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> str | None:
+    """Why a model with these per-sample input and output shapes cannot train on `ds` (its samples' shape,
+    labels beyond the model's classes), or None. Empty data (a compute-only peer) fits anything."""
+    classes = output_shape[-1] if len(output_shape) == 1 else None
+    for split, x, y in (("train", ds.x, ds.y), ("held-out", ds.x_test, ds.y_test)):
+        if y is None or not len(y):
+            continue
+        if tuple(x.shape[1:]) != tuple(input_shape):
+            return (f"its {split} data ({ds.name}) has samples of shape {list(x.shape[1:])}, the model expects "
+                    f"{list(input_shape)}")
+        if classes is None:
+            return f"the model's output per sample is {list(output_shape)}, not one score per class"
+        top = int(y.max())
+        if top >= classes:
+            return (f"its {split} data ({ds.name}) has label {top} (sample {int(torch.argmax((y >= classes).int()))}), "
+                    f"but the model has {classes} classes (0 to {classes - 1}): give the model more classes "
+                    f"(--model-options classes={top + 1}) or fix the labels")
+    return None
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -7,11 +7,13 @@ on every peer; its source is part of the spec hash, so peers running different c
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib
 import inspect
 import json
-from typing import Callable
+import re
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -43,6 +45,25 @@ def cnn(channels: int = 16, classes: int = 10) -> list[LayerFactory]:
 
 BUILTIN: dict[str, Callable[..., list[LayerFactory]]] = {"mlp": mlp, "cnn": cnn}
 INPUT_SHAPES = {"mlp": lambda o: (o.get("in_features", 64),), "cnn": lambda o: (64,)}
+
+
+CUSTOM_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def check_allowed(spec: dict, allowed: Iterable[str]) -> None:
+    """Refuse, before anything is imported, a spec naming code that is neither built in nor matched by one
+    of `allowed` (fnmatch patterns over "package.module:function", the agent owner's --allow-model)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise SpecError(f"a model spec is a map with a 'name', got {spec!r}")
+    name = spec["name"]
+    if name in BUILTIN:
+        return
+    if not CUSTOM_NAME.fullmatch(name):
+        raise SpecError(f"unknown model {name[:100]!r}: built-ins are {sorted(BUILTIN)}, or 'package.module:function'")
+    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed):
+        raise SpecError(f"model {name!r} is custom code, and this agent runs only built-in models ({', '.join(sorted(BUILTIN))}) "
+                        f"and those its owner allows: start the agent with --allow-model {name} (or a pattern such as "
+                        f"'{name.split(':')[0]}:*') on every peer that should run it")
 
 
 def _resolve(spec: dict) -> Callable[..., list[LayerFactory]]:
@@ -110,20 +131,30 @@ def build_model(spec: dict | str, seed: int = 0) -> nn.Sequential:
     return nn.Sequential(*(build_layer(spec, seed, i, factories) for i in range(len(factories))))
 
 
-def activation_shapes(spec: dict) -> list[tuple[int, ...]]:
-    """Per-sample output shape of every layer, computed on the meta device (no memory, no weights)."""
+def footprint(spec: dict, max_layers: int | None = None) -> list[tuple[tuple[int, ...], int]]:
+    """Per layer: the per-sample output shape and the parameter bytes, computed on the meta device (no
+    memory, no weights), so a spec can be checked against memory budgets before anything is allocated.
+    A model of more than `max_layers` layers is refused before any layer is built."""
     factories = layer_factories(spec)
+    if max_layers is not None and len(factories) > max_layers:
+        raise SpecError(f"model {spec['name']!r} has {len(factories)} layers, more than the {max_layers} allowed")
     x = torch.empty((1, *input_shape(spec)), device="meta")
-    shapes = []
+    out = []
     with torch.device("meta"):
         for i, f in enumerate(factories):
             try:
-                x = f()(x)
+                layer = f()
+                x = layer(x)
             except Exception as e:  # user code: any failure means the spec does not fit its input
                 raise SpecError(f"model {spec['name']!r}: layer {i} fails on input of shape "
                                 f"{list(x.shape[1:])}: {e}") from None
-            shapes.append(tuple(x.shape[1:]))
-    return shapes
+            out.append((tuple(x.shape[1:]), sum(p.numel() * p.element_size() for p in layer.parameters())))
+    return out
+
+
+def activation_shapes(spec: dict) -> list[tuple[int, ...]]:
+    """Per-sample output shape of every layer (on the meta device)."""
+    return [shape for shape, _ in footprint(spec)]
 
 
 def spec_hash(spec: dict) -> str:

@@ -146,7 +146,7 @@ def test_a_peer_without_the_models_code_refuses_the_job_clearly(tmp_path, varian
             env = {"PYTHONPATH": str(d)}
             agents.append(AgentProcess(["--ring", f"code-{variant}", "--interface", "127.0.0.1", "--port", "0",
                                         "--state-dir", str(tmp_path / f"s{k}"), "--data", "digits", "--shard",
-                                        f"{k}/2"], tmp_path / f"a{k}.log", env=env))
+                                        f"{k}/2", "--allow-model", "usermodels:*"], tmp_path / f"a{k}.log", env=env))
         for a in agents:
             a.wait_ready(60)
         deadline = time.monotonic() + 20

@@ -37,6 +37,11 @@ def test_eager_schedule_on_busy_polling_agents_is_exact(start_ring, tmp_path):
     check_fast_is_exact(ring, tmp_path, "eager")
 
 
+def histogram(values: list[int]) -> list[int]:
+    """How many steps had staleness 0, 1, ... (the summary's form)."""
+    return [values.count(k) for k in range(max(values) + 1)]
+
+
 def test_fast_async_on_a_live_ring_stashes_weights_and_reports_staleness(digits_ring, tmp_path):
     """The agents compute what plain PyTorch computes with the schedule's stale weights, and report
     each step's staleness, bounded by --max-staleness."""
@@ -55,7 +60,7 @@ def test_fast_async_on_a_live_ring_stashes_weights_and_reports_staleness(digits_
         position = {i: j for j, r in enumerate(plan["ranges"].values()) for i in range(*r)}   # chain order
         lags.append((position, [S.lags(p) for p in progs]))
         want_staleness += [max(S.staleness(p)[s] for p in progs) for s in range(len(mbs))]
-    assert summary["staleness"] == want_staleness and max(want_staleness) == 1 == summary["max_staleness"]
+    assert summary["staleness"] == histogram(want_staleness) and max(want_staleness) == 1 == summary["max_staleness"]
 
     def lag(pass_index, layer, step, mb):
         position, tables = lags[pass_index]
@@ -116,7 +121,7 @@ def test_remote_backward_on_a_live_ring(digits_ring, tmp_path):
     def ahead(pass_index, layer, step, mb):   # the tail sends weights predicted one step ahead
         return 1 if tables[pass_index][0][layer] == 1 and S.forward_version(step, 1) > 0 else 0
 
-    assert summary["staleness"] == want_staleness
+    assert summary["staleness"] == histogram(want_staleness)
     assert max_diff(load_out(out), reference.train_stale(cfg, heads, lag, ahead).state_dict()) <= 1e-5
     owner_backward = reference.train_stale(cfg, heads, lambda p, i, s, m: tables[p][1][tables[p][0][i]][s, m])
     assert max_diff(load_out(out), owner_backward.state_dict()) > 1e-4   # where the backward ran shows

@@ -5,11 +5,20 @@ import time
 import torch
 
 from conftest import load_out, max_diff, save_npz, summary_of
-from peer.coordinator import steady_rate
+from peer.coordinator import SteadyRate
 from peer.localring import train_cli
 from pipeline import data, reference
 from pipeline.config import JobConfig
 from pipeline.models import build_model
+
+
+def steady_rate(passes):
+    rate = SteadyRate()
+    for steps in passes:
+        rate.new_pass()
+        for at, samples in steps:
+            rate.step(at, samples)
+    return rate.rate
 
 
 def test_steady_rate_leaves_out_the_first_step_of_each_pass():

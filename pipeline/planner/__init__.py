@@ -8,7 +8,7 @@
 Cost and memory model: pipeline.planner.model. Algorithms: pipeline.planner.solve.
 """
 from pipeline.planner.baselines import even_split, proportional_split
-from pipeline.planner.chain import over_budget, plan_chain
+from pipeline.planner.chain import over_budget, plan_chain, too_big
 from pipeline.planner.measured import devices_from_profile, layers_from_profile
 from pipeline.planner.model import (DEFAULT_BANDWIDTH, DEFAULT_LATENCY, SCHEMES, Device, LayerCost, Plan,
                                     PlanInfeasible, StagePlan, evaluate, format_bytes, place_backward,
@@ -19,5 +19,5 @@ from pipeline.swaps import swap_moves
 
 __all__ = ["DEFAULT_BANDWIDTH", "DEFAULT_LATENCY", "SCHEMES", "Device", "LayerCost", "Plan", "PlanInfeasible",
            "StagePlan", "devices_from_profile", "even_split", "evaluate", "format_bytes", "layers_from_profile",
-           "moved_bytes", "over_budget", "place_backward", "plan", "plan_chain", "plan_rotations",
+           "moved_bytes", "over_budget", "place_backward", "plan", "plan_chain", "plan_rotations", "too_big",
            "proportional_split", "stage_memory", "swap_moves"]

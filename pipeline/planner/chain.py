@@ -41,3 +41,22 @@ def over_budget(p: Plan) -> str:
     """The stages of a plan that do not fit, as an error message names them."""
     return "; ".join(f"{s.peer} needs {format_bytes(s.memory_bytes)} of {format_bytes(s.memory_budget)}"
                      for s in p.stages if not s.fits)
+
+
+def too_big(param_bytes: list[int], optim_ratio: float, budgets: dict[str, int | None]) -> str | None:
+    """Why no split of layers with these parameter bytes can fit peers with these memory budgets (None: no
+    limit), counting each layer's parameters, gradients and optimizer state only (so a necessary condition:
+    the planner checks activations too); None if one may. Pure: runs before any peer builds a layer."""
+    need = [int(b * (2 + optim_ratio)) for b in param_bytes]
+    if not need or any(b is None for b in budgets.values()):
+        return None
+    total, largest = sum(budgets.values()), max(budgets.values())
+    biggest = max(range(len(need)), key=need.__getitem__)
+    if need[biggest] > largest:
+        return (f"layer {biggest} alone needs {format_bytes(need[biggest])} (parameters, gradients, optimizer state), more "
+                f"than the largest memory budget of the ring's peers ({format_bytes(largest)})")
+    if sum(need) > total:
+        return (f"its parameters, gradients and optimizer state need {format_bytes(sum(need))}, more than the "
+                f"{len(budgets)} peers' memory budgets together ({format_bytes(total)})")
+    return None
+
