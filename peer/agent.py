@@ -101,12 +101,13 @@ class Agent:
 
     def profile(self, cfg: JobConfig) -> dict:
         """This machine's per-layer costs for a job's model (cached per spec, microbatch and optimizer)."""
-        key = f"{spec_hash(cfg.model)}-{microbatch_rows(cfg)}-{optimizer_state_ratio(cfg)}-{cfg.seed}"
+        key = (f"{spec_hash(cfg.model)}-{microbatch_rows(cfg)}-{optimizer_state_ratio(cfg)}-{cfg.seed}-"
+               f"{self.memory_budget}")
         path = self.state.root / "profiles" / f"{key}.json"
         if path.exists():
             prof = json.loads(path.read_text())
         else:
-            prof = measure(cfg)
+            prof = measure(cfg, budget=self.memory_budget)
             write_atomic(path, json.dumps(prof).encode())
         for k in ("forward_s", "backward_s"):
             prof[k] = [t * self.slowdown for t in prof[k]]

@@ -8,7 +8,7 @@ import time
 import torch
 
 from pipeline.config import JobConfig
-from pipeline.models import activation_shapes, build_layer, input_shape, layer_factories
+from pipeline.models import build_layer, footprint, input_shape, layer_factories
 
 PROBE_REPEATS = 3       # timed rounds per layer at least ...
 PROBE_BUDGET_S = 0.05   # ... and more, up to PROBE_MAX_REPEATS, while a layer has had less than this
@@ -26,18 +26,32 @@ def microbatch_rows(cfg: JobConfig) -> int:
     return max(1, math.ceil(cfg.batch_size / cfg.microbatches))
 
 
-def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS) -> dict:
+def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS, budget: int | None = None) -> dict:
     """Per layer, for one microbatch: forward and backward seconds (best of at least `repeats` rounds;
     fast layers get more, so that a busy machine's noise does not decide the split), parameter,
-    optimizer-state and output-activation bytes."""
+    optimizer-state and output-activation bytes. A layer that would not fit `budget` bytes (its parameters,
+    gradients, optimizer state and a microbatch's activations) is not built: its times are estimated from
+    the measured layers' seconds per parameter byte (the planner never puts it here anyway), and its index
+    listed under "estimated"."""
     rows = microbatch_rows(cfg)
-    shapes = [input_shape(cfg.model)] + activation_shapes(cfg.model)
+    sizes = footprint(cfg.model)
+    shapes = [input_shape(cfg.model)] + [shape for shape, _ in sizes]
     factories = layer_factories(cfg.model)
     ratio = optimizer_state_ratio(cfg)
     out = {"forward_s": [], "backward_s": [], "param_bytes": [], "optim_bytes": [], "activation_bytes": [],
-           "rows": rows}
+           "rows": rows, "estimated": []}
     gen = torch.Generator().manual_seed(0)
     for i in range(len(factories)):
+        params = sizes[i][1]
+        acts = rows * (math.prod(shapes[i]) + math.prod(shapes[i + 1])) * 4
+        out["param_bytes"].append(params)
+        out["optim_bytes"].append(int(params * ratio))
+        out["activation_bytes"].append(rows * math.prod(shapes[i + 1]) * 4)
+        if budget is not None and params * (2 + ratio) + 2 * acts > budget:
+            out["estimated"].append(i)
+            out["forward_s"].append(None)
+            out["backward_s"].append(None)
+            continue
         layer = build_layer(cfg.model, cfg.seed, i, factories)
         x = torch.randn((rows, *shapes[i]), generator=gen).requires_grad_(i > 0)
         fwd, bwd, spent, rounds = math.inf, math.inf, 0.0, 0
@@ -50,10 +64,18 @@ def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS) -> dict:
             if rounds:   # the first round warms up
                 fwd, bwd, spent = min(fwd, t1 - t0), min(bwd, t2 - t1), spent + t2 - t0
             rounds += 1
-        params = sum(p.numel() * p.element_size() for p in layer.parameters())
         out["forward_s"].append(fwd)
         out["backward_s"].append(bwd)
-        out["param_bytes"].append(params)
-        out["optim_bytes"].append(int(params * ratio))
-        out["activation_bytes"].append(rows * math.prod(shapes[i + 1]) * 4)
+        del layer, x, y
+    _estimate(out)
     return out
+
+
+def _estimate(out: dict) -> None:
+    """Fill the times of layers that were not measured, at the measured layers' seconds per parameter byte."""
+    measured = [i for i in range(len(out["param_bytes"])) if i not in out["estimated"]]
+    per_byte = sum(out["param_bytes"][i] for i in measured)
+    for key in ("forward_s", "backward_s"):
+        rate = sum(out[key][i] for i in measured) / per_byte if per_byte else 0.0
+        for i in out["estimated"]:
+            out[key][i] = out["param_bytes"][i] * rate

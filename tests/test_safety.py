@@ -282,3 +282,17 @@ def test_the_state_dir_keeps_the_newest_models_only(tmp_path):
     assert [p.name for p in (tmp_path / "models").glob("*.pt")] == ["f" * 12 + ".pt"]
     assert state.model_path("../../etc/passwd") is None
     state.close()
+
+
+def test_profiling_never_builds_a_layer_over_the_peers_budget(monkeypatch):
+    from pipeline import profiling
+    from pipeline.config import JobConfig
+
+    built = []
+    real = profiling.build_layer
+    monkeypatch.setattr(profiling, "build_layer", lambda spec, seed, i, f=None: built.append(i) or real(spec, seed, i, f))
+    cfg = JobConfig(model={"name": "mlp", "depth": 3, "width": 1024})   # hidden layers: 4 MiB of weights each
+    prof = profiling.measure(cfg, repeats=1, budget=6 * 2 ** 20)
+    assert built == [0, 3] and prof["estimated"] == [1, 2]
+    assert prof["param_bytes"] == profiling.measure(cfg, repeats=1)["param_bytes"]
+    assert all(t > 0 for t in prof["forward_s"] + prof["backward_s"])
