@@ -30,6 +30,7 @@ class AgentProcess:
                                      env={**os.environ, **env} if env else None)
         self.url = self.peer_id = None
         self.key: bytes | None = None  # the ring key, to read private status
+        self.ready_at: float | None = None  # time.monotonic() when it printed its ready line
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -40,6 +41,7 @@ class AgentProcess:
                 words = line.decode().split()
                 self.peer_id = words[2]
                 self.url = next(w for w in words if w.startswith(("http://", "https://")))
+                self.ready_at = time.monotonic()
                 return
             if not line and self.proc.poll() is not None:
                 break
@@ -100,14 +102,14 @@ class LocalRing:
             self.key = key_for(secret.encode(), self.ring)
             self.extra += ["--secret-file", str(self.secret_file)]
 
-    def agent_args(self, k: int) -> list[str]:
+    def agent_args(self, k: int, port: int = 0) -> list[str]:
         tls = []
         if self.tls:
             cert, key = self.workdir / f"agent{k}.crt", self.workdir / f"agent{k}.key"
             if not cert.exists():
                 make_certificate(cert, key)
             tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
-        return ["--ring", self.ring, "--interface", self.interface, "--port", "0", "--threads", "1",
+        return ["--ring", self.ring, "--interface", self.interface, "--port", str(port), "--threads", "1",
                 "--state-dir", str(self.workdir / f"agent{k}"), *self.data[k], *self.extra, *tls,
                 *(["--cpus", self.cpus[k]] if self.cpus else [])]
 
@@ -130,6 +132,18 @@ class LocalRing:
             time.sleep(0.2)
         raise RuntimeError("agents did not discover each other: "
                            + "; ".join(f"{a.peer_id} sees {len(a.status()['peers'])}" for a in self.agents))
+
+    def restart(self, k: int, same_port: bool = False, timeout: float = 60.0) -> AgentProcess:
+        """Stop agent k (SIGTERM) and start it again with the same state dir, so the same peer id, on
+        the same port or a new one; returns the new process once it has printed its ready line."""
+        old = self.agents[k]
+        port = int(old.url.rsplit(":", 1)[1]) if same_port else 0
+        old.stop()
+        n = sum(1 for _ in self.workdir.glob(f"agent{k}.*.log")) + 1
+        self.agents[k] = AgentProcess(self.agent_args(k, port), self.workdir / f"agent{k}.{n}.log")
+        self.agents[k].key = self.key
+        self.agents[k].wait_ready(timeout)
+        return self.agents[k]
 
     @property
     def urls(self) -> list[str]:
