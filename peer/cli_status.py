@@ -36,7 +36,10 @@ def run(args) -> int:
           f"(mDNS {'on ' + st['interface'] if st['interface'] else 'off'}); data {st['data']['name']}: {st['data']['samples']} samples")
     print(f"sees {len(st['peers'])} peer(s):")
     for p in st["peers"]:
-        print(f"  {p['peer']}  {p['url']}  via {p['source']}, seen {p['seen_s_ago']}s ago, protocol v{p['version']}")
+        print(f"  {p['peer']}  {p['url']}  via {p['source']}, seen {p['seen_s_ago']}s ago, protocol v{p['version']}, "
+              f"instance {p.get('instance', '?')}")
+    for m in st.get("missing", []):
+        print(f"  missing: {m['peer']}  {m['url']}, last answered {m['seen_s_ago']}s ago")
     for c in st["conflicts"]:
         print(f"  CONFLICT: {c}")
     for s in st["stages"]:

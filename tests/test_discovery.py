@@ -6,7 +6,7 @@ import time
 
 from peer.discovery import (SERVICE, Answer, Discovery, Source, ask_delay, decide, record_from_info, to_forget,
                             txt)
-from peer.localring import AgentProcess
+from peer.localring import AgentProcess, train_cli
 from protocols import PROTOCOL_VERSION
 
 V = PROTOCOL_VERSION
@@ -168,14 +168,15 @@ def conflict_seen(agent, peer, urls) -> bool:
     return any(peer in c and all(u in c for u in urls) for c in agent.status()["conflicts"])
 
 
-def check_duplicates(a, b, copy):
-    """Every one of the three reports the clash of b and its copy, and a refuses the id; once the copy
-    has stopped, the conflict ends everywhere and b is back in a's view."""
+def check_duplicates(a, b, copy, while_both=lambda: None):
+    """Every one of the three reports the clash of b and its copy, and a refuses the id (while_both runs
+    then); once the copy has stopped, the conflict ends everywhere and b is back in a's view."""
     pid, urls = b.peer_id, (b.url, copy.url)
     assert copy.peer_id == pid
     assert wait_for(lambda: all(conflict_seen(x, pid, urls) for x in (a, b, copy)), 20), \
         [x.status()["conflicts"] for x in (a, b, copy)]
     assert not listed(a, pid)
+    while_both()
     copy.stop()
     assert wait_for(lambda: not a.status()["conflicts"] and not b.status()["conflicts"], 20)
     assert wait_for(lambda: listed(a, pid, b.url), 5)
@@ -190,9 +191,30 @@ def test_duplicate_ids_are_reported_by_every_agent_seeing_them_by_mdns(start_rin
                          "--state-dir", str(ring.workdir / "copy")], ring.workdir / "copy.log")
     try:
         copy.wait_ready(60)
-        check_duplicates(a, b, copy)
+
+        def job_refused():   # while both are live, naming both and the fix
+            proc = train_cli(a.url, "--epochs", "1")
+            assert proc.returncode == 1 and f"duplicate peer id {b.peer_id}" in proc.stderr
+            assert b.url in proc.stderr and copy.url in proc.stderr and "peer_id file" in proc.stderr
+            assert all(x.status()["stages"] == [] for x in (a, b, copy))
+
+        check_duplicates(a, b, copy, job_refused)
     finally:
         copy.stop()
+
+
+def test_train_names_its_peers_and_warns_about_a_recently_seen_one_that_is_missing(start_ring):
+    ring = start_ring([["--data", "digits", "--shard", f"{k}/3"] for k in range(3)])
+    a, gone = ring.agents[0], ring.agents[2]
+    gone.stop()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(a.status()["peers"]) > 1:
+        time.sleep(0.2)
+    assert [m["peer"] for m in a.status()["missing"]] == [gone.peer_id]
+    proc = train_cli(a.url, "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "uses 2 peer(s)" in proc.stderr and a.url in proc.stderr
+    assert f"warning: peer {gone.peer_id} ({gone.url})" in proc.stderr and "is left out of this job" in proc.stderr
 
 
 def free_ports(n: int) -> list[int]:
