@@ -205,17 +205,21 @@ class Agent:
             except (JobError, SpecError, ConfigError) as e:
                 log.warning("%s %s failed: %s", request.method, request.path, e)
                 return json_error(409, "job", str(e))
+            except (asyncio.CancelledError, web.HTTPException):
+                raise
+            except Exception as e:   # a bug or a failed computation: the caller still learns the real cause
+                log.exception("%s %s failed", request.method, request.path)
+                return json_error(500, "internal", f"peer {self.peer_id}: {type(e).__name__}: {e}")
         return wrapper
 
     # --- public -------------------------------------------------------------------------------
     async def h_status(self, request):
-        public = {"peer": self.peer_id, "ring": self.ring, "version": PROTOCOL_VERSION, "capabilities": CAPABILITIES,
-                  "instance": self.discovery.instance}
+        public = {"peer": self.peer_id, "ring": self.ring, "version": PROTOCOL_VERSION, "capabilities": CAPABILITIES}
         if not self.guard.member(request):
             return web.json_response({**public, "private": "sign the request with the ring secret to see more"})
         return web.json_response({
             **public,
-            "url": self.url, "interface": self.interface,
+            "url": self.url, "interface": self.interface, "instance": self.discovery.instance,
             **self.discovery.public(),   # peers, conflicts, missing
             "data": {"name": self.data.name, "samples": len(self.data), "test_samples": self.data.n_test},
             "memory_budget": self.memory_budget,

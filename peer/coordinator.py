@@ -64,6 +64,8 @@ class Coordinator:
                                     headers={"Content-Type": "application/cbor"},
                                     timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 reply = await r.json()
+        except aiohttp.ContentTypeError:
+            raise JobError(f"peer {peer['peer']} answered {path} with HTTP {r.status} and no explanation") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise JobError(f"peer {peer['peer']} at {peer['url']} did not answer {path}: {e!r}") from None
         if r.status != 200:

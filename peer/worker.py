@@ -68,6 +68,10 @@ class JobRuntime:
             train_roles = S.Roles(len(chain), remote)
         except (TypeError, ValueError) as e:
             raise ProtocolError("malformed", f"backward_at: {e}") from None
+        n_layers = len(self.shapes) - 1
+        if not all(isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) and
+                   0 <= r[0] <= r[1] <= n_layers for r in ranges.values()):
+            raise ProtocolError("malformed", f"ranges must be [first, end) layer pairs within the model's {n_layers}")
         a, b = ranges.get(self.me, (0, 0))
         if self.rotation < 0:  # first assignment: build own layers from (spec, seed, i)
             self.stage = Stage.build(self.cfg, a, b)
