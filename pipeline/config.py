@@ -1,17 +1,21 @@
 """Every knob of a job, with its default, in one place."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field, fields
 
 from pipeline.schedule import PIPELINES
 from protocols.compression import COMPRESSIONS, WIRE_DTYPES
+from protocols.errors import SplitringError
 
 
 SCHEMES = ("nsplit", "fast", "fast-async")
+OPTIMIZERS = ("sgd", "adam")
+SPLITS = ("planned", "even")
 
 
-class ConfigError(ValueError):
+class ConfigError(SplitringError, ValueError):
     pass
 
 
@@ -21,30 +25,53 @@ TYPES = {"seed": int, "epochs": int, "batch_size": int, "microbatches": int, "ma
          "optimizer": str, "scheme": str, "pipeline": str, "split": str, "wire_dtype": str, "compress": str}
 
 
+def knob(default, help: str, **cli) -> field:
+    """A field with its help (and `choices`, `metavar`) as metadata, from which the command line makes its
+    options (peer/cli/options.py). A list or dict default is copied for each instance."""
+    meta = {"help": help, **cli}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class JobConfig:
-    model: dict = field(default_factory=lambda: {"name": "mlp"})  # model spec (pipeline.models)
-    seed: int = 0               # initial weights: layer i from (seed, i); shuffling: (seed, epoch)
-    epochs: int = 1             # an epoch is N passes, one per peer of the ring
-    batch_size: int = 32        # samples per optimizer step
-    microbatches: int = 1       # a step's batch is cut into this many microbatches (gradients accumulate)
-    optimizer: str = "sgd"      # sgd | adam, one optimizer state per layer, moving with the layer
-    lr: float = 0.05
-    momentum: float = 0.0       # sgd only
-    weight_decay: float = 0.0
-    shuffle: bool = True        # heads visit their shard in a seeded random order each epoch
-    scheme: str = "nsplit"      # nsplit: one microbatch at a time; fast: pipelined microbatches (Fast N-split);
-                                # fast-async: pipelined across steps, forwards on weights up to max_staleness old
-    pipeline: str = "1f1b"      # fast: 1f1b (fewest buffers), gpipe or eager, all flush every step; fast-async: 1f1b
-    max_staleness: int = 1      # fast-async only: optimizer steps a forward's weights may lag (0 = synchronous)
-    backward_at: list | str = field(default_factory=list)  # fast-async only: [[stage, host], ...]: the middle
-                                # stage at chain position `stage` runs its backward and optimizer on the peer at
-                                # `host`; or "auto": the coordinator does so, per rotation, for each middle stage
-                                # that does not fit its peer's memory budget (planner.place_backward)
-    split: str = "planned"      # planned: the split planner (speed, memory, links); even: equal layer counts
-    recv_timeout: float = 120.0  # seconds a stage waits for a neighbour before the job fails
-    wire_dtype: str = "float32"  # activations and gradients on the wire: float32 | bfloat16 | float16
-    compress: str = "none"      # none | int8: activations and gradients 8-bit blockwise (overrides wire_dtype)
+    model: dict = knob({"name": "mlp"}, "the model: mlp, cnn, or module:function (a spec of pipeline/models.py)")
+    seed: int = knob(0, "initial weights: layer i from (seed, i); shuffling: from (seed, epoch)")
+    epochs: int = knob(1, "an epoch is N passes, one per peer of the ring")
+    batch_size: int = knob(32, "samples per optimizer step")
+    microbatches: int = knob(1, "a step's batch is cut into this many microbatches (gradients accumulate)",
+                             metavar="M")
+    optimizer: str = knob("sgd", "one optimizer state per layer, moving with the layer", choices=OPTIMIZERS)
+    lr: float = knob(0.05, "learning rate")
+    momentum: float = knob(0.0, "SGD momentum (sgd only)")
+    weight_decay: float = knob(0.0, "L2 penalty added to the gradients")
+    shuffle: bool = knob(True, "heads visit their shard in a seeded random order each epoch")
+    scheme: str = knob("nsplit", "nsplit: one microbatch in the chain at a time; fast: Fast N-split, microbatches "
+                                 "pipelined, a flush every step (exact); fast-async: pipelined across steps, "
+                                 "forwards on weights up to max_staleness steps old", choices=SCHEMES)
+    pipeline: str = knob("1f1b", "schedule of scheme fast, all with a flush every step, so the result is exact: "
+                                 "1f1b keeps fewest forward buffers; gpipe runs every forward first; eager runs "
+                                 "every forward first on the stages before the last, which then fill their waits "
+                                 "with weight-gradient work (fastest when the stages are about equally busy; M "
+                                 "buffers upstream). fast-async runs 1f1b", choices=tuple(PIPELINES))
+    max_staleness: int = knob(1, "fast-async only: optimizer steps a forward's weights may lag (0 = synchronous "
+                                 "1F1B)", metavar="K")
+    # as data: [[stage, host], ...] or "auto"
+    backward_at: list | str = knob([], "fast-async only: the middle stage at chain position STAGE runs its "
+                                       "backward and optimizer on the peer at chain position HOST, which sends the "
+                                       "new weights back (remote backward); auto: the coordinator does so, per "
+                                       "rotation, for each middle stage that does not fit its peer's memory budget",
+                                   metavar="STAGE:HOST,...|auto")
+    split: str = knob("planned", "planned: the split planner chooses each peer's layers from measured speed, "
+                                 "memory and links; even: equal layer counts (checked against memory budgets)",
+                      choices=SPLITS)
+    recv_timeout: float = knob(120.0, "seconds a stage waits for a neighbour before the job fails",
+                               metavar="SECONDS")
+    wire_dtype: str = knob("float32", "how activations and gradients travel (layer state moved by swaps is "
+                                      "always exact)", choices=WIRE_DTYPES)
+    compress: str = knob("none", "int8: activations and gradients 8-bit blockwise absmax (overrides wire_dtype)",
+                         choices=COMPRESSIONS)
 
     def __post_init__(self):
         for f in fields(self):   # a value of the wrong type is refused before it is compared with anything
@@ -62,7 +89,7 @@ class JobConfig:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.microbatches >= 1, "microbatches must be >= 1"),
-            (self.optimizer in ("sgd", "adam"), f"unknown optimizer {self.optimizer!r} (sgd, adam)"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r} (sgd, adam)"),
             (self.lr > 0, "lr must be > 0"),
             (self.momentum >= 0 and self.weight_decay >= 0, "momentum and weight_decay must be >= 0"),
             (self.scheme in SCHEMES, f"unknown scheme {self.scheme!r} ({', '.join(SCHEMES)})"),
@@ -76,7 +103,7 @@ class JobConfig:
              "backward_at must be \"auto\" or a list of [stage, host] chain positions, one per stage"),
             (not self.backward_at or self.scheme == "fast-async",
              "backward_at (a remote backward) needs scheme fast-async"),
-            (self.split in ("planned", "even"), f"unknown split {self.split!r} (planned, even)"),
+            (self.split in SPLITS, f"unknown split {self.split!r} (planned, even)"),
             (self.pipeline in PIPELINES, f"unknown pipeline schedule {self.pipeline!r} ({', '.join(PIPELINES)})"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),
             (self.wire_dtype in WIRE_DTYPES, f"unknown wire dtype {self.wire_dtype!r} ({', '.join(WIRE_DTYPES)})"),

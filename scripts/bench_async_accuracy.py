@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from peer.cli_train import backward_at  # noqa: E402
+from peer.cli.options import backward_at  # noqa: E402
 from pipeline import data, local, reference  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.models import build_model, num_layers  # noqa: E402

@@ -41,7 +41,7 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from peer.cli_common import keep_freed_memory, pin_to  # noqa: E402
+from peer.cli.common import keep_freed_memory, pin_to  # noqa: E402
 from peer.localring import LocalRing, train_cli  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.models import build_model  # noqa: E402

@@ -187,6 +187,6 @@ def test_agent_refuses_cpus_it_cannot_have(tmp_path, cpus, expected):
 
 
 def test_cpu_lists_parse_as_taskset_writes_them():
-    from peer.cli_common import parse_cpus
+    from peer.cli.common import parse_cpus
     assert parse_cpus("0", {0, 1}) == {0} and parse_cpus("0-2,5", set(range(8))) == {0, 1, 2, 5}
     assert parse_cpus(" 1 , 0", {0, 1}) == {0, 1}

@@ -6,7 +6,7 @@ import json
 import sys
 import urllib.error
 
-from peer.cli_common import add_ring_options, connect
+from peer.cli.common import add_ring_options, call, connect
 
 
 def register(sub) -> None:
@@ -17,12 +17,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from peer.security import open_url
-
     url, key = connect(args)
     try:
-        with open_url(f"{url}/jobs/{args.job}/cancel", key, b"", timeout=30) as r:
-            reply = json.load(r)
+        reply = call(url, key, "cancel_job", params={"job": args.job}, timeout=30)
     except urllib.error.HTTPError as e:
         detail = json.loads(e.read() or b"{}")
         print(f"splitring cancel: {detail.get('message', e)}", file=sys.stderr)

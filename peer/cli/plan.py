@@ -12,10 +12,15 @@ import re
 import sys
 from dataclasses import replace
 
-from pipeline.planner import (SCHEMES, Device, Plan, PlanInfeasible, devices_from_profile, format_bytes,
-                              layers_from_profile, over_budget, plan, plan_chain, plan_rotations)
+from peer.cli.common import ConnectOptions, call, connect
+from peer.cli.options import add_job_options, add_options, job_config
+from pipeline.planner import (Device, Plan, PlanInfeasible, devices_from_profile, format_bytes, layers_from_profile,
+                              over_budget, plan, plan_chain, plan_rotations)
 from pipeline.profiles import available
-from pipeline.schedule import PIPELINES
+
+# the JobConfig fields a plan depends on (`splitring train` takes them all)
+JOB_FIELDS = ("model", "batch_size", "microbatches", "optimizer", "momentum", "scheme", "pipeline", "max_staleness",
+              "backward_at", "split")
 
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
               "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -116,21 +121,13 @@ def live_plans(args: argparse.Namespace) -> tuple[list[Plan], list[dict]]:
     """Ask a peer of the ring to plan a job on the ring as it is now (measured profiles and links)."""
     import urllib.error
 
-    from peer.cli_common import connect
-    from peer.security import RingAuthError, open_url
-    from pipeline.config import JobConfig
-    from pipeline.models import parse_spec
+    from peer.security import RingAuthError
     from pipeline.planner import StagePlan
 
-    cfg = JobConfig(model=parse_spec(args.model, args.model_options), batch_size=args.batch_size,
-                    microbatches=args.microbatches, optimizer=args.optimizer, momentum=args.momentum,
-                    scheme=args.scheme, pipeline=args.pipeline, max_staleness=args.max_staleness,
-                    backward_at=args.backward_at or [])
+    cfg = job_config(args, JOB_FIELDS)
     url, key = connect(args)
-    body = json.dumps({"v": 1, "type": "job_start", "config": cfg.to_dict()}).encode()
     try:
-        with open_url(f"{url}/plan", key, body, {"Content-Type": "application/json"}, timeout=120) as r:
-            reply = json.load(r)
+        reply = call(url, key, "plan_job", timeout=120, config=cfg.to_dict())
     except urllib.error.HTTPError as e:
         raise ValueError(json.loads(e.read() or b"{}").get("message", str(e))) from None
     except RingAuthError as e:
@@ -155,14 +152,17 @@ def run(args: argparse.Namespace) -> int:
         devices = offline_devices(args)
         layers = layers_from_profile(args.profile, optimizer_state=args.optimizer_state)
         remotes = None
-        if args.backward_at:
-            if args.rotations or args.scheme != "fast-async":
-                raise ValueError("--backward-at plans one chain of --scheme fast-async (not with --rotations)")
-            p, remote = plan_chain(devices, layers, args.scheme, args.microbatches, args.max_staleness,
+        if args.backward_at and (args.rotations or args.scheme != "fast-async"):
+            raise ValueError("--backward-at plans one chain of --scheme fast-async (not with --rotations)")
+        if args.split == "even" and args.rotations:
+            raise ValueError("offline, --split even plans one chain (not with --rotations)")
+        if args.backward_at or args.split == "even":
+            p, remote = plan_chain(devices, layers, args.scheme, args.microbatches, args.max_staleness, args.split,
                                    backward_at={j: h for j, h in args.backward_at} if args.backward_at != "auto"
                                    else "auto")
             if not p.fits:
-                raise ValueError(f"the split does not fit the memory budgets with --backward-at: {over_budget(p)}")
+                raise ValueError(f"the {args.split} split does not fit the memory budgets"
+                                 f"{' with --backward-at' if args.backward_at else ''}: {over_budget(p)}")
             plans, remotes = [p], [remote]
         elif args.rotations:
             plans = plan_rotations(devices, layers, args.scheme, args.microbatches, max_staleness=args.max_staleness)
@@ -176,9 +176,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from peer.cli_common import add_secret_option
-    from peer.cli_train import backward_at as backward_at_option
-
     p = subparsers.add_parser(
         "plan", help="choose each peer's layers (the split planner)",
         description="Choose each peer's contiguous layers so that a training step is fastest and every peer "
@@ -195,34 +192,22 @@ def register(subparsers) -> None:
                    help="of each device's link to the next, same forms as --memory-budget "
                         "(units bit, Kbit, Mbit, Gbit, or bytes: B, KB, MB, MiB, ...); default 100Mbit")
     p.add_argument("--latency", metavar="TIME", help="one way, per link, same forms (s, ms, us); default 1ms")
-    p.add_argument("--microbatches", type=int, default=1, metavar="M", help="microbatches per step (default 1)")
-    p.add_argument("--scheme", choices=SCHEMES, default="nsplit",
-                   help="nsplit: one microbatch at a time; fast, fast-async: pipelined (default nsplit)")
     p.add_argument("--optimizer-state", type=float, default=1.0, metavar="RATIO",
                    help="optimizer state bytes per parameter byte: 1 SGD with momentum (default), 2 Adam, 0 SGD")
     p.add_argument("--rotations", action="store_true",
                    help="plan every rotation of the ring and show the bytes each swap moves")
-    p.add_argument("--backward-at", type=backward_at_option, default=None, metavar="STAGE:HOST,...|auto",
-                   help="--scheme fast-async: run these middle stages' backward on the peer at chain position HOST, "
-                        "or (auto) place each that does not fit its budget; shown above the table")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     live = p.add_argument_group("live ring (plans with the peers' measured profiles, budgets and links)")
-    live.add_argument("--peer", default=None, help="URL of a peer of the ring")
-    live.add_argument("--ring", default=None, help="ring name, found by mDNS on --interface")
-    live.add_argument("--interface", default="127.0.0.1", help="where to look for the ring by mDNS")
-    live.add_argument("--discover-timeout", type=float, default=5.0)
-    add_secret_option(live)
-    live.add_argument("--model", default="mlp")
-    live.add_argument("--model-options", default="")
-    live.add_argument("--batch-size", type=int, default=32)
-    live.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    live.add_argument("--momentum", type=float, default=0.0)
+    add_options(live, ConnectOptions, ring=None)
+    job = p.add_argument_group(
+        "job", "as `splitring train` takes them. A live ring reads them all; offline plans read --scheme, "
+               "--microbatches, --max-staleness, --backward-at and --split; --show-schedule --scheme, --pipeline, "
+               "--microbatches and --max-staleness")
+    add_job_options(job, JOB_FIELDS)
     sched = p.add_argument_group("schedule timeline")
     sched.add_argument("--show-schedule", action="store_true",
                        help="print the actions per stage of --steps steps and their timeline for --scheme/--pipeline")
-    sched.add_argument("--pipeline", choices=list(PIPELINES), default="1f1b")
     sched.add_argument("--steps", type=int, default=1, help="steps to draw (default 1)")
-    sched.add_argument("--max-staleness", type=int, default=1, metavar="K", help="for --scheme fast-async")
     sched.add_argument("--stages", type=int, default=None, help="stages to draw (default: --devices count, or 3)")
     sched.add_argument("--schedule-image", default=None, metavar="PNG", help="also draw the timeline (matplotlib)")
     p.set_defaults(func=run)

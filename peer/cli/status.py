@@ -5,7 +5,7 @@ import json
 import sys
 import urllib.error
 
-from peer.cli_common import add_ring_options, connect
+from peer.cli.common import add_ring_options, connect
 
 
 def register(sub) -> None:

@@ -6,20 +6,37 @@ import ctypes
 import ipaddress
 import os
 import sys
+from dataclasses import dataclass
 
 import ifaddr
 
+from peer.cli.options import add_options
+from pipeline.config import knob
 
-def add_ring_options(p, *, peer: bool = True) -> None:
-    p.add_argument("--ring", default="default", help="ring name (peers of one ring train together)")
-    p.add_argument("--interface", default="127.0.0.1",
-                   help="IPv4 address or interface name where mDNS runs (default: 127.0.0.1, loopback only; "
-                        "give your LAN interface, e.g. eth0 or 192.168.1.20, to reach other devices)")
-    add_secret_option(p)
-    if peer:
-        p.add_argument("--peer", default=None,
-                       help="URL of a peer (e.g. http://127.0.0.1:7001, https:// with TLS): skips discovery")
-        p.add_argument("--discover-timeout", type=float, default=5.0, help="seconds to look for peers by mDNS")
+
+@dataclass(kw_only=True)
+class RingOptions:
+    """Which ring: every command that talks to one, and the agent, take these."""
+    ring: str = knob("default", "ring name (peers of one ring train together)")
+    interface: str = knob("127.0.0.1", "IPv4 address or interface name where mDNS runs: loopback only by default; "
+                                       "give your LAN interface, e.g. eth0 or 192.168.1.20, to reach other devices",
+                          metavar="IF")
+    secret_file: str | None = knob(None, "file holding the ring secret (default: $SPLITRING_SECRET_FILE, else "
+                                         "$SPLITRING_SECRET); only peers that know it get in. Without one the ring "
+                                         "is open to anyone on the network", metavar="PATH")
+
+
+@dataclass(kw_only=True)
+class ConnectOptions(RingOptions):
+    """Which peer of the ring a command talks to."""
+    peer: str | None = knob(None, "URL of a peer (e.g. http://127.0.0.1:7001, https:// with TLS): skips discovery",
+                            metavar="URL")
+    discover_timeout: float = knob(5.0, "seconds to look for peers by mDNS", metavar="SECONDS")
+
+
+def add_ring_options(p) -> None:
+    """--ring, --interface, --secret-file, --peer, --discover-timeout."""
+    add_options(p, ConnectOptions)
 
 
 def parse_cpus(text: str, available: set[int]) -> set[int]:
@@ -59,12 +76,6 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_mmap_threshold, 32 << 20)   # the largest glibc accepts: larger blocks are still mapped
     mallopt(m_trim_threshold, 1 << 30)
-
-
-def add_secret_option(p) -> None:
-    p.add_argument("--secret-file", default=None, metavar="PATH",
-                   help="file holding the ring secret (default: $SPLITRING_SECRET_FILE, else $SPLITRING_SECRET); "
-                        "only peers that know it get in. Without one the ring is open to anyone on the network")
 
 
 def secret(args) -> bytes | None:
@@ -128,3 +139,29 @@ def find_peer(args) -> str:
               f"check --ring and --interface, or name one with --peer URL", file=sys.stderr)
         raise SystemExit(2)
     return peers[0].url
+
+
+def call(url: str, key: bytes | None, name: str, *, params: dict | None = None, timeout: float | None = None,
+         **fields):
+    """Make the declared call `name` (protocols.calls) on the agent at `url`, signed with the ring key:
+    its checked reply, or, for a streaming call, an iterator of its checked events. Raises what
+    peer.security.open_url raises (urllib.error.HTTPError for a refusal, RingAuthError, URLError)."""
+    import json
+
+    from peer.security import open_url
+    from protocols import message
+    from protocols.calls import CALLS, check_event, check_reply
+
+    c = CALLS[name]
+    body = json.dumps(message(c.request, **fields)).encode() if c.request else b"" if c.method == "POST" else None
+    resp = open_url(url + c.url_path(**(params or {})), key, body,
+                    {"Content-Type": "application/json"} if c.request else None, timeout=timeout)
+    if not c.stream:
+        with resp:
+            return check_reply(c, json.load(resp))
+
+    def events():
+        with resp:
+            for line in resp:
+                yield check_event(c, json.loads(line))
+    return events()
