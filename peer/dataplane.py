@@ -21,6 +21,7 @@ import torch
 from protocols import ProtocolError, decode_frame, encode_frame, message, validate
 from protocols.compression import PART_DTYPES, WirePolicy, apply_policy
 from protocols.frames import assemble, encode_parts
+from pipeline.admission import MessageKey
 from peer.limits import LIMITS
 from peer.security import ClientHandshake, Pins, RingAuthError
 from peer.transport import RawFrame, connect
@@ -205,45 +206,45 @@ class Links:
 
 
 class Mailbox:
-    """Messages of one job awaiting their receiver, keyed by (rotation, mode, step, kind, mb).
-    A key is delivered at most once; duplicates and keys already consumed are refused. At most `limit`
-    messages of each kind (fwd, bwd: one neighbour each) wait unread; the data plane awaits `room`
-    before delivering, which pauses reading from that neighbour."""
+    """Messages of one job awaiting their receiver, by MessageKey. A key is delivered at most once;
+    duplicates and keys already consumed are refused. At most `limit` messages of each box (fwd@2,
+    bwd@1...: one sender each) wait unread; the data plane awaits `room` before delivering, which
+    pauses reading from that sender."""
 
     def __init__(self, limit: int = MAILBOX_LIMIT):
         self.limit = limit
-        self.slots: dict[tuple, asyncio.Future] = {}
-        self.consumed: set[tuple] = set()
+        self.slots: dict[MessageKey, asyncio.Future] = {}
+        self.consumed: set[MessageKey] = set()
         self.failure: Exception | None = None
         self._freed = asyncio.Event()
 
-    def _slot(self, key) -> asyncio.Future:
+    def _slot(self, key: MessageKey) -> asyncio.Future:
         fut = self.slots.get(key)
         if fut is None:
             fut = self.slots[key] = asyncio.get_running_loop().create_future()
         return fut
 
-    def unread(self, kind: str) -> int:
-        return sum(1 for k, f in self.slots.items() if k[3] == kind and f.done())
+    def unread(self, box: str) -> int:
+        return sum(1 for k, f in self.slots.items() if k.box == box and f.done())
 
-    async def room(self, kind: str) -> None:
-        while self.failure is None and self.unread(kind) >= self.limit:
+    async def room(self, box: str) -> None:
+        while self.failure is None and self.unread(box) >= self.limit:
             self._freed.clear()
             await self._freed.wait()
 
-    def deliver(self, key: tuple, payload: dict) -> None:
+    def deliver(self, key: MessageKey, payload: dict) -> None:
         if key in self.consumed or (key in self.slots and self.slots[key].done()):
             raise ProtocolError("duplicate", f"duplicate message {key}")
-        if self.unread(key[3]) >= self.limit:
-            raise ProtocolError("overflow", f"{self.limit} {key[3]} messages already wait unread")
+        if self.unread(key.box) >= self.limit:
+            raise ProtocolError("overflow", f"{self.limit} {key.box} messages already wait unread")
         self._slot(key).set_result(payload)
 
-    def ready(self, key: tuple) -> bool:
+    def ready(self, key: MessageKey) -> bool:
         """Whether get(key) would return at once."""
         fut = self.slots.get(key)
         return fut is not None and fut.done()
 
-    async def get(self, key: tuple, timeout: float) -> dict:
+    async def get(self, key: MessageKey, timeout: float) -> dict:
         if self.failure:
             raise self.failure
         fut = self._slot(key)
@@ -268,6 +269,6 @@ class Mailbox:
 
     def new_rotation(self, rotation: int) -> None:
         """Forget what older rotations left behind."""
-        self.slots = {k: f for k, f in self.slots.items() if k[0] >= rotation}
-        self.consumed = {k for k in self.consumed if k[0] >= rotation}
+        self.slots = {k: f for k, f in self.slots.items() if k.rotation >= rotation}
+        self.consumed = {k for k in self.consumed if k.rotation >= rotation}
         self._freed.set()

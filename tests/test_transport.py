@@ -16,6 +16,7 @@ from peer import transport
 from peer.buffers import BufferPool
 from peer.dataplane import Mailbox, wire_policy
 from peer.transport import FrameStream, RawFrame, adopt
+from pipeline.admission import MessageKey
 from pipeline.config import ConfigError, JobConfig
 from protocols import ProtocolError, decode_frame, encode_frame, message
 from protocols.compression import BLOCK, WirePolicy, apply_policy, pack, unpack
@@ -115,7 +116,7 @@ def test_job_config_validates_and_carries_the_wire_options():
 
 def test_train_flags_reach_the_job_config():
     import argparse
-    from peer import cli_train
+    from peer.cli import train as cli_train
 
     parser = argparse.ArgumentParser()
     cli_train.register(parser.add_subparsers())
@@ -302,17 +303,17 @@ def test_mailbox_holds_a_bounded_number_of_unread_messages_per_kind():
     async def main():
         box = Mailbox(limit=3)
         for mb in range(3):
-            box.deliver((0, "train", 0, "fwd", mb), {"mb": mb})
-        box.deliver((0, "train", 0, "bwd", 0), {})  # the other neighbour has its own room
+            box.deliver(MessageKey(0, "train", 0, "fwd", mb), {"mb": mb})
+        box.deliver(MessageKey(0, "train", 0, "bwd", 0), {})  # the other neighbour has its own room
         with pytest.raises(ProtocolError) as e:
-            box.deliver((0, "train", 0, "fwd", 3), {})
+            box.deliver(MessageKey(0, "train", 0, "fwd", 3), {})
         assert e.value.code == "overflow"
         waiting = asyncio.create_task(box.room("fwd"))
         await asyncio.sleep(0.05)
         assert not waiting.done()
-        assert (await box.get((0, "train", 0, "fwd", 0), 1))["mb"] == 0
+        assert (await box.get(MessageKey(0, "train", 0, "fwd", 0), 1))["mb"] == 0
         await asyncio.wait_for(waiting, 5)
-        box.deliver((0, "train", 0, "fwd", 3), {})
+        box.deliver(MessageKey(0, "train", 0, "fwd", 3), {})
     asyncio.run(main())
 
 
@@ -328,7 +329,7 @@ def test_quantize_matches_its_definition_on_a_hand_example():
 _IN_HEAP = """
 import sys, torch
 if sys.argv[1] == "keep":
-    from peer.cli_common import keep_freed_memory
+    from peer.cli.common import keep_freed_memory
     keep_freed_memory()
 block = torch.empty(4 << 20)   # 16 MiB
 heap = next(line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]"))
