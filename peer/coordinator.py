@@ -4,11 +4,11 @@ epoch ends. Emits progress events (dicts) as it goes."""
 from __future__ import annotations
 
 import asyncio
-import json
+import itertools
+import math
 import logging
 import time
 import uuid
-from dataclasses import replace
 
 from collections import deque
 
@@ -17,13 +17,12 @@ import torch
 
 from pipeline import schedule as S
 from pipeline.config import JobConfig
-from pipeline.models import footprint, spec_hash
-from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, moved_bytes, over_budget, plan_chain, too_big
-from pipeline.profiling import optimizer_state_ratio
-from pipeline.swaps import swap_moves
+from pipeline.models import footprint, input_shape, spec_hash
+from pipeline.jobplan import Facts, JobPlan, reporting_programs
+from pipeline.planner import Device, LayerCost, too_big
+from pipeline.profiling import microbatch_rows, optimizer_state_ratio
 from peer.limits import JOB_LIMITS
-from peer.worker import JobError
-from protocols import encode_frame, message
+from peer.client import JobError, PeerClient
 
 log = logging.getLogger("splitring.coordinator")
 EVENTS_KEPT = 256   # a job's last events, for /jobs/ID and /status (listeners get every one as it happens)
@@ -36,9 +35,12 @@ class Coordinator:
     window, fast-async's staleness a histogram, throughput a running sum, plans the first few; the
     finished model goes to the state dir (served from disk)."""
 
-    def __init__(self, agent, cfg: JobConfig, job: str | None = None,
-                 sizes: list[tuple[tuple[int, ...], int]] | None = None):
-        self.agent, self.cfg = agent, cfg
+    def __init__(self, cfg: JobConfig, me: dict, view, client: PeerClient, save_model,
+                 job: str | None = None, sizes: list[tuple[tuple[int, ...], int]] | None = None):
+        """me: this peer ({"peer", "url", "memory_budget"}); view: who else is in the ring (peers(), conflicts,
+        missing(), as peer.discovery.Discovery); client: calls to peers (peer.client.PeerClient);
+        save_model(job, state_dict) -> path: where a finished model goes."""
+        self.cfg, self.me, self.view, self.client, self.save_model = cfg, me, view, client, save_model
         self.job = job or uuid.uuid4().hex[:12]
         self.sizes = sizes if sizes is not None else footprint(cfg.model)   # per layer: output shape, param bytes
         self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
@@ -57,42 +59,22 @@ class Coordinator:
             q.put_nowait(event)
 
     # --- calls to peers -----------------------------------------------------------------------
-    async def call(self, peer: dict, path: str, body: dict, timeout: float | None = 60) -> dict:
-        session: aiohttp.ClientSession = self.agent.session
-        try:
-            async with session.post(peer["url"] + path, data=encode_frame(body),
-                                    headers={"Content-Type": "application/cbor"},
-                                    timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                reply = await r.json()
-        except aiohttp.ContentTypeError:
-            raise JobError(f"peer {peer['peer']} answered {path} with HTTP {r.status} and no explanation") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise JobError(f"peer {peer['peer']} at {peer['url']} did not answer {path}: {e!r}") from None
-        if r.status != 200:
-            raise JobError(f"peer {peer['peer']} refused {path}: {reply.get('message', reply)}")
-        return reply
-
-    async def call_all(self, peers: list[dict], path: str, body_for) -> list[dict]:
-        return await asyncio.gather(*(self.call(p, path, body_for(p)) for p in peers))
+    async def call_all(self, peers: list[dict], name: str, **fields) -> list[dict]:
+        """Every peer's reply; the first failure is raised once no call is left in flight (so an abort that
+        follows cannot overtake a call still on its way)."""
+        replies = await asyncio.gather(*(self.client.call(p, name, **fields) for p in peers), return_exceptions=True)
+        for r in replies:
+            if isinstance(r, BaseException):
+                raise r
+        return replies
 
     # --- the job ------------------------------------------------------------------------------
-    async def status_of(self, peer: dict, timeout: float = 5) -> dict | None:
-        """A peer's /status, or None if it does not answer as itself within `timeout` seconds."""
-        try:
-            async with self.agent.session.get(peer["url"] + "/status",
-                                              timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                st = await r.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            return None
-        return st if isinstance(st, dict) and st.get("peer") == peer["peer"] else None
-
     async def snapshot_ring(self) -> list[dict]:
         """The peers that answer now, in ring order, with their memory budgets. Refused while two live agents
         share a peer id (as this agent or any member sees it)."""
-        me = {"peer": self.agent.peer_id, "url": self.agent.url, "memory_budget": self.agent.memory_budget}
-        seen = [{"peer": r.peer, "url": r.url} for r in self.agent.discovery.peers()]
-        answers = await asyncio.gather(*(self.status_of(p) for p in seen))
-        alive, conflicts = [me], list(self.agent.discovery.conflicts)
+        seen = [{"peer": r.peer, "url": r.url} for r in self.view.peers()]
+        answers = await asyncio.gather(*(self.client.status(p) for p in seen))
+        alive, conflicts = [dict(self.me)], list(self.view.conflicts)
         for p, st in zip(seen, answers):
             if st is None:
                 log.warning("peer %s at %s is not answering; left out of the ring", p["peer"], p["url"])
@@ -108,15 +90,17 @@ class Coordinator:
         """Refuse, before any peer builds a layer, a model whose parameters, gradients and optimizer state
         exceed the ring's memory budgets together, or have a layer no single peer can hold."""
         budgets = {p["peer"]: p.get("memory_budget") for p in ring}
-        problem = too_big([b for _, b in self.sizes], optimizer_state_ratio(self.cfg), budgets)
+        shapes = [input_shape(self.cfg.model)] + [shape for shape, _ in self.sizes]
+        rows = microbatch_rows(self.cfg)
+        acts = [rows * 4 * (math.prod(a) + math.prod(b)) for a, b in zip(shapes, shapes[1:])]
+        problem = too_big([b for _, b in self.sizes], optimizer_state_ratio(self.cfg), budgets, acts)
         if problem:
-            raise JobError(f"model {self.cfg.model['name']!r} cannot fit this ring: {problem}")
+            raise JobError(f"the ring cannot hold the model {self.cfg.model['name']!r}: {problem}")
 
     async def gather_devices(self, ring: list[dict]) -> tuple[dict[str, Device], list[LayerCost], dict]:
         """Each peer's measured layer costs and budget, and a probe of its link: what the planner needs."""
-        body = message("job_profile", config=self.cfg.to_dict())
-        replies = dict(zip([p["peer"] for p in ring], await self.call_all(ring, "/job/profile", lambda p: body)))
-        links = {p["peer"]: await self.probe_link(p) for p in ring}
+        replies = dict(zip([p["peer"] for p in ring], await self.call_all(ring, "profile", config=self.cfg.to_dict())))
+        links = {p["peer"]: await self.client.probe_link(p) for p in ring}
         devices = {pid: Device(pid, memory_budget=r["memory_budget"], forward_s=tuple(r["profile"]["forward_s"]),
                                backward_s=tuple(r["profile"]["backward_s"]), bandwidth=links[pid][0],
                                latency=links[pid][1]) for pid, r in replies.items()}
@@ -125,162 +109,106 @@ class Coordinator:
             prof["forward_s"], prof["backward_s"], prof["param_bytes"], prof["optim_bytes"], prof["activation_bytes"])]
         return devices, layers, replies
 
-    async def probe_link(self, peer: dict, size: int = 1 << 21) -> tuple[float, float]:
-        """(bytes/s, one-way seconds) between the coordinator and a peer: a small and a 2 MiB POST.
-        A link between two peers is taken as the slower of their links to the coordinator (a star LAN)."""
-        times = []
-        for n in (1, size):
-            t0 = time.perf_counter()
-            async with self.agent.session.post(peer["url"] + "/probe", data=b"\0" * n) as r:
-                await r.read()
-            times.append(time.perf_counter() - t0)
-        latency = times[0] / 2
-        return size / max(times[1] - times[0], 1e-6), latency
-
-    def plan_chain(self, chain: list[str], devices: dict[str, Device], layers: list[LayerCost],
-                   previous: dict[str, tuple[int, int]] | None) -> tuple[Plan, dict[int, int]]:
-        """The split of one rotation, and its remote backwards ({stage: host} chain positions): the
-        planner's split (fewest bytes moved among the fastest), or an even split, checked against the
-        same memory model with the remote backwards given, or placed (`--backward-at auto`)."""
-        chained = [replace(devices[p], bandwidth=min(devices[p].bandwidth, devices[q].bandwidth))
-                   for p, q in zip(chain, chain[1:] + chain[:1])]
-        cfg = self.cfg
-        try:
-            p, remote = plan_chain(chained, layers, cfg.scheme, cfg.microbatches, cfg.max_staleness, cfg.split,
-                                   "auto" if cfg.backward_at == "auto" else cfg.remote_backward(), previous)
-        except PlanInfeasible as e:
-            raise JobError(f"the ring cannot hold the model: {e}") from None
-        if not p.fits:
-            raise JobError(f"the {cfg.split} split does not fit the memory budgets"
-                           f"{' with --backward-at' if cfg.backward_at else ''}: {over_budget(p)}")
-        return p, remote
+    async def gather_facts(self, ring: list[dict]) -> Facts:
+        devices, layers, replies = await self.gather_devices(ring)
+        return Facts(tuple(p["peer"] for p in ring), devices, layers,
+                     {p: r["samples"] for p, r in replies.items()}, {p: r["test_samples"] for p, r in replies.items()})
 
     async def plan_only(self) -> list[dict]:
         """Every rotation's plan for the ring as it is now (no job is started)."""
         self.ring = await self.snapshot_ring()
         self.check_fits(self.ring)
-        devices, layers, _ = await self.gather_devices(self.ring)
-        ids, plans, previous = [p["peer"] for p in self.ring], [], None
-        for r in range(len(ids)):
-            p, remote = self.plan_chain(S.chain_order(ids, r), devices, layers, previous)
-            previous = p.assignment
-            plans.append({**p.to_dict(), "backward_at": [[j, h] for j, h in remote.items()]})
-        return plans
+        plan = JobPlan(self.cfg, await self.gather_facts(self.ring))
+        return [{**p.split.to_dict(), "bytes_moved": p.bytes_moved, "backward_at": p.to_dict()["backward_at"]}
+                for p in plan.one_epoch()]
 
     async def run(self) -> None:
         t0 = time.perf_counter()
         try:
             await self._run(t0)
         except asyncio.CancelledError:
-            await self._abort("job cancelled")
-            self.emit({"event": "failed", "job": self.job, "error": "job cancelled"})
+            await self._fail("job cancelled")
             raise
         except (JobError, ValueError) as e:
-            await self._abort(str(e))
-            self.emit({"event": "failed", "job": self.job, "error": str(e)})
+            await self._fail(str(e))
         except Exception as e:  # a bug: still tell the CLI, and stop the peers
             log.exception("job %s failed", self.job)
-            await self._abort(repr(e))
-            self.emit({"event": "failed", "job": self.job, "error": repr(e)})
+            await self._fail(repr(e))
+
+    async def _fail(self, reason: str):
+        """Stop every stage, then say so: the failed event is emitted even if a cancel interrupts the abort
+        (else whoever follows the job would wait for it forever)."""
+        try:
+            await self._abort(reason)
+        finally:
+            self.emit({"event": "failed", "job": self.job, "error": reason})
 
     async def _abort(self, reason: str):
-        body = message("job_abort", job=self.job, reason=reason)
-        await asyncio.gather(*(self.call(p, "/job/abort", body, timeout=5) for p in self.ring),
-                             return_exceptions=True)
+        await asyncio.gather(*(self.client.call(p, "abort", timeout=5, job=self.job, reason=reason)
+                               for p in self.ring), return_exceptions=True)
 
     async def _run(self, t0: float) -> None:
         cfg, n_layers = self.cfg, len(self.sizes)
         self.ring = ring = await self.snapshot_ring()
         self.check_fits(ring)
-        ids = [p["peer"] for p in ring]
         by_id = {p["peer"]: p for p in ring}
-        prep = message("job_prepare", job=self.job, config=cfg.to_dict(), ring=ring,
-                       coordinator=self.agent.peer_id, spec_hash=spec_hash(cfg.model))
-        await self.call_all(ring, "/job/prepare", lambda p: prep)
-        devices, layers, replies = await self.gather_devices(ring)
-        samples = {p: r["samples"] for p, r in replies.items()}
-        tests = {p: r["test_samples"] for p, r in replies.items()}
-        n = len(ring)
-        heads = [r for r in range(n) if samples[S.chain_order(ids, r)[0]] > 0]   # the rotations that train
-        if not heads:
-            raise JobError("no peer of the ring has training data")
-        try:
-            S.Roles(n, cfg.remote_backward())
-        except ValueError as e:
-            raise JobError(f"a chain of {n} stages: {e}") from None
-        steps_per_pass = {p: -(-samples[p] // cfg.batch_size) for p in ids}
-        self.emit({"event": "started", "job": self.job, "ring": ids, "coordinator": self.agent.peer_id,
-                   "urls": {p["peer"]: p["url"] for p in ring}, "missing": self.agent.discovery.missing(),
-                   "layers": n_layers, "samples": samples, "config": cfg.to_dict(),
-                   "total_steps": cfg.epochs * sum(steps_per_pass[S.chain_order(ids, r)[0]] for r in heads)})
-        assignment: dict[str, tuple[int, int]] | None = None
+        await self.call_all(ring, "prepare", job=self.job, config=cfg.to_dict(), ring=ring, coordinator=self.me["peer"],
+                            spec_hash=spec_hash(cfg.model))
+        facts = await self.gather_facts(ring)
+        plan = JobPlan(cfg, facts)
+        passes = iter(plan)   # the first pass is planned here, so a plan that cannot run fails before "started"
+        first = next(passes)
+        self.emit({"event": "started", "job": self.job, "ring": list(facts.ring), "coordinator": self.me["peer"],
+                   "urls": {p["peer"]: p["url"] for p in ring}, "missing": self.view.missing(),
+                   "layers": n_layers, "samples": facts.samples, "config": cfg.to_dict(),
+                   "total_steps": plan.total_steps})
         total_samples, last_loss, accuracy = 0, None, None
         train_seconds, plans, steps_done, bytes_moved = 0.0, [], 0, 0
-        passes = cfg.epochs * len(heads)
-        for k in range(passes):   # pass k: rotation r (epochs of n rotations, skipping heads without data)
-            epoch = k // len(heads)
-            r = epoch * n + heads[k % len(heads)]
-            chain = S.chain_order(ids, r)
-            split, remote = self.plan_chain(chain, devices, layers, assignment)
-            ranges = split.assignment
-            moved = moved_bytes(assignment, ranges, layers) if assignment else 0
-            bytes_moved += moved
-            plan = {"rotation": r, "ranges": {k: list(v) for k, v in ranges.items()},
-                    "predicted_step_s": split.step_s, "bytes_moved": moved,
-                    "backward_at": [[j, h] for j, h in remote.items()]}
+        for step in itertools.chain([first], passes):
             if len(plans) < JOB_LIMITS.summary_plans:
-                plans.append(plan)
-            self.emit({"event": "plan", **plan})
-            active = [p for p in chain if ranges[p][1] > ranges[p][0]]
-            if remote and len(active) < n:
-                raise JobError(f"--backward-at names chain positions, but the plan leaves {n - len(active)} peer(s) "
-                               "without layers; use --split even")
-            if assignment is not None:
-                moves = swap_moves(assignment, ranges)
-                senders = sorted({src for _, src, _ in moves})
-                body = message("swap_send", job=self.job, rotation=r, moves=[list(m) for m in moves])
-                await self.call_all([by_id[s] for s in senders], "/job/swap/send", lambda p: body)
-                self.emit({"event": "swap", "rotation": r, "layers_moved": len(moves), "bytes_moved": moved})
-            head = chain[0]
-            commit = message("job_commit", job=self.job, rotation=r, chain=active,
-                             ranges={p: list(v) for p, v in ranges.items()}, head_samples=samples[head],
-                             head_test_samples=tests[head], backward_at=plan["backward_at"])
-            await self.call_all(ring, "/job/commit", lambda p: commit)
-            assignment = ranges
+                plans.append(step.to_dict())
+            bytes_moved += step.bytes_moved
+            self.emit({"event": "plan", **step.to_dict()})
+            if step.moves:
+                senders = sorted({src for _, src, _ in step.moves})
+                await self.call_all([by_id[s] for s in senders], "swap_send", job=self.job, rotation=step.rotation,
+                                    moves=[list(m) for m in step.moves])
+                self.emit({"event": "swap", "rotation": step.rotation, "layers_moved": len(step.moves),
+                           "bytes_moved": step.bytes_moved})
+            await self.call_all(ring, "commit", job=self.job, rotation=step.rotation, chain=step.active,
+                                ranges={p: list(v) for p, v in step.ranges.items()},
+                                head_samples=facts.samples[step.head], head_test_samples=facts.test_samples[step.head],
+                                backward_at=step.to_dict()["backward_at"])
             tp = time.perf_counter()
-            steps, loss = await self._pass(active, by_id, r, "train", epoch, remote)
+            steps, loss = await self._pass(step.active, by_id, step.rotation, "train", step.epoch, step.backward_at)
             train_seconds += time.perf_counter() - tp
             steps_done += steps
-            total_samples += samples[head]
+            total_samples += facts.samples[step.head]
             last_loss = loss if loss is not None else last_loss
-            if (k + 1) % len(heads) == 0:  # the epoch's last pass
-                accuracy = None
-                if tests[head] > 0:
-                    accuracy = await self._evaluate(active, by_id, r)
-                self.emit({"event": "epoch", "epoch": epoch + 1, "loss": last_loss, "accuracy": accuracy,
-                           "eval_peer": head if tests[head] else None})
+            if step.ends_epoch:
+                accuracy = await self._evaluate(step.active, by_id, step.rotation) if step.evaluate else None
+                self.emit({"event": "epoch", "epoch": step.epoch + 1, "loss": last_loss, "accuracy": accuracy,
+                           "eval_peer": step.head if step.evaluate else None})
         model = await self._collect(ring)
-        path = await asyncio.to_thread(self.agent.state.save_model, self.job, model, JOB_LIMITS.kept_models,
-                                       JOB_LIMITS.kept_model_s)
+        path = await asyncio.to_thread(self.save_model, self.job, model)
         del model
         self.summary = {"job": self.job, "epochs": cfg.epochs, "final_loss": last_loss, "accuracy": accuracy,
                         "samples": total_samples, "samples_per_s": total_samples / max(train_seconds, 1e-9),
                         "steady_samples_per_s": self.steady.rate,
-                        "seconds": time.perf_counter() - t0, "ring": ids, "layers": n_layers,
-                        "passes": passes, "seconds_per_step": train_seconds / max(steps_done, 1),
+                        "seconds": time.perf_counter() - t0, "ring": list(facts.ring), "layers": n_layers,
+                        "passes": plan.passes, "seconds_per_step": train_seconds / max(steps_done, 1),
                         "plans": plans, "bytes_moved": bytes_moved,
                         "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
                         "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress,
                         "max_staleness": cfg.max_staleness if cfg.scheme == "fast-async" else 0,
                         "staleness": self.staleness, "model_file": str(path)}
-        await asyncio.gather(*(self.call(p, "/job/end", message("job_end", job=self.job)) for p in ring))
+        await self.call_all(ring, "end", job=self.job)
         self.emit({"event": "done", "summary": self.summary})
 
     async def _pass(self, active: list[str], by_id: dict, rotation: int, mode: str, epoch: int,
                     remote: dict[int, int] | None = None) -> tuple[int, float | None]:
         """Run the pass on every stage; returns (steps, last step's loss). Evaluation adds up into
         self.correct / self.evaluated. A failure raises the root cause (see root_cause)."""
-        body = encode_frame(message("job_pass", job=self.job, rotation=rotation, mode=mode))
         t0 = time.perf_counter()
         seen, steps, loss = 0, 0, None
         pending: dict[int, list[dict]] = {}   # step -> the stages' reports so far
@@ -288,8 +216,7 @@ class Coordinator:
         if mode == "train":
             self.steady.new_pass()
 
-        # programs that report each step: under fast-async every stage (and every remote backward role)
-        reporting = S.Roles(len(active), remote).programs if self.cfg.scheme == "fast-async" else 1
+        reporting = reporting_programs(self.cfg, S.Roles(len(active), remote))
 
         def report(ev: dict):
             """A step is reported once every reporting stage is done with it: the loss comes from the tail,
@@ -310,23 +237,17 @@ class Coordinator:
 
         async def run(peer: str):
             nonlocal seen, steps, loss
-            url = by_id[peer]["url"] + "/job/pass"
             try:
-                async with self.agent.session.post(url, data=body, headers={"Content-Type": "application/cbor"},
-                                                   timeout=aiohttp.ClientTimeout(total=None)) as r:
-                    if r.status != 200:
-                        raise PassFailed(peer, f"refused the pass: {(await r.json()).get('message')}", "job")
-                    async for line in r.content:
-                        ev = json.loads(line)
-                        if "error" in ev:
-                            raise PassFailed(peer, ev["error"], ev.get("cause", "job"))
-                        if ev.get("event") == "step":
-                            seen += ev["samples"]
-                            steps, loss = steps + 1, ev["loss"]
-                            self.correct += ev["correct"]
-                            self.evaluated += ev["samples"]
-                        if mode == "train" and ev.get("event") in ("step", "stage_step"):
-                            report(ev)
+                async for ev in self.client.stream(by_id[peer], "run_pass", job=self.job, rotation=rotation, mode=mode):
+                    if "error" in ev:
+                        raise PassFailed(peer, ev["error"], ev.get("cause", "job"))
+                    if ev.get("event") == "step":
+                        seen += ev["samples"]
+                        steps, loss = steps + 1, ev["loss"]
+                        self.correct += ev["correct"]
+                        self.evaluated += ev["samples"]
+                    if mode == "train" and ev.get("event") in ("step", "stage_step"):
+                        report(ev)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 raise PassFailed(peer, f"its connection to the coordinator broke during the pass ({e!r})",
                                  "link") from None
@@ -351,7 +272,7 @@ class Coordinator:
         own = [f for f in failures if isinstance(f, PassFailed) and f.cause == "job"]
         if own:
             return JobError(str(own[0]))
-        answers = await asyncio.gather(*(self.status_of(p, timeout=SILENT_S) for p in peers))
+        answers = await asyncio.gather(*(self.client.status(p, timeout=SILENT_S) for p in peers))
         silent = [p["peer"] for p, st in zip(peers, answers) if st is None]
         if silent:
             return JobError(f"peer{'s' if len(silent) > 1 else ''} {', '.join(silent)} stopped answering (no "
@@ -367,11 +288,7 @@ class Coordinator:
         """Assemble the full model's state dict (keys as in build_model) from every stage."""
         state: dict[str, torch.Tensor] = {}
         for p in ring:
-            async with self.agent.session.get(f"{p['url']}/job/{self.job}/params") as r:
-                if r.status != 200:
-                    raise JobError(f"could not collect layers from {p['peer']}")
-                layers = (await self.agent.codec.decode(await r.read(), 1 << 34))["layers"]
-            for i, params in layers.items():
+            for i, params in (await self.client.layers(p, self.job)).items():
                 state.update({f"{i}.{k}": v.clone() for k, v in params.items()})
         return state
 

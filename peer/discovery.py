@@ -27,6 +27,7 @@ from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from peer.security import Pins, RingAuthError, client_session
+from pipeline.config import SCHEMES
 from protocols import PROTOCOL_VERSION
 
 SERVICE = "_splitring._tcp.local."
@@ -56,7 +57,7 @@ class PeerRecord:
 
 
 def txt(ring: str, peer: str, port: int, tls: bool = False, instance: str = "") -> dict[str, str]:
-    return {"ring": ring, "peer": peer, "v": str(PROTOCOL_VERSION), "port": str(port), "caps": "nsplit",
+    return {"ring": ring, "peer": peer, "v": str(PROTOCOL_VERSION), "port": str(port), "caps": ",".join(SCHEMES),
             **({"inst": instance} if instance else {}), **({"tls": "1"} if tls else {})}
 
 

@@ -78,6 +78,9 @@ class JobLimits:
     # finished models the coordinator keeps on disk (its state dir's models/), and for how long
     kept_models: int = 20
     kept_model_s: float = 7 * 24 * 3600.0
+    # measured layer costs an agent keeps on disk (its state dir's profiles/), one per model spec, microbatch
+    # size, optimizer, seed and budget: the newest
+    kept_profiles: int = 64
     # finished jobs whose events and summary a coordinator keeps in memory (for /jobs/ID and /status)
     kept_jobs: int = 64
     # plans listed in a job's summary (the first rotations'; the rest are counted)

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import torch
+from protocols.errors import SplitringError
 
 
 JOB_ID = re.compile(r"[0-9a-f]{12}")
 
 
-class StateDirInUse(RuntimeError):
+class StateDirInUse(SplitringError, RuntimeError):
     pass
 
 
@@ -34,6 +35,15 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def prune(folder: Path, pattern: str, keep: int, keep_s: float = float("inf")) -> None:
+    """Delete all but the newest `keep` files matching `pattern` in `folder`, and any older than keep_s."""
+    files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    now = time.time()
+    for i, old in enumerate(files):
+        if i >= keep or now - old.stat().st_mtime > keep_s:
+            old.unlink(missing_ok=True)
 
 
 class StateDir:
@@ -77,11 +87,7 @@ class StateDir:
         torch.save(state_dict, buf)
         path = self.model_path(job)
         write_atomic(path, buf.getvalue())
-        models = sorted(path.parent.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-        now = time.time()
-        for i, old in enumerate(models):
-            if i >= keep or now - old.stat().st_mtime > keep_s:
-                old.unlink(missing_ok=True)
+        prune(path.parent, "*.pt", keep, keep_s)
         return path
 
     def close(self) -> None:

@@ -9,12 +9,14 @@ import time
 import torch
 
 from pipeline import schedule as S
+from pipeline.admission import Admission, MessageKey, Mode, box_of
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
 from pipeline.execute import Recv, Send, StepDone, run_backward_role, run_forward_role, run_program
 from pipeline.local import make_step_input
 from pipeline.models import activation_shapes, build_layer, input_shape
 from pipeline.stage import Stage, checksum
+from peer.client import JobError, PeerClient
 from peer.dataplane import Links, Mailbox, wire_policy
 from protocols import ProtocolError, message
 
@@ -22,18 +24,15 @@ log = logging.getLogger("splitring.worker")
 EVAL_BATCH = 256
 
 
-class JobError(RuntimeError):
-    """A job cannot go on; the message says why (it reaches the CLI)."""
-
-
 class JobRuntime:
     def __init__(self, job: str, cfg: JobConfig, me: str, ring: list[dict], coordinator: str,
-                 data: Dataset, links: Links, compute, state_dir, memory_budget: int | None = None):
+                 data: Dataset, links: Links, client: PeerClient, compute, state_dir,
+                 memory_budget: int | None = None):
         self.job, self.cfg, self.me = job, cfg, me
         self.urls = {p["peer"]: p["url"] for p in ring}
         self.ring = [p["peer"] for p in ring]
         self.coordinator = coordinator
-        self.data, self.links, self.state_dir = data, links, state_dir
+        self.data, self.links, self.client, self.state_dir = data, links, client, state_dir
         self._compute = compute  # async callable(fn, *args): runs fn on the agent's compute thread
         self.memory_budget = memory_budget
         self.peak_memory = 0
@@ -114,21 +113,12 @@ class JobRuntime:
         for dst, layers in by_dest.items():
             state = self.stage.export(layers)
             digest = await self._compute(checksum, state)
-            msg = message("swap_receive", job=self.job, rotation=rotation, layers=state, checksum=digest)
-            reply = await self.links_post(dst, "/job/swap/receive", msg)
-            if reply.get("checksum") != digest:
+            reply = await self.client.call({"peer": dst, "url": self.urls[dst]}, "swap_receive", timeout=None,
+                                           job=self.job, rotation=rotation, layers=state, checksum=digest)
+            if reply["checksum"] != digest:
                 raise JobError(f"layer transfer to {dst} failed verification")
             sent += len(layers)
         return {"sent": sent}
-
-    async def links_post(self, peer: str, path: str, msg: dict) -> dict:
-        frame = await self.links.codec.encode(msg)
-        async with self.links.session.post(self.urls[peer] + path, data=frame,
-                                           headers={"Content-Type": "application/cbor"}) as r:
-            reply = await r.json()
-            if r.status != 200:
-                raise JobError(f"{peer} refused {path}: {reply.get('message')}")
-            return reply
 
     def receive_layers(self, rotation: int, layers: dict, digest: str) -> str:
         if rotation <= self.rotation:
@@ -146,62 +136,20 @@ class JobRuntime:
         return self.roles_of[mode]
 
     def box(self, msg: dict) -> str:
-        """The mailbox kind of a stage message: its type and the stage (chain position) it is for."""
-        return f"{msg['type']}@{msg.get('stage', self.position)}"
+        """The mailbox box of a stage message: its type and the stage (chain position) it is for."""
+        return box_of(msg["type"], msg.get("stage", self.position))
 
     def accept(self, sender: str, msg: dict) -> None:
-        """Check a stage message (fwd, bwd, and the remote backward's input, weights, lend, return)
-        against what this peer expects from that sender, then deliver it."""
-        rot, kind, stage = msg["rotation"], msg["type"], msg.get("stage", self.position)
-        if rot != self.rotation or self.position < 0:
-            raise ProtocolError("stale", f"message for rotation {rot}; this stage is at {self.rotation}")
-        mode = msg.get("mode", "train")
-        if mode not in ("train", "eval"):
-            raise ProtocolError("malformed", f"unknown mode {mode!r}")
-        roles = self.roles(mode)
-        receiver = roles.receiver(stage, kind) if 0 <= stage < len(self.chain) else None
-        source = None if receiver is None else roles.sender(receiver, kind)
-        if source is None or roles.host(receiver) != self.position or sender != self.chain[roles.host(source)]:
-            raise ProtocolError("unexpected", f"{kind} for stage {stage} from {sender} is not expected by "
-                                              f"{self.me} (stage {self.position})")
-        a, b = self.ranges[self.chain[stage]]
-        if kind in ("fwd", "bwd", "input"):
-            size = self._mb_size(mode, msg["step"], msg["mb"])
-            if kind == "bwd":
-                self._check(msg["grad"], (size, *self.shapes[b]), torch.float32, "gradient")
-                payload = {"grad": msg["grad"]}
-            else:
-                self._check(msg["x"], (size, *self.shapes[a]), torch.float32, "activation")
-                payload = {"x": msg["x"]}
-                if kind == "fwd":
-                    self._check(msg["y"], (size,), torch.int64, "labels")
-                    payload["y"] = msg["y"]
-            mb = msg["mb"]
-        else:
-            steps = len(batch_sizes(self.head_samples, self.cfg.batch_size))
-            want = {"lend": [0], "return": [steps]}.get(kind, range(steps))   # lend first, return after the last step
-            if msg["step"] not in want:
-                raise ProtocolError("unexpected", f"{kind} for step {msg['step']} (this pass has {steps} steps)")
-            field = "weights" if kind == "weights" else "layers"
-            payload = {field: self._check_layers(msg[field], a, b, with_optimizer=field == "layers")}
-            mb = 0
-        self.mailbox.deliver((rot, mode, msg["step"], self.box(msg), mb), payload)
+        """Deliver a stage message if this peer expects it from that sender (pipeline.admission)."""
+        self.mailbox.deliver(*self.admission().admit(sender, msg))
 
-    def _check_layers(self, layers: dict, a: int, b: int, with_optimizer: bool) -> dict:
-        """Layers [a, b) as a remote backward sends them: weights (name -> tensor) or exported state
-        ({"params", "optim"}), every tensor of the expected shape."""
-        if not isinstance(layers, dict) or sorted(map(str, layers)) != sorted(map(str, range(a, b))) or \
-                not all(type(i) is int for i in layers):
-            raise ProtocolError("bad_shape", f"expected the state of layers [{a},{b})")
-        for i, entry in layers.items():
-            want = self._layer_shapes(i, with_optimizer)
-            named = entry.get("params") if with_optimizer and isinstance(entry, dict) else entry
-            if not isinstance(named, dict) or set(named) != set(want) or \
-                    (with_optimizer and not isinstance(entry.get("optim"), dict)):
-                raise ProtocolError("bad_shape", f"layer {i}: expected tensors {sorted(want)}")
-            for name, (shape, dtype) in want.items():
-                self._check(named[name], shape, dtype, f"layer {i} {name}")
-        return layers
+    def admission(self) -> Admission:
+        """What this peer expects in the current rotation, as plain facts."""
+        cfg = self.cfg
+        return Admission(self.me, self.rotation, self.chain, self.ranges,
+                         {"train": Mode(self.roles("train"), self.head_samples, cfg.batch_size, cfg.microbatches),
+                          "eval": Mode(self.roles("eval"), self.head_test_samples, EVAL_BATCH, 1)},
+                         self.shapes, self._layer_shapes)
 
     def _layer_shapes(self, i: int, state: bool) -> dict[str, tuple]:
         """Parameter (or, with state, state-dict) shapes and dtypes of layer i, from the model spec, once."""
@@ -211,22 +159,6 @@ class JobRuntime:
             tensors = module.state_dict() if state else dict(module.named_parameters())
             self._shapes_of[key] = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
         return self._shapes_of[key]
-
-    def _mb_size(self, mode: str, step: int, mb: int) -> int:
-        n = self.head_samples if mode == "train" else self.head_test_samples
-        size = self.cfg.batch_size if mode == "train" else EVAL_BATCH
-        steps = -(-n // size)   # as batch_sizes(n, size), without listing them: this runs for every message
-        if not 0 <= step < steps:
-            raise ProtocolError("unexpected", f"step {step} out of range ({steps} steps in this pass)")
-        mbs = microbatch_sizes(min(size, n - step * size), self.cfg.microbatches if mode == "train" else 1)
-        if not 0 <= mb < len(mbs):
-            raise ProtocolError("unexpected", f"microbatch {mb} out of range ({len(mbs)})")
-        return mbs[mb]
-
-    @staticmethod
-    def _check(t: torch.Tensor, shape: tuple, dtype: torch.dtype, what: str):
-        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-            raise ProtocolError("bad_shape", f"{what}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
 
     # --- running a pass -----------------------------------------------------------------------
     async def _drive(self, gen, owner: Stage, mode: str, on_step, roles: S.Roles, program: int) -> None:
@@ -254,7 +186,7 @@ class JobRuntime:
         while not done:
             value = None
             if isinstance(req, Recv):
-                key = (self.rotation, mode, req.step, f"{req.kind}@{stage}", req.mb)
+                key = MessageKey(self.rotation, mode, req.step, box_of(req.kind, stage), req.mb)
                 while req.slack and not self.mailbox.ready(key) and await self._compute(owner.work_ahead):
                     pass
                 try:
@@ -270,9 +202,9 @@ class JobRuntime:
                 to = roles.to(program, req.kind)
                 dest = self.chain[roles.host(to)]
                 if dest == self.me:   # to another program of this peer (a backward role hosted here)
-                    box = f"{req.kind}@{roles.stage(to)}"
-                    await self.mailbox.room(box)
-                    self.mailbox.deliver((self.rotation, mode, req.step, box, req.mb), req.payload)
+                    key = MessageKey(self.rotation, mode, req.step, box_of(req.kind, roles.stage(to)), req.mb)
+                    await self.mailbox.room(key.box)
+                    self.mailbox.deliver(key, req.payload)
                 else:
                     msg = message(req.kind, job=self.job, rotation=self.rotation, step=req.step,
                                   stage=roles.stage(to), **req.payload,

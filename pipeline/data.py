@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from protocols.errors import SplitringError
 
 DIGITS_TRAIN = 1437
 
 
-class DataError(ValueError):
+class DataError(SplitringError, ValueError):
     """Data that cannot be used, with a message saying why."""
 
 
@@ -136,6 +137,11 @@ def pass_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
+
+
+def num_steps(n: int, batch_size: int) -> int:
+    """Optimizer steps of an n-sample pass: len(batch_sizes(n, batch_size)), without listing them."""
+    return -(-n // batch_size)
 
 
 def batch_sizes(n: int, batch_size: int) -> list[int]:

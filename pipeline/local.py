@@ -9,9 +9,10 @@ from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
 from pipeline.execute import (Recv, Send, StepDone, StepInput, StepResult, run_backward_role, run_forward_role,
                               run_program)
 from pipeline.stage import Stage
+from protocols.errors import SplitringError
 
 
-class Deadlock(RuntimeError):
+class Deadlock(SplitringError, RuntimeError):
     pass
 
 

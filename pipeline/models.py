@@ -17,11 +17,12 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from protocols.errors import SplitringError
 
 LayerFactory = Callable[[], nn.Module]
 
 
-class SpecError(ValueError):
+class SpecError(SplitringError, ValueError):
     """A model spec this peer cannot build."""
 
 

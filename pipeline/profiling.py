@@ -43,11 +43,11 @@ def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS, budget: int | None = N
     gen = torch.Generator().manual_seed(0)
     for i in range(len(factories)):
         params = sizes[i][1]
-        acts = rows * (math.prod(shapes[i]) + math.prod(shapes[i + 1])) * 4
         out["param_bytes"].append(params)
         out["optim_bytes"].append(int(params * ratio))
         out["activation_bytes"].append(rows * math.prod(shapes[i + 1]) * 4)
-        if budget is not None and params * (2 + ratio) + 2 * acts > budget:
+        if budget is not None and probe_bytes(params, ratio, rows * math.prod(shapes[i]) * 4,
+                                              rows * math.prod(shapes[i + 1]) * 4) > budget:
             out["estimated"].append(i)
             out["forward_s"].append(None)
             out["backward_s"].append(None)
@@ -69,6 +69,13 @@ def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS, budget: int | None = N
         del layer, x, y
     _estimate(out)
     return out
+
+
+def probe_bytes(params: int, ratio: float, in_bytes: int, out_bytes: int) -> int:
+    """What timing one layer's forward and backward holds at most: its parameters, gradients and optimizer
+    state, its input and the input's gradient, and about four tensors of its output's size (a block's
+    intermediate output, its output, the output gradient and the intermediate's gradient)."""
+    return int(params * (2 + ratio)) + 2 * in_bytes + 4 * out_bytes
 
 
 def _estimate(out: dict) -> None:

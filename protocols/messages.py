@@ -18,7 +18,7 @@ Int, Float, Str, Tensor, Dict, List, Bool, Bytes = int, (int, float), str, torch
 
 # type -> required fields and their types. Optional fields: OPTIONAL.
 SCHEMAS: dict[str, dict[str, Any]] = {
-    # data plane (WebSocket, CBOR frames)
+    # data plane (CBOR frames on the /data stream or /ws WebSocket)
     "hello": {"peer": Str, "ring": Str},  # with a ring secret: nonce, and in the reply a proof (peer.security)
     "auth": {"proof": Bytes},             # the dialling side's proof, after the server's hello
     "fwd": {"job": Str, "rotation": Int, "step": Int, "mb": Int, "mode": Str, "x": Tensor, "y": Tensor},
@@ -54,11 +54,26 @@ OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": 
 OPTIONAL["hello"] = {"nonce": Bytes, "proof": Bytes}
 
 
+def _flat(expected) -> tuple:
+    return sum((_flat(e) for e in expected), ()) if isinstance(expected, tuple) else (expected,)
+
+
 def _type_ok(value, expected) -> bool:
-    if expected is Int or expected is Float or expected == Float:
-        if isinstance(value, bool):
-            return False
+    """isinstance, except that a bool is not a number (JSON and CBOR tell them apart)."""
+    if isinstance(value, bool) and bool not in _flat(expected):
+        return False
     return isinstance(value, expected)
+
+
+def check_fields(msg: dict, schema: dict[str, Any], what: str, code: str = "malformed") -> None:
+    """Every field of `schema` present in `msg` with its type (integers >= 0 where Int is required)."""
+    for name, expected in schema.items():
+        if name not in msg:
+            raise ProtocolError(code, f"{what}: missing field {name!r}")
+        if not _type_ok(msg[name], expected):
+            raise ProtocolError(code, f"{what}: field {name!r} has the wrong type")
+        if expected is Int and msg[name] < 0:
+            raise ProtocolError(code, f"{what}: field {name!r} must be >= 0")
 
 
 def validate(msg: Any, expected_types: set[str] | None = None) -> dict:
@@ -75,16 +90,10 @@ def validate(msg: Any, expected_types: set[str] | None = None) -> dict:
     kind = msg.get("type")
     if kind not in SCHEMAS or (expected_types is not None and kind not in expected_types):
         raise ProtocolError("unknown_type", f"unknown or unexpected message type {kind!r}")
-    for field, expected in SCHEMAS[kind].items():
-        if field not in msg:
-            raise ProtocolError("malformed", f"{kind}: missing field {field!r}")
-        if not _type_ok(msg[field], expected):
-            raise ProtocolError("malformed", f"{kind}: field {field!r} has the wrong type")
-        if expected is Int and msg[field] < 0:
-            raise ProtocolError("malformed", f"{kind}: field {field!r} must be >= 0")
-    for field, expected in OPTIONAL.get(kind, {}).items():
-        if field in msg and not _type_ok(msg[field], expected):
-            raise ProtocolError("malformed", f"{kind}: field {field!r} has the wrong type")
+    check_fields(msg, SCHEMAS[kind], kind)
+    for name, expected in OPTIONAL.get(kind, {}).items():
+        if name in msg and not _type_ok(msg[name], expected):
+            raise ProtocolError("malformed", f"{kind}: field {name!r} has the wrong type")
     return msg
 
 

@@ -19,7 +19,7 @@ RANGES = {"p0": (0, 2), "p1": (2, 4), "p2": (4, 6)}
 
 def runtime(me: str) -> JobRuntime:
     ring = [{"peer": p, "url": f"http://{p}"} for p in RANGES]
-    rt = JobRuntime("j", CFG, me, ring, "p0", empty(), links=None, compute=None, state_dir=None)
+    rt = JobRuntime("j", CFG, me, ring, "p0", empty(), links=None, client=None, compute=None, state_dir=None)
     rt.rotation, rt.chain, rt.ranges, rt.head_samples = 0, list(RANGES), dict(RANGES), 128
     rt.roles_of = {"train": S.Roles(3, {1: 2}), "eval": S.Roles(3)}
     return rt

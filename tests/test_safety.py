@@ -132,7 +132,8 @@ def test_a_model_the_ring_cannot_hold_is_refused_before_any_peer_builds_it(digit
     with StatusWatch(url) as watch:
         code, replies = post_job(url, {"model": {"name": "mlp", "depth": 1024, "width": 65536}})
     assert code == 200 and replies[-1]["event"] == "failed"
-    assert "cannot fit this ring" in replies[-1]["error"] and "layer 1 alone needs" in replies[-1]["error"]
+    assert "cannot hold the model" in replies[-1]["error"] and "layer 1 alone needs" in replies[-1]["error"]
+    assert "short" in replies[-1]["error"]
     assert watch.slowest is not None and watch.slowest < 1.0
     for a in digits_ring.agents:
         assert a.status()["stages"] == []

@@ -1,6 +1,7 @@
 """Ring authentication, limits and validation, in one process: the pure parts directly, and every HTTP
 and data-plane handler of a real Agent.app() (aiohttp test server) under hypothesis-generated input."""
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from peer.agent import Agent
 from peer.dataplane import Links
 from peer.discovery import Discovery
-from peer.limits import RateLimiter
+from peer.limits import LIMITS, RateLimiter
 from peer.security import ClientHandshake, ServerHandshake, client_session
 from peer.state import StateDir
 from pipeline.config import JobConfig
@@ -347,7 +348,7 @@ def test_data_plane_answers_adversarial_frames(open_agent, sent, as_neighbour):
     """As the stage's real predecessor ("other") or a stranger: whatever arrives is refused with an error
     reply or (a well-formed fwd for the right step) delivered once; nothing crashes or hangs."""
     hello = message("hello", peer="other" if as_neighbour else "stranger", ring="lab")
-    rt = open_agent.agent.jobs["j"]
+    rt = open_agent.agent.work.jobs["j"]
     before = set(rt.mailbox.slots)
     encoded = [encode_any(f) for f in sent]
     replies = open_agent.run(ws_session(open_agent.client, hello, encoded))
@@ -379,11 +380,11 @@ def test_data_plane_of_a_secret_ring_refuses_outsiders(secret_agent, sent, how):
     assert all(r["type"] == "error" and r["code"] in ("unauthenticated", "auth_first", "hello_first", "malformed",
                                                       "version", "unknown_type", "too_large")
                for r in replies[1:])
-    assert not secret_agent.agent.jobs
+    assert not secret_agent.agent.work.jobs
 
 
 def test_limits_refuse_floods_of_connections_and_oversized_bodies(tmp_path, monkeypatch):
-    monkeypatch.setattr("peer.agent.MAX_CONTROL_BODY", 1000)
+    monkeypatch.setattr("peer.node.LIMITS", dataclasses.replace(LIMITS, max_control_body=1000))
     a = InProcess(tmp_path, None)
     try:
         a.agent.guard.limiter = RateLimiter(1, 3)

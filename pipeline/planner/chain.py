@@ -43,20 +43,26 @@ def over_budget(p: Plan) -> str:
                      for s in p.stages if not s.fits)
 
 
-def too_big(param_bytes: list[int], optim_ratio: float, budgets: dict[str, int | None]) -> str | None:
-    """Why no split of layers with these parameter bytes can fit peers with these memory budgets (None: no
-    limit), counting each layer's parameters, gradients and optimizer state only (so a necessary condition:
-    the planner checks activations too); None if one may. Pure: runs before any peer builds a layer."""
-    need = [int(b * (2 + optim_ratio)) for b in param_bytes]
+def too_big(param_bytes: list[int], optim_ratio: float, budgets: dict[str, int | None],
+            activation_bytes: list[int] | None = None) -> str | None:
+    """Why no split of layers with these parameter bytes (and, per layer, the bytes of one microbatch's
+    input and output activations) can fit peers with these memory budgets (None: no limit); None if one
+    may. A necessary condition only: the planner checks every stage. Pure: runs before any peer builds a
+    layer."""
+    acts = activation_bytes or [0] * len(param_bytes)
+    need = [int(b * (2 + optim_ratio)) + a for b, a in zip(param_bytes, acts)]
     if not need or any(b is None for b in budgets.values()):
         return None
     total, largest = sum(budgets.values()), max(budgets.values())
     biggest = max(range(len(need)), key=need.__getitem__)
     if need[biggest] > largest:
-        return (f"layer {biggest} alone needs {format_bytes(need[biggest])} (parameters, gradients, optimizer state), more "
-                f"than the largest memory budget of the ring's peers ({format_bytes(largest)})")
+        return (f"layer {biggest} alone needs {format_bytes(need[biggest])} (parameters, gradients, optimizer state, "
+                f"a microbatch's activations), and "
+                f"the largest memory budget of the ring's peers is {format_bytes(largest)}: "
+                f"{format_bytes(need[biggest] - largest)} short")
     if sum(need) > total:
-        return (f"its parameters, gradients and optimizer state need {format_bytes(sum(need))}, more than the "
-                f"{len(budgets)} peers' memory budgets together ({format_bytes(total)})")
+        return (f"its parameters, gradients and optimizer state need {format_bytes(sum(need))}, and the "
+                f"{len(budgets)} peers' memory budgets together are {format_bytes(total)}: "
+                f"{format_bytes(sum(need) - total)} short")
     return None
 

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from protocols.errors import SplitringError
 
 SCHEMES = ("nsplit", "fast", "fast-async")
 DEFAULT_BANDWIDTH = 100e6 / 8   # bytes/s: a 100 Mbit/s LAN or a good Wi-Fi link
 DEFAULT_LATENCY = 1e-3          # seconds, one way
 
 
-class PlanInfeasible(ValueError):
+class PlanInfeasible(SplitringError, ValueError):
     """The memory budgets cannot hold the model. `layers`: the layers [a, b) left over when every peer,
     in chain order, takes all it can hold; `peers`: the peers concerned, in chain order; `short_bytes`:
     the extra budget the last of them (the tail, or the head if layer 0 alone does not fit it) needs."""

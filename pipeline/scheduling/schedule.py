@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from protocols.errors import SplitringError
 
 FORWARD, BACKWARD = 0, 1
 
 
-class Infeasible(ValueError):
+class Infeasible(SplitringError, ValueError):
     """No assignment fits the helpers' memory (for the method that raised it)."""
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from pipeline.scheduling.instance import Instance
 from pipeline.scheduling.schedule import Schedule
+from protocols.errors import SplitringError
 
 # Slack for float rounding when comparing times (ms) and memory (KiB).
 TOLERANCE = 1e-6
 
 
-class InvalidSchedule(ValueError):
+class InvalidSchedule(SplitringError, ValueError):
     """The schedule breaks a rule of the instance; the message says which and where."""
 
 

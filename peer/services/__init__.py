@@ -1,0 +1,8 @@
+"""The services an agent mounts on its node: status, the data-plane server, job coordination (/jobs/*)
+and job work (/job/*)."""
+from peer.services.coordination import CoordinationService
+from peer.services.data import DataService
+from peer.services.status import StatusService
+from peer.services.work import WorkService
+
+__all__ = ["CoordinationService", "DataService", "StatusService", "WorkService"]

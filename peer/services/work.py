@@ -1,0 +1,222 @@
+"""Job work, the /job/* calls every peer of a job serves: prepare, profile, commit (take ownership of a
+rotation's layers), run a pass (streaming each step's report), swap layers, abort, end. This service owns
+the job runtimes (peer.worker.JobRuntime) and hands them their data-plane messages (deliver)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import Gauge
+
+from peer.limits import JOB_LIMITS
+from peer.service import Service, serves
+from peer.state import prune, write_atomic
+from peer.client import JobError
+from peer.worker import JobRuntime
+from pipeline.config import JobConfig
+from pipeline.data import fits_model
+from pipeline.jobplan import reports_step
+from pipeline.models import footprint, input_shape, spec_hash
+from pipeline.profiling import measure, microbatch_rows, optimizer_state_ratio
+from protocols import ProtocolError
+
+log = logging.getLogger("splitring.work")
+
+
+class WorkService(Service):
+    def __init__(self, node):
+        super().__init__(node)
+        self.jobs: dict[str, JobRuntime] = {}
+        self.peak_memory = 0  # over every job this agent ran
+        self.m_peak = Gauge("splitring_stage_memory_peak_bytes", "most memory a stage of this agent has held",
+                            registry=node.registry)
+
+    def other_routes(self):
+        return [web.get("/job/{job}/params", self.params)]
+
+    def runtime(self, job: str) -> JobRuntime:
+        rt = self.jobs.get(job)
+        if rt is None:
+            raise ProtocolError("unknown_job", f"job {job} is not known to peer {self.node.peer_id}")
+        return rt
+
+    # --- what other services ask of this one ----------------------------------------------------
+    async def deliver(self, sender: str, msg: dict) -> None:
+        """A proven neighbour's stage message, once its job's mailbox has room (backpressure)."""
+        rt = self.runtime(msg["job"])
+        await rt.mailbox.room(rt.box(msg))
+        rt.accept(sender, msg)
+
+    def status(self) -> dict:
+        return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
+                "stages": [{"job": j, "rotation": rt.rotation, "layers": list(rt.stage.range),
+                            "position": rt.position, "progress": rt.progress, "peak_memory_bytes": rt.peak_memory}
+                           for j, rt in self.jobs.items()]}
+
+    def coordinator_of(self, job: str) -> dict | None:
+        """The coordinator ({"peer", "url"}) of a job this peer works on, if it is another peer."""
+        rt = self.jobs.get(job)
+        if rt is None or rt.coordinator == self.node.peer_id:
+            return None
+        return {"peer": rt.coordinator, "url": rt.urls[rt.coordinator]}
+
+    async def close(self):
+        for rt in self.jobs.values():
+            rt.abort("agent shutting down")
+            if rt.rotation >= 0:
+                rt.checkpoint()
+
+    # --- the calls ------------------------------------------------------------------------------
+    @serves("prepare")
+    async def prepare(self, msg, request):
+        node = self.node
+        cfg = node.job_config(msg["config"])
+        mine = await asyncio.to_thread(spec_hash, cfg.model)
+        if mine != msg["spec_hash"]:
+            raise JobError(f"model spec hash differs: peer {node.peer_id} has {mine}, coordinator has "
+                           f"{msg['spec_hash']}; run the same splitring version and model code on every peer")
+        sizes = await asyncio.to_thread(footprint, cfg.model, JOB_LIMITS.max_layers)
+        problem = fits_model(node.data, input_shape(cfg.model), sizes[-1][0])
+        if problem:
+            raise JobError(f"peer {node.peer_id}: {problem}")
+        if msg["job"] in self.jobs:
+            raise ProtocolError("duplicate", f"job {msg['job']} is already prepared")
+        self.jobs[msg["job"]] = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
+                                           node.data, node.links, node.client(), node.compute_call, node.state,
+                                           node.memory_budget)
+        return {"samples": len(node.data), "test_samples": node.data.n_test}
+
+    @serves("profile")
+    async def profile(self, msg, request):
+        """What the planner needs from this peer for a job's model: its measured layer costs and budget."""
+        node = self.node
+        cfg = node.job_config(msg["config"])
+        prof = await asyncio.get_running_loop().run_in_executor(node.compute, self.measured, cfg)
+        return {"memory_budget": node.memory_budget, "profile": prof, "samples": len(node.data),
+                "test_samples": node.data.n_test}
+
+    def measured(self, cfg: JobConfig) -> dict:
+        """This machine's per-layer costs for a job's model (cached per spec, microbatch, optimizer, budget)."""
+        node = self.node
+        key = (f"{spec_hash(cfg.model)}-{microbatch_rows(cfg)}-{optimizer_state_ratio(cfg)}-{cfg.seed}-"
+               f"{node.memory_budget}")
+        path = node.state.root / "profiles" / f"{key}.json"
+        if path.exists():
+            prof = json.loads(path.read_text())
+        else:
+            prof = measure(cfg, budget=node.memory_budget)
+            write_atomic(path, json.dumps(prof).encode())
+            prune(path.parent, "*.json", JOB_LIMITS.kept_profiles)
+        for k in ("forward_s", "backward_s"):
+            prof[k] = [t * node.slowdown for t in prof[k]]
+        return prof
+
+    @serves("commit")
+    async def commit(self, msg, request):
+        rt = self.runtime(msg["job"])
+        return await self.node.compute_call(rt.commit, msg["rotation"], msg["chain"], msg["ranges"],
+                                            msg["head_samples"], msg["head_test_samples"], msg.get("backward_at", []))
+
+    @serves("run_pass")
+    async def run_pass(self, msg, request):
+        """Run this stage's part of a pass; each step's report is an event, then "end" or an error that
+        says how the pass failed (cause_of)."""
+        rt, mode = self.runtime(msg["job"]), msg["mode"]
+        if msg["rotation"] != rt.rotation or mode not in ("train", "eval"):
+            raise ProtocolError("stale", f"pass for rotation {msg['rotation']}; this stage is at {rt.rotation}")
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def on_step(step, result, size, stage):
+            if not reports_step(rt.cfg, mode, stage, len(rt.chain)):
+                return
+            ev = {"event": "stage_step", "step": step, "stage": stage, "staleness": result.staleness}
+            if stage == len(rt.chain) - 1:   # the tail knows the loss
+                loss = result.loss_sum / max(size, 1)
+                if not math.isfinite(loss):
+                    raise JobError(nonfinite_loss(loss, mode, step, rt))
+                ev.update(event="step", steps=rt.progress["steps"], samples=result.samples, loss=loss,
+                          correct=result.correct)
+            events.put_nowait(ev)
+
+        async def run():
+            rt.task = asyncio.current_task()
+            poller = asyncio.create_task(_poll()) if self.node.busy_poll else None
+            try:
+                events.put_nowait({"event": "end", **await rt.run_pass(mode, on_step)})
+            except (JobError, TimeoutError, ProtocolError, ConnectionError, aiohttp.ClientError) as e:
+                log.error("job %s: pass failed: %s", rt.job, e)
+                events.put_nowait({"error": str(e), "cause": cause_of(e)})
+            except Exception as e:   # the stage's own computation failed: its real cause goes to the coordinator
+                log.exception("job %s: pass failed", rt.job)
+                events.put_nowait({"error": f"{type(e).__name__}: {e}", "cause": "job"})
+            finally:
+                if poller:
+                    poller.cancel()
+                events.put_nowait(None)
+        task = asyncio.create_task(run())
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+        finally:
+            task.cancel()
+
+    @serves("swap_send")
+    async def swap_send(self, msg, request):
+        return await self.runtime(msg["job"]).swap_send(msg["rotation"], msg["moves"])
+
+    @serves("swap_receive")
+    async def swap_receive(self, msg, request):
+        rt = self.runtime(msg["job"])
+        digest = await self.node.compute_call(rt.receive_layers, msg["rotation"], msg["layers"], msg["checksum"])
+        return {"checksum": digest}
+
+    @serves("abort")
+    async def abort(self, msg, request):
+        rt = self.jobs.pop(msg["job"], None)
+        if rt:
+            log.warning("job %s aborted: %s", msg["job"], msg["reason"])
+            rt.abort(msg["reason"])
+        return {"aborted": rt is not None}
+
+    @serves("end")
+    async def end(self, msg, request):
+        rt = self.jobs.pop(msg["job"], None)
+        if rt:
+            rt.checkpoint()
+            self.peak_memory = max(self.peak_memory, rt.peak_memory)
+            self.m_peak.set(self.peak_memory)
+        return {"ended": rt is not None}
+
+    async def params(self, request):
+        """The layers this peer holds for a job (CBOR): what the coordinator collects at the end."""
+        try:
+            rt = self.runtime(request.match_info["job"])
+        except ProtocolError as e:
+            return web.json_response({"error": e.code, "message": e.message}, status=400)
+        layers = {i: {k: v.detach() for k, v in m.state_dict().items()} for i, m in rt.stage.layers.items()}
+        return web.Response(body=await self.node.codec.encode({"layers": layers}), content_type="application/cbor")
+
+
+async def _poll():
+    """Keep the event loop turning: with a task always ready it polls its sockets without sleeping."""
+    while True:
+        await asyncio.sleep(0)
+
+
+def cause_of(e: Exception) -> str:
+    """How a pass failed, for the coordinator to tell the root cause from its echoes: a stage's own error
+    ("job"), or waiting on a neighbour that fell silent ("timeout"), or a broken link ("link")."""
+    if isinstance(e, TimeoutError):
+        return "timeout"
+    return "link" if isinstance(e, (ConnectionError, aiohttp.ClientError)) else "job"
+
+
+def nonfinite_loss(loss: float, mode: str, step: int, rt: JobRuntime) -> str:
+    what = "training" if mode == "train" else "evaluation"
+    return (f"non-finite loss ({loss}) at step {step + 1} of the {what} pass of rotation {rt.rotation} (epoch "
+            f"{rt.rotation // len(rt.ring) + 1}, head {rt.chain[0]}): the job stops here; lower --lr, or check "
+            f"that peer's data")

@@ -1,0 +1,145 @@
+"""The job plan as data: from a job's config and the facts the coordinator gathered (the ring in order,
+each peer's measured device, the layers' costs, the samples each peer holds), every pass of the job:
+its chain, the split, remote backwards, the swap before it, its steps, whether an evaluation follows.
+Pure: the coordinator carries a plan out, the workers and tests read the same rules from here.
+
+Passes are planned one after another (each split depends on the one before, to move few bytes), lazily:
+a job of many epochs keeps nothing per pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+from pipeline import schedule as S
+from pipeline.config import JobConfig
+from pipeline.data import num_steps
+from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, moved_bytes, over_budget, plan_chain
+from pipeline.swaps import swap_moves
+from protocols.errors import SplitringError
+
+
+class PlanError(SplitringError, ValueError):
+    """The job cannot run on this ring as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the coordinator learned of the ring before planning."""
+    ring: tuple[str, ...]              # peer ids, in ring order
+    devices: dict[str, Device]         # each peer's measured layer times, memory budget and link
+    layers: list[LayerCost]            # per layer: times (reference), parameter, optimizer and activation bytes
+    samples: dict[str, int]            # training samples per peer
+    test_samples: dict[str, int] = field(default_factory=dict)   # held-out samples per peer
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """One training pass: rotation `rotation` of epoch `epoch` (pass `index` of the job)."""
+    index: int
+    epoch: int
+    rotation: int
+    chain: tuple[str, ...]               # every peer, head first
+    ranges: dict[str, tuple[int, int]]   # peer -> layers [a, b)
+    backward_at: dict[int, int]          # stage -> host (chain positions) of remote backwards
+    moves: tuple[tuple[int, str, str], ...]   # the swap before the pass: (layer, from, to)
+    bytes_moved: int
+    split: Plan                          # the planner's view of the chain: stages, memory, predicted times
+    steps: int                           # optimizer steps of the pass
+    ends_epoch: bool                     # the epoch's last pass: its held-out accuracy is reported after it
+    evaluate: bool                       # ends_epoch, and its head holds held-out data to evaluate on
+
+    @property
+    def head(self) -> str:
+        return self.chain[0]
+
+    @property
+    def active(self) -> list[str]:
+        """The chain's peers that hold layers, in chain order (the stages of the pass)."""
+        return [p for p in self.chain if self.ranges[p][1] > self.ranges[p][0]]
+
+    def to_dict(self) -> dict:
+        """As the job's `plan` event and summary give it."""
+        return {"rotation": self.rotation, "ranges": {p: list(r) for p, r in self.ranges.items()},
+                "predicted_step_s": self.split.step_s, "bytes_moved": self.bytes_moved,
+                "backward_at": [[j, h] for j, h in self.backward_at.items()]}
+
+
+def reporting_programs(cfg: JobConfig, roles: S.Roles) -> int:
+    """How many of a pass's programs report each training step to the coordinator: the tail (its loss)
+    and, under fast-async, every program (its staleness), remote backward roles included."""
+    return roles.programs if cfg.scheme == "fast-async" else 1
+
+
+def reports_step(cfg: JobConfig, mode: str, stage: int, n_stages: int) -> bool:
+    """Whether the program working on `stage` reports its steps (see reporting_programs)."""
+    return stage == n_stages - 1 or (mode == "train" and cfg.scheme == "fast-async")
+
+
+def split(cfg: JobConfig, chain: list[str], devices: dict[str, Device], layers: list[LayerCost],
+          previous: dict[str, tuple[int, int]] | None) -> tuple[Plan, dict[int, int]]:
+    """One chain's split and remote backwards: the planner's (fewest bytes moved among the fastest) or an
+    even one, checked against the budgets. A link between two peers is taken as the slower of their links
+    to the coordinator (a star LAN)."""
+    chained = [replace(devices[p], bandwidth=min(devices[p].bandwidth, devices[q].bandwidth))
+               for p, q in zip(chain, chain[1:] + chain[:1])]
+    try:
+        p, remote = plan_chain(chained, layers, cfg.scheme, cfg.microbatches, cfg.max_staleness, cfg.split,
+                               "auto" if cfg.backward_at == "auto" else cfg.remote_backward(), previous)
+    except PlanInfeasible as e:
+        raise PlanError(f"the ring cannot hold the model: {e}") from None
+    if not p.fits:
+        raise PlanError(f"the {cfg.split} split does not fit the memory budgets"
+                        f"{' with --backward-at' if cfg.backward_at else ''}: {over_budget(p)}")
+    return p, remote
+
+
+class JobPlan:
+    """Every pass of a job, planned from (config, facts). Raises PlanError for a job that cannot run."""
+
+    def __init__(self, cfg: JobConfig, facts: Facts):
+        self.cfg, self.facts = cfg, facts
+        n = len(facts.ring)
+        try:
+            S.Roles(n, cfg.remote_backward())
+        except ValueError as e:
+            raise PlanError(f"a chain of {n} stages: {e}") from None
+        # the rotations of an epoch that train: those whose head holds data
+        self.heads = [r for r in range(n) if facts.samples[self.chain(r)[0]] > 0]
+        self.passes = cfg.epochs * len(self.heads)
+        self.total_steps = cfg.epochs * sum(self.steps(self.chain(r)[0]) for r in self.heads)
+
+    def chain(self, rotation: int) -> list[str]:
+        return S.chain_order(list(self.facts.ring), rotation)
+
+    def steps(self, head: str) -> int:
+        return num_steps(self.facts.samples[head], self.cfg.batch_size)
+
+    def __iter__(self) -> Iterator[PassPlan]:
+        """The job's passes in order: epochs of one pass per head with data."""
+        if not self.heads:
+            raise PlanError("no peer of the ring has training data")
+        n = len(self.facts.ring)
+        return self._plan((k // len(self.heads), k // len(self.heads) * n + self.heads[k % len(self.heads)],
+                           (k + 1) % len(self.heads) == 0) for k in range(self.passes))
+
+    def one_epoch(self) -> Iterator[PassPlan]:
+        """Every rotation of the first epoch, heads without data included: what `splitring plan` shows."""
+        n = len(self.facts.ring)
+        return self._plan((0, r, r == n - 1) for r in range(n))
+
+    def _plan(self, passes) -> Iterator[PassPlan]:
+        f, previous = self.facts, None
+        for k, (epoch, r, ends_epoch) in enumerate(passes):
+            chain = self.chain(r)
+            p, remote = split(self.cfg, chain, f.devices, f.layers, previous)
+            ranges = p.assignment
+            empty = sum(b <= a for a, b in ranges.values())
+            if remote and empty:
+                raise PlanError(f"--backward-at names chain positions, but the plan leaves {empty} peer(s) without "
+                                "layers; use --split even")
+            yield PassPlan(k, epoch, r, tuple(chain), ranges, remote,
+                           tuple(swap_moves(previous, ranges)) if previous else (),
+                           moved_bytes(previous, ranges, f.layers) if previous else 0, p,
+                           self.steps(chain[0]), ends_epoch, ends_epoch and f.test_samples.get(chain[0], 0) > 0)
+            previous = ranges

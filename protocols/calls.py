@@ -1,0 +1,88 @@
+"""Every control-plane call, declared once: its route, the request message it takes (protocols.messages
+SCHEMAS), the reply it gives, and whether the reply is a stream of events. The agent's routes and every
+client (agents, the CLI) are derived from these declarations, and replies and events are checked like
+requests (`check_reply`, `check_event`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocols.errors import ProtocolError
+from protocols.messages import Bool, Dict, Float, Int, List, Str, check_fields
+
+Opt = type(None)   # in a reply schema, (T, Opt): a T or null
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str                        # how clients name it
+    method: str                      # HTTP method
+    path: str                        # route; {job} is the job id
+    request: str | None              # the request message type (None: no body)
+    reply: dict[str, Any] = field(default_factory=dict)   # required reply fields and their types
+    stream: bool = False             # the reply is NDJSON events, each checked by check_event
+    events: frozenset[str] = frozenset()   # the event names a stream may carry
+
+    def url_path(self, **params) -> str:
+        return self.path.format(**params)
+
+
+JOB_EVENTS = frozenset({"started", "plan", "swap", "step", "epoch", "done", "failed"})
+PASS_EVENTS = frozenset({"stage_step", "step", "end", "error"})
+
+CALLS: dict[str, Call] = {c.name: c for c in [
+    # a user's (or the CLI's) calls to any peer
+    Call("start_job", "POST", "/jobs", "job_start", stream=True, events=JOB_EVENTS),
+    Call("plan_job", "POST", "/plan", "job_start", {"ring": List, "rotations": List}),
+    Call("cancel_job", "POST", "/jobs/{job}/cancel", None, {"cancelled": Str, "coordinator": Str}),
+    Call("job", "GET", "/jobs/{job}", None, {"job": Str, "events": List, "summary": (Dict, Opt)}),
+    Call("data_probe", "POST", "/data/probe", "data_probe", {"url": Str, "bytes": Int, "count": Int,
+                                                             "seconds": Float}),
+    # a coordinator's calls to the peers of its job
+    Call("prepare", "POST", "/job/prepare", "job_prepare", {"samples": Int, "test_samples": Int}),
+    Call("profile", "POST", "/job/profile", "job_profile", {"memory_budget": (Int, Opt), "profile": Dict,
+                                                            "samples": Int, "test_samples": Int}),
+    Call("commit", "POST", "/job/commit", "job_commit", {"layers": List}),
+    Call("run_pass", "POST", "/job/pass", "job_pass", stream=True, events=PASS_EVENTS),
+    Call("swap_send", "POST", "/job/swap/send", "swap_send", {"sent": Int}),
+    Call("abort", "POST", "/job/abort", "job_abort", {"aborted": Bool}),
+    Call("end", "POST", "/job/end", "job_end", {"ended": Bool}),
+    # a peer's call to another at a swap
+    Call("swap_receive", "POST", "/job/swap/receive", "swap_receive", {"checksum": Str}),
+]}
+
+# what each event carries (beyond "event"), checked as replies are
+EVENT_FIELDS: dict[str, dict[str, Any]] = {
+    "started": {"job": Str, "ring": List, "coordinator": Str, "urls": Dict, "missing": List, "layers": Int,
+                "samples": Dict, "config": Dict, "total_steps": Int},
+    "plan": {"rotation": Int, "ranges": Dict, "predicted_step_s": Float, "bytes_moved": Int, "backward_at": List},
+    "swap": {"rotation": Int, "layers_moved": Int, "bytes_moved": Int},
+    "step": {"step": Int, "steps": Int, "loss": Float},
+    "epoch": {"epoch": Int, "loss": (Float, Opt), "accuracy": (Float, Opt)},
+    "done": {"summary": Dict},
+    "failed": {"error": Str},
+    "stage_step": {"step": Int, "stage": Int, "staleness": Int},
+    "end": {},
+    "error": {"error": Str},
+}
+
+
+def check_reply(call: Call, reply: Any) -> dict:
+    """The reply of a call if it is what the call declares; ProtocolError("bad_reply") otherwise."""
+    if not isinstance(reply, dict):
+        raise ProtocolError("bad_reply", f"{call.name}: the reply is not a map")
+    check_fields(reply, call.reply, f"{call.name} reply", "bad_reply")
+    return reply
+
+
+def check_event(call: Call, event: Any) -> dict:
+    """One event of a streaming call's reply, checked against its declaration. A pass stream's failure is
+    {"error": ...} without an "event" name."""
+    if not isinstance(event, dict):
+        raise ProtocolError("bad_reply", f"{call.name}: an event is not a map")
+    name = event.get("event", "error" if "error" in event else None)
+    if name not in call.events:
+        raise ProtocolError("bad_reply", f"{call.name}: unexpected event {name!r}")
+    check_fields(event, EVENT_FIELDS[name], f"{call.name} event {name!r}", "bad_reply")
+    return event
