@@ -30,7 +30,7 @@ from dataclasses import replace
 
 from pipeline.planner import (Device, LayerCost, PlanInfeasible, devices_from_profile, even_split, evaluate,
                               layers_from_profile, plan, proportional_split)
-from pipeline.profiles import available, load_compute
+from pipeline.device_profiles import available, load_compute
 
 GiB = 2 ** 30
 BUDGETS = {"VM": 8 * GiB, "laptop": 4 * GiB, "d1": 1 * GiB, "d2": 1 * GiB,

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.profiles import load_compute, load_memory
+from pipeline.device_profiles import load_compute, load_memory
 from pipeline.scheduling import InvalidSchedule, Schedule, balanced_greedy_fcfs, generate, random_fcfs, simulate
 from pipeline.scheduling.baselines import balanced_greedy_assignment, random_assignment
 from pipeline.scheduling.instance import CLIENT_DEVICES, Instance, _measured, part_times, transfer_ms

@@ -16,7 +16,7 @@ from peer.cli.common import ConnectOptions, call, connect
 from peer.cli.options import add_job_options, add_options, job_config
 from pipeline.planner import (Device, Plan, PlanInfeasible, devices_from_profile, format_bytes, layers_from_profile,
                               over_budget, plan, plan_chain, plan_rotations)
-from pipeline.profiles import available
+from pipeline.device_profiles import available
 
 # the JobConfig fields a plan depends on (`splitring train` takes them all)
 JOB_FIELDS = ("model", "batch_size", "microbatches", "optimizer", "momentum", "scheme", "pipeline", "max_staleness",

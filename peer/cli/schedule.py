@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from pipeline.profiles import available
+from pipeline.device_profiles import available
 from pipeline.scheduling import compare, generate
 from pipeline.scheduling.compare import EXACT_MAX_CLIENTS, EXACT_MAX_HELPERS
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.planner.model import Device, LayerCost
-from pipeline.profiles import load_compute, load_memory
+from pipeline.device_profiles import load_compute, load_memory
 
 
 def layers_from_profile(name: str, reference: str = "VM", optimizer_state: float = 1.0,

@@ -10,7 +10,7 @@ from pipeline.scheduling.compare import Comparison, compare
 from pipeline.scheduling.exact import brute_force, milp
 from pipeline.scheduling.instance import Instance, generate
 from pipeline.scheduling.ours import solve
-from pipeline.scheduling.schedule import Infeasible, Schedule
+from pipeline.scheduling.solution import Infeasible, Schedule
 from pipeline.scheduling.simulator import InvalidSchedule, simulate
 
 __all__ = ["Comparison", "Infeasible", "Instance", "InvalidSchedule", "Schedule", "balanced_greedy_fcfs",

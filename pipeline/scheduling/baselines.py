@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 from pipeline.scheduling.instance import Instance
-from pipeline.scheduling.schedule import Infeasible, Schedule
+from pipeline.scheduling.solution import Infeasible, Schedule
 from pipeline.scheduling.sequencing import dispatch, fcfs, groups, to_schedule
 
 

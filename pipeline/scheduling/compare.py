@@ -9,7 +9,7 @@ from typing import TypeVar
 from pipeline.scheduling import baselines, exact, ours
 from pipeline.scheduling.bounds import lower_bound
 from pipeline.scheduling.instance import Instance
-from pipeline.scheduling.schedule import Schedule
+from pipeline.scheduling.solution import Schedule
 from pipeline.scheduling.simulator import simulate
 
 # The MILP is only attempted up to this size: beyond it HiGHS rarely proves optimality in time.

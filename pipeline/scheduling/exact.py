@@ -15,7 +15,7 @@ from scipy.sparse import lil_matrix
 from pipeline.scheduling import ours
 from pipeline.scheduling.bounds import lower_bound
 from pipeline.scheduling.instance import Instance
-from pipeline.scheduling.schedule import BACKWARD, FORWARD, Infeasible, Schedule
+from pipeline.scheduling.solution import BACKWARD, FORWARD, Infeasible, Schedule
 from pipeline.scheduling.sequencing import Sequence, groups, timing, to_schedule
 from pipeline.scheduling.simulator import simulate
 

@@ -19,7 +19,7 @@ import math
 import random
 from dataclasses import dataclass, fields
 
-from pipeline.profiles import ComputeProfile, load_compute, load_memory
+from pipeline.device_profiles import ComputeProfile, load_compute, load_memory
 
 HELPER_DEVICES = ("VM", "laptop")
 CLIENT_DEVICES = ("d1", "d2", "jetson-cpu", "jetson-gpu")

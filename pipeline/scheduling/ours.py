@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pipeline.scheduling.baselines import balanced_greedy_assignment
 from pipeline.scheduling.instance import Instance
-from pipeline.scheduling.schedule import Infeasible, Schedule
+from pipeline.scheduling.solution import Infeasible, Schedule
 from pipeline.scheduling.sequencing import Sequence, best_dispatch, groups, longest_path, polish, to_schedule
 
 EPS = 1e-9

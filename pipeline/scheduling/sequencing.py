@@ -10,7 +10,7 @@ import heapq
 from collections.abc import Callable, Iterable
 
 from pipeline.scheduling.instance import Instance
-from pipeline.scheduling.schedule import BACKWARD, FORWARD, Schedule
+from pipeline.scheduling.solution import BACKWARD, FORWARD, Schedule
 
 Sequence = list[tuple[int, int]]
 # A rule maps (instance, helper, client, kind, release) to a key; the ready task with the smallest key runs next.

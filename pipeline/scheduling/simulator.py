@@ -6,7 +6,7 @@ checks every rule and recomputes the makespan from scratch.
 from __future__ import annotations
 
 from pipeline.scheduling.instance import Instance
-from pipeline.scheduling.schedule import Schedule
+from pipeline.scheduling.solution import Schedule
 from protocols.errors import SplitringError
 
 # Slack for float rounding when comparing times (ms) and memory (KiB).
