@@ -1,4 +1,6 @@
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from peer.localring import LocalRing
+from peer.localring import LocalRing, get_json
 
 
 @pytest.fixture
@@ -58,3 +60,35 @@ def http_post(url: str, body: bytes = b"", headers: dict | None = None, timeout:
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+class StatusWatch:
+    """Polls every agent's /status in the background: the slowest answer, and any that failed."""
+
+    def __init__(self, urls: list[str]):
+        self.urls, self.slowest, self.count, self.errors = urls, 0.0, 0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            for url in self.urls:
+                t0 = time.monotonic()
+                try:
+                    get_json(f"{url}/status", timeout=10)
+                except Exception as e:
+                    self.errors.append(f"{url}: {e!r}")
+                    continue
+                took = time.monotonic() - t0
+                if took > self.slowest:
+                    self.slowest = took
+                self.count += 1
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()

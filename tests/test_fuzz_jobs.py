@@ -22,7 +22,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import fields
@@ -34,6 +33,7 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, note, settings, strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import StatusWatch
 from peer.limits import JOB_LIMITS, check_job
 from peer.localring import get_json
 from pipeline.config import SCHEMES, TYPES, JobConfig
@@ -348,38 +348,6 @@ def vm_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-class StatusPoller:
-    """Polls every agent's /status in the background: the slowest answer, and any that failed."""
-
-    def __init__(self, urls: list[str]):
-        self.urls, self.slowest, self.count, self.errors = urls, 0.0, 0, []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        while not self.stop.is_set():
-            for url in self.urls:
-                t0 = time.monotonic()
-                try:
-                    get_json(f"{url}/status", timeout=10)
-                except Exception as e:
-                    self.errors.append(f"{url}: {e!r}")
-                    continue
-                took = time.monotonic() - t0
-                if took > self.slowest:
-                    self.slowest = took
-                self.count += 1
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-
 class Reply:
     def __init__(self, status: int, ctype: str, body: bytes = b"", events: list | None = None, took: float = 0.0):
         self.status, self.ctype, self.body, self.events, self.took = status, ctype, body, events, took
@@ -584,7 +552,7 @@ def test_fuzzed_job_configs_against_live_agents(fuzz_ring):
         assert not MARKER.exists(), "code named by a request ran"
         assert CANARY.exists(), "code named by a request ran"
 
-    with StatusPoller(urls) as poller:
+    with StatusWatch(urls) as poller:
         example()          # loads what these configs need once (kernels, caches, allocator arenas) ...
         time.sleep(0.5)
         rss_mid = [vm_kib(pid, "VmRSS") for pid in pids]
