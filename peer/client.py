@@ -29,11 +29,10 @@ class PeerClient:
     async def status(self, peer: dict, timeout: float = 5) -> dict | None:
         """A peer's /status, or None if it does not answer as itself within `timeout` seconds."""
         try:
-            async with self.session.get(peer["url"] + "/status", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                st = await r.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            st = await self.call(peer, "status", timeout=timeout)
+        except JobError:
             return None
-        return st if isinstance(st, dict) and st.get("peer") == peer["peer"] else None
+        return st if st["peer"] == peer["peer"] else None
 
     async def call(self, peer: dict, name: str, *, timeout: float | None = 60, params: dict | None = None,
                    **fields) -> dict:
@@ -46,7 +45,7 @@ class PeerClient:
             async with self.session.request(call.method, peer["url"] + path, data=body, headers=CBOR,
                                             timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 reply = await r.json()
-        except aiohttp.ContentTypeError:
+        except (aiohttp.ContentTypeError, ValueError):
             raise JobError(f"peer {peer['peer']} answered {path} with HTTP {r.status} and no explanation") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise JobError(f"peer {peer['peer']} at {peer['url']} did not answer {path}: {e!r}") from None

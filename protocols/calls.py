@@ -32,7 +32,8 @@ JOB_EVENTS = frozenset({"started", "plan", "swap", "step", "epoch", "done", "fai
 PASS_EVENTS = frozenset({"stage_step", "step", "end", "error"})
 
 CALLS: dict[str, Call] = {c.name: c for c in [
-    # a user's (or the CLI's) calls to any peer
+    # a user's (or the CLI's) calls to any peer; status answers anyone its public part, ring members the rest
+    Call("status", "GET", "/status", None, {"peer": Str, "ring": Str, "version": Int, "capabilities": List}),
     Call("start_job", "POST", "/jobs", "job_start", stream=True, events=JOB_EVENTS),
     Call("plan_job", "POST", "/plan", "job_start", {"ring": List, "rotations": List}),
     Call("cancel_job", "POST", "/jobs/{job}/cancel", None, {"cancelled": Str, "coordinator": Str}),

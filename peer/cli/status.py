@@ -5,7 +5,7 @@ import json
 import sys
 import urllib.error
 
-from peer.cli.common import add_ring_options, connect
+from peer.cli.common import add_ring_options, call, connect
 
 
 def register(sub) -> None:
@@ -16,12 +16,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from peer.security import open_url
-
     url, key = connect(args)
     try:
-        with open_url(f"{url}/status", key, timeout=10) as r:
-            st = json.load(r)
+        st = call(url, key, "status", timeout=10)
     except (urllib.error.URLError, OSError) as e:  # RingAuthError is a ConnectionError
         print(f"splitring status: cannot reach {url}: {e}", file=sys.stderr)
         return 1

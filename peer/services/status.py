@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import Gauge, generate_latest
 
-from peer.service import Service
+from peer.service import Service, serves
 from pipeline.config import SCHEMES
 from protocols import PROTOCOL_VERSION
 
@@ -18,14 +18,15 @@ class StatusService(Service):
         self.m_peers = Gauge("splitring_peers_seen", "peers of the ring seen", registry=node.registry)
 
     def other_routes(self):
-        return [web.get("/status", self.status), web.get("/metrics", self.metrics)]
+        return [web.get("/metrics", self.metrics)]
 
-    async def status(self, request):
+    @serves("status")
+    async def status(self, msg, request):
         node = self.node
         public = {"peer": node.peer_id, "ring": node.ring, "version": PROTOCOL_VERSION, "capabilities": CAPABILITIES}
         if not node.guard.member(request):
-            return web.json_response({**public, "private": "sign the request with the ring secret to see more"})
-        return web.json_response({
+            return {**public, "private": "sign the request with the ring secret to see more"}
+        return {
             **public,
             "url": node.url, "interface": node.interface, "instance": node.discovery.instance,
             **node.discovery.public(),   # peers, conflicts, missing
@@ -35,7 +36,7 @@ class StatusService(Service):
             "busy_poll": node.busy_poll,
             **self.work.status(),           # stages, peak_memory_bytes
             "jobs": self.coordination.status(),
-        })
+        }
 
     async def metrics(self, request):
         self.m_peers.set(len(self.node.discovery.peers()))
