@@ -5,7 +5,7 @@ figure's paired ratio (this tree / the other, median over rounds): does a change
 
 The other revision is checked out in a temporary git worktree and run with its own code (PYTHONPATH and
 working directory), from this venv. The script's last stdout line of JSON per run (or every JSON line,
-for scripts that print one per size) is read; numeric fields are compared.
+for scripts that print one per size, keyed by its size) is read; numeric fields are compared.
 """
 import argparse
 import json
@@ -27,10 +27,11 @@ def run(tree: Path, script: list[str]) -> list[dict]:
 
 
 def numbers(rows: list[dict]) -> dict[str, float]:
-    """Numeric fields, keyed by row (its "bytes" if rows are per size) and name."""
+    """Numeric fields, keyed by row (its size if rows are per size, else its index) and name."""
     out = {}
     for i, row in enumerate(rows):
-        tag = f"{row['bytes']}:" if "bytes" in row and len(rows) > 1 else ""
+        size = row.get("size_bytes", row.get("bytes", i))
+        tag = f"{size}:" if len(rows) > 1 else ""
         out.update({tag + k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return out
 
@@ -39,9 +40,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("rev", help="the revision to compare this work tree with")
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each")
-    ap.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...] (run with --json)")
-    args = ap.parse_args()
-    script = args.script[1:] if args.script[:1] == ["--"] else args.script
+    argv = sys.argv[1:]
+    if "--" not in argv:
+        ap.error("give the benchmark after --: -- SCRIPT [ARGS...] (it is run with --json)")
+    args, script = ap.parse_args(argv[:argv.index("--")]), argv[argv.index("--") + 1:]
     with tempfile.TemporaryDirectory(prefix="splitring-rev-") as tmp:
         other = Path(tmp) / "tree"
         subprocess.run(["git", "worktree", "add", "--detach", str(other), args.rev], cwd=ROOT, check=True,
