@@ -135,12 +135,10 @@ class JobRuntime:
         (fast-async, backward_at); evaluation is forward only, on the owners."""
         return self.roles_of[mode]
 
-    def box(self, msg: dict) -> str:
-        """The mailbox box of a stage message: its type and the stage (chain position) it is for."""
-        return box_of(msg["type"], msg.get("stage", self.position))
-
-    def accept(self, sender: str, msg: dict) -> None:
-        """Deliver a stage message if this peer expects it from that sender (pipeline.admission)."""
+    async def deliver(self, sender: str, msg: dict) -> None:
+        """A neighbour's stage message, delivered once its box has room (meanwhile the data plane reads no
+        more from that neighbour: backpressure) if this peer expects it from that sender (pipeline.admission)."""
+        await self.mailbox.room(box_of(msg["type"], msg.get("stage", self.position)))
         self.mailbox.deliver(*self.admission().admit(sender, msg))
 
     def admission(self) -> Admission:

@@ -61,7 +61,7 @@ BAD = [   # (receiving peer, sender, message, error code, words of the message)
 def test_the_remote_backward_messages_are_delivered(me, sender, msg):
     async def go():
         rt = runtime(me)
-        rt.accept(sender, msg)
+        await rt.deliver(sender, msg)
         return [k for k, f in rt.mailbox.slots.items() if f.done()]
     box = f"{msg['type']}@{msg['stage']}"
     assert asyncio.run(go()) == [(0, "train", msg["step"], box, msg.get("mb", 0))]
@@ -72,7 +72,7 @@ def test_bad_remote_backward_messages_are_refused_clearly(me, sender, msg, code,
     async def go():
         rt = runtime(me)
         with pytest.raises(ProtocolError) as e:
-            rt.accept(sender, msg)
+            await rt.deliver(sender, msg)
         return e.value, rt.mailbox.slots
     err, slots = asyncio.run(go())
     assert err.code == code and words in err.message and not slots

@@ -47,9 +47,7 @@ class WorkService(Service):
     # --- what other services ask of this one ----------------------------------------------------
     async def deliver(self, sender: str, msg: dict) -> None:
         """A proven neighbour's stage message, once its job's mailbox has room (backpressure)."""
-        rt = self.runtime(msg["job"])
-        await rt.mailbox.room(rt.box(msg))
-        rt.accept(sender, msg)
+        await self.runtime(msg["job"]).deliver(sender, msg)
 
     def status(self) -> dict:
         return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
