@@ -27,7 +27,8 @@ EVAL_BATCH = 256
 class JobRuntime:
     def __init__(self, job: str, cfg: JobConfig, me: str, ring: list[dict], coordinator: str,
                  data: Dataset, links: Links, client: PeerClient, compute, state_dir,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, sizes: list | None = None):
+        """sizes: pipeline.models.footprint of the job's model, if the caller has it already."""
         self.job, self.cfg, self.me = job, cfg, me
         self.urls = {p["peer"]: p["url"] for p in ring}
         self.ring = [p["peer"] for p in ring]
@@ -36,7 +37,8 @@ class JobRuntime:
         self._compute = compute  # async callable(fn, *args): runs fn on the agent's compute thread
         self.memory_budget = memory_budget
         self.peak_memory = 0
-        self.shapes = [input_shape(cfg.model)] + activation_shapes(cfg.model)  # shapes[i] = input of layer i
+        outputs = [shape for shape, _ in sizes] if sizes is not None else activation_shapes(cfg.model)
+        self.shapes = [input_shape(cfg.model)] + outputs  # shapes[i] = input of layer i
         self.stage = Stage(cfg, {})
         self.pending: dict[int, dict[int, dict]] = {}   # rotation -> received layers awaiting commit
         self.rotation = -1

@@ -85,7 +85,7 @@ class WorkService(Service):
             raise ProtocolError("duplicate", f"job {msg['job']} is already prepared")
         self.jobs[msg["job"]] = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
                                            node.data, node.links, node.client(), node.compute_call, node.state,
-                                           node.memory_budget)
+                                           node.memory_budget, sizes)
         return {"samples": len(node.data), "test_samples": node.data.n_test}
 
     @serves("profile")
