@@ -83,6 +83,13 @@ class PeerClient:
             times.append(time.perf_counter() - t0)
         return size / max(times[1] - times[0], 1e-6), times[0] / 2
 
+    async def part(self, peer: dict, job: str) -> dict:
+        """A client/helper job's part of a peer, with the samples it trained this round: {"layers", "samples"}."""
+        async with self.session.get(f"{peer['url']}/job/{job}/part") as r:
+            if r.status != 200:
+                raise JobError(f"could not collect the part of {peer['peer']}: HTTP {r.status}")
+            return await self.codec.decode(await r.read(), 1 << 34)
+
     async def layers(self, peer: dict, job: str) -> dict:
         """The layers a peer holds for a job: {index: {name: tensor}}."""
         async with self.session.get(f"{peer['url']}/job/{job}/params") as r:

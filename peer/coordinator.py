@@ -79,7 +79,8 @@ class Coordinator:
             if st is None:
                 log.warning("peer %s at %s is not answering; left out of the ring", p["peer"], p["url"])
                 continue
-            alive.append({**p, "memory_budget": st.get("memory_budget")})
+            alive.append({**p, "memory_budget": st.get("memory_budget"), "role": st.get("role"),
+                          "samples": st.get("data", {}).get("samples", 0)})
             conflicts += [c for c in st.get("conflicts", []) if c not in conflicts]
         if conflicts:
             raise JobError("two live agents share a peer id, so the ring cannot tell their data apart: "

@@ -31,7 +31,7 @@ class Node:
     def __init__(self, ring: str, state: StateDir, data: Dataset, host: str, port: int, interface: str | None,
                  advertise: str, join: list[str], threads: int = 1, memory_budget: int | None = None,
                  slowdown: float = 1.0, key: bytes | None = None, tls: tuple[ssl.SSLContext, str] | None = None,
-                 busy_poll: bool = False, allow_models: list[str] = ()):
+                 busy_poll: bool = False, allow_models: list[str] = (), role: str | None = None):
         self.ring, self.state, self.data = ring, state, data
         self.peer_id = state.peer_id
         self.key = key  # the ring key (peer.security.key_for); None: an open ring
@@ -41,6 +41,7 @@ class Node:
         self.pins = Pins()
         self.host, self.port, self.interface, self.advertise, self.join = host, port, interface, advertise, join
         self.memory_budget = memory_budget
+        self.role = role or ("client" if len(data) else "helper")   # in client/helper schemes
         self.allow_models = list(allow_models)   # custom model code this agent's owner allows (--allow-model)
         self.max_control_body = LIMITS.max_control_body
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=torch.set_num_threads,
@@ -63,7 +64,8 @@ class Node:
         return f"{'https' if self.tls else 'http'}://{self.advertise}:{self.port}"
 
     def me(self) -> dict:
-        return {"peer": self.peer_id, "url": self.url, "memory_budget": self.memory_budget}
+        return {"peer": self.peer_id, "url": self.url, "memory_budget": self.memory_budget, "role": self.role,
+                "samples": len(self.data)}
 
     def client(self) -> PeerClient:
         return PeerClient(self.session, self.codec)

@@ -97,6 +97,14 @@ class JobRuntime:
         self.checkpoint()
         return {"layers": [a, b]}
 
+    def status(self) -> dict:
+        return {"job": self.job, "scheme": self.cfg.scheme, "rotation": self.rotation, "layers": list(self.stage.range),
+                "position": self.position, "progress": self.progress, "peak_memory_bytes": self.peak_memory}
+
+    def layers(self) -> dict[int, dict]:
+        """{layer: state dict} of the layers this peer holds now."""
+        return {i: {k: v.detach() for k, v in m.state_dict().items()} for i, m in self.stage.layers.items()}
+
     def checkpoint(self):
         self.state_dir.save_checkpoint(self.job, {"job": self.job, "rotation": self.rotation,
                                                   "config": self.cfg.to_dict(), "layers": self.stage.export()})

@@ -10,7 +10,10 @@ from protocols.compression import COMPRESSIONS, WIRE_DTYPES
 from protocols.errors import SplitringError
 
 
-SCHEMES = ("nsplit", "fast", "fast-async")
+NSPLIT_SCHEMES = ("nsplit", "fast", "fast-async")          # one chain that rotates over the peers
+PARALLEL_SCHEMES = ("sl", "splitfed-v1", "splitfed-v2")   # clients and helpers (pipeline/parallel.py)
+SCHEMES = NSPLIT_SCHEMES + PARALLEL_SCHEMES
+ASSIGNS = ("ours", "random", "greedy", "exact")
 OPTIMIZERS = ("sgd", "adam")
 SPLITS = ("planned", "even")
 
@@ -22,7 +25,8 @@ class ConfigError(SplitringError, ValueError):
 # fields checked for type first; upper limits on values live in peer.limits (an agent's own policy)
 TYPES = {"seed": int, "epochs": int, "batch_size": int, "microbatches": int, "max_staleness": int,
          "lr": float, "momentum": float, "weight_decay": float, "recv_timeout": float, "shuffle": bool,
-         "optimizer": str, "scheme": str, "pipeline": str, "split": str, "wire_dtype": str, "compress": str}
+         "optimizer": str, "scheme": str, "pipeline": str, "split": str, "wire_dtype": str, "compress": str,
+         "rounds": int, "local_steps": int, "assign": str, "resolve_drift": float}
 
 
 def knob(default, help: str, **cli) -> field:
@@ -49,7 +53,11 @@ class JobConfig:
     shuffle: bool = knob(True, "heads visit their shard in a seeded random order each epoch")
     scheme: str = knob("nsplit", "nsplit: one microbatch in the chain at a time; fast: Fast N-split, microbatches "
                                  "pipelined, a flush every step (exact); fast-async: pipelined across steps, "
-                                 "forwards on weights up to max_staleness steps old", choices=SCHEMES)
+                                 "forwards on weights up to max_staleness steps old. Clients and helpers "
+                                 "(docs/parallel-sl.md): sl: clients in turn, one helper, the client part relayed; "
+                                 "splitfed-v1: clients in parallel, a copy of the helper part per client, averaged "
+                                 "each round; splitfed-v2: clients in parallel, one helper part updated client "
+                                 "after client", choices=SCHEMES)
     pipeline: str = knob("1f1b", "schedule of scheme fast, all with a flush every step, so the result is exact: "
                                  "1f1b keeps fewest forward buffers; gpipe runs every forward first; eager runs "
                                  "every forward first on the stages before the last, which then fill their waits "
@@ -66,6 +74,22 @@ class JobConfig:
     split: str = knob("planned", "planned: the split planner chooses each peer's layers from measured speed, "
                                  "memory and links; even: equal layer counts (checked against memory budgets)",
                       choices=SPLITS)
+    # clients and helpers (PARALLEL_SCHEMES)
+    cut: list = knob([], "client/helper schemes: A: clients hold layers [0,A), helpers the rest with the loss "
+                         "(labels travel with the activations); A,B: U-shaped, clients also hold [B,L) with the "
+                         "loss, so labels stay on them (default: 1,L-1)", metavar="A[,B]")
+    rounds: int = knob(1, "client/helper schemes: a round is every client's local work, then averaging")
+    local_steps: int = knob(0, "client/helper schemes: batches each client trains per round; 0: one local epoch "
+                               "(its whole shard)", metavar="N")
+    assign: str = knob("ours", "client/helper schemes: who serves whom and in what order (pipeline/scheduling): "
+                               "ours; random; greedy (balanced, first come first served); exact (MILP, small rings)",
+                       choices=ASSIGNS)
+    clients: list = knob([], "client/helper schemes: these peers are the clients (default: by each agent's "
+                             "--role)", metavar="PEER,...")
+    helpers: list = knob([], "client/helper schemes: these peers are the helpers (default: by each agent's "
+                             "--role)", metavar="PEER,...")
+    resolve_drift: float = knob(0.25, "client/helper schemes: re-solve the schedule from measured times when a "
+                                      "round's makespan is this fraction off its prediction", metavar="FRACTION")
     recv_timeout: float = knob(120.0, "seconds a stage waits for a neighbour before the job fails",
                                metavar="SECONDS")
     wire_dtype: str = knob("float32", "how activations and gradients travel (layer state moved by swaps is "
@@ -103,6 +127,17 @@ class JobConfig:
              "backward_at must be \"auto\" or a list of [stage, host] chain positions, one per stage"),
             (not self.backward_at or self.scheme == "fast-async",
              "backward_at (a remote backward) needs scheme fast-async"),
+            (self.scheme in PARALLEL_SCHEMES or not self.cut, "cut is for the client/helper schemes "
+             f"({', '.join(PARALLEL_SCHEMES)}); {self.scheme} splits by the planner"),
+            (isinstance(self.cut, list) and len(self.cut) <= 2 and all(type(v) is int and v > 0 for v in self.cut)
+             and self.cut == sorted(set(self.cut)), "cut is A or A,B with 0 < A < B (layer indices)"),
+            (self.scheme not in PARALLEL_SCHEMES or self.microbatches == 1,
+             "client/helper schemes run whole batches: microbatches must be 1"),
+            (self.rounds >= 1 and self.local_steps >= 0, "rounds must be >= 1 and local_steps >= 0"),
+            (self.assign in ASSIGNS, f"unknown assign method {self.assign!r} ({', '.join(ASSIGNS)})"),
+            (all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in (self.clients, self.helpers))
+             and not set(self.clients) & set(self.helpers), "clients and helpers are disjoint lists of peer ids"),
+            (self.resolve_drift > 0, "resolve_drift must be > 0"),
             (self.split in SPLITS, f"unknown split {self.split!r} (planned, even)"),
             (self.pipeline in PIPELINES, f"unknown pipeline schedule {self.pipeline!r} ({', '.join(PIPELINES)})"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),

@@ -79,3 +79,81 @@ def train(cfg: JobConfig, heads: list[Dataset]) -> torch.nn.Sequential:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
+
+
+def train_parallel(cfg: JobConfig, clients: dict[str, Dataset], schedules: list[tuple[dict, dict]],
+                   cut: tuple[int, int]) -> torch.nn.Sequential:
+    """Client/helper schemes in plain PyTorch (docs/parallel-sl.md). clients: each client's data, in ring
+    order; schedules[r]: round r's (assignment {client: helper}, orders {helper: [[client, "F"|"B"], ...]})
+    (splitfed-v2's result depends on each helper's order; sl runs clients in turn on one helper); cut: (a, b),
+    b = L for a single cut. Averaged parts start each round with a fresh optimizer; sl's parts keep theirs."""
+    from copy import deepcopy
+
+    from pipeline.parallel import helper_queues, round_batches
+
+    model = build_model(cfg.model, cfg.seed)
+    a, b = cut
+    p1, p2, p3 = model[:a], model[a:b], model[b:]
+    u_shaped = len(p3) > 0
+    with_opt = lambda m: (m, _optimizer(cfg, m))
+    if cfg.scheme == "sl":
+        c1 = c3 = with_opt(torch.nn.Sequential(*p1, *p3))   # one client part, relayed with its optimizer state
+        shared = with_opt(p2)
+    for rnd, (assignment, orders) in enumerate(schedules):
+        batches = {j: round_batches(len(ds), cfg, rnd) for j, ds in clients.items()}
+        steps = {j: len(v) for j, v in batches.items()}
+        if cfg.scheme == "sl":
+            mine = lambda j: c1
+            helper_model = lambda j, h: shared
+        else:
+            mine_ = {j: with_opt(torch.nn.Sequential(*deepcopy(p1), *deepcopy(p3))) for j in clients}
+            mine = mine_.__getitem__
+            copies = {(j if cfg.scheme == "splitfed-v1" else h): with_opt(deepcopy(p2))
+                      for j, h in assignment.items() for h in [h]}
+            helper_model = lambda j, h: copies[j if cfg.scheme == "splitfed-v1" else h]
+        pending = {}
+        for h, queue in sorted(helper_queues(cfg, assignment, orders, steps).items()):
+            for j, s, kind in queue:
+                (cm, copt), (hm, hopt) = mine(j), helper_model(j, h)
+                first, last = cm[:a], cm[a:]
+                if kind == "F":
+                    ds, idx = clients[j], batches[j][s]
+                    act = first(ds.x[idx])
+                    act_in = act.detach().requires_grad_(True)
+                    weights = {k: v.detach().clone().requires_grad_(True) for k, v in hm.named_parameters()}
+                    pending[j] = (act, act_in, weights, functional_call(hm, weights, (act_in,)), ds.y[idx])
+                    continue
+                act, act_in, weights, out, y = pending.pop(j)
+                if u_shaped:
+                    out_in = out.detach().requires_grad_(True)
+                    F.cross_entropy(last(out_in), y).backward()
+                    out.backward(out_in.grad)
+                else:
+                    F.cross_entropy(out, y).backward()
+                for (name, param), w in zip(hm.named_parameters(), weights.values()):
+                    param.grad = w.grad
+                hopt.step()
+                hopt.zero_grad()
+                act.backward(act_in.grad)
+                copt.step()
+                copt.zero_grad()
+        if cfg.scheme != "sl":
+            n = {j: sum(len(i) for i in batches[j]) for j in clients}
+            average(p1, [(mine(j)[0][:a], n[j]) for j in clients])
+            average(p3, [(mine(j)[0][a:], n[j]) for j in clients])
+            if cfg.scheme == "splitfed-v1":
+                average(p2, [(copies[j][0], n[j]) for j in clients])
+            else:
+                average(p2, [(copies[h][0], sum(n[j] for j, hj in assignment.items() if hj == h))
+                             for h in set(assignment.values())])
+    return model   # sl trained the model's own layers; the others averaged into them
+
+
+@torch.no_grad()
+def average(target: torch.nn.Sequential, copies: list[tuple[torch.nn.Sequential, int]]) -> None:
+    """Each layer of target := the sample-weighted mean of the copies' same layer (FedAvg), floats only."""
+    total = sum(w for _, w in copies)
+    for k, layer in enumerate(target):
+        for name, t in layer.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(sum(c[k].state_dict()[name].double() * (w / total) for c, w in copies).to(t.dtype))

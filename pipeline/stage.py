@@ -56,7 +56,7 @@ class Stage:
 
     # ownership -------------------------------------------------------------------------------
     def add(self, index: int, module: nn.Module, optim_state: dict | None = None) -> None:
-        if self.cfg.scheme != "nsplit":  # pipelined: weight gradients batched over the step's microbatches
+        if self.cfg.scheme in ("fast", "fast-async"):  # pipelined: weight gradients batched over the step's microbatches
             self.deferred[index] = Deferred(module)   # before the optimizer: it may re-home the weights
         opt = make_optimizer(self.cfg, module.parameters())
         if optim_state:

@@ -28,8 +28,9 @@ class Call:
         return self.path.format(**params)
 
 
-JOB_EVENTS = frozenset({"started", "plan", "swap", "step", "epoch", "done", "failed"})
+JOB_EVENTS = frozenset({"started", "plan", "swap", "step", "epoch", "schedule", "round", "done", "failed"})
 PASS_EVENTS = frozenset({"stage_step", "step", "end", "error"})
+ROUND_EVENTS = frozenset({"client_step", "end", "error"})
 
 CALLS: dict[str, Call] = {c.name: c for c in [
     # a user's (or the CLI's) calls to any peer; status answers anyone its public part, ring members the rest
@@ -49,6 +50,10 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     Call("swap_send", "POST", "/job/swap/send", "swap_send", {"sent": Int}),
     Call("abort", "POST", "/job/abort", "job_abort", {"aborted": Bool}),
     Call("end", "POST", "/job/end", "job_end", {"ended": Bool}),
+    # client/helper schemes (peer/parallel.py): a round's facts, running it, and the parts averaged or relayed
+    Call("round_plan", "POST", "/job/round/plan", "round_plan", {"role": Str}),
+    Call("run_round", "POST", "/job/round", "run_round", stream=True, events=ROUND_EVENTS),
+    Call("part_set", "POST", "/job/part", "part_set", {"layers": List}),
     # a peer's call to another at a swap
     Call("swap_receive", "POST", "/job/swap/receive", "swap_receive", {"checksum": Str}),
 ]}
@@ -64,6 +69,10 @@ EVENT_FIELDS: dict[str, dict[str, Any]] = {
     "done": {"summary": Dict},
     "failed": {"error": Str},
     "stage_step": {"step": Int, "stage": Int, "staleness": Int},
+    "schedule": {"round": Int, "assignment": Dict, "orders": Dict, "predicted_s": Float, "resolved": Bool},
+    "round": {"round": Int, "loss": (Float, Opt), "accuracy": (Float, Opt), "makespan_s": Float,
+              "predicted_s": Float, "helper_busy": Dict},
+    "client_step": {"client": Str, "step": Int, "samples": Int, "loss": Float},
     "end": {},
     "error": {"error": Str},
 }

@@ -21,7 +21,8 @@ CODECS = WIRE_DTYPES + ("int8",)
 BLOCK = 64                      # values per int8 scale: 8.5 bits per value on the wire
 FLOAT16_MAX = 65504.0           # float16 saturates here rather than overflowing to inf
 PART_DTYPES = (torch.bfloat16, torch.float16, torch.int8)  # what packed tensors travel as
-ROLES = {"fwd": {"x": "activation"}, "bwd": {"grad": "gradient"}}  # message type -> field -> role
+ROLES = {"fwd": {"x": "activation"}, "bwd": {"grad": "gradient"}, "act": {"x": "activation"},
+         "grad": {"grad": "gradient"}}  # message type -> field -> role
 
 
 @dataclass(frozen=True)

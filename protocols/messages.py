@@ -28,6 +28,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "weights": {"job": Str, "rotation": Int, "step": Int, "stage": Int, "weights": Dict},
     "lend": {"job": Str, "rotation": Int, "step": Int, "stage": Int, "layers": Dict},
     "return": {"job": Str, "rotation": Int, "step": Int, "stage": Int, "layers": Dict},
+    # client/helper schemes: a client's smashed data to its helper (cut 1) and the helper's output back (cut 2,
+    # U-shaped or evaluation); gradients the other way (pipeline.parallel.admit)
+    "act": {"job": Str, "round": Int, "step": Int, "client": Str, "cut": Int, "mode": Str, "x": Tensor},
+    "grad": {"job": Str, "round": Int, "step": Int, "client": Str, "cut": Int, "mode": Str, "grad": Tensor},
     "ping": {"seq": Int},       # answered by a pong on the same connection; optional `data` is discarded
     "pong": {"seq": Int},
     "sink": {"data": Tensor},   # discarded unanswered (bandwidth tests)
@@ -41,12 +45,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "swap_receive": {"job": Str, "rotation": Int, "layers": Dict, "checksum": Str},
     "job_end": {"job": Str},
     "job_abort": {"job": Str, "reason": Str},
+    "round_plan": {"job": Str, "round": Int, "assignment": Dict, "orders": Dict, "samples": Dict,
+                   "test_samples": Dict},
+    "run_round": {"job": Str, "round": Int, "mode": Str},
+    "part_set": {"job": Str, "round": Int, "layers": Dict, "checksum": Str},
     "job_start": {"config": Dict},
     "job_profile": {"config": Dict},
     "data_probe": {"url": Str, "bytes": Int, "count": Int},  # measure the data plane to another agent (stream
                                                               # of sinks, or with round_trips: pings)
 }
 OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor},
+                                       "act": {"y": Tensor}, "grad": {"loss": Float, "correct": Int},
                                        "fwd": {"stage": Int}, "bwd": {"stage": Int},
                                        "job_commit": {"backward_at": List},
                                        "data_probe": {"round_trips": Bool, "copies": Bool}}

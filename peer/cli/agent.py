@@ -22,6 +22,9 @@ class AgentConfig(RingOptions):
     data: str | None = knob(None, "digits (scikit-learn's bundled digits) or FILE.npz (x float32, y int64, optional "
                                   "x_test/y_test); omit to give compute only", metavar="digits|FILE.npz")
     shard: str | None = knob(None, "k/n: keep the k-th of n disjoint blocks of the train split", metavar="k/n")
+    role: str | None = knob(None, "client: owns data, holds the first (and, U-shaped, last) layers of client/helper "
+                                  "schemes; helper: runs the middle layers for clients (default: client if it has "
+                                  "--data, else helper). N-split ignores it", choices=("client", "helper"))
     port: int = knob(7000, "HTTP + WebSocket port (0: any free port)")
     listen: str | None = knob(None, "address to bind (default: the --interface address)", metavar="ADDRESS")
     state_dir: str = field(metadata={"help": "where the peer id and checkpoints live (one per agent)",
@@ -114,7 +117,7 @@ def run(args) -> int:
         return 2
     agent = Agent(cfg.ring, state, data, cfg.listen or address, cfg.port, None if cfg.no_mdns else address,
                   address, cfg.join, cfg.threads, budget, cfg.compute_slowdown, key, tls, cfg.busy_poll,
-                  cfg.allow_model)
+                  cfg.allow_model, cfg.role)
 
     def ready(a):
         print(f"splitring agent {a.peer_id} ring={a.ring} listening on {a.url} data={data.name} "

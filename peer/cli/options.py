@@ -67,7 +67,20 @@ def model_value(args) -> dict:
 
 # JobConfig fields whose command-line form is not one value of their type: (add the options, read the value)
 JOB_FORMS = {"model": (add_model, model_value)}
-JOB_TYPES = {"backward_at": backward_at}   # fields read with a parser of their own
+def numbers(text: str) -> list[int]:
+    """--cut: A or A,B -> [A] or [A, B]."""
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer indices A or A,B, got {text!r}") from None
+
+
+def names(text: str) -> list[str]:
+    """--clients, --helpers: PEER,... -> [peer, ...]."""
+    return [v for v in text.split(",") if v]
+
+
+JOB_TYPES = {"backward_at": backward_at, "cut": numbers, "clients": names, "helpers": names}   # own parsers
 
 
 def add_options(parser, cls, names=None, forms=None, types=None, **defaults) -> None:

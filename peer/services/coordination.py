@@ -9,10 +9,11 @@ import logging
 from aiohttp import web
 
 from peer.coordinator import Coordinator
+from peer.parallel_coordinator import ParallelCoordinator
 from peer.limits import JOB_LIMITS
 from peer.service import Service, json_error, serves
 from peer.client import JobError
-from pipeline.config import JobConfig
+from pipeline.config import PARALLEL_SCHEMES, JobConfig
 from pipeline.models import footprint
 
 log = logging.getLogger("splitring.coordination")
@@ -44,7 +45,8 @@ class CoordinationService(Service):
 
         def save_model(job, state_dict):
             return node.state.save_model(job, state_dict, JOB_LIMITS.kept_models, JOB_LIMITS.kept_model_s)
-        return Coordinator(cfg, node.me(), node.discovery, node.client(), save_model, sizes=sizes)
+        kind = ParallelCoordinator if cfg.scheme in PARALLEL_SCHEMES else Coordinator
+        return kind(cfg, node.me(), node.discovery, node.client(), save_model, sizes=sizes)
 
     @serves("start_job")
     async def start_job(self, msg, request):

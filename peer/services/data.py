@@ -21,7 +21,7 @@ from protocols import ProtocolError, encode_frame, error_message, message, valid
 from protocols.frames import encode_parts
 
 log = logging.getLogger("splitring.data")
-STAGE_MESSAGES = ("fwd", "bwd", "input", "weights", "lend", "return")   # delivered to a job's stages
+STAGE_MESSAGES = ("fwd", "bwd", "input", "weights", "lend", "return", "act", "grad")   # delivered to a job's stages
 
 
 class DataService(Service):

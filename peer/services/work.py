@@ -16,8 +16,9 @@ from peer.limits import JOB_LIMITS
 from peer.service import Service, serves
 from peer.state import prune, write_atomic
 from peer.client import JobError
+from peer.parallel import ParallelRuntime
 from peer.worker import JobRuntime
-from pipeline.config import JobConfig
+from pipeline.config import PARALLEL_SCHEMES, JobConfig
 from pipeline.data import fits_model
 from pipeline.jobplan import reports_step
 from pipeline.models import footprint, input_shape, spec_hash
@@ -36,12 +37,14 @@ class WorkService(Service):
                             registry=node.registry)
 
     def other_routes(self):
-        return [web.get("/job/{job}/params", self.params)]
+        return [web.get("/job/{job}/params", self.params), web.get("/job/{job}/part", self.part)]
 
-    def runtime(self, job: str) -> JobRuntime:
+    def runtime(self, job: str, kind: type = object) -> JobRuntime | ParallelRuntime:
         rt = self.jobs.get(job)
         if rt is None:
             raise ProtocolError("unknown_job", f"job {job} is not known to peer {self.node.peer_id}")
+        if not isinstance(rt, kind):
+            raise ProtocolError("unexpected", f"job {job} runs scheme {rt.cfg.scheme}, which has no such call")
         return rt
 
     # --- what other services ask of this one ----------------------------------------------------
@@ -51,9 +54,7 @@ class WorkService(Service):
 
     def status(self) -> dict:
         return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
-                "stages": [{"job": j, "rotation": rt.rotation, "layers": list(rt.stage.range),
-                            "position": rt.position, "progress": rt.progress, "peak_memory_bytes": rt.peak_memory}
-                           for j, rt in self.jobs.items()]}
+                "stages": [rt.status() for rt in self.jobs.values()]}
 
     def coordinator_of(self, job: str) -> dict | None:
         """The coordinator ({"peer", "url"}) of a job this peer works on, if it is another peer."""
@@ -83,9 +84,14 @@ class WorkService(Service):
             raise JobError(f"peer {node.peer_id}: {problem}")
         if msg["job"] in self.jobs:
             raise ProtocolError("duplicate", f"job {msg['job']} is already prepared")
-        self.jobs[msg["job"]] = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
-                                           node.data, node.links, node.client(), node.compute_call, node.state,
-                                           node.memory_budget, sizes)
+        if cfg.scheme in PARALLEL_SCHEMES:
+            self.jobs[msg["job"]] = ParallelRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
+                                                    node.data, node.links, node.compute_call, node.state,
+                                                    node.memory_budget, sizes)
+        else:
+            self.jobs[msg["job"]] = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
+                                               node.data, node.links, node.client(), node.compute_call, node.state,
+                                               node.memory_budget, sizes)
         return {"samples": len(node.data), "test_samples": node.data.n_test}
 
     @serves("profile")
@@ -115,7 +121,7 @@ class WorkService(Service):
 
     @serves("commit")
     async def commit(self, msg, request):
-        rt = self.runtime(msg["job"])
+        rt = self.runtime(msg["job"], JobRuntime)
         return await self.node.compute_call(rt.commit, msg["rotation"], msg["chain"], msg["ranges"],
                                             msg["head_samples"], msg["head_test_samples"], msg.get("backward_at", []))
 
@@ -123,7 +129,7 @@ class WorkService(Service):
     async def run_pass(self, msg, request):
         """Run this stage's part of a pass; each step's report is an event, then "end" or an error that
         says how the pass failed (cause_of)."""
-        rt, mode = self.runtime(msg["job"]), msg["mode"]
+        rt, mode = self.runtime(msg["job"], JobRuntime), msg["mode"]
         if msg["rotation"] != rt.rotation or mode not in ("train", "eval"):
             raise ProtocolError("stale", f"pass for rotation {msg['rotation']}; this stage is at {rt.rotation}")
         events: asyncio.Queue = asyncio.Queue()
@@ -162,13 +168,68 @@ class WorkService(Service):
         finally:
             task.cancel()
 
+    # --- client/helper schemes ----------------------------------------------------------------------
+    @serves("round_plan")
+    async def round_plan(self, msg, request):
+        rt = self.runtime(msg["job"], ParallelRuntime)
+        return await self.node.compute_call(rt.plan, msg["round"], msg["assignment"], msg["orders"], msg["samples"],
+                                            msg["test_samples"])
+
+    @serves("run_round")
+    async def run_round(self, msg, request):
+        """Run this peer's part of a round; each client step is an event, then "end" with what was measured,
+        or an error saying how the round failed."""
+        rt, mode = self.runtime(msg["job"], ParallelRuntime), msg["mode"]
+        if msg["round"] != rt.rotation or mode not in ("train", "eval"):
+            raise ProtocolError("stale", f"round {msg['round']} ({mode}); this peer is at round {rt.rotation}")
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def on_step(ev):
+            if not math.isfinite(ev["loss"]):
+                raise JobError(f"non-finite loss ({ev['loss']}) at step {ev['step'] + 1} of client {ev['client']} "
+                               f"in round {rt.rotation + 1}: the job stops here; lower --lr, or check that peer's data")
+            events.put_nowait(ev)
+
+        async def run():
+            rt.task = asyncio.current_task()
+            try:
+                events.put_nowait({"event": "end", **await rt.run_round(mode, on_step)})
+            except (JobError, TimeoutError, ProtocolError, ConnectionError, aiohttp.ClientError) as e:
+                log.error("job %s: round failed: %s", rt.job, e)
+                events.put_nowait({"error": str(e), "cause": cause_of(e)})
+            except Exception as e:
+                log.exception("job %s: round failed", rt.job)
+                events.put_nowait({"error": f"{type(e).__name__}: {e}", "cause": "job"})
+            finally:
+                events.put_nowait(None)
+        task = asyncio.create_task(run())
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+        finally:
+            task.cancel()
+
+    @serves("part_set")
+    async def part_set(self, msg, request):
+        rt = self.runtime(msg["job"], ParallelRuntime)
+        return {"layers": await self.node.compute_call(rt.set_part, msg["round"], msg["layers"], msg["checksum"])}
+
+    async def part(self, request):
+        """A client/helper job's part of this peer, with the samples it trained on this round (CBOR)."""
+        try:
+            rt = self.runtime(request.match_info["job"], ParallelRuntime)
+        except ProtocolError as e:
+            return web.json_response({"error": e.code, "message": e.message}, status=400)
+        part = await self.node.compute_call(rt.part)
+        return web.Response(body=await self.node.codec.encode(part), content_type="application/cbor")
+
     @serves("swap_send")
     async def swap_send(self, msg, request):
-        return await self.runtime(msg["job"]).swap_send(msg["rotation"], msg["moves"])
+        return await self.runtime(msg["job"], JobRuntime).swap_send(msg["rotation"], msg["moves"])
 
     @serves("swap_receive")
     async def swap_receive(self, msg, request):
-        rt = self.runtime(msg["job"])
+        rt = self.runtime(msg["job"], JobRuntime)
         digest = await self.node.compute_call(rt.receive_layers, msg["rotation"], msg["layers"], msg["checksum"])
         return {"checksum": digest}
 
@@ -195,8 +256,7 @@ class WorkService(Service):
             rt = self.runtime(request.match_info["job"])
         except ProtocolError as e:
             return web.json_response({"error": e.code, "message": e.message}, status=400)
-        layers = {i: {k: v.detach() for k, v in m.state_dict().items()} for i, m in rt.stage.layers.items()}
-        return web.Response(body=await self.node.codec.encode({"layers": layers}), content_type="application/cbor")
+        return web.Response(body=await self.node.codec.encode({"layers": rt.layers()}), content_type="application/cbor")
 
 
 async def _poll():

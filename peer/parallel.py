@@ -1,0 +1,286 @@
+"""One client/helper job (sl, splitfed-v1, splitfed-v2) as seen by one peer: a client's parts 1 and 3, or a
+helper's part 2 (one copy per client under splitfed-v1), and how it runs a round. Decisions come from the
+coordinator (peer/parallel_coordinator.py) and pipeline/parallel.py; the math from pipeline/stage.py."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pipeline.config import JobConfig
+from pipeline.data import Dataset, batch_sizes
+from pipeline.models import input_shape
+from pipeline.parallel import EVAL_BATCH, RoundFacts, Task, admit, box, fedavg, helper_queues, parts, round_batches
+from pipeline.stage import Stage, checksum
+from peer.client import JobError
+from peer.dataplane import Links, Mailbox, wire_policy
+from pipeline.admission import MessageKey
+from protocols import ProtocolError, message
+
+log = logging.getLogger("splitring.parallel")
+
+
+class ParallelRuntime:
+    def __init__(self, job: str, cfg: JobConfig, me: str, ring: list[dict], coordinator: str, data: Dataset,
+                 links: Links, compute, state_dir, memory_budget: int | None, sizes: list):
+        self.job, self.cfg, self.me, self.coordinator = job, cfg, me, coordinator
+        self.urls = {p["peer"]: p["url"] for p in ring}
+        self.data, self.links, self._compute, self.state_dir = data, links, compute, state_dir
+        self.memory_budget = memory_budget
+        self.shapes = [input_shape(cfg.model)] + [shape for shape, _ in sizes]
+        self.parts = parts(cfg, len(sizes))
+        self.mailbox = Mailbox()
+        self.facts: RoundFacts | None = None
+        self.role: str | None = None
+        self.stages: list[Stage] = []           # client: [part 1, part 3]; helper: [part 2] (the shared or averaged)
+        self.copies: dict[str, Stage] = {}      # splitfed-v1 helper: each client's copy of part 2, this round
+        self.trained: dict[str, int] = {}       # samples trained this round, per client (a helper: its clients')
+        self.peak_memory = 0
+        self.pending_loss: dict[tuple, tuple] = {}   # single-cut helper: (client, step) -> its loss, correct
+        self.orders: list = []
+        self.progress = {"round": -1, "step": 0}
+        self.task: asyncio.Task | None = None
+
+    # --- what WorkService asks --------------------------------------------------------------------
+    @property
+    def rotation(self) -> int:
+        return self.facts.round if self.facts else -1
+
+    def status(self) -> dict:
+        return {"job": self.job, "scheme": self.cfg.scheme, "role": self.role, "round": self.rotation,
+                "layers": [list(s.range) for s in self.stages], "labels": self.parts.labels(),
+                "progress": self.progress, "peak_memory_bytes": self.peak_memory}
+
+    def checkpoint(self) -> None:
+        if self.stages:
+            layers = {i: v for s in self.stages for i, v in s.export().items()}
+            self.state_dir.save_checkpoint(self.job, {"job": self.job, "round": self.rotation,
+                                                      "config": self.cfg.to_dict(), "layers": layers})
+
+    def abort(self, reason: str) -> None:
+        self.mailbox.fail(JobError(reason))
+        if self.task and not self.task.done():
+            self.task.cancel()
+
+    def layers(self) -> dict[int, dict]:
+        """{layer: state dict} of what this peer holds now (the parts collected for the assembled model)."""
+        return {i: {k: v.detach() for k, v in m.state_dict().items()} for s in self.stages for i, m in s.layers.items()}
+
+    def part(self) -> dict:
+        """This peer's part for averaging or relaying, with the samples it trained on this round: a client's
+        layers (with optimizer state); a helper's part 2 (splitfed-v1: its clients' copies averaged)."""
+        if self.copies:
+            states = [({i: v for i, v in c.export().items()}, self.trained[j]) for j, c in self.copies.items()]
+            layers = fedavg([({i: e["params"] for i, e in s.items()}, n) for s, n in states])
+            out = {i: {"params": p, "optim": {}} for i, p in layers.items()}
+        else:
+            out = {i: e for s in self.stages for i, e in s.export().items()}
+        return {"layers": out, "samples": sum(self.trained.values())}
+
+    def set_part(self, rnd: int, layers: dict, digest: str) -> list[int]:
+        """Replace this peer's layers with averaged or relayed ones (verified against their checksum)."""
+        layers = {int(k): v for k, v in layers.items()}
+        if checksum(layers) != digest:
+            raise ProtocolError("checksum", "layer state does not match its checksum")
+        mine = {i for s in self.stages for i in s.layers}
+        if set(layers) != mine:
+            raise ProtocolError("unexpected", f"layers {sorted(layers)} sent to peer {self.me}, which holds {sorted(mine)}")
+        for s in self.stages:
+            own = {i: layers[i] for i in list(s.layers)}
+            for i in own:
+                s.remove(i)
+            s.install(own)
+        self.copies = {}
+        return sorted(layers)
+
+    # --- a round's facts ------------------------------------------------------------------------
+    def plan(self, rnd: int, assignment: dict, orders: dict, samples: dict, test_samples: dict) -> dict:
+        if rnd <= self.rotation:
+            raise ProtocolError("stale", f"round {rnd} is not after the current {self.rotation}")
+        cfg, p = self.cfg, self.parts
+        role = "client" if self.me in assignment else "helper" if self.me in orders else "idle"
+        if self.role is None:   # first round: build own layers from (spec, seed, i)
+            ranges = p.client if role == "client" else [p.helper] if role == "helper" else []
+            self.stages = [Stage.build(cfg, a, b) for a, b in ranges]
+        elif role != self.role and role != "idle" and self.role != "idle":
+            raise ProtocolError("unexpected", f"peer {self.me} cannot change role from {self.role} to {role}")
+        self.role = role if self.role in (None, "idle") else self.role
+        self.facts = RoundFacts(self.me, rnd, p, dict(assignment),
+                                {j: [len(b) for b in round_batches(n, cfg, rnd)] for j, n in samples.items()},
+                                {j: batch_sizes(n, EVAL_BATCH) for j, n in test_samples.items()}, self.shapes)
+        self.orders = orders.get(self.me, [])
+        self.trained = {}
+        if cfg.scheme != "sl":   # averaged parts start each round with a fresh optimizer
+            for s in self.stages:
+                s.drop_optimizer_state()
+        if role == "helper" and cfg.scheme == "splitfed-v1":
+            state = {i: {"params": e["params"], "optim": {}} for i, e in self.stages[0].export().items()}
+            self.copies = {}
+            for j, h in assignment.items():
+                if h == self.me:
+                    self.copies[j] = Stage(cfg, {})
+                    self.copies[j].install(state)
+        self.check_memory()
+        self.mailbox.new_rotation(rnd)
+        return {"role": role}
+
+    def held(self) -> int:
+        return sum(s.memory_bytes() for s in self.stages + list(self.copies.values()))
+
+    def check_memory(self) -> None:
+        used = self.held()
+        self.peak_memory = max(self.peak_memory, used)
+        if self.memory_budget is not None and used > self.memory_budget:
+            raise JobError(f"peer {self.me} would hold {used} bytes as a {self.role} of {self.cfg.scheme}, over its "
+                           f"memory budget of {self.memory_budget}")
+
+    # --- the data plane ----------------------------------------------------------------------------
+    async def deliver(self, sender: str, msg: dict) -> None:
+        if self.facts is None:
+            raise ProtocolError("stale", f"job {self.job} has no round yet on peer {self.me}")
+        await self.mailbox.room(box(msg["type"], msg["cut"], msg["client"]))
+        key, payload = admit(self.facts, sender, msg)
+        payload["at"] = time.perf_counter()
+        self.mailbox.deliver(key, payload)
+
+    async def recv(self, mode: str, step: int, kind: str, cut: int, client: str, sender: str) -> dict:
+        key = MessageKey(self.rotation, mode, step, box(kind, cut, client), 0)
+        try:
+            return await self.mailbox.get(key, self.cfg.recv_timeout)
+        except TimeoutError:
+            raise TimeoutError(f"peer {sender} sent nothing for {self.cfg.recv_timeout:.0f} s (peer {self.me} waited "
+                               f"for its {kind} at cut {cut} of client {client}, step {step})") from None
+
+    async def send(self, to: str, kind: str, **fields) -> None:
+        msg = message(kind, job=self.job, round=self.rotation, **fields)
+        await self.links.send(self.urls[to], msg, wire_policy(self.cfg))
+
+    # --- a round -------------------------------------------------------------------------------------
+    async def run_round(self, mode: str, on_step) -> dict:
+        """This peer's part of the round (mode "train") or of the evaluation ("eval"). on_step(event) is
+        called with each client step's report."""
+        if self.role == "client":
+            return await (self._client_train(on_step) if mode == "train" else self._client_eval())
+        if self.role == "helper":
+            return await (self._helper_train() if mode == "train" else self._helper_eval())
+        return {}
+
+    async def _client_train(self, on_step) -> dict:
+        f, cfg, me = self.facts, self.cfg, self.me
+        part1, part3 = self.stages[0], (self.stages[1] if self.parts.u_shaped else None)
+        helper = f.assignment[me]
+        times = []
+        for s, idx in enumerate(round_batches(len(self.data), cfg, f.round)):
+            t0 = time.perf_counter()
+            x, y, n = self.data.x[idx], self.data.y[idx], len(idx)
+            act = await self._compute(part1.forward, ("t", s), x, False)
+            extra = {} if part3 else {"y": y}
+            t1 = time.perf_counter()
+            await self.send(helper, "act", step=s, client=me, cut=1, mode="train", x=act, **extra)
+            loss = correct = None
+            t_part3 = 0.0
+            if part3:
+                out = (await self.recv("train", s, "act", 2, me, helper))["x"]
+                t2 = time.perf_counter()
+                loss, correct, grad = await self._compute(self._part3_step, part3, s, out, y, n)
+                t_part3 = time.perf_counter() - t2
+                await self.send(helper, "grad", step=s, client=me, cut=2, mode="train", grad=grad)
+            back = await self.recv("train", s, "grad", 1, me, helper)
+            t3 = time.perf_counter()
+            await self._compute(self._part1_step, part1, s, back["grad"])
+            t4 = time.perf_counter()
+            if part3 is None:
+                loss, correct = back["loss"], back["correct"]
+            self.trained[me] = self.trained.get(me, 0) + n
+            self.check_memory()
+            times.append({"part1_forward": t1 - t0, "part3": t_part3, "part1_backward": t4 - t3,
+                          "sent": t1, "received": back["at"]})
+            self.progress = {"round": f.round, "step": s + 1}
+            await on_step({"event": "client_step", "client": me, "step": s, "samples": n, "loss": loss / n,
+                           "correct": correct})
+        return {"client_times": times}
+
+    @staticmethod
+    def _part3_step(part3: Stage, s: int, out, y, n: int):
+        loss, correct = part3.forward_loss(("t", s), out, y, n, True)
+        grad = part3.backward(("t", s), None)
+        part3.step()
+        return loss, correct, grad
+
+    @staticmethod
+    def _part1_step(part1: Stage, s: int, grad) -> None:
+        part1.backward(("t", s), grad)
+        part1.step()
+
+    async def _client_eval(self) -> dict:
+        f, me = self.facts, self.me
+        part1, part3 = self.stages[0], (self.stages[1] if self.parts.u_shaped else None)
+        helper, start, correct = f.assignment[me], 0, 0
+        for s, n in enumerate(f.eval_sizes[me]):
+            x, y = self.data.x_test[start:start + n], self.data.y_test[start:start + n]
+            start += n
+            await self.send(helper, "act", step=s, client=me, cut=1, mode="eval", x=await self._compute(part1.evaluate, x))
+            out = (await self.recv("eval", s, "act", 2, me, helper))["x"]
+            logits = await self._compute(part3.evaluate, out) if part3 else out
+            correct += int((logits.argmax(1) == y).sum())
+        return {"correct": correct, "samples": start}
+
+    async def _helper_train(self) -> dict:
+        f, cfg = self.facts, self.cfg
+        steps = {j: len(v) for j, v in f.train_sizes.items()}
+        queue = helper_queues(cfg, f.assignment, {self.me: self.orders}, steps).get(self.me, [])
+        t_round, tasks = time.perf_counter(), []
+        for task in queue:
+            j, s, kind = task
+            stage = self.copies.get(j) or self.stages[0]
+            t_wait = time.perf_counter()
+            if kind == "F":
+                msg = await self.recv("train", s, "act", 1, j, j)
+                t0 = time.perf_counter()
+                out = await self._compute(self._helper_forward, stage, task, msg)
+                t1 = time.perf_counter()
+                if self.parts.u_shaped:
+                    await self.send(j, "act", step=s, client=j, cut=2, mode="train", x=out)
+                else:
+                    self.pending_loss[j, s] = out
+            else:
+                grad = (await self.recv("train", s, "grad", 2, j, j)) if self.parts.u_shaped else {"grad": None}
+                t0 = time.perf_counter()
+                g = await self._compute(self._helper_backward, stage, task, grad["grad"])
+                t1 = time.perf_counter()
+                extra = {}
+                if not self.parts.u_shaped:
+                    loss, correct = self.pending_loss.pop((j, s))
+                    extra = {"loss": loss, "correct": correct}
+                self.trained[j] = self.trained.get(j, 0) + len(g)
+                await self.send(j, "grad", step=s, client=j, cut=1, mode="train", grad=g, **extra)
+                msg = grad
+            self.check_memory()
+            tasks.append({"client": j, "step": s, "kind": kind, "waited": t_wait - t_round,
+                          "arrived": (msg.get("at", t0) if msg else t0) - t_round,
+                          "start": t0 - t_round, "end": t1 - t_round})
+        return {"tasks": tasks}
+
+    def _helper_forward(self, stage: Stage, task: Task, msg: dict):
+        stale = self.cfg.scheme == "splitfed-v2"   # other clients' updates may come before this one's backward
+        key = (task.client, task.step)
+        if self.parts.u_shaped:
+            return stage.forward(key, msg["x"], True, stale=stale)
+        loss, correct = stage.forward_loss(key, msg["x"], msg["y"], len(msg["y"]), True, stale=stale)
+        return loss, correct
+
+    @staticmethod
+    def _helper_backward(stage: Stage, task: Task, grad):
+        g = stage.backward((task.client, task.step), grad)
+        stage.step()
+        return g
+
+    async def _helper_eval(self) -> dict:
+        f, stage = self.facts, self.stages[0]
+
+        async def serve(j: str):
+            for s in range(len(f.eval_sizes[j])):
+                x = (await self.recv("eval", s, "act", 1, j, j))["x"]
+                await self.send(j, "act", step=s, client=j, cut=2, mode="eval", x=await self._compute(stage.evaluate, x))
+        await asyncio.gather(*(serve(j) for j, h in f.assignment.items() if h == self.me))
+        return {}

@@ -1,0 +1,248 @@
+"""Coordinating a client/helper job (sl, splitfed-v1, splitfed-v2) from the peer that received it: roles,
+measured costs, the client-to-helper schedule (pipeline/scheduling), then each round: every peer's round
+facts, the round itself, averaging (or sl's relay), held-out accuracy, and a re-solve when the measured
+makespan drifts from the prediction. See docs/parallel-sl.md."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+from peer.client import JobError
+from peer.coordinator import ECHO_S, Coordinator, PassFailed
+from peer.dataplane import tensor_bytes
+from pipeline.models import spec_hash
+from pipeline.parallel import (Costs, ParallelError, build_instance, drifted, fedavg, helper_orders,
+                               measured_instance, parts, predict_round, round_sizes, solve_with, split_roles,
+                               transfer_s)
+from pipeline.profiling import optimizer_state_ratio
+from pipeline.scheduling import Infeasible
+from pipeline.scheduling.solution import BACKWARD, FORWARD
+from pipeline.stage import checksum
+
+KIND = {FORWARD: "F", BACKWARD: "B"}
+
+
+class ParallelCoordinator(Coordinator):
+
+    async def plan_only(self) -> list[dict]:
+        raise JobError("splitring plan is for the N-split schemes; a client/helper job reports its schedule as "
+                       "it starts (the 'schedule' event)")
+
+    async def _run(self, t0: float) -> None:
+        cfg = self.cfg
+        self.ring = ring = await self.snapshot_ring()
+        clients, helpers = split_roles(cfg, ring)
+        p = parts(cfg, len(self.sizes))
+        by_id = {q["peer"]: q for q in ring}
+        peers = [by_id[x] for x in clients + helpers]
+        self.ring = peers   # only they are prepared, and aborted on failure
+        prepared = await self.call_all(peers, "prepare", job=self.job, config=cfg.to_dict(), ring=peers,
+                                       coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model))
+        samples = {x: r["samples"] for x, r in zip(clients + helpers, prepared) if x in clients}
+        tests = {x: r["test_samples"] for x, r in zip(clients + helpers, prepared) if x in clients}
+        costs, prof = await self.measure(peers)
+        shapes = [shape for shape, _ in self.sizes]
+        cut_bytes = (cfg.batch_size * 4 * math.prod(shapes[p.a - 1]),
+                     cfg.batch_size * 4 * math.prod(shapes[p.b - 1]) if p.u_shaped else 0)
+        inst = build_instance(cfg, p, [costs[j] for j in clients], [costs[h] for h in helpers], cut_bytes,
+                              prof["param_bytes"], optimizer_state_ratio(cfg), prof["activation_bytes"])
+        links = [[1000 * transfer_s(cut_bytes[0], costs[j], costs[h]) for h in helpers] for j in clients]
+        schedule = self.solve(inst, clients, helpers)
+        rounds = [round_sizes(samples[j], cfg, r) for r in range(cfg.rounds) for j in clients]
+        self.emit({"event": "started", "job": self.job, "ring": [q["peer"] for q in peers],
+                   "coordinator": self.me["peer"], "urls": {q["peer"]: q["url"] for q in peers},
+                   "missing": self.view.missing(), "layers": len(self.sizes), "samples": samples,
+                   "config": cfg.to_dict(), "total_steps": sum(len(r) for r in rounds),
+                   "clients": clients, "helpers": helpers, "labels": p.labels()})
+        history, loss, accuracy, trained, resolved = [], None, None, 0, True
+        train_seconds = 0.0
+        for rnd in range(cfg.rounds):
+            assignment, orders = schedule
+            steps = [len(round_sizes(samples[j], cfg, rnd)) for j in clients]
+            predicted = predict_round(inst, assignment, orders, steps, sequential=cfg.scheme == "sl") / 1000
+            plan = {"assignment": {j: helpers[h] for j, h in zip(clients, assignment)},
+                    "orders": {helpers[h]: [[clients[j], KIND[k]] for j, k in order] for h, order in enumerate(orders)}}
+            if resolved:
+                self.emit({"event": "schedule", "round": rnd, **plan, "predicted_s": predicted,
+                           "resolved": rnd > 0})
+            await self.call_all(peers, "round_plan", job=self.job, round=rnd, **plan, samples=samples,
+                                test_samples=tests)
+            tr = time.perf_counter()
+            ends, reports, losses, moved = await self._round(rnd, clients, by_id, plan, dict(zip(clients, steps)))
+            makespan = max(ends.values())
+            train_seconds += time.perf_counter() - tr
+            moved += await self._average(rnd, clients, helpers, by_id)
+            if any(tests.values()):
+                accuracy = await self._evaluate_round(rnd, clients, helpers, by_id)
+            n = sum(w for _, w in losses)
+            trained += n
+            loss = sum(v * w for v, w in losses) / n if n else loss
+            busy = {h: sum(t["end"] - t["start"] for t in reports[h]["tasks"]) / makespan
+                    for h in helpers if h in reports}
+            data_bytes = sum(self._data_bytes(p, shapes, round_sizes(samples[j], cfg, rnd)) for j in clients)
+            record = {"round": rnd, "loss": loss, "accuracy": accuracy, "makespan_s": makespan, "predicted_s": predicted,
+                      "helper_busy": busy, "bytes": data_bytes + moved, **plan}
+            history.append(record)
+            self.emit({"event": "round", **record})
+            seen = self.measured(reports, clients, helpers, assignment, links)
+            resolved = cfg.scheme != "sl" and drifted(predicted, makespan, cfg.resolve_drift) and \
+                rnd + 1 < cfg.rounds
+            if resolved:
+                inst = measured_instance(inst, assignment, seen)
+                schedule = self.solve(inst, clients, helpers)
+        model = await self._collect([by_id[clients[0]], by_id[helpers[schedule[0][0]]]])
+        path = await asyncio.to_thread(self.save_model, self.job, model)
+        self.summary = {"job": self.job, "scheme": cfg.scheme, "rounds": cfg.rounds, "epochs": cfg.rounds,
+                        "final_loss": loss, "accuracy": accuracy, "samples": trained,
+                        "samples_per_s": trained / max(train_seconds, 1e-9), "seconds": time.perf_counter() - t0,
+                        "ring": [q["peer"] for q in peers], "clients": clients, "helpers": helpers,
+                        "cut": [p.a, p.b], "labels": p.labels(), "assign": cfg.assign,
+                        "local_steps": cfg.local_steps, "layers": len(self.sizes), "history": history,
+                        "bytes_per_round": sum(r["bytes"] for r in history) / len(history),
+                        "model_file": str(path)}
+        await self.call_all(peers, "end", job=self.job)
+        self.emit({"event": "done", "summary": self.summary})
+
+    # --- facts ------------------------------------------------------------------------------------
+    async def measure(self, peers: list[dict]) -> tuple[dict[str, Costs], dict]:
+        """Each peer's per-layer costs (the existing profile, at the job's batch size) and link."""
+        replies = await self.call_all(peers, "profile", config=self.cfg.to_dict())
+        costs = {}
+        for q, r in zip(peers, replies):
+            bw, lat = await self.client.probe_link(q)
+            costs[q["peer"]] = Costs(tuple(r["profile"]["forward_s"]), tuple(r["profile"]["backward_s"]), bw, lat,
+                                     r["memory_budget"])
+        return costs, replies[0]["profile"]
+
+    def solve(self, inst, clients: list[str], helpers: list[str]) -> tuple[list[int], list[list[tuple[int, int]]]]:
+        """(helper of each client, each helper's task order). sl: every client on the one helper that finishes
+        them soonest in turn."""
+        try:
+            if self.cfg.scheme == "sl":
+                fits = [h for h in range(inst.helpers) if sum(inst.demand) <= inst.capacity[h]]
+                if not fits:
+                    raise Infeasible("no helper can hold part 2 for the clients in turn")
+                best = min(fits, key=lambda h: predict_round(inst, [h] * inst.clients, [], [1] * inst.clients, True))
+                return [best] * inst.clients, [[] for _ in helpers]
+            s = solve_with(inst, self.cfg.assign, self.cfg.seed)
+        except Infeasible as e:
+            raise ParallelError(f"the helpers cannot hold the clients' part 2 ({len(clients)} clients, "
+                                f"{len(helpers)} helpers; their memory budgets are too small): {e}") from None
+        return list(s.assignment), helper_orders(s, inst.helpers)
+
+    @staticmethod
+    def measured(reports: dict, clients: list[str], helpers: list[str], assignment: list[int],
+                 links: list[list[float]]) -> dict[int, dict[str, float]]:
+        """Per client, the round's measured times (ms) on its helper: the instance's five columns."""
+        seen = {}
+        for j, c in enumerate(clients):
+            h = assignment[j]
+            tasks = [t for t in reports.get(helpers[h], {}).get("tasks", []) if t["client"] == c]
+            times = reports.get(c, {}).get("client_times", [])
+            fw = [t for t in tasks if t["kind"] == "F"]
+            bw = [t for t in tasks if t["kind"] == "B"]
+            if not fw or not bw or not times:
+                continue
+            mean = lambda v: 1000 * sum(v) / len(v)
+            seen[j] = {"release": 1000 * min(t["arrived"] for t in fw if t["step"] == 0),
+                       "forward": mean([t["end"] - t["start"] for t in fw]),
+                       "delay": mean([max(0.0, b["arrived"] - f["end"]) for f, b in zip(fw, bw)]),
+                       "backward": mean([t["end"] - t["start"] for t in bw]),
+                       "tail": mean([t["part1_backward"] for t in times]) + links[j][h]}
+        return seen
+
+    @staticmethod
+    def _data_bytes(p, shapes, sizes: list[int]) -> int:
+        """Activations and gradients a client and its helper exchange over these batches."""
+        per_row = math.prod(shapes[p.a - 1]) + (math.prod(shapes[p.b - 1]) if p.u_shaped else 0)
+        return 2 * 4 * per_row * sum(sizes)
+
+    # --- a round ----------------------------------------------------------------------------------
+    async def _round(self, rnd: int, clients, by_id, plan, total: dict) -> tuple[dict, dict, list, int]:
+        """Run a training round on every client and helper; returns (each client's end, s after the start),
+        the peers' end reports, (loss, samples) of every client step, and the bytes relayed (sl)."""
+        t0 = time.perf_counter()
+        ends, reports, losses, moved = {}, {}, [], 0
+
+        async def follow(peer: str):
+            async for ev in self.client.stream(by_id[peer], "run_round", job=self.job, round=rnd, mode="train"):
+                if "error" in ev:
+                    raise PassFailed(peer, ev["error"], ev.get("cause", "job"))
+                if ev.get("event") == "client_step":
+                    losses.append((ev["loss"], ev["samples"]))
+                    self.emit({"event": "step", "round": rnd + 1, "client": peer, "step": ev["step"] + 1,
+                               "steps": total[peer], "loss": ev["loss"], "epoch": rnd + 1, "head": peer,
+                               "samples_per_s": 0.0})
+                elif ev.get("event") == "end":
+                    reports[peer] = ev
+            if peer in clients:
+                ends[peer] = time.perf_counter() - t0
+
+        async def in_turn():   # sl: one client after another, the client part relayed to the next
+            nonlocal moved
+            for j, nxt in zip(clients, clients[1:] + [None]):
+                await follow(j)
+                if nxt:
+                    moved += await self._send_part(rnd, by_id[j], [by_id[nxt]])
+
+        used = sorted(set(plan["assignment"].values()))
+        if self.cfg.scheme == "sl":
+            work = [follow(h) for h in used] + [in_turn()]
+        else:
+            work = [follow(x) for x in clients + used]
+        await self._together(work, [by_id[x] for x in clients + used])
+        return ends, reports, losses, moved
+
+    async def _together(self, work: list, peers: list[dict]) -> None:
+        tasks = [asyncio.create_task(w) for w in work]
+        try:
+            done, rest = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failures = [t.exception() for t in done if t.exception()]
+            if failures:
+                more, _ = await asyncio.wait(rest, timeout=ECHO_S) if rest else (set(), set())
+                failures += [t.exception() for t in more if not t.cancelled() and t.exception()]
+                raise await self.root_cause(failures, peers)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _send_part(self, rnd: int, source: dict, targets: list[dict]) -> int:
+        """Relay a client's part (with its optimizer state) to other clients; returns the bytes sent."""
+        layers = (await self.client.part(source, self.job))["layers"]
+        digest = await asyncio.to_thread(checksum, layers)
+        await self.call_all(targets, "part_set", timeout=None, job=self.job, round=rnd, layers=layers, checksum=digest)
+        return tensor_bytes(layers) * (1 + len(targets))
+
+    async def _average(self, rnd: int, clients, helpers, by_id) -> int:
+        """FedAvg of the client parts, and of the helper parts across helpers (sl: the last client's part to
+        every client, the one helper's part as it is). Returns the bytes moved."""
+        if self.cfg.scheme == "sl":
+            return await self._send_part(rnd, by_id[clients[-1]], [by_id[j] for j in clients[:-1]]) \
+                if len(clients) > 1 else 0
+        moved = 0
+        for group in (clients, helpers):
+            got = await asyncio.gather(*(self.client.part(by_id[x], self.job) for x in group))
+            got = [g for g in got if g["samples"]] or got[:1]
+            mean = await asyncio.to_thread(fedavg, [({i: e["params"] for i, e in g["layers"].items()},
+                                                     max(g["samples"], 1)) for g in got])
+            layers = {i: {"params": v, "optim": {}} for i, v in mean.items()}
+            digest = await asyncio.to_thread(checksum, layers)
+            await self.call_all([by_id[x] for x in group], "part_set", timeout=None, job=self.job, round=rnd,
+                                layers=layers, checksum=digest)
+            moved += tensor_bytes(layers) * len(group) + sum(tensor_bytes(g["layers"]) for g in got)
+        return moved
+
+    async def _evaluate_round(self, rnd: int, clients, helpers, by_id) -> float:
+        correct = evaluated = 0
+
+        async def follow(peer: str):
+            nonlocal correct, evaluated
+            async for ev in self.client.stream(by_id[peer], "run_round", job=self.job, round=rnd, mode="eval"):
+                if "error" in ev:
+                    raise PassFailed(peer, ev["error"], ev.get("cause", "job"))
+                if ev.get("event") == "end" and peer in clients:
+                    correct += ev["correct"]
+                    evaluated += ev["samples"]
+        await self._together([follow(x) for x in clients + helpers], [by_id[x] for x in clients + helpers])
+        return correct / max(evaluated, 1)
