@@ -47,6 +47,7 @@ class Node:
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=torch.set_num_threads,
                                           initargs=(threads,))
         self.slowdown = slowdown  # test knob: compute takes this many times longer (a slower device)
+        self._fastest: dict[tuple, float] = {}   # (function, shapes) -> fastest seconds seen (see stretch)
         # compute on the event loop's thread, and keep the loop polling while a pass runs (see --busy-poll)
         self.busy_poll = busy_poll
         if busy_poll:   # intra-op threads are set per thread: this one computes then
@@ -79,17 +80,27 @@ class Node:
 
     async def compute_call(self, fn, *args):
         """Run fn on the compute thread, or with busy_poll here, after the loop has seen to what is ready
-        (a slowdown > 1 stretches it, as a slower device would)."""
+        (a slowdown > 1 stretches it, as a slower device would: see stretch)."""
         def timed():
             t0 = time.perf_counter()
             out = fn(*args)
             if self.slowdown > 1:
-                time.sleep((self.slowdown - 1) * (time.perf_counter() - t0))
+                time.sleep(self.stretch(fn, args, time.perf_counter() - t0))
             return out
         if self.busy_poll:
             await asyncio.sleep(0)
             return timed()
         return await asyncio.get_running_loop().run_in_executor(self.compute, timed)
+
+    def stretch(self, fn, args, took: float) -> float:
+        """How long to sleep after a computation so that it lasts `slowdown` times its fastest run on this
+        machine (per function and tensor shapes): a slower device, steady as one would be, not this host's
+        noise multiplied (which a profile's best-of-repeats would not predict)."""
+        tensors = [a for a in args if isinstance(a, torch.Tensor)] + \
+            [v for a in args if isinstance(a, dict) for v in a.values() if isinstance(v, torch.Tensor)]
+        key = (getattr(fn, "__qualname__", repr(fn)), tuple(tuple(t.shape) for t in tensors))
+        best = self._fastest[key] = min(self._fastest.get(key, took), took)
+        return max(0.0, self.slowdown * best - took)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def mount(self, *services) -> None:

@@ -125,7 +125,9 @@ class ParallelRuntime:
         return {"role": role}
 
     def held(self) -> int:
-        return sum(s.memory_bytes() for s in self.stages + list(self.copies.values()))
+        """Bytes held now: the parts (splitfed-v1's averaged part 2 as weights only beside the copies that train)."""
+        return sum(s.memory_bytes(gradients=not self.copies) for s in self.stages) + \
+            sum(c.memory_bytes() for c in self.copies.values())
 
     def check_memory(self) -> None:
         used = self.held()

@@ -55,21 +55,20 @@ class ParallelCoordinator(Coordinator):
                    "missing": self.view.missing(), "layers": len(self.sizes), "samples": samples,
                    "config": cfg.to_dict(), "total_steps": sum(len(r) for r in rounds),
                    "clients": clients, "helpers": helpers, "labels": p.labels()})
-        history, loss, accuracy, trained, resolved = [], None, None, 0, True
+        history, loss, accuracy, trained, resolved = [], None, None, 0, False
         train_seconds = 0.0
         for rnd in range(cfg.rounds):
             assignment, orders = schedule
-            steps = [len(round_sizes(samples[j], cfg, rnd)) for j in clients]
-            predicted = predict_round(inst, assignment, orders, steps, sequential=cfg.scheme == "sl") / 1000
+            sizes = [round_sizes(samples[j], cfg, rnd) for j in clients]
+            predicted = predict_round(inst, assignment, orders, sizes, cfg.batch_size, cfg.scheme == "sl") / 1000
             plan = {"assignment": {j: helpers[h] for j, h in zip(clients, assignment)},
                     "orders": {helpers[h]: [[clients[j], KIND[k]] for j, k in order] for h, order in enumerate(orders)}}
-            if resolved:
-                self.emit({"event": "schedule", "round": rnd, **plan, "predicted_s": predicted,
-                           "resolved": rnd > 0})
+            if rnd == 0 or resolved:
+                self.emit({"event": "schedule", "round": rnd, **plan, "predicted_s": predicted, "resolved": resolved})
             await self.call_all(peers, "round_plan", job=self.job, round=rnd, **plan, samples=samples,
                                 test_samples=tests)
             tr = time.perf_counter()
-            ends, reports, losses, moved = await self._round(rnd, clients, by_id, plan, dict(zip(clients, steps)))
+            ends, reports, losses, moved = await self._round(rnd, clients, by_id, plan, {j: len(v) for j, v in zip(clients, sizes)})
             makespan = max(ends.values())
             train_seconds += time.perf_counter() - tr
             moved += await self._average(rnd, clients, helpers, by_id)
@@ -80,17 +79,24 @@ class ParallelCoordinator(Coordinator):
             loss = sum(v * w for v, w in losses) / n if n else loss
             busy = {h: sum(t["end"] - t["start"] for t in reports[h]["tasks"]) / makespan
                     for h in helpers if h in reports}
-            data_bytes = sum(self._data_bytes(p, shapes, round_sizes(samples[j], cfg, rnd)) for j in clients)
+            data_bytes = sum(self._data_bytes(p, shapes, v) for v in sizes)
+            ran = {h: [[t["client"], t["kind"]] for t in reports[h]["tasks"] if t["step"] == 0] for h in helpers
+                   if h in reports}
             record = {"round": rnd, "loss": loss, "accuracy": accuracy, "makespan_s": makespan, "predicted_s": predicted,
-                      "helper_busy": busy, "bytes": data_bytes + moved, **plan}
+                      "helper_busy": busy, "bytes": data_bytes + moved, "resolved": resolved, **plan, "ran": ran}
             history.append(record)
             self.emit({"event": "round", **record})
-            seen = self.measured(reports, clients, helpers, assignment, links)
-            resolved = cfg.scheme != "sl" and drifted(predicted, makespan, cfg.resolve_drift) and \
-                rnd + 1 < cfg.rounds
-            if resolved:
-                inst = measured_instance(inst, assignment, seen)
-                schedule = self.solve(inst, clients, helpers)
+            # what this round measured replaces the instance's times; a drift from the prediction re-solves,
+            # and the new schedule is taken if it is predicted to be shorter on the measured times
+            scale = [cfg.batch_size / v[0] if v else 1.0 for v in sizes]
+            inst = measured_instance(inst, assignment, self.measured(reports, clients, helpers, assignment, links, scale))
+            resolved = False
+            if cfg.scheme != "sl" and drifted(predicted, makespan, cfg.resolve_drift) and rnd + 1 < cfg.rounds:
+                new = self.solve(inst, clients, helpers)
+                nxt = [round_sizes(samples[j], cfg, rnd + 1) for j in clients]
+                resolved = predict_round(inst, *new, nxt, cfg.batch_size) < \
+                    predict_round(inst, *schedule, nxt, cfg.batch_size)
+                schedule = new if resolved else schedule
         model = await self._collect([by_id[clients[0]], by_id[helpers[schedule[0][0]]]])
         path = await asyncio.to_thread(self.save_model, self.job, model)
         self.summary = {"job": self.job, "scheme": cfg.scheme, "rounds": cfg.rounds, "epochs": cfg.rounds,
@@ -123,18 +129,22 @@ class ParallelCoordinator(Coordinator):
                 fits = [h for h in range(inst.helpers) if sum(inst.demand) <= inst.capacity[h]]
                 if not fits:
                     raise Infeasible("no helper can hold part 2 for the clients in turn")
-                best = min(fits, key=lambda h: predict_round(inst, [h] * inst.clients, [], [1] * inst.clients, True))
+                best = min(fits, key=lambda h: predict_round(inst, [h] * inst.clients, [], [[1]] * inst.clients, 1, True))
                 return [best] * inst.clients, [[] for _ in helpers]
             s = solve_with(inst, self.cfg.assign, self.cfg.seed)
         except Infeasible as e:
-            raise ParallelError(f"the helpers cannot hold the clients' part 2 ({len(clients)} clients, "
-                                f"{len(helpers)} helpers; their memory budgets are too small): {e}") from None
+            room = sum(int(c // d) for c, d in zip(inst.capacity, inst.demand)) if self.cfg.scheme != "sl" else 0
+            raise ParallelError(f"the helpers cannot hold the clients' part 2: each client's needs "
+                                f"{inst.demand[0]:.0f} KiB on its helper, the helpers have room for "
+                                f"{', '.join(f'{c:.0f}' for c in inst.capacity)} KiB, so at most {room} of the "
+                                f"{len(clients)} clients fit ({e}); add helpers or memory, or use fewer clients") from None
         return list(s.assignment), helper_orders(s, inst.helpers)
 
     @staticmethod
     def measured(reports: dict, clients: list[str], helpers: list[str], assignment: list[int],
-                 links: list[list[float]]) -> dict[int, dict[str, float]]:
-        """Per client, the round's measured times (ms) on its helper: the instance's five columns."""
+                 links: list[list[float]], scale: list[float]) -> dict[int, dict[str, float]]:
+        """Per client, the round's measured times (ms) on its helper: the instance's five columns, scaled to
+        a full batch (scale[j]: batch size / the rows of client j's first batch this round)."""
         seen = {}
         for j, c in enumerate(clients):
             h = assignment[j]
@@ -144,8 +154,8 @@ class ParallelCoordinator(Coordinator):
             bw = [t for t in tasks if t["kind"] == "B"]
             if not fw or not bw or not times:
                 continue
-            mean = lambda v: 1000 * sum(v) / len(v)
-            seen[j] = {"release": 1000 * min(t["arrived"] for t in fw if t["step"] == 0),
+            mean = lambda v: 1000 * scale[j] * sum(v) / len(v)
+            seen[j] = {"release": 1000 * scale[j] * max(0.0, min(t["arrived"] for t in fw if t["step"] == 0)),
                        "forward": mean([t["end"] - t["start"] for t in fw]),
                        "delay": mean([max(0.0, b["arrived"] - f["end"]) for f, b in zip(fw, bw)]),
                        "backward": mean([t["end"] - t["start"] for t in bw]),

@@ -65,20 +65,18 @@ def parts(cfg: JobConfig, n_layers: int) -> Parts:
 
 
 def split_roles(cfg: JobConfig, peers: list[dict]) -> tuple[list[str], list[str]]:
-    """(clients, helpers) in ring order, from the job's lists if given, else from each peer's role
-    ({"peer", "role": "client"|"helper", "samples"})."""
+    """(clients, helpers) in ring order, from each peer's role ({"peer", "role": "client"|"helper", "samples"})
+    overridden by the job's lists: a peer named in one takes that role; with one list given, every other peer
+    takes the other role; with both, peers named in neither are left out of the job."""
     ids = [p["peer"] for p in peers]
     unknown = [p for p in cfg.clients + cfg.helpers if p not in ids]
     if unknown:
         raise ParallelError(f"peer(s) {', '.join(unknown)} named in --clients/--helpers are not in the ring "
                             f"({', '.join(ids)})")
     role = {p["peer"]: p.get("role") or ("client" if p.get("samples") else "helper") for p in peers}
-    role.update({p: "client" for p in cfg.clients})
-    role.update({p: "helper" for p in cfg.helpers})
-    if cfg.clients and not cfg.helpers:   # named clients: every other peer helps
-        role.update({p: "helper" for p in ids if p not in cfg.clients})
-    if cfg.helpers and not cfg.clients:
-        role.update({p: "client" for p in ids if p not in cfg.helpers})
+    if cfg.clients or cfg.helpers:
+        other = None if cfg.clients and cfg.helpers else "helper" if cfg.clients else "client"
+        role = {p: "client" if p in cfg.clients else "helper" if p in cfg.helpers else other for p in ids}
     clients = [p for p in ids if role[p] == "client"]
     helpers = [p for p in ids if role[p] == "helper"]
     samples = {p["peer"]: p.get("samples", 0) for p in peers}
@@ -171,7 +169,7 @@ def build_instance(cfg: JobConfig, p: Parts, clients: list[Costs], helpers: list
     params2 = sum(param_bytes[a:b])
     acts2 = sum(activation_bytes[a:b])
     per_client = params2 * (2 + state_ratio) if cfg.scheme == "splitfed-v1" else params2
-    shared = 0 if cfg.scheme == "splitfed-v1" else params2 * (2 + state_ratio)
+    shared = params2 if cfg.scheme == "splitfed-v1" else params2 * (2 + state_ratio)   # v1: the averaged weights
     demand = [(per_client + acts2) / 1024] * len(clients)
     capacity = tuple((sum(demand) + 1 if h.memory_budget is None else max(0.0, (h.memory_budget - shared) / 1024))
                      for h in helpers)
@@ -207,25 +205,36 @@ def helper_orders(s: Schedule, helpers: int) -> list[list[tuple[int, int]]]:
     return [[(j, k) for _, _, j, k in sorted(t)] for t in tasks]
 
 
+def scaled(inst: Instance, factors: list[float]) -> Instance:
+    """The instance with each client's times multiplied by its factor (a batch of rows/batch_size: time is
+    taken as proportional to the rows, as compute and transfers nearly are)."""
+    def grid(name):
+        return tuple(tuple(v * f for v in row) for row, f in zip(getattr(inst, name), factors))
+    return replace(inst, **{n: grid(n) for n in ("release", "forward", "delay", "backward", "tail")})
+
+
 def predict_round(inst: Instance, assignment: list[int], orders: list[list[tuple[int, int]]],
-                  steps: list[int], sequential: bool = False) -> float:
-    """Predicted makespan (ms) of a round: each local step's tasks run in the helper's order, over the
-    clients that have that step, steps one after another; sequential (sl): clients in turn, each one's
-    whole path."""
-    if sequential:
-        return sum(steps[j] * (inst.release[j][h] + inst.forward[j][h] + inst.delay[j][h] + inst.backward[j][h]
-                               + inst.tail[j][h]) for j, h in enumerate(assignment))
+                  sizes: list[list[int]], batch_size: int, sequential: bool = False) -> float:
+    """Predicted makespan (ms) of a round whose client j trains batches of sizes[j] rows (the instance's times
+    are for batch_size rows): each local step's tasks run in the helper's order, over the clients that have
+    that step, steps one after another; sequential (sl): clients in turn, each one's whole path."""
     total = 0.0
-    for s in range(max(steps, default=0)):
-        total += max((timing(inst, h, [(j, k) for j, k in order if steps[j] > s])[1]
-                      for h, order in enumerate(orders)), default=0.0)
+    for s in range(max(map(len, sizes), default=0)):
+        step = scaled(inst, [rows[s] / batch_size if s < len(rows) else 0.0 for rows in sizes])
+        if sequential:
+            total += sum(step.release[j][h] + step.forward[j][h] + step.delay[j][h] + step.backward[j][h]
+                         + step.tail[j][h] for j, h in enumerate(assignment) if s < len(sizes[j]))
+        else:
+            total += max((timing(step, h, [(j, k) for j, k in order if s < len(sizes[j])])[1]
+                          for h, order in enumerate(orders)), default=0.0)
     return total
 
 
 def measured_instance(inst: Instance, assignment: list[int], seen: dict[int, dict[str, float]]) -> Instance:
     """The instance with what a round measured: for each client j seen (ms of release, forward, delay,
-    backward, tail on its helper), its own row; other helpers' forward and backward for j scaled by how far
-    those helpers' measured tasks were from the instance (unchanged for a helper that ran none)."""
+    backward, tail on its helper, for the instance's batch size), its own row; other helpers' forward and
+    backward for j scaled by how far those helpers' measured tasks were from the instance (unchanged for a
+    helper that ran none)."""
     ratio = {}
     for h in range(inst.helpers):
         mine = [j for j in seen if assignment[j] == h]
