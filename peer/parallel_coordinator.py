@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from urllib.parse import urlsplit
 
 from peer.client import JobError
 from peer.coordinator import ECHO_S, Coordinator, PassFailed
@@ -112,8 +113,17 @@ class ParallelCoordinator(Coordinator):
 
     # --- facts ------------------------------------------------------------------------------------
     async def measure(self, peers: list[dict]) -> tuple[dict[str, Costs], dict]:
-        """Each peer's per-layer costs (the existing profile, at the job's batch size) and link."""
-        replies = await self.call_all(peers, "profile", config=self.cfg.to_dict())
+        """Each peer's per-layer costs (the existing profile, at the job's batch size) and link. Peers that
+        share a host are profiled one at a time (at once, they would time each other's contention, which
+        the round does not have to the same degree); hosts at once."""
+        hosts: dict[str, list[dict]] = {}
+        for q in peers:
+            hosts.setdefault(urlsplit(q["url"]).hostname, []).append(q)
+
+        async def one_by_one(group):
+            return [(q["peer"], await self.client.call(q, "profile", config=self.cfg.to_dict())) for q in group]
+        found = dict(x for group in await asyncio.gather(*map(one_by_one, hosts.values())) for x in group)
+        replies = [found[q["peer"]] for q in peers]
         costs = {}
         for q, r in zip(peers, replies):
             bw, lat = await self.client.probe_link(q)
