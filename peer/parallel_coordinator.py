@@ -50,6 +50,10 @@ class ParallelCoordinator(Coordinator):
                               prof["param_bytes"], optimizer_state_ratio(cfg), prof["activation_bytes"])
         links = [[1000 * transfer_s(cut_bytes[0], costs[j], costs[h]) for h in helpers] for j in clients]
         schedule = self.solve(inst, clients, helpers)
+        sl = cfg.scheme == "sl"
+        # sl: the client part (with its optimizer state) goes through this peer from each client to the next
+        part_bytes = sum(sum(prof["param_bytes"][a:b]) for a, b in p.client) * (1 + optimizer_state_ratio(cfg))
+        relay_s = sum(2 * (costs[j].latency + part_bytes / costs[j].bandwidth) for j in clients[1:]) if sl else 0.0
         rounds = [round_sizes(samples[j], cfg, r) for r in range(cfg.rounds) for j in clients]
         self.emit({"event": "started", "job": self.job, "ring": [q["peer"] for q in peers],
                    "coordinator": self.me["peer"], "urls": {q["peer"]: q["url"] for q in peers},
@@ -61,7 +65,7 @@ class ParallelCoordinator(Coordinator):
         for rnd in range(cfg.rounds):
             assignment, orders = schedule
             sizes = [round_sizes(samples[j], cfg, rnd) for j in clients]
-            predicted = predict_round(inst, assignment, orders, sizes, cfg.batch_size, cfg.scheme == "sl") / 1000
+            predicted = predict_round(inst, assignment, orders, sizes, cfg.batch_size, sl) / 1000 + relay_s
             plan = {"assignment": {j: helpers[h] for j, h in zip(clients, assignment)},
                     "orders": {helpers[h]: [[clients[j], KIND[k]] for j, k in order] for h, order in enumerate(orders)}}
             if rnd == 0 or resolved:
@@ -69,7 +73,8 @@ class ParallelCoordinator(Coordinator):
             await self.call_all(peers, "round_plan", job=self.job, round=rnd, **plan, samples=samples,
                                 test_samples=tests)
             tr = time.perf_counter()
-            ends, reports, losses, moved = await self._round(rnd, clients, by_id, plan, {j: len(v) for j, v in zip(clients, sizes)})
+            ends, reports, losses, moved, relay_s = await self._round(rnd, clients, by_id, plan,
+                                                                      {j: len(v) for j, v in zip(clients, sizes)})
             makespan = max(ends.values())
             train_seconds += time.perf_counter() - tr
             moved += await self._average(rnd, clients, helpers, by_id)
@@ -90,7 +95,8 @@ class ParallelCoordinator(Coordinator):
             # what this round measured replaces the instance's times; a drift from the prediction re-solves,
             # and the new schedule is taken if it is predicted to be shorter on the measured times
             scale = [cfg.batch_size / v[0] if v else 1.0 for v in sizes]
-            inst = measured_instance(inst, assignment, self.measured(reports, clients, helpers, assignment, links, scale))
+            inst = measured_instance(inst, assignment, self.measured(reports, clients, helpers, assignment, links, scale,
+                                                                     sl))
             resolved = False
             if cfg.scheme != "sl" and drifted(predicted, makespan, cfg.resolve_drift) and rnd + 1 < cfg.rounds:
                 new = self.solve(inst, clients, helpers)
@@ -127,7 +133,9 @@ class ParallelCoordinator(Coordinator):
         costs = {}
         for q, r in zip(peers, replies):
             bw, lat = await self.client.probe_link(q)
-            costs[q["peer"]] = Costs(tuple(r["profile"]["forward_s"]), tuple(r["profile"]["backward_s"]), bw, lat,
+            prof = r["profile"]
+            costs[q["peer"]] = Costs(tuple(prof["forward_s"]),   # a backward task includes the update
+                                     tuple(b + u for b, u in zip(prof["backward_s"], prof["update_s"])), bw, lat,
                                      r["memory_budget"])
         return costs, replies[0]["profile"]
 
@@ -152,9 +160,11 @@ class ParallelCoordinator(Coordinator):
 
     @staticmethod
     def measured(reports: dict, clients: list[str], helpers: list[str], assignment: list[int],
-                 links: list[list[float]], scale: list[float]) -> dict[int, dict[str, float]]:
+                 links: list[list[float]], scale: list[float], in_turn: bool) -> dict[int, dict[str, float]]:
         """Per client, the round's measured times (ms) on its helper: the instance's five columns, scaled to
-        a full batch (scale[j]: batch size / the rows of client j's first batch this round)."""
+        a full batch (scale[j]: batch size / the rows of client j's first batch this round). Release: when the
+        helper got the first activations after the round started; clients in turn (sl): the client's part-1
+        forward and the link's estimate."""
         seen = {}
         for j, c in enumerate(clients):
             h = assignment[j]
@@ -165,7 +175,9 @@ class ParallelCoordinator(Coordinator):
             if not fw or not bw or not times:
                 continue
             mean = lambda v: 1000 * scale[j] * sum(v) / len(v)
-            seen[j] = {"release": 1000 * scale[j] * max(0.0, min(t["arrived"] for t in fw if t["step"] == 0)),
+            first = min(t["arrived"] for t in fw if t["step"] == 0)
+            seen[j] = {"release": mean([t["part1_forward"] for t in times]) + links[j][h] if in_turn else
+                       1000 * scale[j] * max(0.0, first),
                        "forward": mean([t["end"] - t["start"] for t in fw]),
                        "delay": mean([max(0.0, b["arrived"] - f["end"]) for f, b in zip(fw, bw)]),
                        "backward": mean([t["end"] - t["start"] for t in bw]),
@@ -181,9 +193,9 @@ class ParallelCoordinator(Coordinator):
     # --- a round ----------------------------------------------------------------------------------
     async def _round(self, rnd: int, clients, by_id, plan, total: dict) -> tuple[dict, dict, list, int]:
         """Run a training round on every client and helper; returns (each client's end, s after the start),
-        the peers' end reports, (loss, samples) of every client step, and the bytes relayed (sl)."""
+        the peers' end reports, (loss, samples) of every client step, and the bytes and seconds relayed (sl)."""
         t0 = time.perf_counter()
-        ends, reports, losses, moved = {}, {}, [], 0
+        ends, reports, losses, moved, relay_s = {}, {}, [], 0, 0.0
 
         async def follow(peer: str):
             async for ev in self.client.stream(by_id[peer], "run_round", job=self.job, round=rnd, mode="train"):
@@ -200,11 +212,13 @@ class ParallelCoordinator(Coordinator):
                 ends[peer] = time.perf_counter() - t0
 
         async def in_turn():   # sl: one client after another, the client part relayed to the next
-            nonlocal moved
+            nonlocal moved, relay_s
             for j, nxt in zip(clients, clients[1:] + [None]):
                 await follow(j)
                 if nxt:
+                    t = time.perf_counter()
                     moved += await self._send_part(rnd, by_id[j], [by_id[nxt]])
+                    relay_s += time.perf_counter() - t
 
         used = sorted(set(plan["assignment"].values()))
         if self.cfg.scheme == "sl":
@@ -212,7 +226,7 @@ class ParallelCoordinator(Coordinator):
         else:
             work = [follow(x) for x in clients + used]
         await self._together(work, [by_id[x] for x in clients + used])
-        return ends, reports, losses, moved
+        return ends, reports, losses, moved, relay_s
 
     async def _together(self, work: list, peers: list[dict]) -> None:
         tasks = [asyncio.create_task(w) for w in work]

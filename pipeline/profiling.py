@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import torch
 
 from pipeline.config import JobConfig
 from pipeline.models import build_layer, footprint, input_shape, layer_factories
+from pipeline.stage import make_optimizer
 
 PROBE_REPEATS = 3       # timed rounds per layer at least ...
 PROBE_BUDGET_S = 0.05   # ... and more, up to PROBE_MAX_REPEATS, while a layer has had less than this
@@ -27,7 +29,7 @@ def microbatch_rows(cfg: JobConfig) -> int:
 
 
 def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS, budget: int | None = None) -> dict:
-    """Per layer, for one microbatch: forward and backward seconds (best of at least `repeats` rounds;
+    """Per layer, for one microbatch: forward, backward and optimizer-step seconds (best of at least `repeats` rounds;
     fast layers get more, so that a busy machine's noise does not decide the split), parameter,
     optimizer-state and output-activation bytes. A layer that would not fit `budget` bytes (its parameters,
     gradients, optimizer state and a microbatch's activations) is not built: its times are estimated from
@@ -38,8 +40,8 @@ def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS, budget: int | None = N
     shapes = [input_shape(cfg.model)] + [shape for shape, _ in sizes]
     factories = layer_factories(cfg.model)
     ratio = optimizer_state_ratio(cfg)
-    out = {"forward_s": [], "backward_s": [], "param_bytes": [], "optim_bytes": [], "activation_bytes": [],
-           "rows": rows, "estimated": []}
+    out = {"forward_s": [], "backward_s": [], "update_s": [], "param_bytes": [], "optim_bytes": [],
+           "activation_bytes": [], "rows": rows, "estimated": []}
     gen = torch.Generator().manual_seed(0)
     for i in range(len(factories)):
         params = sizes[i][1]
@@ -51,22 +53,28 @@ def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS, budget: int | None = N
             out["estimated"].append(i)
             out["forward_s"].append(None)
             out["backward_s"].append(None)
+            out["update_s"].append(None)
             continue
         layer = build_layer(cfg.model, cfg.seed, i, factories)
+        opt = make_optimizer(replace(cfg, lr=1e-12), layer.parameters())   # its state, its cost; weights ~unchanged
         x = torch.randn((rows, *shapes[i]), generator=gen).requires_grad_(i > 0)
-        fwd, bwd, spent, rounds = math.inf, math.inf, 0.0, 0
+        fwd, bwd, upd, spent, rounds = math.inf, math.inf, math.inf, 0.0, 0
         while rounds <= repeats or (spent < PROBE_BUDGET_S and rounds <= PROBE_MAX_REPEATS):
             t0 = time.perf_counter()
             y = layer(x)
             t1 = time.perf_counter()
             y.backward(torch.ones_like(y))
             t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
             if rounds:   # the first round warms up
-                fwd, bwd, spent = min(fwd, t1 - t0), min(bwd, t2 - t1), spent + t2 - t0
+                fwd, bwd, upd, spent = min(fwd, t1 - t0), min(bwd, t2 - t1), min(upd, t3 - t2), spent + t3 - t0
             rounds += 1
         out["forward_s"].append(fwd)
         out["backward_s"].append(bwd)
-        del layer, x, y
+        out["update_s"].append(upd)
+        del layer, x, y, opt
     _estimate(out)
     return out
 
@@ -82,7 +90,7 @@ def _estimate(out: dict) -> None:
     """Fill the times of layers that were not measured, at the measured layers' seconds per parameter byte."""
     measured = [i for i in range(len(out["param_bytes"])) if i not in out["estimated"]]
     per_byte = sum(out["param_bytes"][i] for i in measured)
-    for key in ("forward_s", "backward_s"):
+    for key in ("forward_s", "backward_s", "update_s"):
         rate = sum(out[key][i] for i in measured) / per_byte if per_byte else 0.0
         for i in out["estimated"]:
             out[key][i] = out["param_bytes"][i] * rate

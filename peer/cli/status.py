@@ -30,7 +30,8 @@ def run(args) -> int:
               f"(give --secret-file)")
         return 0
     print(f"peer {st['peer']} ring {st['ring']!r} protocol v{st['version']} at {st['url']} "
-          f"(mDNS {'on ' + st['interface'] if st['interface'] else 'off'}); data {st['data']['name']}: {st['data']['samples']} samples")
+          f"(mDNS {'on ' + st['interface'] if st['interface'] else 'off'}); data {st['data']['name']}: {st['data']['samples']} samples; "
+          f"role {st['role']} (client/helper schemes)")
     print(f"sees {len(st['peers'])} peer(s):")
     for p in st["peers"]:
         print(f"  {p['peer']}  {p['url']}  via {p['source']}, seen {p['seen_s_ago']}s ago, protocol v{p['version']}, "
@@ -40,5 +41,10 @@ def run(args) -> int:
     for c in st["conflicts"]:
         print(f"  CONFLICT: {c}")
     for s in st["stages"]:
-        print(f"stage of job {s['job']}: layers [{s['layers'][0]}, {s['layers'][1]}) rotation {s['rotation']}")
+        if "round" in s:   # a client/helper scheme
+            parts = ", ".join(f"[{a}, {b})" for a, b in s["layers"])
+            print(f"{s['role']} of job {s['job']} ({s['scheme']}): layers {parts or 'none'} round {s['round']}; "
+                  f"labels {s['labels']}")
+        else:
+            print(f"stage of job {s['job']}: layers [{s['layers'][0]}, {s['layers'][1]}) rotation {s['rotation']}")
     return 0

@@ -106,7 +106,7 @@ class WorkService(Service):
     def measured(self, cfg: JobConfig) -> dict:
         """This machine's per-layer costs for a job's model (cached per spec, microbatch, optimizer, budget)."""
         node = self.node
-        key = (f"{spec_hash(cfg.model)}-{microbatch_rows(cfg)}-{optimizer_state_ratio(cfg)}-{cfg.seed}-"
+        key = (f"v2-{spec_hash(cfg.model)}-{microbatch_rows(cfg)}-{optimizer_state_ratio(cfg)}-{cfg.seed}-"
                f"{node.memory_budget}")
         path = node.state.root / "profiles" / f"{key}.json"
         if path.exists():
@@ -115,7 +115,7 @@ class WorkService(Service):
             prof = measure(cfg, budget=node.memory_budget)
             write_atomic(path, json.dumps(prof).encode())
             prune(path.parent, "*.json", JOB_LIMITS.kept_profiles)
-        for k in ("forward_s", "backward_s"):
+        for k in ("forward_s", "backward_s", "update_s"):
             prof[k] = [t * node.slowdown for t in prof[k]]
         return prof
 
