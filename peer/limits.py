@@ -59,6 +59,9 @@ class JobLimits:
     """What an agent accepts in a job, checked before anything is built or allocated (check_job). A value
     outside these is refused with a message naming the field and its limit."""
     max_epochs: int = 100_000
+    max_rounds: int = 100_000          # client/helper schemes
+    max_local_steps: int = 100_000
+    max_named_peers: int = 1_024       # in --clients, and in --helpers
     max_batch_size: int = 65_536
     max_microbatches: int = 1_024
     max_lr: float = 10.0               # learning rates above this diverge on every model we ship
@@ -97,6 +100,12 @@ def check_job(cfg: JobConfig, allowed_models=(), limits: JobLimits = JOB_LIMITS)
     L = limits
     checks = [
         (cfg.epochs <= L.max_epochs, f"epochs must be <= {L.max_epochs}"),
+        (cfg.rounds <= L.max_rounds, f"rounds must be <= {L.max_rounds}"),
+        (cfg.local_steps <= L.max_local_steps, f"local_steps must be <= {L.max_local_steps}"),
+        (max(len(cfg.clients), len(cfg.helpers)) <= L.max_named_peers and
+         all(len(p) <= 64 for p in cfg.clients + cfg.helpers),
+         f"clients and helpers each name at most {L.max_named_peers} peers of up to 64 characters"),
+        (all(v < L.max_layers for v in cfg.cut), f"cut must be < {L.max_layers}"),
         (cfg.batch_size <= L.max_batch_size, f"batch_size must be <= {L.max_batch_size}"),
         (cfg.microbatches <= L.max_microbatches, f"microbatches must be <= {L.max_microbatches}"),
         (cfg.lr <= L.max_lr, f"lr must be <= {L.max_lr}"),

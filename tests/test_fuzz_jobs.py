@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import StatusWatch
 from peer.limits import JOB_LIMITS, check_job
 from peer.localring import get_json
-from pipeline.config import SCHEMES, TYPES, JobConfig
+from pipeline.config import ASSIGNS, PARALLEL_SCHEMES, SCHEMES, TYPES, JobConfig
 from pipeline.models import CUSTOM_NAME, footprint, input_shape, layer_factories
 from pipeline.schedule import PIPELINES
 from protocols.compression import COMPRESSIONS, WIRE_DTYPES
@@ -105,6 +105,25 @@ def names(valid: list[str]) -> dict:
 
 
 up = math.nextafter
+CUT = {   # needs a client/helper scheme to be valid (valid_configs)
+    "valid": st.sampled_from([[], [1], [1, 2]]),
+    "edge": st.sampled_from([[1], [L.max_layers - 1], [1, L.max_layers - 1]]),
+    "beyond": st.sampled_from([[0], [2, 1], [1, 1], [1, 2, 3], [L.max_layers], [-1], [True], [1.0], "1,2"]),
+    "absurd": st.sampled_from([[10 ** 12], [2 ** 64, 2 ** 65], [NAN], [1] * 5000]),
+    "wrong": st.one_of(WRONG.filter(lambda v: not isinstance(v, list) or v in ([], [1])), st.just({"1": 2}),
+                       st.sampled_from([[None], ["1"], [[1]]])).filter(lambda v: v != [] and v != [1]),
+}
+
+
+def peer_names(prefix: str) -> dict:
+    """--clients / --helpers: lists of peer ids (the two prefixes never collide)."""
+    return {"valid": st.just([]), "edge": st.sampled_from([[prefix * 64], [f"{prefix}{k}" for k in range(L.max_named_peers)]]),
+            "beyond": st.sampled_from([[prefix * 65], [f"{prefix}{k}" for k in range(L.max_named_peers + 1)]]),
+            "absurd": st.sampled_from([[prefix * 100_000], [prefix] * 100_000]),
+            "wrong": st.one_of(st.sampled_from([prefix, [1], [None], [[prefix]], {prefix: 1}]),
+                               WRONG.filter(lambda v: not isinstance(v, list) or v == [1]))}
+
+
 BACKWARD_AT = {
     "valid": st.just([]),
     "edge": st.sampled_from(["auto", [[1, 0]], [[0, 1]], [[1, 1]], [[0, 0], [1, 1]], [[L.max_layers - 1, 0]],
@@ -139,6 +158,13 @@ FIELDS: dict[str, dict] = {
     "wire_dtype": names(list(WIRE_DTYPES)),
     "compress": names(list(COMPRESSIONS)),
     "backward_at": BACKWARD_AT,
+    "cut": CUT,
+    "rounds": ints(st.integers(1, 2), 1, L.max_rounds),
+    "local_steps": ints(st.integers(0, 2), 0, L.max_local_steps),
+    "assign": names(list(ASSIGNS)),
+    "clients": peer_names("c"),
+    "helpers": peer_names("h"),
+    "resolve_drift": floats(st.sampled_from([0.25, 0.5]), [5e-324, 1e308], [0.0, -1e-9, INF, -1]),
     "model": None,   # below
 }
 
@@ -244,7 +270,7 @@ def valid_configs(draw) -> dict:
         return draw(weighted(FIELDS[name], valid=6, edge=1, beyond=0, absurd=0, wrong=0))
     cfg = {}
     for f in fields(JobConfig):
-        if f.name in ("pipeline", "backward_at") or not draw(st.booleans()):
+        if f.name in ("pipeline", "backward_at", "cut") or not draw(st.booleans()):
             continue
         cfg[f.name] = value(f.name)
     if cfg.get("scheme") == "fast-async":
@@ -254,6 +280,10 @@ def valid_configs(draw) -> dict:
             cfg["backward_at"] = draw(FIELDS["backward_at"]["edge"] | FIELDS["backward_at"]["valid"])
     elif cfg.get("scheme") == "fast" and draw(st.booleans()):
         cfg["pipeline"] = draw(FIELDS["pipeline"]["valid"])
+    elif cfg.get("scheme") in PARALLEL_SCHEMES:
+        cfg.pop("microbatches", None)   # whole batches
+        if draw(st.booleans()):
+            cfg["cut"] = value("cut")
     elif draw(st.booleans()):
         cfg["backward_at"] = []
     return cfg
