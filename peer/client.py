@@ -83,9 +83,9 @@ class PeerClient:
             times.append(time.perf_counter() - t0)
         return size / max(times[1] - times[0], 1e-6), times[0] / 2
 
-    async def part(self, peer: dict, job: str) -> dict:
+    async def part(self, peer: dict, job: str, timeout: float = 600) -> dict:
         """A client/helper job's part of a peer, with the samples it trained this round: {"layers", "samples"}."""
-        async with self.session.get(f"{peer['url']}/job/{job}/part") as r:
+        async with self.session.get(f"{peer['url']}/job/{job}/part", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             if r.status != 200:
                 raise JobError(f"could not collect the part of {peer['peer']}: HTTP {r.status}")
             return await self.codec.decode(await r.read(), 1 << 34)

@@ -10,7 +10,8 @@ import time
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes
 from pipeline.models import input_shape
-from pipeline.parallel import EVAL_BATCH, RoundFacts, Task, admit, box, fedavg, helper_queues, parts, round_batches
+from pipeline.parallel import (EVAL_BATCH, RoundFacts, Task, admit, box, fedavg, helper_queues, parts, round_batches,
+                               round_sizes)
 from pipeline.stage import Stage, checksum
 from peer.client import JobError
 from peer.dataplane import Links, Mailbox, wire_policy
@@ -68,29 +69,37 @@ class ParallelRuntime:
 
     def part(self) -> dict:
         """This peer's part for averaging or relaying, with the samples it trained on this round: a client's
-        layers (with optimizer state); a helper's part 2 (splitfed-v1: its clients' copies averaged)."""
+        layers (with optimizer state under sl, which relays it; weights only otherwise); a helper's part 2
+        (splitfed-v1: its clients' copies averaged)."""
         if self.copies:
-            states = [({i: v for i, v in c.export().items()}, self.trained[j]) for j, c in self.copies.items()]
-            layers = fedavg([({i: e["params"] for i, e in s.items()}, n) for s, n in states])
+            layers = fedavg([({i: e["params"] for i, e in c.export().items()}, self.trained[j])
+                             for j, c in self.copies.items()])
             out = {i: {"params": p, "optim": {}} for i, p in layers.items()}
         else:
-            out = {i: e for s in self.stages for i, e in s.export().items()}
+            out = {i: e if self.cfg.scheme == "sl" else {"params": e["params"], "optim": {}}
+                   for s in self.stages for i, e in s.export().items()}
         return {"layers": out, "samples": sum(self.trained.values())}
 
     def set_part(self, rnd: int, layers: dict, digest: str) -> list[int]:
-        """Replace this peer's layers with averaged or relayed ones (verified against their checksum)."""
+        """Replace this peer's layers with averaged or relayed ones, between rounds: verified against their
+        checksum, and every new stage built (shapes checked by load_state_dict) before any old one goes."""
+        if rnd != self.rotation:
+            raise ProtocolError("stale", f"layers for round {rnd}; this peer is at round {self.rotation}")
         layers = {int(k): v for k, v in layers.items()}
         if checksum(layers) != digest:
             raise ProtocolError("checksum", "layer state does not match its checksum")
-        mine = {i for s in self.stages for i in s.layers}
-        if set(layers) != mine:
-            raise ProtocolError("unexpected", f"layers {sorted(layers)} sent to peer {self.me}, which holds {sorted(mine)}")
-        for s in self.stages:
-            own = {i: layers[i] for i in list(s.layers)}
-            for i in own:
-                s.remove(i)
-            s.install(own)
-        self.copies = {}
+        mine = [sorted(s.layers) for s in self.stages]
+        if sorted(layers) != sorted(i for m in mine for i in m):
+            raise ProtocolError("unexpected", f"layers {sorted(layers)} sent to peer {self.me}, which holds {mine}")
+        try:
+            new = []
+            for indices in mine:
+                stage = Stage(self.cfg, {})
+                stage.install({i: layers[i] for i in indices})
+                new.append(stage)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise ProtocolError("bad_shape", f"layer state does not fit the model: {e}") from None
+        self.stages, self.copies = new, {}
         return sorted(layers)
 
     # --- a round's facts ------------------------------------------------------------------------
@@ -98,21 +107,18 @@ class ParallelRuntime:
         if rnd <= self.rotation:
             raise ProtocolError("stale", f"round {rnd} is not after the current {self.rotation}")
         cfg, p = self.cfg, self.parts
-        role = "client" if self.me in assignment else "helper" if self.me in orders else "idle"
+        role = "client" if self.me in assignment else "helper" if self.me in orders else None
+        if role is None or role != (self.role or role):
+            raise ProtocolError("unexpected", f"round {rnd} gives peer {self.me} no role or a new one ({role}, was "
+                                              f"{self.role})")
         if self.role is None:   # first round: build own layers from (spec, seed, i)
-            ranges = p.client if role == "client" else [p.helper] if role == "helper" else []
-            self.stages = [Stage.build(cfg, a, b) for a, b in ranges]
-        elif role != self.role and role != "idle" and self.role != "idle":
-            raise ProtocolError("unexpected", f"peer {self.me} cannot change role from {self.role} to {role}")
-        self.role = role if self.role in (None, "idle") else self.role
+            self.stages = [Stage.build(cfg, a, b) for a, b in (p.client if role == "client" else [p.helper])]
+        self.role = role
         self.facts = RoundFacts(self.me, rnd, p, dict(assignment),
-                                {j: [len(b) for b in round_batches(n, cfg, rnd)] for j, n in samples.items()},
+                                {j: round_sizes(n, cfg, rnd) for j, n in samples.items()},
                                 {j: batch_sizes(n, EVAL_BATCH) for j, n in test_samples.items()}, self.shapes)
         self.orders = orders.get(self.me, [])
-        self.trained = {}
-        if cfg.scheme != "sl":   # averaged parts start each round with a fresh optimizer
-            for s in self.stages:
-                s.drop_optimizer_state()
+        self.trained = {}   # (averaged parts come back without optimizer state: fresh each round)
         if role == "helper" and cfg.scheme == "splitfed-v1":
             state = {i: {"params": e["params"], "optim": {}} for i, e in self.stages[0].export().items()}
             self.copies = {}
@@ -234,7 +240,7 @@ class ParallelRuntime:
         t_round, tasks = time.perf_counter(), []
         for task in queue:
             j, s, kind = task
-            stage = self.copies.get(j) or self.stages[0]
+            stage = self.copies[j] if self.cfg.scheme == "splitfed-v1" else self.stages[0]
             t_wait = time.perf_counter()
             if kind == "F":
                 msg = await self.recv("train", s, "act", 1, j, j)

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from peer.client import JobError
 from peer.coordinator import ECHO_S, Coordinator, PassFailed
 from peer.dataplane import tensor_bytes
+from peer.limits import JOB_LIMITS
+from pipeline.data import num_steps
 from pipeline.models import spec_hash
 from pipeline.parallel import (Costs, ParallelError, build_instance, drifted, fedavg, helper_orders,
                                measured_instance, parts, predict_round, round_sizes, solve_with, split_roles,
@@ -22,6 +24,11 @@ from pipeline.scheduling.solution import BACKWARD, FORWARD
 from pipeline.stage import checksum
 
 KIND = {FORWARD: "F", BACKWARD: "B"}
+SLOWEST_LINK = 1e6   # bytes/s: a part's transfer is given the time it takes at this rate, and a minute more
+
+
+def part_timeout(layers) -> float:
+    return 60 + tensor_bytes(layers) / SLOWEST_LINK
 
 
 class ParallelCoordinator(Coordinator):
@@ -53,12 +60,13 @@ class ParallelCoordinator(Coordinator):
         sl = cfg.scheme == "sl"
         # sl: the client part (with its optimizer state) goes through this peer from each client to the next
         part_bytes = sum(sum(prof["param_bytes"][a:b]) for a, b in p.client) * (1 + optimizer_state_ratio(cfg))
+        # the relay's seconds per round, for the prediction: estimated from the part's bytes, then as last measured
         relay_s = sum(2 * (costs[j].latency + part_bytes / costs[j].bandwidth) for j in clients[1:]) if sl else 0.0
-        rounds = [round_sizes(samples[j], cfg, r) for r in range(cfg.rounds) for j in clients]
+        per_round = sum(cfg.local_steps or num_steps(samples[j], cfg.batch_size) for j in clients)
         self.emit({"event": "started", "job": self.job, "ring": [q["peer"] for q in peers],
                    "coordinator": self.me["peer"], "urls": {q["peer"]: q["url"] for q in peers},
                    "missing": self.view.missing(), "layers": len(self.sizes), "samples": samples,
-                   "config": cfg.to_dict(), "total_steps": sum(len(r) for r in rounds),
+                   "config": cfg.to_dict(), "total_steps": per_round * cfg.rounds,
                    "clients": clients, "helpers": helpers, "labels": p.labels()})
         history, loss, accuracy, trained, resolved = [], None, None, 0, False
         train_seconds = 0.0
@@ -73,8 +81,9 @@ class ParallelCoordinator(Coordinator):
             await self.call_all(peers, "round_plan", job=self.job, round=rnd, **plan, samples=samples,
                                 test_samples=tests)
             tr = time.perf_counter()
-            ends, reports, losses, moved, relay_s = await self._round(rnd, clients, by_id, plan,
-                                                                      {j: len(v) for j, v in zip(clients, sizes)})
+            ends, reports, losses, moved, relayed_s = await self._round(rnd, clients, by_id, plan,
+                                                                        {j: len(v) for j, v in zip(clients, sizes)})
+            relay_s = relayed_s if sl else 0.0
             makespan = max(ends.values())
             train_seconds += time.perf_counter() - tr
             moved += await self._average(rnd, clients, helpers, by_id)
@@ -89,14 +98,14 @@ class ParallelCoordinator(Coordinator):
             ran = {h: [[t["client"], t["kind"]] for t in reports[h]["tasks"] if t["step"] == 0] for h in helpers
                    if h in reports}
             record = {"round": rnd, "loss": loss, "accuracy": accuracy, "makespan_s": makespan, "predicted_s": predicted,
-                      "helper_busy": busy, "bytes": data_bytes + moved, "resolved": resolved, **plan, "ran": ran}
-            history.append(record)
-            self.emit({"event": "round", **record})
+                      "helper_busy": busy, "bytes": data_bytes + moved, "resolved": resolved}
+            self.emit({"event": "round", **record, **plan, "ran": ran})
+            # the summary keeps every round's figures, and the schedules of the first rounds (and re-solved ones)
+            history.append({**record, **plan, "ran": ran} if rnd < JOB_LIMITS.summary_plans or resolved else record)
             # what this round measured replaces the instance's times; a drift from the prediction re-solves,
             # and the new schedule is taken if it is predicted to be shorter on the measured times
-            scale = [cfg.batch_size / v[0] if v else 1.0 for v in sizes]
-            inst = measured_instance(inst, assignment, self.measured(reports, clients, helpers, assignment, links, scale,
-                                                                     sl))
+            seen = self.measured(reports, clients, helpers, assignment, links, sizes, cfg.batch_size, p.u_shaped, sl)
+            inst = measured_instance(inst, assignment, seen)
             resolved = False
             if cfg.scheme != "sl" and drifted(predicted, makespan, cfg.resolve_drift) and rnd + 1 < cfg.rounds:
                 new = self.solve(inst, clients, helpers)
@@ -106,7 +115,7 @@ class ParallelCoordinator(Coordinator):
                 schedule = new if resolved else schedule
         model = await self._collect([by_id[clients[0]], by_id[helpers[schedule[0][0]]]])
         path = await asyncio.to_thread(self.save_model, self.job, model)
-        self.summary = {"job": self.job, "scheme": cfg.scheme, "rounds": cfg.rounds, "epochs": cfg.rounds,
+        self.summary = {"job": self.job, "scheme": cfg.scheme, "rounds": cfg.rounds,
                         "final_loss": loss, "accuracy": accuracy, "samples": trained,
                         "samples_per_s": trained / max(train_seconds, 1e-9), "seconds": time.perf_counter() - t0,
                         "ring": [q["peer"] for q in peers], "clients": clients, "helpers": helpers,
@@ -144,7 +153,7 @@ class ParallelCoordinator(Coordinator):
         them soonest in turn."""
         try:
             if self.cfg.scheme == "sl":
-                fits = [h for h in range(inst.helpers) if sum(inst.demand) <= inst.capacity[h]]
+                fits = [h for h in range(inst.helpers) if max(inst.demand) <= inst.capacity[h]]   # one at a time
                 if not fits:
                     raise Infeasible("no helper can hold part 2 for the clients in turn")
                 best = min(fits, key=lambda h: predict_round(inst, [h] * inst.clients, [], [[1]] * inst.clients, 1, True))
@@ -160,28 +169,30 @@ class ParallelCoordinator(Coordinator):
 
     @staticmethod
     def measured(reports: dict, clients: list[str], helpers: list[str], assignment: list[int],
-                 links: list[list[float]], scale: list[float], in_turn: bool) -> dict[int, dict[str, float]]:
-        """Per client, the round's measured times (ms) on its helper: the instance's five columns, scaled to
-        a full batch (scale[j]: batch size / the rows of client j's first batch this round). Release: when the
-        helper got the first activations after the round started; clients in turn (sl): the client's part-1
-        forward and the link's estimate."""
+                 links: list[list[float]], sizes: list[list[int]], batch_size: int, u_shaped: bool,
+                 in_turn: bool) -> dict[int, dict[str, float]]:
+        """Per client, the round's measured times (ms) on its helper: the instance's five columns, each task's
+        scaled to a full batch (sizes[j]: the rows of client j's batches this round). Release: when the helper
+        got the first activations after the round started; clients in turn (sl): the client's part-1 forward
+        and the link's estimate. Delay: single cut, none (the helper's wait between its tasks is queueing)."""
         seen = {}
         for j, c in enumerate(clients):
             h = assignment[j]
+            full = lambda step: batch_size / sizes[j][step]
             tasks = [t for t in reports.get(helpers[h], {}).get("tasks", []) if t["client"] == c]
             times = reports.get(c, {}).get("client_times", [])
-            fw = [t for t in tasks if t["kind"] == "F"]
-            bw = [t for t in tasks if t["kind"] == "B"]
-            if not fw or not bw or not times:
+            fw = {t["step"]: t for t in tasks if t["kind"] == "F"}
+            bw = {t["step"]: t for t in tasks if t["kind"] == "B"}
+            if not fw or set(fw) != set(bw) or len(times) != len(fw):
                 continue
-            mean = lambda v: 1000 * scale[j] * sum(v) / len(v)
-            first = min(t["arrived"] for t in fw if t["step"] == 0)
-            seen[j] = {"release": mean([t["part1_forward"] for t in times]) + links[j][h] if in_turn else
-                       1000 * scale[j] * max(0.0, first),
-                       "forward": mean([t["end"] - t["start"] for t in fw]),
-                       "delay": mean([max(0.0, b["arrived"] - f["end"]) for f, b in zip(fw, bw)]),
-                       "backward": mean([t["end"] - t["start"] for t in bw]),
-                       "tail": mean([t["part1_backward"] for t in times]) + links[j][h]}
+            mean = lambda values: 1000 * sum(values) / len(values)
+            part1 = mean([t["part1_forward"] * full(s) for s, t in enumerate(times)])
+            seen[j] = {"release": part1 + links[j][h] if in_turn else 1000 * full(0) * max(0.0, fw[0]["arrived"]),
+                       "forward": mean([(t["end"] - t["start"]) * full(s) for s, t in fw.items()]),
+                       "delay": mean([max(0.0, bw[s]["arrived"] - t["end"]) * full(s) for s, t in fw.items()])
+                       if u_shaped else 0.0,
+                       "backward": mean([(t["end"] - t["start"]) * full(s) for s, t in bw.items()]),
+                       "tail": mean([t["part1_backward"] * full(s) for s, t in enumerate(times)]) + links[j][h]}
         return seen
 
     @staticmethod
@@ -197,17 +208,13 @@ class ParallelCoordinator(Coordinator):
         t0 = time.perf_counter()
         ends, reports, losses, moved, relay_s = {}, {}, [], 0, 0.0
 
+        def on_step(peer: str, ev: dict):
+            losses.append((ev["loss"], ev["samples"]))
+            self.emit({"event": "step", "round": rnd + 1, "client": peer, "step": ev["step"] + 1,
+                       "steps": total[peer], "loss": ev["loss"], "epoch": rnd + 1, "head": peer, "samples_per_s": 0.0})
+
         async def follow(peer: str):
-            async for ev in self.client.stream(by_id[peer], "run_round", job=self.job, round=rnd, mode="train"):
-                if "error" in ev:
-                    raise PassFailed(peer, ev["error"], ev.get("cause", "job"))
-                if ev.get("event") == "client_step":
-                    losses.append((ev["loss"], ev["samples"]))
-                    self.emit({"event": "step", "round": rnd + 1, "client": peer, "step": ev["step"] + 1,
-                               "steps": total[peer], "loss": ev["loss"], "epoch": rnd + 1, "head": peer,
-                               "samples_per_s": 0.0})
-                elif ev.get("event") == "end":
-                    reports[peer] = ev
+            reports[peer] = await self._follow(by_id[peer], rnd, "train", on_step)
             if peer in clients:
                 ends[peer] = time.perf_counter() - t0
 
@@ -228,7 +235,8 @@ class ParallelCoordinator(Coordinator):
         await self._together(work, [by_id[x] for x in clients + used])
         return ends, reports, losses, moved, relay_s
 
-    async def _together(self, work: list, peers: list[dict]) -> None:
+    async def _together(self, work: list, peers: list[dict]) -> list:
+        """Run the coroutines at once; their results, or the root cause of the first failures (root_cause)."""
         tasks = [asyncio.create_task(w) for w in work]
         try:
             done, rest = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -237,6 +245,7 @@ class ParallelCoordinator(Coordinator):
                 more, _ = await asyncio.wait(rest, timeout=ECHO_S) if rest else (set(), set())
                 failures += [t.exception() for t in more if not t.cancelled() and t.exception()]
                 raise await self.root_cause(failures, peers)
+            return [t.result() for t in tasks]
         finally:
             for t in tasks:
                 t.cancel()
@@ -245,7 +254,8 @@ class ParallelCoordinator(Coordinator):
         """Relay a client's part (with its optimizer state) to other clients; returns the bytes sent."""
         layers = (await self.client.part(source, self.job))["layers"]
         digest = await asyncio.to_thread(checksum, layers)
-        await self.call_all(targets, "part_set", timeout=None, job=self.job, round=rnd, layers=layers, checksum=digest)
+        await self.call_all(targets, "part_set", timeout=part_timeout(layers), job=self.job, round=rnd, layers=layers,
+                            checksum=digest)
         return tensor_bytes(layers) * (1 + len(targets))
 
     async def _average(self, rnd: int, clients, helpers, by_id) -> int:
@@ -262,21 +272,24 @@ class ParallelCoordinator(Coordinator):
                                                      max(g["samples"], 1)) for g in got])
             layers = {i: {"params": v, "optim": {}} for i, v in mean.items()}
             digest = await asyncio.to_thread(checksum, layers)
-            await self.call_all([by_id[x] for x in group], "part_set", timeout=None, job=self.job, round=rnd,
-                                layers=layers, checksum=digest)
+            await self.call_all([by_id[x] for x in group], "part_set", timeout=part_timeout(layers), job=self.job,
+                                round=rnd, layers=layers, checksum=digest)
             moved += tensor_bytes(layers) * len(group) + sum(tensor_bytes(g["layers"]) for g in got)
         return moved
 
-    async def _evaluate_round(self, rnd: int, clients, helpers, by_id) -> float:
-        correct = evaluated = 0
+    async def _follow(self, peer: dict, rnd: int, mode: str, on_step=None) -> dict:
+        """A peer's part of a round: its client steps to on_step(peer id, event); returns its "end" report."""
+        async for ev in self.client.stream(peer, "run_round", job=self.job, round=rnd, mode=mode):
+            if "error" in ev:
+                raise PassFailed(peer["peer"], ev["error"], ev.get("cause", "job"))
+            if ev.get("event") == "client_step" and on_step:
+                on_step(peer["peer"], ev)
+            elif ev.get("event") == "end":
+                return ev
+        raise PassFailed(peer["peer"], "its round stream ended without a report", "link")
 
-        async def follow(peer: str):
-            nonlocal correct, evaluated
-            async for ev in self.client.stream(by_id[peer], "run_round", job=self.job, round=rnd, mode="eval"):
-                if "error" in ev:
-                    raise PassFailed(peer, ev["error"], ev.get("cause", "job"))
-                if ev.get("event") == "end" and peer in clients:
-                    correct += ev["correct"]
-                    evaluated += ev["samples"]
-        await self._together([follow(x) for x in clients + helpers], [by_id[x] for x in clients + helpers])
-        return correct / max(evaluated, 1)
+    async def _evaluate_round(self, rnd: int, clients, helpers, by_id) -> float:
+        """Held-out accuracy: every client's test set through its (averaged) parts and its helper's."""
+        peers = [by_id[x] for x in clients + helpers]
+        ends = await self._together([self._follow(q, rnd, "eval") for q in peers], peers)
+        return sum(e.get("correct", 0) for e in ends) / max(sum(e.get("samples", 0) for e in ends), 1)

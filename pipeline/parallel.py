@@ -13,7 +13,7 @@ import torch
 
 from pipeline.admission import MessageKey, check
 from pipeline.config import JobConfig
-from pipeline.data import batch_sizes, pass_order
+from pipeline.data import num_steps, pass_order
 from pipeline.scheduling import Instance, Schedule, balanced_greedy_fcfs, brute_force, milp, random_fcfs, solve
 from pipeline.scheduling.compare import small_enough
 from pipeline.scheduling.sequencing import timing
@@ -22,7 +22,6 @@ from protocols import ProtocolError
 from protocols.errors import SplitringError
 
 EVAL_BATCH = 256
-TASK_NAMES = {FORWARD: "F", BACKWARD: "B"}
 
 
 class ParallelError(SplitringError, ValueError):
@@ -97,21 +96,21 @@ def round_batches(n: int, cfg: JobConfig, rnd: int) -> list[torch.Tensor]:
     """The indices of each batch a client with n samples trains on in round `rnd`. With local_steps 0 a
     round is one local epoch (epoch rnd's order); else the client walks its epochs' batches (each epoch in
     its seeded order) local_steps at a time, across rounds."""
-    def epoch(e: int) -> list[torch.Tensor]:
-        order = pass_order(n, cfg.seed, e, cfg.shuffle)
-        starts = [sum(batch_sizes(n, cfg.batch_size)[:i]) for i in range(len(batch_sizes(n, cfg.batch_size)))]
-        return [order[s:s + size] for s, size in zip(starts, batch_sizes(n, cfg.batch_size))]
+    per_epoch = num_steps(n, cfg.batch_size)
     if cfg.local_steps == 0:
-        return epoch(rnd)
-    per_epoch = len(batch_sizes(n, cfg.batch_size))
-    out = []
-    for t in range(rnd * cfg.local_steps, (rnd + 1) * cfg.local_steps):
-        out.append(epoch(t // per_epoch)[t % per_epoch])
-    return out
+        steps = [(rnd, i) for i in range(per_epoch)]
+    else:
+        steps = [divmod(t, per_epoch) for t in range(rnd * cfg.local_steps, (rnd + 1) * cfg.local_steps)]
+    orders = {e: pass_order(n, cfg.seed, e, cfg.shuffle) for e in {e for e, _ in steps}}
+    return [orders[e][i * cfg.batch_size:(i + 1) * cfg.batch_size] for e, i in steps]
 
 
 def round_sizes(n: int, cfg: JobConfig, rnd: int) -> list[int]:
-    return [len(b) for b in round_batches(n, cfg, rnd)]
+    """The rows of each batch of round_batches, without drawing the orders."""
+    per_epoch = num_steps(n, cfg.batch_size)
+    steps = range(per_epoch) if cfg.local_steps == 0 else \
+        (t % per_epoch for t in range(rnd * cfg.local_steps, (rnd + 1) * cfg.local_steps))
+    return [min(cfg.batch_size, n - i * cfg.batch_size) for i in steps]
 
 
 # --- helpers' queues ---------------------------------------------------------------------------------
@@ -155,7 +154,8 @@ def build_instance(cfg: JobConfig, p: Parts, clients: list[Costs], helpers: list
     forward and upload; forward = part-2 forward (single cut: with the loss); delay = U-shaped: download, part 3
     forward and backward, upload; backward = part-2 backward and update; tail = download and part-1 backward.
     Demand: what a client's part-2 work holds on its helper (splitfed-v1: a copy of part 2 with gradients and
-    optimizer state; otherwise a copy of its weights, kept from forward to backward) plus its activations;
+    optimizer state; splitfed-v2: a copy of its weights, kept from forward to backward; sl: nothing more) plus
+    its activations (sl: the clients run in turn, so one client's is held at a time);
     capacity: a helper's budget less what it holds once (the shared part 2 of sl and splitfed-v2)."""
     a, b, L = p.a, p.b, p.layers
     ms = lambda t: 1000 * t
@@ -168,7 +168,7 @@ def build_instance(cfg: JobConfig, p: Parts, clients: list[Costs], helpers: list
     up_b = lambda c, h: transfer_s(cut_bytes[1], c, h) if p.u_shaped else 0.0
     params2 = sum(param_bytes[a:b])
     acts2 = sum(activation_bytes[a:b])
-    per_client = params2 * (2 + state_ratio) if cfg.scheme == "splitfed-v1" else params2
+    per_client = {"splitfed-v1": params2 * (2 + state_ratio), "splitfed-v2": params2}.get(cfg.scheme, 0)
     shared = params2 if cfg.scheme == "splitfed-v1" else params2 * (2 + state_ratio)   # v1: the averaged weights
     demand = [(per_client + acts2) / 1024] * len(clients)
     capacity = tuple((sum(demand) + 1 if h.memory_budget is None else max(0.0, (h.memory_budget - shared) / 1024))
@@ -320,10 +320,16 @@ def admit(f: RoundFacts, sender: str, msg: dict) -> tuple[MessageKey, dict]:
     if kind == "act":
         payload = {"x": check(msg["x"], (rows, *f.shapes[at]), torch.float32, "activation")}
         if to_helper and mode == "train" and not f.parts.u_shaped:
-            payload["y"] = check(msg.get("y"), (rows,), torch.int64, "labels")
+            y = payload["y"] = check(msg.get("y"), (rows,), torch.int64, "labels")
+            classes = f.shapes[-1][0]
+            if len(y) and not 0 <= int(y.min()) <= int(y.max()) < classes:
+                raise ProtocolError("bad_labels", f"labels must be 0 to {classes - 1} (the model's classes)")
     else:
         payload = {"grad": check(msg["grad"], (rows, *f.shapes[at]), torch.float32, "gradient")}
-        payload.update({k: msg[k] for k in ("loss", "correct") if k in msg})
+        if cut == 1 and not f.parts.u_shaped:   # single cut: the helper's loss of this batch comes back with it
+            if not all(k in msg for k in ("loss", "correct")):
+                raise ProtocolError("malformed", "a single-cut gradient carries the batch's loss and correct count")
+            payload.update(loss=msg["loss"], correct=msg["correct"])
     return MessageKey(f.round, mode, msg["step"], box(kind, cut, j), 0), payload
 
 

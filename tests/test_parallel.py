@@ -336,9 +336,9 @@ def test_build_instance_memory_by_scheme():
     assert v1.demand == pytest.approx((500 * 4 / 1024 + 50 / 1024,) * 2)   # a copy with gradients and state each
     assert v1.capacity[0] == pytest.approx((10_000 - 500) / 1024)           # the averaged weights once
     assert v1.capacity[1] == pytest.approx((1_000 - 500) / 1024)
-    for scheme in ("splitfed-v2", "sl"):
+    for scheme, stashed in (("splitfed-v2", 500), ("sl", 0)):
         inst = build_instance(cfg_(scheme=scheme), p, [C0, C1], [H0, H1], (1000, 2000), PARAMS, ratio, ACTS)
-        assert inst.demand == pytest.approx(((500 + 50) / 1024,) * 2)     # a copy of the weights each
+        assert inst.demand == pytest.approx(((stashed + 50) / 1024,) * 2)   # v2: a copy of the weights each
         assert inst.capacity[0] == pytest.approx((10_000 - 2000) / 1024)  # part 2 with gradients and state once
         assert inst.capacity[1] == 0.0                                    # budget below the shared part
     none = Costs(H0.forward_s, H0.backward_s, H0.bandwidth, H0.latency, None)

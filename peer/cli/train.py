@@ -64,6 +64,11 @@ def run(args) -> int:
             elif kind == "epoch" and bar:
                 acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
                 bar.write(f"epoch {ev['epoch']}: loss {ev['loss']:.4f}, held-out accuracy {acc}")
+            elif kind == "round" and bar:
+                acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
+                bar.write(f"round {ev['round'] + 1}: loss {ev['loss']:.4f}, held-out accuracy {acc}, "
+                          f"{ev['makespan_s']:.3f} s (predicted {ev['predicted_s']:.3f} s), helpers busy "
+                          + ", ".join(f"{h[:6]} {b:.0%}" for h, b in ev["helper_busy"].items()))
             elif kind == "failed":
                 if bar:
                     bar.close()
@@ -97,7 +102,8 @@ def run(args) -> int:
         print(json.dumps(summary))
     else:
         acc = "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f}%"
-        print(f"done: {summary['epochs']} epochs, final loss {summary['final_loss']:.4f}, held-out accuracy {acc}, "
+        print(f"done: {summary['epochs']} epochs" if "epochs" in summary else f"done: {summary['rounds']} rounds", end="")
+        print(f", final loss {summary['final_loss']:.4f}, held-out accuracy {acc}, "
               f"{summary['samples_per_s']:.0f} samples/s, {summary['seconds']:.1f}s"
               + (f", forward weights at most {len(summary['staleness']) - 1} step(s) stale"
                  if summary["scheme"] == "fast-async" else "")

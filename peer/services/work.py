@@ -26,6 +26,7 @@ from pipeline.profiling import measure, microbatch_rows, optimizer_state_ratio
 from protocols import ProtocolError
 
 log = logging.getLogger("splitring.work")
+PARALLEL_MESSAGES = ("act", "grad")   # the client/helper schemes' data-plane messages; the others are N-split's
 
 
 class WorkService(Service):
@@ -50,7 +51,8 @@ class WorkService(Service):
     # --- what other services ask of this one ----------------------------------------------------
     async def deliver(self, sender: str, msg: dict) -> None:
         """A proven neighbour's stage message, once its job's mailbox has room (backpressure)."""
-        await self.runtime(msg["job"]).deliver(sender, msg)
+        kind = ParallelRuntime if msg["type"] in PARALLEL_MESSAGES else JobRuntime
+        await self.runtime(msg["job"], kind).deliver(sender, msg)
 
     def status(self) -> dict:
         return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
@@ -146,22 +148,30 @@ class WorkService(Service):
                           correct=result.correct)
             events.put_nowait(ev)
 
+        async for event in self.reported(rt, lambda: rt.run_pass(mode, on_step), events):
+            yield event
+
+    async def reported(self, rt, work, events: asyncio.Queue):
+        """Run a pass or round (work(): its coroutine) as the runtime's task; yield the events it queues, then
+        "end" with its result, or an error saying how it failed (cause_of). One at a time per runtime."""
+        if rt.task is not None and not rt.task.done():
+            raise ProtocolError("busy", f"job {rt.job} is already running a pass or round on peer {self.node.peer_id}")
+
         async def run():
-            rt.task = asyncio.current_task()
             poller = asyncio.create_task(_poll()) if self.node.busy_poll else None
             try:
-                events.put_nowait({"event": "end", **await rt.run_pass(mode, on_step)})
+                events.put_nowait({"event": "end", **await work()})
             except (JobError, TimeoutError, ProtocolError, ConnectionError, aiohttp.ClientError) as e:
-                log.error("job %s: pass failed: %s", rt.job, e)
+                log.error("job %s: failed: %s", rt.job, e)
                 events.put_nowait({"error": str(e), "cause": cause_of(e)})
             except Exception as e:   # the stage's own computation failed: its real cause goes to the coordinator
-                log.exception("job %s: pass failed", rt.job)
+                log.exception("job %s: failed", rt.job)
                 events.put_nowait({"error": f"{type(e).__name__}: {e}", "cause": "job"})
             finally:
                 if poller:
                     poller.cancel()
                 events.put_nowait(None)
-        task = asyncio.create_task(run())
+        rt.task = task = asyncio.create_task(run())
         try:
             while (event := await events.get()) is not None:
                 yield event
@@ -190,24 +200,8 @@ class WorkService(Service):
                                f"in round {rt.rotation + 1}: the job stops here; lower --lr, or check that peer's data")
             events.put_nowait(ev)
 
-        async def run():
-            rt.task = asyncio.current_task()
-            try:
-                events.put_nowait({"event": "end", **await rt.run_round(mode, on_step)})
-            except (JobError, TimeoutError, ProtocolError, ConnectionError, aiohttp.ClientError) as e:
-                log.error("job %s: round failed: %s", rt.job, e)
-                events.put_nowait({"error": str(e), "cause": cause_of(e)})
-            except Exception as e:
-                log.exception("job %s: round failed", rt.job)
-                events.put_nowait({"error": f"{type(e).__name__}: {e}", "cause": "job"})
-            finally:
-                events.put_nowait(None)
-        task = asyncio.create_task(run())
-        try:
-            while (event := await events.get()) is not None:
-                yield event
-        finally:
-            task.cancel()
+        async for event in self.reported(rt, lambda: rt.run_round(mode, on_step), events):
+            yield event
 
     @serves("part_set")
     async def part_set(self, msg, request):
@@ -220,6 +214,9 @@ class WorkService(Service):
             rt = self.runtime(request.match_info["job"], ParallelRuntime)
         except ProtocolError as e:
             return web.json_response({"error": e.code, "message": e.message}, status=400)
+        if rt.task is not None and not rt.task.done():
+            return web.json_response({"error": "busy", "message": "a round is running; its part is not ready"},
+                                     status=409)
         part = await self.node.compute_call(rt.part)
         return web.Response(body=await self.node.codec.encode(part), content_type="application/cbor")
 
