@@ -62,6 +62,7 @@ class JobLimits:
     max_rounds: int = 100_000          # client/helper schemes
     max_local_steps: int = 100_000
     max_named_peers: int = 1_024       # in --clients, and in --helpers
+    max_mix_updates: int = 64          # locfedmix
     max_batch_size: int = 65_536
     max_microbatches: int = 1_024
     max_lr: float = 10.0               # learning rates above this diverge on every model we ship
@@ -106,6 +107,8 @@ def check_job(cfg: JobConfig, allowed_models=(), limits: JobLimits = JOB_LIMITS)
          all(len(p) <= 64 for p in cfg.clients + cfg.helpers),
          f"clients and helpers each name at most {L.max_named_peers} peers of up to 64 characters"),
         (all(v < L.max_layers for v in cfg.cut), f"cut must be < {L.max_layers}"),
+        (cfg.mix_updates <= L.max_mix_updates, f"mix_updates must be <= {L.max_mix_updates}"),
+        (cfg.mixup_alpha <= 1e6, "mixup_alpha must be <= 1e6"),
         (cfg.batch_size <= L.max_batch_size, f"batch_size must be <= {L.max_batch_size}"),
         (cfg.microbatches <= L.max_microbatches, f"microbatches must be <= {L.max_microbatches}"),
         (cfg.lr <= L.max_lr, f"lr must be <= {L.max_lr}"),

@@ -4,21 +4,26 @@ coordinator (peer/parallel_coordinator.py) and pipeline/parallel.py; the math fr
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import math
 import time
 
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes
 from pipeline.models import input_shape
-from pipeline.parallel import (EVAL_BATCH, RoundFacts, Task, admit, box, fedavg, helper_queues, parts, round_batches,
-                               round_sizes)
-from pipeline.stage import Stage, checksum
+from torch.nn import functional as F
+
+from pipeline.parallel import (ALL, EVAL_BATCH, LOCAL_LOSS_SCHEMES, RoundFacts, Task, admit, aux_head, box, fedavg,
+                               helper_queues, mixed_loss, mixes, parts, round_batches, round_sizes)
+from pipeline.stage import Stage, checksum, make_optimizer
 from peer.client import JobError
 from peer.dataplane import Links, Mailbox, wire_policy
 from pipeline.admission import MessageKey
 from protocols import ProtocolError, message
 
 log = logging.getLogger("splitring.parallel")
+AUX = -1   # the auxiliary head's key among a client's layers in a part (local-loss schemes)
 
 
 class ParallelRuntime:
@@ -35,6 +40,7 @@ class ParallelRuntime:
         self.role: str | None = None
         self.stages: list[Stage] = []           # client: [part 1, part 3]; helper: [part 2] (the shared or averaged)
         self.copies: dict[str, Stage] = {}      # splitfed-v1 helper: each client's copy of part 2, this round
+        self.aux: tuple | None = None           # local-loss client: (auxiliary head, its optimizer)
         self.trained: dict[str, int] = {}       # samples trained this round, per client (a helper: its clients')
         self.peak_memory = 0
         self.pending_loss: dict[tuple, tuple] = {}   # single-cut helper: (client, step) -> its loss, correct
@@ -78,6 +84,8 @@ class ParallelRuntime:
         else:
             out = {i: e if self.cfg.scheme == "sl" else {"params": e["params"], "optim": {}}
                    for s in self.stages for i, e in s.export().items()}
+        if self.aux is not None:   # the auxiliary head travels as layer AUX, averaged like the others
+            out[AUX] = {"params": {k: v.detach().clone() for k, v in self.aux[0].state_dict().items()}, "optim": {}}
         return {"layers": out, "samples": sum(self.trained.values())}
 
     def set_part(self, rnd: int, layers: dict, digest: str) -> list[int]:
@@ -89,7 +97,7 @@ class ParallelRuntime:
         if checksum(layers) != digest:
             raise ProtocolError("checksum", "layer state does not match its checksum")
         mine = [sorted(s.layers) for s in self.stages]
-        if sorted(layers) != sorted(i for m in mine for i in m):
+        if sorted(layers) != sorted([i for m in mine for i in m] + ([AUX] if self.aux else [])):
             raise ProtocolError("unexpected", f"layers {sorted(layers)} sent to peer {self.me}, which holds {mine}")
         try:
             new = []
@@ -97,9 +105,14 @@ class ParallelRuntime:
                 stage = Stage(self.cfg, {})
                 stage.install({i: layers[i] for i in indices})
                 new.append(stage)
+            if self.aux:
+                head = copy.deepcopy(self.aux[0])
+                head.load_state_dict(layers[AUX]["params"])
+                aux = (head, make_optimizer(self.cfg, head.parameters()))
         except (RuntimeError, KeyError, TypeError, ValueError) as e:
             raise ProtocolError("bad_shape", f"layer state does not fit the model: {e}") from None
         self.stages, self.copies = new, {}
+        self.aux = aux if self.aux else None
         return sorted(layers)
 
     # --- a round's facts ------------------------------------------------------------------------
@@ -113,10 +126,14 @@ class ParallelRuntime:
                                               f"{self.role})")
         if self.role is None:   # first round: build own layers from (spec, seed, i)
             self.stages = [Stage.build(cfg, a, b) for a, b in (p.client if role == "client" else [p.helper])]
+            if role == "client" and cfg.scheme in LOCAL_LOSS_SCHEMES:
+                head = aux_head(cfg, math.prod(self.shapes[p.a]), self.shapes[-1][0])
+                self.aux = (head, make_optimizer(cfg, head.parameters()))
         self.role = role
         self.facts = RoundFacts(self.me, rnd, p, dict(assignment),
                                 {j: round_sizes(n, cfg, rnd) for j, n in samples.items()},
-                                {j: batch_sizes(n, EVAL_BATCH) for j, n in test_samples.items()}, self.shapes)
+                                {j: batch_sizes(n, EVAL_BATCH) for j, n in test_samples.items()}, self.shapes,
+                                cfg.scheme == "blind")
         self.orders = orders.get(self.me, [])
         self.trained = {}   # (averaged parts come back without optimizer state: fresh each round)
         if role == "helper" and cfg.scheme == "splitfed-v1":
@@ -181,6 +198,15 @@ class ParallelRuntime:
         for s, idx in enumerate(round_batches(len(self.data), cfg, f.round)):
             t0 = time.perf_counter()
             x, y, n = self.data.x[idx], self.data.y[idx], len(idx)
+            if self.aux is not None:   # a local loss: the client steps on its own; the helper learns from act
+                act, loss, correct = await self._compute(self._local_step, part1, self.aux, s, x, y)
+                t1 = time.perf_counter()
+                await self.send(helper, "act", step=s, client=me, cut=1, mode="train", x=act, y=y)
+                self.trained[me] = self.trained.get(me, 0) + n
+                times.append({"part1_forward": t1 - t0, "part3": 0.0, "part1_backward": 0.0})
+                await on_step({"event": "client_step", "client": me, "step": s, "samples": n, "loss": loss,
+                               "correct": correct})
+                continue
             act = await self._compute(part1.forward, ("t", s), x, False)
             extra = {} if part3 else {"y": y}
             t1 = time.perf_counter()
@@ -195,7 +221,9 @@ class ParallelRuntime:
                 await self.send(helper, "grad", step=s, client=me, cut=2, mode="train", grad=grad)
             back = await self.recv("train", s, "grad", 1, me, helper)
             t3 = time.perf_counter()
-            await self._compute(self._part1_step, part1, s, back["grad"])
+            # blind: the gradient of the helper's averaged loss; this client steps on its own loss's
+            grad = back["grad"] * (1 / back["weight"]) if cfg.scheme == "blind" else back["grad"]
+            await self._compute(self._part1_step, part1, s, grad)
             t4 = time.perf_counter()
             if part3 is None:
                 loss, correct = back["loss"], back["correct"]
@@ -207,6 +235,22 @@ class ParallelRuntime:
             await on_step({"event": "client_step", "client": me, "step": s, "samples": n, "loss": loss / n,
                            "correct": correct})
         return {"client_times": times}
+
+    @staticmethod
+    def _local_step(part1: Stage, aux: tuple, s: int, x, y):
+        """A local-loss step: part 1 and the auxiliary head on the head's loss; part 1's output (before the
+        step) for the helper, the mean loss and correct predictions."""
+        head, opt = aux
+        act = part1.forward(("t", s), x, False)
+        act_in = act.requires_grad_(True)
+        logits = head(act_in)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        part1.backward(("t", s), act_in.grad)
+        part1.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return act.detach(), float(loss), int((logits.argmax(1) == y).sum())
 
     @staticmethod
     def _part3_step(part3: Stage, s: int, out, y, n: int):
@@ -238,36 +282,72 @@ class ParallelRuntime:
         steps = {j: len(v) for j, v in f.train_sizes.items()}
         queue = helper_queues(cfg, f.assignment, {self.me: self.orders}, steps).get(self.me, [])
         t_round, tasks = time.perf_counter(), []
+        forwarded: dict[int, list[str]] = {}                    # step -> clients forwarded (blind)
+        pool: dict[int, list[tuple[str, dict]]] = {}            # step -> (client, smashed data) (local loss)
         for task in queue:
             j, s, kind = task
-            stage = self.copies[j] if self.cfg.scheme == "splitfed-v1" else self.stages[0]
+            stage = self.copies[j] if cfg.scheme == "splitfed-v1" else self.stages[0]
             t_wait = time.perf_counter()
-            if kind == "F":
+            msg = None
+            if kind in "FU":
                 msg = await self.recv("train", s, "act", 1, j, j)
-                t0 = time.perf_counter()
+            elif kind == "B" and j != ALL and self.parts.u_shaped:
+                msg = await self.recv("train", s, "grad", 2, j, j)
+            elif kind == "B" and j == ALL and self.parts.u_shaped:   # blind: every client's gradient first
+                grads = {c: await self.recv("train", s, "grad", 2, c, c) for c in forwarded[s]}
+            t0 = time.perf_counter()
+            if kind == "F":
                 out = await self._compute(self._helper_forward, stage, task, msg)
-                t1 = time.perf_counter()
+                forwarded.setdefault(s, []).append(j)
                 if self.parts.u_shaped:
                     await self.send(j, "act", step=s, client=j, cut=2, mode="train", x=out)
                 else:
                     self.pending_loss[j, s] = out
+            elif kind == "U":
+                pool.setdefault(s, []).append((j, msg))
+                self.trained[j] = self.trained.get(j, 0) + len(msg["y"])
+                await self._compute(stage.update, msg["x"], lambda out, y=msg["y"]: F.cross_entropy(out, y))
+            elif kind == "M":
+                got = pool[s]
+                done = sum(1 for t in tasks if t["step"] == s and t["kind"] == "M")
+                mix = mixes(cfg, f.round, s, self.me, [len(m["y"]) for _, m in got])[done]
+                x, loss_fn = mixed_loss(mix, [m["x"] for _, m in got], [m["y"] for _, m in got])
+                await self._compute(stage.update, x, loss_fn)
+            elif j == ALL:   # blind: one backward from the clients' losses weighted by their samples
+                clients = forwarded.pop(s)
+                rows = {c: f.train_sizes[c][s] for c in clients}
+                share = {c: rows[c] / sum(rows.values()) for c in clients}
+                outer = [share[c] * grads[c]["grad"] for c in clients] if self.parts.u_shaped else \
+                    [share[c] for c in clients]
+                back = await self._compute(self._blind_backward, stage, [(c, s) for c in clients], outer)
+                for c, g in zip(clients, back):
+                    self.trained[c] = self.trained.get(c, 0) + rows[c]
+                    await self.send(c, "grad", step=s, client=c, cut=1, mode="train", grad=g, weight=share[c],
+                                    **self._loss_of(c, s))
             else:
-                grad = (await self.recv("train", s, "grad", 2, j, j)) if self.parts.u_shaped else {"grad": None}
-                t0 = time.perf_counter()
-                g = await self._compute(self._helper_backward, stage, task, grad["grad"])
-                t1 = time.perf_counter()
-                extra = {}
-                if not self.parts.u_shaped:
-                    loss, correct = self.pending_loss.pop((j, s))
-                    extra = {"loss": loss, "correct": correct}
+                g = await self._compute(self._helper_backward, stage, task, msg["grad"] if msg else None)
                 self.trained[j] = self.trained.get(j, 0) + len(g)
-                await self.send(j, "grad", step=s, client=j, cut=1, mode="train", grad=g, **extra)
-                msg = grad
+                await self.send(j, "grad", step=s, client=j, cut=1, mode="train", grad=g, **self._loss_of(j, s))
+            t1 = time.perf_counter()
             self.check_memory()
             tasks.append({"client": j, "step": s, "kind": kind, "waited": t_wait - t_round,
-                          "arrived": (msg.get("at", t0) if msg else t0) - t_round,
-                          "start": t0 - t_round, "end": t1 - t_round})
+                          "arrived": (msg["at"] if msg else t0) - t_round, "start": t0 - t_round, "end": t1 - t_round})
+            if kind == "U" and cfg.scheme == "locsplitfed":
+                pool[s].pop()   # nothing mixes: keep no smashed data
         return {"tasks": tasks}
+
+    def _loss_of(self, client: str, step: int) -> dict:
+        """Single cut: the batch's loss and correct count (computed at the forward) go back with the gradient."""
+        if self.parts.u_shaped:
+            return {}
+        loss, correct = self.pending_loss.pop((client, step))
+        return {"loss": loss, "correct": correct}
+
+    @staticmethod
+    def _blind_backward(stage: Stage, keys: list, grads: list) -> list:
+        back = stage.backward_together(keys, grads)
+        stage.step()
+        return back
 
     def _helper_forward(self, stage: Stage, task: Task, msg: dict):
         stale = self.cfg.scheme == "splitfed-v2"   # other clients' updates may come before this one's backward

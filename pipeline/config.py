@@ -11,7 +11,9 @@ from protocols.errors import SplitringError
 
 
 NSPLIT_SCHEMES = ("nsplit", "fast", "fast-async")          # one chain that rotates over the peers
-PARALLEL_SCHEMES = ("sl", "splitfed-v1", "splitfed-v2")   # clients and helpers (pipeline/parallel.py)
+LOCAL_LOSS_SCHEMES = ("locsplitfed", "locfedmix")        # clients update from an auxiliary head's loss
+PARALLEL_SCHEMES = ("sl", "splitfed-v1", "splitfed-v2", "blind") + LOCAL_LOSS_SCHEMES   # clients and helpers
+AUX_HEADS = ("linear", "mlp")
 SCHEMES = NSPLIT_SCHEMES + PARALLEL_SCHEMES
 ASSIGNS = ("ours", "random", "greedy", "exact")
 OPTIMIZERS = ("sgd", "adam")
@@ -26,7 +28,8 @@ class ConfigError(SplitringError, ValueError):
 TYPES = {"seed": int, "epochs": int, "batch_size": int, "microbatches": int, "max_staleness": int,
          "lr": float, "momentum": float, "weight_decay": float, "recv_timeout": float, "shuffle": bool,
          "optimizer": str, "scheme": str, "pipeline": str, "split": str, "wire_dtype": str, "compress": str,
-         "rounds": int, "local_steps": int, "assign": str, "resolve_drift": float}
+         "rounds": int, "local_steps": int, "assign": str, "resolve_drift": float, "mixup_alpha": float,
+         "mix_updates": int, "aux_head": str}
 
 
 def knob(default, help: str, **cli) -> field:
@@ -57,7 +60,10 @@ class JobConfig:
                                  "(docs/parallel-sl.md): sl: clients in turn, one helper, the client part relayed; "
                                  "splitfed-v1: clients in parallel, a copy of the helper part per client, averaged "
                                  "each round; splitfed-v2: clients in parallel, one helper part updated client "
-                                 "after client", choices=SCHEMES)
+                                 "after client; blind: clients' losses weighted by samples and averaged, one "
+                                 "helper backward per step; locsplitfed: clients learn from a local loss (an "
+                                 "auxiliary head), the helper from their smashed data; locfedmix: locsplitfed "
+                                 "with mixup of smashed data across clients at the helper", choices=SCHEMES)
     pipeline: str = knob("1f1b", "schedule of scheme fast, all with a flush every step, so the result is exact: "
                                  "1f1b keeps fewest forward buffers; gpipe runs every forward first; eager runs "
                                  "every forward first on the stages before the last, which then fill their waits "
@@ -90,6 +96,11 @@ class JobConfig:
                              "--role)", metavar="PEER,...")
     resolve_drift: float = knob(0.25, "client/helper schemes: re-solve the schedule from measured times when a "
                                       "round's makespan is this fraction off its prediction", metavar="FRACTION")
+    aux_head: str = knob("linear", "locsplitfed, locfedmix: the clients' auxiliary head on their smashed data: linear "
+                                   "(one Linear to the classes) or mlp (Linear 128, ReLU, Linear)", choices=AUX_HEADS)
+    mixup_alpha: float = knob(1.0, "locfedmix: mixing weights drawn from Beta(ALPHA, ALPHA)", metavar="ALPHA")
+    mix_updates: int = knob(1, "locfedmix: extra helper updates per step, each on a batch of smashed data mixed "
+                               "across its clients", metavar="N")
     recv_timeout: float = knob(120.0, "seconds a stage waits for a neighbour before the job fails",
                                metavar="SECONDS")
     wire_dtype: str = knob("float32", "how activations and gradients travel (layer state moved by swaps is "
@@ -134,6 +145,10 @@ class JobConfig:
             (self.scheme not in PARALLEL_SCHEMES or self.microbatches == 1,
              "client/helper schemes run whole batches: microbatches must be 1"),
             (self.rounds >= 1 and self.local_steps >= 0, "rounds must be >= 1 and local_steps >= 0"),
+            (self.scheme not in LOCAL_LOSS_SCHEMES or len(self.cut) < 2, f"{self.scheme} has a single cut (--cut A): "
+             "the client learns from its own head, the helper from the labels sent with the smashed data"),
+            (self.aux_head in AUX_HEADS, f"unknown aux_head {self.aux_head!r} ({', '.join(AUX_HEADS)})"),
+            (self.mixup_alpha > 0 and self.mix_updates >= 0, "mixup_alpha must be > 0 and mix_updates >= 0"),
             (self.assign in ASSIGNS, f"unknown assign method {self.assign!r} ({', '.join(ASSIGNS)})"),
             (all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in (self.clients, self.helpers))
              and not set(self.clients) & set(self.helpers), "clients and helpers are disjoint lists of peer ids"),

@@ -120,13 +120,58 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return k_i, n_i
 
 
-def load(source: str | None, shard: str | None = None) -> Dataset:
-    """The train split (this peer's shard of it) and held-out split of a data source."""
+def parse_partition(text: str) -> tuple[str, float]:
+    """--partition: blocks (contiguous), iid, dirichlet:ALPHA or classes:K -> (kind, parameter)."""
+    kind, _, arg = text.partition(":")
+    try:
+        if kind in ("blocks", "iid") and not arg:
+            return kind, 0.0
+        if kind == "dirichlet" and float(arg) > 0 and np.isfinite(float(arg)):
+            return kind, float(arg)
+        if kind == "classes" and int(arg) >= 1:
+            return kind, int(arg)
+    except ValueError:
+        pass
+    raise DataError(f"--partition must be blocks, iid, dirichlet:ALPHA (ALPHA > 0) or classes:K (K >= 1), got {text!r}")
+
+
+def partition(y: np.ndarray, n: int, how: str = "blocks", seed: int = 0) -> list[np.ndarray]:
+    """The train split's indices for each of n peers, deterministic from the seed: blocks (contiguous
+    blocks); iid (a seeded permutation cut in n near-equal parts); dirichlet:ALPHA (each class's samples
+    split over the peers in proportions drawn from Dirichlet(ALPHA): small ALPHA, few classes per peer);
+    classes:K (peer k holds classes kK, kK+1, ..., kK+K-1 modulo the number of classes, each class split
+    evenly over the peers that hold it; with fewer than classes/K peers, the classes no peer holds are left
+    out)."""
+    kind, arg = parse_partition(how)
+    rng = np.random.default_rng(seed)
+    if kind == "blocks":
+        return np.array_split(np.arange(len(y)), n)
+    if kind == "iid":
+        return [np.sort(b) for b in np.array_split(rng.permutation(len(y)), n)]
+    classes = np.unique(y)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for i, c in enumerate(classes):
+        members = rng.permutation(np.flatnonzero(y == c))
+        if kind == "dirichlet":
+            share = rng.dirichlet(np.full(n, arg))
+            cuts = (np.cumsum(share)[:-1] * len(members)).astype(int)
+            for k, block in enumerate(np.split(members, cuts)):
+                parts[k].append(block)
+        else:
+            holders = [k for k in range(n) if (i - k * arg) % len(classes) < arg]
+            for k, block in zip(holders, np.array_split(members, len(holders)) if holders else []):
+                parts[k].append(block)
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+
+
+def load(source: str | None, shard: str | None = None, how: str = "blocks", seed: int = 0) -> Dataset:
+    """The train split (this peer's shard of it, partitioned `how`: see partition) and held-out split of a
+    data source."""
     if not source:
         return empty()
     ds = digits() if source == "digits" else npz(source)
     k, n = parse_shard(shard)
-    block = np.array_split(np.arange(len(ds)), n)[k]
+    block = partition(ds.y.numpy(), n, how, seed)[k]
     ds.x, ds.y = ds.x[block], ds.y[block]
     return ds
 

@@ -9,10 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+import hashlib
+
+import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from pipeline.admission import MessageKey, check
-from pipeline.config import JobConfig
+from pipeline.models import layer_seed
+from pipeline.config import LOCAL_LOSS_SCHEMES, JobConfig
 from pipeline.data import num_steps, pass_order
 from pipeline.scheduling import Instance, Schedule, balanced_greedy_fcfs, brute_force, milp, random_fcfs, solve
 from pipeline.scheduling.compare import small_enough
@@ -54,7 +60,7 @@ class Parts:
 
 
 def parts(cfg: JobConfig, n_layers: int) -> Parts:
-    cut = cfg.cut or ([1, n_layers - 1] if n_layers >= 3 else [1])
+    cut = cfg.cut or ([1, n_layers - 1] if n_layers >= 3 and cfg.scheme not in LOCAL_LOSS_SCHEMES else [1])
     a, b = (cut[0], cut[1]) if len(cut) == 2 else (cut[0], n_layers)
     if not 0 < a < n_layers or not a < b <= n_layers or (len(cut) == 2 and b == n_layers):
         raise ParallelError(f"cut {','.join(map(str, cut))} is outside the model: {cfg.model['name']} has "
@@ -120,16 +126,92 @@ class Task(NamedTuple):
     kind: str   # "F" (part-2 forward) or "B" (part-2 backward and update)
 
 
+ALL = "*"   # a helper task for all of its clients at once (blind's backward, locfedmix's mixed updates)
+
+
 def helper_queues(cfg: JobConfig, assignment: dict[str, str], orders: dict[str, list[list]],
                   steps: dict[str, int]) -> dict[str, list[Task]]:
     """Each helper's tasks of a round, in the order it runs them. splitfed: the schedule's order of one
     step's tasks (orders[helper]: [client, "F"|"B"]), repeated for each local step over the clients that have
-    that step. sl: clients in turn (their order in `assignment`), each step's F then B."""
+    that step. sl: clients in turn (their order in `assignment`), each step's F then B. blind: each step's
+    forwards in the schedule's order, then one backward for all ("B" of client ALL). locsplitfed: an update
+    ("U": forward, loss, backward, step) per client in the schedule's forward order; locfedmix: then
+    mix_updates updates on mixed smashed data ("M" of client ALL, numbered by their step field's order)."""
     if cfg.scheme == "sl":
         return {h: [Task(j, s, k) for j, hj in assignment.items() if hj == h for s in range(steps[j])
                     for k in "FB"] for h in set(assignment.values())}
-    return {h: [Task(j, s, k) for s in range(max([steps[j] for j, _ in order], default=0))
-                for j, k in order if s < steps[j]] for h, order in orders.items()}
+    out = {}
+    for h, order in orders.items():
+        queue = []
+        for s in range(max([steps[j] for j, _ in order], default=0)):
+            if cfg.scheme in ("splitfed-v1", "splitfed-v2"):
+                queue += [Task(j, s, k) for j, k in order if s < steps[j]]
+                continue
+            first = [j for j, k in order if k == "F" and s < steps[j]]
+            if cfg.scheme == "blind":
+                queue += [Task(j, s, "F") for j in first] + [Task(ALL, s, "B")]
+            else:
+                queue += [Task(j, s, "U") for j in first]
+                queue += [Task(ALL, s, "M")] * (cfg.mix_updates if cfg.scheme == "locfedmix" else 0)
+        out[h] = queue
+    return out
+
+
+def aux_head(cfg: JobConfig, features: int, classes: int) -> nn.Module:
+    """A client's auxiliary head on its smashed data (local-loss schemes), its weights from the job seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(layer_seed(cfg.seed, -1))
+        if cfg.aux_head == "mlp":
+            return nn.Sequential(nn.Flatten(), nn.Linear(features, 128), nn.ReLU(), nn.Linear(128, classes))
+        return nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+
+
+class Mix(NamedTuple):
+    """One mixed batch of a helper's step: row r mixes sample a[r] of client ca[r] with sample b[r] of
+    client cb[r] (indices into the step's clients, in the schedule's order), weight lam[r] on the first."""
+    ca: list[int]
+    a: list[int]
+    cb: list[int]
+    b: list[int]
+    lam: list[float]
+
+
+def mixes(cfg: JobConfig, rnd: int, step: int, helper: str, rows: list[int]) -> list[Mix]:
+    """locfedmix: the mix_updates mixed batches of a helper's step, whose clients sent rows[k] samples each.
+    Each has min(batch_size, all rows) rows: a first sample uniform over the step's samples, a second uniform
+    over the other clients' (the same client's when it is alone), weight Beta(alpha, alpha). Drawn with numpy
+    from (job seed, round, step, helper): deterministic on every peer and in the reference."""
+    digest = hashlib.sha256(f"splitring-mix:{cfg.seed}:{rnd}:{step}:{helper}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    pool = [(k, i) for k, n in enumerate(rows) for i in range(n)]
+    size = min(cfg.batch_size, len(pool))
+    out = []
+    for _ in range(cfg.mix_updates):
+        first = [pool[i] for i in rng.integers(0, len(pool), size)]
+        second = []
+        for k, _ in first:
+            others = [p for p in pool if p[0] != k] if len(rows) > 1 else pool
+            second.append(others[int(rng.integers(0, len(others)))])
+        lam = rng.beta(cfg.mixup_alpha, cfg.mixup_alpha, size)
+        out.append(Mix([k for k, _ in first], [i for _, i in first], [k for k, _ in second], [i for _, i in second],
+                       [float(v) for v in lam]))
+    return out
+
+
+def mixed_loss(mix: Mix, xs: list[torch.Tensor], ys: list[torch.Tensor]):
+    """(mixed inputs, loss_fn) of a Mix over the clients' smashed data xs and labels ys: mixup's loss,
+    lam * CE(out, y_a) + (1 - lam) * CE(out, y_b), averaged over the rows."""
+    lam = torch.tensor(mix.lam, dtype=torch.float32)
+    xa = torch.stack([xs[k][i] for k, i in zip(mix.ca, mix.a)])
+    xb = torch.stack([xs[k][i] for k, i in zip(mix.cb, mix.b)])
+    ya = torch.stack([ys[k][i] for k, i in zip(mix.ca, mix.a)])
+    yb = torch.stack([ys[k][i] for k, i in zip(mix.cb, mix.b)])
+    x = lam.view(-1, *[1] * (xa.dim() - 1)) * xa + (1 - lam).view(-1, *[1] * (xa.dim() - 1)) * xb
+
+    def loss(out):
+        return (lam * F.cross_entropy(out, ya, reduction="none")
+                + (1 - lam) * F.cross_entropy(out, yb, reduction="none")).mean()
+    return x, loss
 
 
 # --- scheduling from measured costs ---------------------------------------------------------------------
@@ -291,6 +373,7 @@ class RoundFacts:
     train_sizes: dict[str, list[int]]     # client -> rows of each batch this round
     eval_sizes: dict[str, list[int]]      # client -> rows of each evaluation batch
     shapes: list[tuple]                   # shapes[i]: one sample's input of layer i (the last: the output)
+    blind: bool = False                   # scheme blind: gradients to clients carry their weight
 
 
 def box(kind: str, cut: int, client: str) -> str:
@@ -330,6 +413,10 @@ def admit(f: RoundFacts, sender: str, msg: dict) -> tuple[MessageKey, dict]:
             if not all(k in msg for k in ("loss", "correct")):
                 raise ProtocolError("malformed", "a single-cut gradient carries the batch's loss and correct count")
             payload.update(loss=msg["loss"], correct=msg["correct"])
+        if cut == 1 and f.blind:   # the client's share of the helper's averaged loss
+            if not 0 < msg.get("weight", 0) <= 1:
+                raise ProtocolError("malformed", "a blind gradient carries its client's weight, in (0, 1]")
+            payload["weight"] = msg["weight"]
     return MessageKey(f.round, mode, msg["step"], box(kind, cut, j), 0), payload
 
 

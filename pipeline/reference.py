@@ -2,13 +2,15 @@
 reference every exact scheme is tested against."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
-from pipeline.models import build_model
+from pipeline.models import build_model, footprint
 
 
 def passes(cfg: JobConfig, heads: list[Dataset]) -> list[tuple[Dataset, list[torch.Tensor]]]:
@@ -85,19 +87,24 @@ def train_parallel(cfg: JobConfig, clients: dict[str, Dataset], schedules: list[
                    cut: tuple[int, int]) -> torch.nn.Sequential:
     """Client/helper schemes in plain PyTorch (docs/parallel-sl.md). clients: each client's data, in ring
     order; schedules[r]: round r's (assignment {client: helper}, orders {helper: [[client, "F"|"B"], ...]})
-    (splitfed-v2's result depends on each helper's order; sl runs clients in turn on one helper); cut: (a, b),
-    b = L for a single cut. Averaged parts start each round with a fresh optimizer; sl's parts keep theirs."""
+    (the order matters where a helper's model changes between clients: splitfed-v2, locsplitfed, locfedmix;
+    sl runs clients in turn on one helper); cut: (a, b), b = L for a single cut. Averaged parts start each
+    round with a fresh optimizer; sl's parts keep theirs."""
     from copy import deepcopy
 
-    from pipeline.parallel import helper_queues, round_batches
+    from pipeline.parallel import ALL, aux_head, helper_queues, mixed_loss, mixes, round_batches
 
     model = build_model(cfg.model, cfg.seed)
     a, b = cut
     p1, p2, p3 = model[:a], model[a:b], model[b:]
     u_shaped = len(p3) > 0
+    local = cfg.scheme in ("locsplitfed", "locfedmix")
+    if local:   # the clients' auxiliary head, averaged like their part 1
+        sizes = footprint(cfg.model)
+        p3 = torch.nn.Sequential(aux_head(cfg, math.prod(sizes[a - 1][0]), sizes[-1][0][0]))
     with_opt = lambda m: (m, _optimizer(cfg, m))
     if cfg.scheme == "sl":
-        c1 = c3 = with_opt(torch.nn.Sequential(*p1, *p3))   # one client part, relayed with its optimizer state
+        c1 = with_opt(torch.nn.Sequential(*p1, *p3))   # one client part, relayed with its optimizer state
         shared = with_opt(p2)
     for rnd, (assignment, orders) in enumerate(schedules):
         batches = {j: round_batches(len(ds), cfg, rnd) for j, ds in clients.items()}
@@ -108,35 +115,67 @@ def train_parallel(cfg: JobConfig, clients: dict[str, Dataset], schedules: list[
         else:
             mine_ = {j: with_opt(torch.nn.Sequential(*deepcopy(p1), *deepcopy(p3))) for j in clients}
             mine = mine_.__getitem__
-            copies = {(j if cfg.scheme == "splitfed-v1" else h): with_opt(deepcopy(p2))
-                      for j, h in assignment.items() for h in [h]}
-            helper_model = lambda j, h: copies[j if cfg.scheme == "splitfed-v1" else h]
-        pending = {}
+            per_client = cfg.scheme == "splitfed-v1"
+            copies = {(j if per_client else h): with_opt(deepcopy(p2)) for j, h in assignment.items()}
+            helper_model = lambda j, h: copies[j if per_client else h]
+        pending, pool = {}, {}
         for h, queue in sorted(helper_queues(cfg, assignment, orders, steps).items()):
             for j, s, kind in queue:
-                (cm, copt), (hm, hopt) = mine(j), helper_model(j, h)
-                first, last = cm[:a], cm[a:]
+                hm, hopt = helper_model(j, h)
+                if kind == "U":   # a local-loss client's step, then its helper's update on its smashed data
+                    cm, copt = mine(j)
+                    x, y = clients[j].x[batches[j][s]], clients[j].y[batches[j][s]]
+                    act = cm[:a](x)
+                    F.cross_entropy(cm[a:](act), y).backward()
+                    copt.step()
+                    copt.zero_grad()
+                    pool.setdefault((h, s), []).append((act.detach(), y))
+                    F.cross_entropy(hm(act.detach()), y).backward()
+                    hopt.step()
+                    hopt.zero_grad()
+                    continue
+                if kind == "M":   # locfedmix: an update on smashed data mixed across the step's clients
+                    got = pool[h, s]
+                    done = pool.setdefault((h, s, "mixed"), [])
+                    mix = mixes(cfg, rnd, s, h, [len(y) for _, y in got])[len(done)]
+                    done.append(mix)
+                    x, loss_fn = mixed_loss(mix, [x for x, _ in got], [y for _, y in got])
+                    loss_fn(hm(x)).backward()
+                    hopt.step()
+                    hopt.zero_grad()
+                    continue
                 if kind == "F":
+                    cm, _ = mine(j)
                     ds, idx = clients[j], batches[j][s]
-                    act = first(ds.x[idx])
+                    act = cm[:a](ds.x[idx])
                     act_in = act.detach().requires_grad_(True)
                     weights = {k: v.detach().clone().requires_grad_(True) for k, v in hm.named_parameters()}
                     pending[j] = (act, act_in, weights, functional_call(hm, weights, (act_in,)), ds.y[idx])
                     continue
-                act, act_in, weights, out, y = pending.pop(j)
-                if u_shaped:
-                    out_in = out.detach().requires_grad_(True)
-                    F.cross_entropy(last(out_in), y).backward()
-                    out.backward(out_in.grad)
-                else:
-                    F.cross_entropy(out, y).backward()
-                for (name, param), w in zip(hm.named_parameters(), weights.values()):
-                    param.grad = w.grad
+                group = [(c, pending.pop(c)) for c in list(pending) if assignment[c] == h] if j == ALL else \
+                    [(j, pending.pop(j))]
+                total = sum(len(p[4]) for _, p in group)
+                share = {c: len(p[4]) / total if j == ALL else 1.0 for c, p in group}   # blind: by samples
+                outs, grads = [], []
+                for c, (act, act_in, weights, out, y) in group:
+                    if u_shaped:
+                        out_in = out.detach().requires_grad_(True)
+                        F.cross_entropy(mine(c)[0][a:](out_in), y).backward()
+                        outs.append(out)
+                        grads.append(share[c] * out_in.grad)
+                    else:
+                        outs.append(F.cross_entropy(out, y))
+                        grads.append(torch.tensor(share[c]))
+                torch.autograd.backward(outs, grads)   # blind: once, from the weighted losses of all
+                for name, param in hm.named_parameters():
+                    param.grad = sum(weights[name].grad for _, (_, _, weights, _, _) in group)
                 hopt.step()
                 hopt.zero_grad()
-                act.backward(act_in.grad)
-                copt.step()
-                copt.zero_grad()
+                for c, (act, act_in, *_rest) in group:   # each client steps on its own loss's gradient
+                    cm, copt = mine(c)
+                    act.backward(act_in.grad * (1 / share[c]) if j == ALL else act_in.grad)
+                    copt.step()
+                    copt.zero_grad()
         if cfg.scheme != "sl":
             n = {j: sum(len(i) for i in batches[j]) for j in clients}
             average(p1, [(mine(j)[0][:a], n[j]) for j in clients])

@@ -55,7 +55,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                                               # of sinks, or with round_trips: pings)
 }
 OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor},
-                                       "act": {"y": Tensor}, "grad": {"loss": Float, "correct": Int},
+                                       "act": {"y": Tensor}, "grad": {"loss": Float, "correct": Int, "weight": Float},
                                        "fwd": {"stage": Int}, "bwd": {"stage": Int},
                                        "job_commit": {"backward_at": List},
                                        "data_probe": {"round_trips": Bool, "copies": Bool}}

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import StatusWatch
 from peer.limits import JOB_LIMITS, check_job
 from peer.localring import get_json
-from pipeline.config import ASSIGNS, PARALLEL_SCHEMES, SCHEMES, TYPES, JobConfig
+from pipeline.config import ASSIGNS, AUX_HEADS, LOCAL_LOSS_SCHEMES, PARALLEL_SCHEMES, SCHEMES, TYPES, JobConfig
 from pipeline.models import CUSTOM_NAME, footprint, input_shape, layer_factories
 from pipeline.schedule import PIPELINES
 from protocols.compression import COMPRESSIONS, WIRE_DTYPES
@@ -165,6 +165,9 @@ FIELDS: dict[str, dict] = {
     "clients": peer_names("c"),
     "helpers": peer_names("h"),
     "resolve_drift": floats(st.sampled_from([0.25, 0.5]), [5e-324, 1e308], [0.0, -1e-9, INF, -1]),
+    "aux_head": names(list(AUX_HEADS)),
+    "mixup_alpha": floats(st.sampled_from([0.2, 1.0]), [5e-324, 1e6], [0.0, -1.0, up(1e6, INF), INF]),
+    "mix_updates": ints(st.integers(0, 2), 0, L.max_mix_updates),
     "model": None,   # below
 }
 
@@ -284,6 +287,8 @@ def valid_configs(draw) -> dict:
         cfg.pop("microbatches", None)   # whole batches
         if draw(st.booleans()):
             cfg["cut"] = value("cut")
+            if cfg["scheme"] in LOCAL_LOSS_SCHEMES:   # a single cut
+                cfg["cut"] = cfg["cut"][:1]
     elif draw(st.booleans()):
         cfg["backward_at"] = []
     return cfg

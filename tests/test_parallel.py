@@ -7,14 +7,15 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import reference
+from pipeline import data, reference
 from pipeline.admission import MessageKey
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.data import Dataset, batch_sizes, pass_order
 from pipeline.parallel import (Costs, ParallelError, Parts, RoundFacts, Task, admit, box, build_instance, drifted,
                                fedavg, helper_orders, helper_queues, measured_instance, parts, predict_round,
@@ -606,3 +607,104 @@ def test_splitfed_v2_follows_the_helpers_order():
     b = reference.train_parallel(cfg, C_SETS, [SHARED_IN_TURN], (1, 3))
     assert max_diff(a, b) > 1e-4
     assert max_diff(a, reference.train_parallel(cfg, C_SETS, [SHARED_INTERLEAVED], (1, 3))) == 0.0   # deterministic
+
+
+# --- Blind Learning, local losses, mixup, partitions ---------------------------------------------------
+def test_blind_with_one_step_a_round_is_centralized_training_on_the_union_of_the_batches():
+    import torch.nn.functional as F_
+    from pipeline.models import build_model
+
+    d = data.digits()
+    sets = {"c0": data.Dataset("c0", d.x[:100], d.y[:100]), "c1": data.Dataset("c1", d.x[100:160], d.y[100:160])}
+    for cut in ([1, 3], [2]):
+        cfg = JobConfig(model={"name": "mlp", "depth": 3}, scheme="blind", cut=cut, rounds=3, local_steps=1,
+                        batch_size=16, lr=0.1)
+        order = {"h0": [["c0", "F"], ["c1", "F"], ["c0", "B"], ["c1", "B"]]}
+        got = reference.train_parallel(cfg, sets, [({"c0": "h0", "c1": "h0"}, order)] * 3,
+                                       (cut[0], cut[1] if len(cut) == 2 else 4)).state_dict()
+        model = build_model(cfg.model, cfg.seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for r in range(3):
+            idx = {j: round_batches(len(ds), cfg, r)[0] for j, ds in sets.items()}
+            x = torch.cat([ds.x[idx[j]] for j, ds in sets.items()])
+            y = torch.cat([ds.y[idx[j]] for j, ds in sets.items()])
+            opt.zero_grad()
+            F_.cross_entropy(model(x), y).backward()
+            opt.step()
+        want = model.state_dict()
+        assert max((got[k] - want[k]).abs().max().item() for k in got) < 1e-6
+
+
+def test_blind_and_splitfed_v2_agree_with_one_client_per_helper_and_differ_when_shared():
+    d = data.digits()
+    sets = {"c0": data.Dataset("c0", d.x[:100], d.y[:100]), "c1": data.Dataset("c1", d.x[100:160], d.y[100:160])}
+    run = lambda scheme, a, o: reference.train_parallel(
+        JobConfig(model={"name": "mlp", "depth": 3}, scheme=scheme, cut=[2], rounds=2, local_steps=2, batch_size=16),
+        sets, [(a, o)] * 2, (2, 4)).state_dict()
+    diff = lambda x, y: max((x[k] - y[k]).abs().max().item() for k in x)
+    apart = ({"c0": "h0", "c1": "h1"}, {"h0": [["c0", "F"], ["c0", "B"]], "h1": [["c1", "F"], ["c1", "B"]]})
+    shared = ({"c0": "h0", "c1": "h0"}, {"h0": [["c0", "F"], ["c1", "F"], ["c0", "B"], ["c1", "B"]]})
+    assert diff(run("blind", *apart), run("splitfed-v2", *apart)) == 0.0
+    assert diff(run("blind", *shared), run("splitfed-v2", *shared)) > 1e-4
+
+
+def test_helper_queues_of_blind_and_the_local_loss_schemes():
+    from pipeline.parallel import ALL, Task
+
+    order = {"h0": [["b", "F"], ["a", "F"], ["a", "B"], ["b", "B"]]}
+    steps = {"a": 2, "b": 1}
+    blind = helper_queues(JobConfig(scheme="blind"), {"a": "h0", "b": "h0"}, order, steps)["h0"]
+    assert blind == [Task("b", 0, "F"), Task("a", 0, "F"), Task(ALL, 0, "B"), Task("a", 1, "F"), Task(ALL, 1, "B")]
+    mix = helper_queues(JobConfig(scheme="locfedmix", mix_updates=2), {"a": "h0", "b": "h0"}, order, steps)["h0"]
+    assert mix == [Task("b", 0, "U"), Task("a", 0, "U"), Task(ALL, 0, "M"), Task(ALL, 0, "M"), Task("a", 1, "U"),
+                   Task(ALL, 1, "M"), Task(ALL, 1, "M")]
+    loc = helper_queues(JobConfig(scheme="locsplitfed", mix_updates=2), {"a": "h0", "b": "h0"}, order, steps)["h0"]
+    assert [t.kind for t in loc] == ["U", "U", "U"]
+
+
+def test_mixes_are_seeded_across_clients_and_weighted_by_beta():
+    from pipeline.parallel import mixes
+
+    cfg = JobConfig(scheme="locfedmix", mix_updates=3, mixup_alpha=0.5, batch_size=16, seed=4)
+    a, b = mixes(cfg, 2, 1, "h0", [10, 7, 5]), mixes(cfg, 2, 1, "h0", [10, 7, 5])
+    assert a == b and len(a) == 3 and all(len(m.lam) == 16 for m in a)
+    assert a != mixes(cfg, 2, 2, "h0", [10, 7, 5]) and a != mixes(cfg, 2, 1, "h1", [10, 7, 5])
+    for m in a:
+        assert all(x != y for x, y in zip(m.ca, m.cb))              # across clients
+        assert all(0 <= i < [10, 7, 5][k] for k, i in zip(m.ca + m.cb, m.a + m.b))
+        assert all(0 < v < 1 for v in m.lam)
+    alone = mixes(cfg, 0, 0, "h0", [5])[0]
+    assert set(alone.ca) == set(alone.cb) == {0} and len(alone.lam) == 5   # one client: mixed within, all rows
+
+
+def test_local_loss_schemes_have_a_single_cut():
+    with pytest.raises(ConfigError, match="single cut"):
+        JobConfig(scheme="locfedmix", cut=[1, 3])
+    assert parts(JobConfig(scheme="locsplitfed"), 4) == Parts(4, 1, 4)
+
+
+@pytest.mark.parametrize("how", ["blocks", "iid", "dirichlet:0.3", "classes:2", "classes:3"])
+def test_partitions_are_disjoint_seeded_and_as_named(how):
+    from pipeline.data import partition
+
+    y = data.digits().y.numpy()
+    parts_ = partition(y, 5, how, seed=1)
+    every = np.concatenate(parts_)
+    assert len(set(every.tolist())) == len(every) and len(every) == len(y)
+    assert all((a == b).all() for a, b in zip(parts_, partition(y, 5, how, seed=1)))
+    labels = [set(y[p].tolist()) for p in parts_]
+    if how.startswith("classes"):
+        k = int(how.split(":")[1])
+        assert all(len(c) == k for c in labels) and not set.intersection(*labels[:2])
+    if how == "dirichlet:0.3":
+        assert min(len(c) for c in labels) < 10 and len({len(p) for p in parts_}) > 1
+    if how == "iid":
+        assert not all((a == b).all() for a, b in zip(parts_, partition(y, 5, how, seed=2)))
+
+
+def test_partition_refuses_what_it_cannot_read():
+    from pipeline.data import DataError, parse_partition
+
+    for bad in ("dirichlet", "dirichlet:0", "dirichlet:-1", "classes:0", "classes:x", "random", "iid:3"):
+        with pytest.raises(DataError, match="--partition"):
+            parse_partition(bad)

@@ -38,16 +38,21 @@ def train(ring, tmp_path, *args):
     return summary, load_out(out)
 
 
-CASES = [("sl", "1,3", []), ("sl", "2", []),
-         ("splitfed-v1", "1,3", []), ("splitfed-v1", "2", []), ("splitfed-v1", "1,3", ["--clients", "c0,c1,c2", "--helpers", "h1"]),
-         ("splitfed-v2", "1,3", []), ("splitfed-v2", "2", []), ("splitfed-v2", "2", ["--clients", "c0,c1,c2",
-                                                                                    "--helpers", "h0"])]
+ONE_HELPER = ["--clients", "c0,c1,c2", "--helpers", "h0"]
+MIX = {"mix_updates": 2, "mixup_alpha": 0.4}
+CASES = [("sl", "1,3", [], {}), ("sl", "2", [], {}),
+         ("splitfed-v1", "1,3", [], {}), ("splitfed-v1", "2", [], {}), ("splitfed-v1", "1,3", ONE_HELPER, {}),
+         ("splitfed-v2", "1,3", [], {}), ("splitfed-v2", "2", [], {}), ("splitfed-v2", "2", ONE_HELPER, {}),
+         ("blind", "1,3", [], {}), ("blind", "2", ONE_HELPER, {}), ("blind", "1,3", ONE_HELPER, {}),
+         ("locsplitfed", "1", [], {}), ("locsplitfed", "2", ONE_HELPER, {"aux_head": "mlp"}),
+         ("locfedmix", "1", [], MIX), ("locfedmix", "2", ONE_HELPER, MIX)]
 
 
-@pytest.mark.parametrize("scheme,cut,extra", CASES)
-def test_each_scheme_equals_its_reference(ring, tmp_path, scheme, cut, extra):
+@pytest.mark.parametrize("scheme,cut,extra,options", CASES)
+def test_each_scheme_equals_its_reference(ring, tmp_path, scheme, cut, extra, options):
+    flags = [x for k, v in options.items() for x in ("--" + k.replace("_", "-"), str(v))]
     args = ["--scheme", scheme, "--cut", cut, "--model-options", "depth=3", "--rounds", "2", "--local-steps", "3",
-            "--batch-size", "16", "--optimizer", "adam", "--lr", "0.002", "--seed", "3", *extra]
+            "--batch-size", "16", "--optimizer", "adam", "--lr", "0.002", "--seed", "3", *extra, *flags]
     summary, got = train(ring, tmp_path, *args)
     helpers = {h for r in summary["history"] for h in r["assignment"].values()}
     assert summary["clients"] == ["c0", "c1", "c2"]
@@ -55,7 +60,7 @@ def test_each_scheme_equals_its_reference(ring, tmp_path, scheme, cut, extra):
     assert summary["labels"].startswith("stay" if "," in cut else "travel")
     cuts = [int(v) for v in cut.split(",")]
     cfg = JobConfig(model={"name": "mlp", "depth": 3}, scheme=scheme, cut=cuts, rounds=2, local_steps=3, batch_size=16,
-                    optimizer="adam", lr=0.002, seed=3)
+                    optimizer="adam", lr=0.002, seed=3, **options)
     want = reference.train_parallel(cfg, client_sets(), [(r["assignment"], r["orders"]) for r in summary["history"]],
                                     (cuts[0], cuts[1] if len(cuts) == 2 else 4))
     assert max_diff(got, want.state_dict()) <= 1e-5

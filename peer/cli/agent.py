@@ -21,7 +21,12 @@ class AgentConfig(RingOptions):
     """Every option of `splitring agent`, with its default and help."""
     data: str | None = knob(None, "digits (scikit-learn's bundled digits) or FILE.npz (x float32, y int64, optional "
                                   "x_test/y_test); omit to give compute only", metavar="digits|FILE.npz")
-    shard: str | None = knob(None, "k/n: keep the k-th of n disjoint blocks of the train split", metavar="k/n")
+    shard: str | None = knob(None, "k/n: keep the k-th of n disjoint parts of the train split", metavar="k/n")
+    partition: str = knob("blocks", "how --shard cuts the train split: blocks (contiguous), iid (a seeded random "
+                                    "split), dirichlet:ALPHA (each class spread over the shards in Dirichlet(ALPHA) "
+                                    "proportions: non-IID, more so for small ALPHA) or classes:K (shard k holds K "
+                                    "classes)", metavar="blocks|iid|dirichlet:ALPHA|classes:K")
+    partition_seed: int = knob(0, "the seed of --partition (every agent of a ring must use the same)")
     role: str | None = knob(None, "client: owns data, holds the first (and, U-shaped, last) layers of client/helper "
                                   "schemes; helper: runs the middle layers for clients (default: client if it has "
                                   "--data, else helper). N-split ignores it", choices=("client", "helper"))
@@ -101,7 +106,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        data = load(cfg.data, cfg.shard)
+        data = load(cfg.data, cfg.shard, cfg.partition, cfg.partition_seed)
         state = StateDir(cfg.state_dir)
     except (DataError, StateDirInUse) as e:
         print(f"splitring agent: {e}", file=sys.stderr)
