@@ -20,6 +20,10 @@ class JobError(SplitringError, RuntimeError):
     """A job cannot go on; the message says why (it reaches the CLI)."""
 
 
+class Unanswered(JobError):
+    """A peer did not answer a call in time, or its connection broke: it may be hung, stopped or gone."""
+
+
 class PeerClient:
     """Control-plane calls to peers ({"peer": id, "url": url} dicts) over the agent's signed session."""
 
@@ -48,7 +52,7 @@ class PeerClient:
         except (aiohttp.ContentTypeError, ValueError):
             raise JobError(f"peer {peer['peer']} answered {path} with HTTP {r.status} and no explanation") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise JobError(f"peer {peer['peer']} at {peer['url']} did not answer {path}: {e!r}") from None
+            raise Unanswered(f"peer {peer['peer']} at {peer['url']} did not answer {path}: {e!r}") from None
         if r.status != 200:
             raise JobError(f"peer {peer['peer']} refused {path}: {reply.get('message', reply)}")
         try:

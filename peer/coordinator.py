@@ -22,7 +22,7 @@ from pipeline.jobplan import Facts, JobPlan, reporting_programs
 from pipeline.planner import Device, LayerCost, too_big
 from pipeline.profiling import microbatch_rows, optimizer_state_ratio
 from peer.limits import JOB_LIMITS
-from peer.client import JobError, PeerClient
+from peer.client import JobError, PeerClient, Unanswered
 
 log = logging.getLogger("splitring.coordinator")
 EVENTS_KEPT = 256   # a job's last events, for /jobs/ID and /status (listeners get every one as it happens)
@@ -130,6 +130,8 @@ class Coordinator:
         except asyncio.CancelledError:
             await self._fail("job cancelled")
             raise
+        except Unanswered as e:   # a call that timed out: name whichever peer stopped answering
+            await self._fail(str(await self.root_cause([e], self.ring)))
         except (JobError, ValueError) as e:
             await self._fail(str(e))
         except Exception as e:  # a bug: still tell the CLI, and stop the peers

@@ -78,6 +78,7 @@ class ParallelCoordinator(Coordinator):
                     "orders": {helpers[h]: [[clients[j], KIND[k]] for j, k in order] for h, order in enumerate(orders)}}
             if rnd == 0 or resolved:
                 self.emit({"event": "schedule", "round": rnd, **plan, "predicted_s": predicted, "resolved": resolved})
+            t_round = time.perf_counter()
             await self.call_all(peers, "round_plan", job=self.job, round=rnd, **plan, samples=samples,
                                 test_samples=tests)
             tr = time.perf_counter()
@@ -87,6 +88,7 @@ class ParallelCoordinator(Coordinator):
             makespan = max(ends.values())
             train_seconds += time.perf_counter() - tr
             moved += await self._average(rnd, clients, helpers, by_id)
+            round_s = time.perf_counter() - t_round   # the round with its averaging (evaluation left out)
             if any(tests.values()):
                 accuracy = await self._evaluate_round(rnd, clients, helpers, by_id)
             n = sum(w for _, w in losses)
@@ -98,7 +100,9 @@ class ParallelCoordinator(Coordinator):
             ran = {h: [[t["client"], t["kind"]] for t in reports[h]["tasks"] if t["step"] == 0] for h in helpers
                    if h in reports}
             record = {"round": rnd, "loss": loss, "accuracy": accuracy, "makespan_s": makespan, "predicted_s": predicted,
-                      "helper_busy": busy, "bytes": data_bytes + moved, "resolved": resolved}
+                      "round_s": round_s, "helper_busy": busy, "bytes": data_bytes + moved, "resolved": resolved,
+                      "helper_compute_s": {h: sum(t["end"] - t["start"] for t in reports[h]["tasks"])
+                                           for h in helpers if h in reports}}
             self.emit({"event": "round", **record, **plan, "ran": ran})
             # the summary keeps every round's figures, and the schedules of the first rounds (and re-solved ones)
             history.append({**record, **plan, "ran": ran} if rnd < JOB_LIMITS.summary_plans or resolved else record)

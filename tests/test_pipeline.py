@@ -169,7 +169,7 @@ def test_config_validation():
         JobConfig(optimizer="lbfgs")
     with pytest.raises(ConfigError, match="unknown job config"):
         JobConfig.from_dict({"epochs": 1, "warp": 9})
-    with pytest.raises(ConfigError, match="unknown scheme 'async' \\(nsplit, fast, fast-async\\)"):
+    with pytest.raises(ConfigError, match="unknown scheme 'async' \\(nsplit, fast, fast-async, sl, splitfed-v1"):
         JobConfig(scheme="async")
     with pytest.raises(ConfigError, match="max_staleness must be >= 0"):
         JobConfig(scheme="fast-async", max_staleness=-1)
