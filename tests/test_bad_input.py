@@ -178,6 +178,14 @@ def test_agent_refuses_a_missing_or_malformed_data_file(tmp_path, content, expec
         assert path.read_bytes() == content  # untouched
 
 
+@pytest.mark.parametrize("partition", ["dirichlet", "dirichlet:0", "classes:0", "random", "iid:2"])
+def test_agent_refuses_a_partition_it_cannot_read(tmp_path, partition):
+    proc = subprocess.run([sys.executable, "-m", "peer", "agent", "--data", "digits", "--shard", "0/4", "--partition",
+                           partition, "--state-dir", str(tmp_path / "state"), "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--partition must be" in proc.stderr
+
+
 @pytest.mark.parametrize("cpus, expected", [("99999", "CPU 99999 is not available"), ("1-0", "expected a list"),
                                             ("a", "expected a list"), ("", "expected a list")])
 def test_agent_refuses_cpus_it_cannot_have(tmp_path, cpus, expected):
