@@ -296,8 +296,14 @@ class ParallelRuntime:
             elif kind == "B" and j == ALL and self.parts.u_shaped:   # blind: every client's gradient first
                 grads = {c: await self.recv("train", s, "grad", 2, c, c) for c in forwarded[s]}
             t0 = time.perf_counter()
+            ended = [t0]   # when this task's computation ended (its sends are not its compute time)
+
+            async def compute(fn, *args):
+                out = await self._compute(fn, *args)
+                ended[0] = time.perf_counter()
+                return out
             if kind == "F":
-                out = await self._compute(self._helper_forward, stage, task, msg)
+                out = await compute(self._helper_forward, stage, task, msg)
                 forwarded.setdefault(s, []).append(j)
                 if self.parts.u_shaped:
                     await self.send(j, "act", step=s, client=j, cut=2, mode="train", x=out)
@@ -306,29 +312,29 @@ class ParallelRuntime:
             elif kind == "U":
                 pool.setdefault(s, []).append((j, msg))
                 self.trained[j] = self.trained.get(j, 0) + len(msg["y"])
-                await self._compute(stage.update, msg["x"], lambda out, y=msg["y"]: F.cross_entropy(out, y))
+                await compute(stage.update, msg["x"], lambda out, y=msg["y"]: F.cross_entropy(out, y))
             elif kind == "M":
                 got = pool[s]
                 done = sum(1 for t in tasks if t["step"] == s and t["kind"] == "M")
                 mix = mixes(cfg, f.round, s, self.me, [len(m["y"]) for _, m in got])[done]
                 x, loss_fn = mixed_loss(mix, [m["x"] for _, m in got], [m["y"] for _, m in got])
-                await self._compute(stage.update, x, loss_fn)
+                await compute(stage.update, x, loss_fn)
             elif j == ALL:   # blind: one backward from the clients' losses weighted by their samples
                 clients = forwarded.pop(s)
                 rows = {c: f.train_sizes[c][s] for c in clients}
                 share = {c: rows[c] / sum(rows.values()) for c in clients}
                 outer = [share[c] * grads[c]["grad"] for c in clients] if self.parts.u_shaped else \
                     [share[c] for c in clients]
-                back = await self._compute(self._blind_backward, stage, [(c, s) for c in clients], outer)
+                back = await compute(self._blind_backward, stage, [(c, s) for c in clients], outer)
                 for c, g in zip(clients, back):
                     self.trained[c] = self.trained.get(c, 0) + rows[c]
                     await self.send(c, "grad", step=s, client=c, cut=1, mode="train", grad=g, weight=share[c],
                                     **self._loss_of(c, s))
             else:
-                g = await self._compute(self._helper_backward, stage, task, msg["grad"] if msg else None)
+                g = await compute(self._helper_backward, stage, task, msg["grad"] if msg else None)
                 self.trained[j] = self.trained.get(j, 0) + len(g)
                 await self.send(j, "grad", step=s, client=j, cut=1, mode="train", grad=g, **self._loss_of(j, s))
-            t1 = time.perf_counter()
+            t1 = ended[0]
             self.check_memory()
             tasks.append({"client": j, "step": s, "kind": kind, "waited": t_wait - t_round,
                           "arrived": (msg["at"] if msg else t0) - t_round, "start": t0 - t_round, "end": t1 - t_round})
