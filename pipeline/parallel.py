@@ -184,14 +184,12 @@ def mixes(cfg: JobConfig, rnd: int, step: int, helper: str, rows: list[int]) -> 
     digest = hashlib.sha256(f"splitring-mix:{cfg.seed}:{rnd}:{step}:{helper}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     pool = [(k, i) for k, n in enumerate(rows) for i in range(n)]
+    others = {k: [p for p in pool if p[0] != k] if len(rows) > 1 else pool for k in range(len(rows))}
     size = min(cfg.batch_size, len(pool))
     out = []
     for _ in range(cfg.mix_updates):
         first = [pool[i] for i in rng.integers(0, len(pool), size)]
-        second = []
-        for k, _ in first:
-            others = [p for p in pool if p[0] != k] if len(rows) > 1 else pool
-            second.append(others[int(rng.integers(0, len(others)))])
+        second = [others[k][int(rng.integers(0, len(others[k])))] for k, _ in first]
         lam = rng.beta(cfg.mixup_alpha, cfg.mixup_alpha, size)
         out.append(Mix([k for k, _ in first], [i for _, i in first], [k for k, _ in second], [i for _, i in second],
                        [float(v) for v in lam]))
