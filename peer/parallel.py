@@ -45,6 +45,7 @@ class ParallelRuntime:
         self.peak_memory = 0
         self.pending_loss: dict[tuple, tuple] = {}   # single-cut helper: (client, step) -> its loss, correct
         self.orders: list = []
+        self.patience = 1   # a client's waits last up to this many recv_timeouts (see recv)
         self.progress = {"round": -1, "step": 0}
         self.task: asyncio.Task | None = None
 
@@ -135,6 +136,11 @@ class ParallelRuntime:
                                 {j: batch_sizes(n, EVAL_BATCH) for j, n in test_samples.items()}, self.shapes,
                                 cfg.scheme == "blind")
         self.orders = orders.get(self.me, [])
+        if role == "client":   # the tasks of this client's helper this round: how long its replies may take
+            helper = assignment[self.me]
+            queues = helper_queues(cfg, assignment, {helper: orders.get(helper, [])},
+                                   {j: len(v) for j, v in self.facts.train_sizes.items()})
+            self.patience = max(1, len(queues.get(helper, [])))
         self.trained = {}   # (averaged parts come back without optimizer state: fresh each round)
         if role == "helper" and cfg.scheme == "splitfed-v1":
             state = {i: {"params": e["params"], "optim": {}} for i, e in self.stages[0].export().items()}
@@ -169,11 +175,14 @@ class ParallelRuntime:
         self.mailbox.deliver(key, payload)
 
     async def recv(self, mode: str, step: int, kind: str, cut: int, client: str, sender: str) -> dict:
+        """A message from `sender`. A client waits on its helper, which may run every task of its queue first:
+        recv_timeout per task of that queue (patience); a helper waits on one client: recv_timeout."""
         key = MessageKey(self.rotation, mode, step, box(kind, cut, client), 0)
+        timeout = self.cfg.recv_timeout * (self.patience if self.role == "client" else 1)
         try:
-            return await self.mailbox.get(key, self.cfg.recv_timeout)
+            return await self.mailbox.get(key, timeout)
         except TimeoutError:
-            raise TimeoutError(f"peer {sender} sent nothing for {self.cfg.recv_timeout:.0f} s (peer {self.me} waited "
+            raise TimeoutError(f"peer {sender} sent nothing for {timeout:.0f} s (peer {self.me} waited "
                                f"for its {kind} at cut {cut} of client {client}, step {step})") from None
 
     async def send(self, to: str, kind: str, **fields) -> None:

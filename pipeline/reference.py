@@ -160,11 +160,11 @@ def train_parallel(cfg: JobConfig, clients: dict[str, Dataset], schedules: list[
                 for c, (act, act_in, weights, out, y) in group:
                     if u_shaped:
                         out_in = out.detach().requires_grad_(True)
-                        F.cross_entropy(mine(c)[0][a:](out_in), y).backward()
+                        batch_loss(mine(c)[0][a:](out_in), y).backward()
                         outs.append(out)
                         grads.append(share[c] * out_in.grad)
                     else:
-                        outs.append(F.cross_entropy(out, y))
+                        outs.append(batch_loss(out, y))
                         grads.append(torch.tensor(share[c]))
                 torch.autograd.backward(outs, grads)   # blind: once, from the weighted losses of all
                 for name, param in hm.named_parameters():
@@ -186,6 +186,12 @@ def train_parallel(cfg: JobConfig, clients: dict[str, Dataset], schedules: list[
                 average(p2, [(copies[h][0], sum(n[j] for j, hj in assignment.items() if hj == h))
                              for h in set(assignment.values())])
     return model   # sl trained the model's own layers; the others averaged into them
+
+
+def batch_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A batch's mean cross-entropy computed as a stage computes it (the sum, then divided): Adam turns the
+    last-bit difference of the two roundings into visible ones where a gradient is nearly zero."""
+    return F.cross_entropy(logits, y, reduction="sum") / len(y)
 
 
 @torch.no_grad()
