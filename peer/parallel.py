@@ -72,7 +72,7 @@ class ParallelRuntime:
 
     def layers(self) -> dict[int, dict]:
         """{layer: state dict} of what this peer holds now (the parts collected for the assembled model)."""
-        return {i: {k: v.detach() for k, v in m.state_dict().items()} for s in self.stages for i, m in s.layers.items()}
+        return {i: w for s in self.stages for i, w in s.weights().items()}
 
     def part(self) -> dict:
         """This peer's part for averaging or relaying, with the samples it trained on this round: a client's

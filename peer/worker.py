@@ -103,7 +103,7 @@ class JobRuntime:
 
     def layers(self) -> dict[int, dict]:
         """{layer: state dict} of the layers this peer holds now."""
-        return {i: {k: v.detach() for k, v in m.state_dict().items()} for i, m in self.stage.layers.items()}
+        return self.stage.weights()
 
     def checkpoint(self):
         self.state_dir.save_checkpoint(self.job, {"job": self.job, "rotation": self.rotation,

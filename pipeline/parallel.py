@@ -23,7 +23,7 @@ from pipeline.data import num_steps, pass_order
 from pipeline.scheduling import Instance, Schedule, balanced_greedy_fcfs, brute_force, milp, random_fcfs, solve
 from pipeline.scheduling.compare import small_enough
 from pipeline.scheduling.sequencing import timing
-from pipeline.scheduling.solution import BACKWARD, FORWARD, Infeasible
+from pipeline.scheduling.solution import BACKWARD, FORWARD
 from protocols import ProtocolError
 from protocols.errors import SplitringError
 
@@ -98,25 +98,26 @@ def split_roles(cfg: JobConfig, peers: list[dict]) -> tuple[list[str], list[str]
 
 
 # --- samples ----------------------------------------------------------------------------------------
-def round_batches(n: int, cfg: JobConfig, rnd: int) -> list[torch.Tensor]:
-    """The indices of each batch a client with n samples trains on in round `rnd`. With local_steps 0 a
-    round is one local epoch (epoch rnd's order); else the client walks its epochs' batches (each epoch in
-    its seeded order) local_steps at a time, across rounds."""
+def round_steps(n: int, cfg: JobConfig, rnd: int) -> list[tuple[int, int]]:
+    """(epoch, batch index in that epoch) of each batch a client with n samples trains on in round `rnd`.
+    With local_steps 0 a round is one local epoch (epoch rnd); else the client walks its epochs' batches
+    local_steps at a time, across rounds."""
     per_epoch = num_steps(n, cfg.batch_size)
     if cfg.local_steps == 0:
-        steps = [(rnd, i) for i in range(per_epoch)]
-    else:
-        steps = [divmod(t, per_epoch) for t in range(rnd * cfg.local_steps, (rnd + 1) * cfg.local_steps)]
+        return [(rnd, i) for i in range(per_epoch)]
+    return [divmod(t, per_epoch) for t in range(rnd * cfg.local_steps, (rnd + 1) * cfg.local_steps)]
+
+
+def round_batches(n: int, cfg: JobConfig, rnd: int) -> list[torch.Tensor]:
+    """The indices of each batch of round_steps, each epoch in its seeded order."""
+    steps = round_steps(n, cfg, rnd)
     orders = {e: pass_order(n, cfg.seed, e, cfg.shuffle) for e in {e for e, _ in steps}}
     return [orders[e][i * cfg.batch_size:(i + 1) * cfg.batch_size] for e, i in steps]
 
 
 def round_sizes(n: int, cfg: JobConfig, rnd: int) -> list[int]:
-    """The rows of each batch of round_batches, without drawing the orders."""
-    per_epoch = num_steps(n, cfg.batch_size)
-    steps = range(per_epoch) if cfg.local_steps == 0 else \
-        (t % per_epoch for t in range(rnd * cfg.local_steps, (rnd + 1) * cfg.local_steps))
-    return [min(cfg.batch_size, n - i * cfg.batch_size) for i in steps]
+    """The rows of each batch of round_steps, without drawing the orders."""
+    return [min(cfg.batch_size, n - i * cfg.batch_size) for _, i in round_steps(n, cfg, rnd)]
 
 
 # --- helpers' queues ---------------------------------------------------------------------------------
@@ -417,7 +418,3 @@ def admit(f: RoundFacts, sender: str, msg: dict) -> tuple[MessageKey, dict]:
             payload["weight"] = msg["weight"]
     return MessageKey(f.round, mode, msg["step"], box(kind, cut, j), 0), payload
 
-
-__all__ = ["Costs", "Parts", "ParallelError", "RoundFacts", "Task", "admit", "build_instance", "drifted", "fedavg",
-           "helper_orders", "helper_queues", "measured_instance", "parts", "predict_round", "round_batches",
-           "solve_with", "split_roles", "Infeasible"]

@@ -227,6 +227,10 @@ class Stage:
         deferred = sum(d.memory_bytes() for d in self.deferred.values())
         return (2 if gradients else 1) * params + state + buffers + deferred
 
+    def weights(self) -> dict[int, dict[str, torch.Tensor]]:
+        """{layer: its state dict}, detached (what a coordinator collects at the end of a job)."""
+        return {i: {k: v.detach() for k, v in m.state_dict().items()} for i, m in self.layers.items()}
+
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pipeline import data, reference
 from pipeline.admission import MessageKey
 from pipeline.config import ConfigError, JobConfig
-from pipeline.data import Dataset, batch_sizes, pass_order
+from pipeline.data import Dataset, pass_order
 from pipeline.parallel import (Costs, ParallelError, Parts, RoundFacts, Task, admit, box, build_instance, drifted,
                                fedavg, helper_orders, helper_queues, measured_instance, parts, predict_round,
                                round_batches, round_sizes, solve_with, split_roles)

@@ -2,15 +2,11 @@
 reference (pipeline/reference.py train_parallel), sl with one client equals plain PyTorch, helpers run the
 solver's schedule and its prediction holds, the schedule is worth having, the schemes learn, and bad jobs
 are refused before training."""
-import json
-import os
 
-import numpy as np
 import pytest
-import torch
 
 from conftest import load_out, max_diff, save_npz, summary_of
-from peer.localring import LocalRing, get_json, train_cli
+from peer.localring import LocalRing, train_cli
 from pipeline import data, reference
 from pipeline.config import JobConfig
 

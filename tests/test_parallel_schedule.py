@@ -1,7 +1,5 @@
 """Live client-to-helper scheduling: helpers run the solver's order, the predicted makespan holds, the
 schedule beats a random one, and splitfed-v1 learns digits."""
-import json
-
 import pytest
 import torch
 
