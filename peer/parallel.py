@@ -9,17 +9,18 @@ import logging
 import math
 import time
 
-from pipeline.config import JobConfig
-from pipeline.data import Dataset, batch_sizes
-from pipeline.models import input_shape
+import torch
 from torch.nn import functional as F
 
-from pipeline.parallel import (ALL, EVAL_BATCH, LOCAL_LOSS_SCHEMES, RoundFacts, Task, admit, aux_head, box, fedavg,
-                               helper_queues, mixed_loss, mixes, parts, round_batches, round_sizes)
-from pipeline.stage import Stage, checksum, make_optimizer
 from peer.client import JobError
 from peer.dataplane import Links, Mailbox, wire_policy
 from pipeline.admission import MessageKey
+from pipeline.config import JobConfig
+from pipeline.data import Dataset, batch_sizes
+from pipeline.models import input_shape
+from pipeline.parallel import (ALL, EVAL_BATCH, LOCAL_LOSS_SCHEMES, RoundFacts, Task, admit, aux_head, box, fedavg,
+                               helper_queues, mixed_loss, mixes, parts, round_batches, round_sizes)
+from pipeline.stage import Stage, checksum, make_optimizer
 from protocols import ProtocolError, message
 
 log = logging.getLogger("splitring.parallel")
@@ -360,7 +361,10 @@ class ParallelRuntime:
 
     @staticmethod
     def _blind_backward(stage: Stage, keys: list, grads: list) -> list:
-        back = stage.backward_together(keys, grads)
+        """The backward of the averaged loss, client by client in the order of their forwards: the weight
+        gradients sum in that order, as in the reference (under Adam with fresh state each round, another
+        order's last-bit differences grow to visible ones: docs/parallel-sl.md)."""
+        back = [stage.backward(k, g if torch.is_tensor(g) else torch.tensor(float(g))) for k, g in zip(keys, grads)]
         stage.step()
         return back
 

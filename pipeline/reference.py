@@ -2,6 +2,7 @@
 reference every exact scheme is tested against."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -11,6 +12,20 @@ from torch.nn import functional as F
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
 from pipeline.models import build_model, footprint
+
+
+def one_thread(fn):
+    """Run fn on one thread, as an agent's compute thread runs: a matmul's last bits depend on the thread
+    count, and under Adam with fresh state each round such bits grow to visible differences."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return run
 
 
 def passes(cfg: JobConfig, heads: list[Dataset]) -> list[tuple[Dataset, list[torch.Tensor]]]:
@@ -83,6 +98,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
+@one_thread
 def train_parallel(cfg: JobConfig, clients: dict[str, Dataset], schedules: list[tuple[dict, dict]],
                    cut: tuple[int, int]) -> torch.nn.Sequential:
     """Client/helper schemes in plain PyTorch (docs/parallel-sl.md). clients: each client's data, in ring

@@ -164,18 +164,6 @@ class Stage:
         grad_in, x.grad = x.grad, None   # x itself may stay referenced (deferred weight gradients)
         return grad_in
 
-    def backward_together(self, keys: list, grads: list) -> list[torch.Tensor | None]:
-        """One backward through the buffers of several microbatches at once (grads: of each output, a
-        tensor, or for a tail's scaled loss a scalar weight), freeing them; their inputs' gradients."""
-        kept = [self.buffers.pop(k) for k in keys]
-        outs = [y for _, y, _, _, _ in kept]
-        torch.autograd.backward(outs, [g if torch.is_tensor(g) else torch.tensor(float(g)) for g in grads])
-        out = []
-        for x, *_ in kept:
-            out.append(x.grad)
-            x.grad = None
-        return out
-
     def update(self, x: torch.Tensor, loss_fn) -> float:
         """One optimizer step on a loss of this stage's output (no buffer kept): loss_fn(output) -> scalar."""
         loss = loss_fn(self._run(x.detach()))

@@ -648,6 +648,41 @@ def test_blind_and_splitfed_v2_agree_with_one_client_per_helper_and_differ_when_
     assert diff(run("blind", *shared), run("splitfed-v2", *shared)) > 1e-4
 
 
+def test_blind_helper_sums_its_clients_weight_gradients_in_forward_order_to_the_last_bit():
+    """Under Adam with fresh state each round a last-bit difference in a weight gradient grows to a visible
+    one, so the helper's one backward must sum per-client gradients in the reference's order (the forwards'),
+    not in autograd's order for several roots."""
+    import copy
+    import itertools
+
+    from torch.func import functional_call
+
+    from peer.parallel import ParallelRuntime
+    from pipeline.stage import Stage
+
+    cfg = JobConfig(model={"name": "mlp", "depth": 3}, scheme="blind", cut=[2], optimizer="adam", lr=0.002)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(16, 128, generator=g) for _ in range(3)]
+    ys = [torch.randint(0, 10, (16,), generator=g) for _ in range(3)]
+    for order in itertools.permutations(range(3)):
+        stage = Stage.build(cfg, 2, 4)
+        model = copy.deepcopy(torch.nn.Sequential(stage.layers[2], stage.layers[3]))
+        for k in order:
+            stage.forward_loss(k, xs[k], ys[k], 16, True)
+        ParallelRuntime._blind_backward(stage, list(order), [1 / 3] * 3)
+        grads = []
+        for k in order:   # the reference: each client's gradient on its own copy of the weights, summed in order
+            weights = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+            loss = reference.batch_loss(functional_call(model, weights, (xs[k],)), ys[k])
+            loss.backward(torch.tensor(1 / 3))
+            grads.append(weights)
+        opt = torch.optim.Adam(model.parameters(), lr=0.002)
+        for n, p in model.named_parameters():
+            p.grad = sum(w[n].grad for w in grads)
+        opt.step()
+        assert max_diff(torch.nn.Sequential(stage.layers[2], stage.layers[3]), model) == 0.0, order
+
+
 def test_helper_queues_of_blind_and_the_local_loss_schemes():
     from pipeline.parallel import ALL, Task
 

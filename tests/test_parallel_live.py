@@ -40,9 +40,7 @@ CASES = [("sl", "1,3", [], {}), ("sl", "2", [], {}),
          ("splitfed-v1", "1,3", [], {}), ("splitfed-v1", "2", [], {}), ("splitfed-v1", "1,3", ONE_HELPER, {}),
          ("splitfed-v2", "1,3", [], {}), ("splitfed-v2", "2", [], {}), ("splitfed-v2", "2", ONE_HELPER, {}),
          ("blind", "1,3", [], {}), ("blind", "1,3", ONE_HELPER, {}),
-         pytest.param("blind", "2", ONE_HELPER, {}, marks=pytest.mark.xfail(strict=False, reason=(
-             "open (issue 18): single-cut blind with several local steps and rounds, under Adam, differs from the "
-             "reference by up to 5e-4 in some runs (exact with SGD, and with one round or one local step)"))),
+         ("blind", "2", ONE_HELPER, {}),
          ("locsplitfed", "1", [], {}), ("locsplitfed", "2", ONE_HELPER, {"aux_head": "mlp"}),
          ("locfedmix", "1", [], MIX), ("locfedmix", "2", ONE_HELPER, MIX)]
 
