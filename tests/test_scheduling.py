@@ -12,7 +12,8 @@ import pytest
 from pipeline.device_profiles import load_compute, load_memory
 from pipeline.scheduling import InvalidSchedule, Schedule, balanced_greedy_fcfs, generate, random_fcfs, simulate
 from pipeline.scheduling.baselines import balanced_greedy_assignment, random_assignment
-from pipeline.scheduling.instance import CLIENT_DEVICES, Instance, _measured, part_times, transfer_ms
+from pipeline.scheduling.instance import (CLIENT_DEVICES, PAPER_KIB_TO_MBIT, Instance, _measured, part_times,
+                                          transfer_ms)
 
 
 def tiny() -> Instance:
@@ -30,7 +31,8 @@ VALID = Schedule(assignment=(0, 0), starts=((1.0, 9.0), (3.0, 6.0)))
 # --- instance model and generator ---------------------------------------------------------------
 
 def test_transfer_and_part_times_follow_the_profiles():
-    assert transfer_ms(1000, 8) == pytest.approx(100.0)
+    assert transfer_ms(1000, 8) == pytest.approx(1024.0)   # 1000 KiB = 8.192 Mbit, over 8 Mbit/s
+    assert transfer_ms(1000, 8, PAPER_KIB_TO_MBIT) == pytest.approx(100.0)   # the paper's source: 10.24x shorter
     vm = load_compute("resnet101_cifar")["VM"]
     t = part_times(vm, (3, 33))
     assert t.part1_forward == pytest.approx(sum(vm.forward_ms[:3]))

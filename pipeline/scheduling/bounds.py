@@ -1,51 +1,81 @@
 """A lower bound on the makespan of any schedule, to tell how much any method could still gain.
 
 The linear relaxation of an assignment y[j][h] in [0, 1] (each client's shares sum to 1, memory holds)
-under two necessary conditions on the makespan T:
+under necessary conditions on the makespan T:
 - every client's own path: T >= sum_h y[j][h] * (release + forward + delay + backward + tail)[j][h];
-- every helper's work: T >= min release on h + sum_j y[j][h] * (forward + backward)[j][h] + min tail on h.
-Both hold for any integral assignment, so the LP optimum is a valid bound.
+- every helper's work, as a single machine with release dates and tails (Jackson's bound): for a set S of
+  its tasks, T >= min release over S + the work of S + min tail over S. A forward task arrives at its
+  release and leaves delay + backward + tail after it; a backward arrives no sooner than release + forward
+  + delay and leaves the tail. S ranges over the tasks arriving at or after each release value, and over
+  those leaving at least each tail value.
+A helper's constant (min release + min tail) only holds if some task of S is on it; for an empty S it
+must not exceed a bound already known (every client's shortest path, then the previous LP's optimum), so
+each constant is capped by that, and the LP is solved again with the higher cap until it stops rising.
+Before the per-set constraints, this bound was up to 26% below what ours reached on ResNet-101 scenario 1
+(the backward tasks wait the clients' long part-3 delay, which one helper-wide constraint cannot see).
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linprog
+from scipy.sparse import coo_matrix, csr_matrix
 
 from pipeline.scheduling.instance import Instance
 
+ROUNDS = 6   # LP solves at most; the cap rarely rises after two
+
 
 def lower_bound(inst: Instance) -> float:
-    k, h = inst.clients, inst.helpers
-    release, tail = np.array(inst.release), np.array(inst.tail)
-    work = np.array(inst.forward) + np.array(inst.backward)
-    path = release + work + np.array(inst.delay) + tail
-    n = k * h + 1  # y[j][h] row-major, then T
-    cost = np.zeros(n)
-    cost[-1] = 1.0
+    cap = float(max(min(p) for p in _paths(inst)))
+    for _ in range(ROUNDS):
+        value = _solve(inst, cap)
+        if value <= cap * (1 + 1e-9):
+            return max(value, cap)
+        cap = value
+    return cap
 
-    rows, rhs = [], []
-    for j in range(k):  # own path
-        row = np.zeros(n)
-        row[j * h:(j + 1) * h] = path[j]
-        row[-1] = -1.0
-        rows.append(row)
-        rhs.append(0.0)
-    for i in range(h):  # helper work and memory
-        row = np.zeros(n)
-        row[i:k * h:h] = work[:, i]
-        row[-1] = -1.0
-        rows.append(row)
-        rhs.append(-(release[:, i].min() + tail[:, i].min()))
-        row = np.zeros(n)
-        row[i:k * h:h] = inst.demand
-        rows.append(row)
-        rhs.append(inst.capacity[i])
+
+def _paths(inst: Instance) -> np.ndarray:
+    return (np.array(inst.release) + np.array(inst.forward) + np.array(inst.delay) + np.array(inst.backward)
+            + np.array(inst.tail))
+
+
+def _solve(inst: Instance, cap: float) -> float:
+    k, h = inst.clients, inst.helpers
+    release, fwd, delay, bwd, tail = (np.array(a) for a in (inst.release, inst.forward, inst.delay,
+                                                            inst.backward, inst.tail))
+    n = k * h + 1  # y[j][h] row-major, then T
+    entries: list[tuple[int, int, float]] = []   # (row, column, coefficient) of A_ub
+    rhs: list[float] = []
+
+    def row(coefs: dict[int, float], bound: float) -> None:   # sum coefs * columns <= bound
+        entries.extend((len(rhs), col, v) for col, v in coefs.items())
+        rhs.append(bound)
+
+    path = _paths(inst)
+    for j in range(k):   # T >= the client's own path
+        row({**{j * h + i: path[j, i] for i in range(h)}, n - 1: -1.0}, 0.0)
+    for i in range(h):
+        # (client, arrives, work, leaves after): each client's forward and backward task on helper i
+        tasks = [(j, release[j, i], fwd[j, i], delay[j, i] + bwd[j, i] + tail[j, i]) for j in range(k)] + \
+                [(j, release[j, i] + fwd[j, i] + delay[j, i], bwd[j, i], tail[j, i]) for j in range(k)]
+        for field in (1, 3):
+            for threshold in sorted({t[field] for t in tasks}):
+                chosen = [t for t in tasks if t[field] >= threshold]
+                coefs = {n - 1: -1.0}
+                for j, _, work, _ in chosen:
+                    coefs[j * h + i] = coefs.get(j * h + i, 0.0) + work
+                row(coefs, -min(cap, min(t[1] for t in chosen) + min(t[3] for t in chosen)))
+        row({j * h + i: inst.demand[j] for j in range(k)}, inst.capacity[i])
+    r, c, v = zip(*entries)
     each = np.zeros((k, n))
     for j in range(k):
         each[j, j * h:(j + 1) * h] = 1.0
-
-    result = linprog(cost, A_ub=np.array(rows), b_ub=rhs, A_eq=each, b_eq=np.ones(k),
-                     bounds=[(0, 1)] * (k * h) + [(0, None)], method="highs")
+    cost = np.zeros(n)
+    cost[-1] = 1.0
+    result = linprog(cost, A_ub=coo_matrix((v, (r, c)), shape=(len(rhs), n)).tocsr(), b_ub=rhs,
+                     A_eq=csr_matrix(each), b_eq=np.ones(k), bounds=[(0, 1)] * (k * h) + [(0, None)],
+                     method="highs")
     if result.status != 0:
         raise ValueError(f"lower bound LP failed: {result.message}")
     return float(result.fun)

@@ -27,6 +27,8 @@ CLIENT_DEVICES = ("d1", "d2", "jetson-cpu", "jetson-gpu")
 # Link classes (Mbit/s range, share of client-helper pairs) from the paper's source. The shares add up
 # to 112%; as in the source, the 11-15 class only receives what rounding leaves over.
 BANDWIDTH_CLASSES = ((1, 4, 0.30), (5, 10, 0.42), (11, 15, None), (16, 20, 0.28))
+KIB_TO_MBIT = 8 * 1024 / 1e6        # 0.008192: physically correct, the default
+PAPER_KIB_TO_MBIT = 0.0008          # the paper's source: every transfer 10.24x too short
 
 
 @dataclass(frozen=True)
@@ -81,27 +83,29 @@ def part_times(profile: ComputeProfile, cuts: tuple[int, int]) -> PartTimes:
     return PartTimes(fwd(0, a), fwd(a, b), fwd(b, n), bwd(0, a), bwd(a, b), bwd(b, n))
 
 
-def transfer_ms(kb: float, mbps: float) -> float:
-    """The source's link model: KiB over Mbit/s, in ms."""
-    return kb * 0.0008 / mbps * 1000
+def transfer_ms(kb: float, mbps: float, kib_to_mbit: float = KIB_TO_MBIT) -> float:
+    """KiB over Mbit/s, in ms (kib_to_mbit=PAPER_KIB_TO_MBIT: the paper's source's formula)."""
+    return kb * kib_to_mbit / mbps * 1000
 
 
 def build(clients: list[PartTimes], helpers: list[PartTimes], bandwidth_mbps: list[list[float]],
-          cut_kb: tuple[float, float], demand: list[float], capacity: list[float]) -> Instance:
+          cut_kb: tuple[float, float], demand: list[float], capacity: list[float],
+          kib_to_mbit: float = KIB_TO_MBIT) -> Instance:
     """An instance from each device's part times, the per-pair bandwidths and the sizes (KiB) of
     what crosses cut a and cut b (activations forward, gradients of the same size backward)."""
     a_kb, b_kb = cut_kb
+    net = lambda kb, bw: transfer_ms(kb, bw, kib_to_mbit)
 
     def grid(f):
         return tuple(tuple(f(c, h, bandwidth_mbps[j][i]) for i, h in enumerate(helpers))
                      for j, c in enumerate(clients))
 
     return Instance(
-        release=grid(lambda c, h, bw: c.part1_forward + transfer_ms(a_kb, bw)),
+        release=grid(lambda c, h, bw: c.part1_forward + net(a_kb, bw)),
         forward=grid(lambda c, h, bw: h.part2_forward),
-        delay=grid(lambda c, h, bw: 2 * transfer_ms(b_kb, bw) + c.part3_forward + c.part3_backward),
+        delay=grid(lambda c, h, bw: 2 * net(b_kb, bw) + c.part3_forward + c.part3_backward),
         backward=grid(lambda c, h, bw: h.part2_backward),
-        tail=grid(lambda c, h, bw: transfer_ms(a_kb, bw) + c.part1_backward),
+        tail=grid(lambda c, h, bw: net(a_kb, bw) + c.part1_backward),
         demand=tuple(demand), capacity=tuple(capacity))
 
 
@@ -134,13 +138,15 @@ def _heterogeneous(rng: random.Random, types: list[PartTimes], parts: tuple[str,
 
 
 def generate(profile: str, clients: int, helpers: int, scenario: int, seed: int,
-             cuts: tuple[int, int] | None = None, memory_slack: float = 1.5) -> Instance:
+             cuts: tuple[int, int] | None = None, memory_slack: float = 1.5,
+             kib_to_mbit: float = KIB_TO_MBIT) -> Instance:
     """The paper's scenarios: helpers among {VM, laptop}, clients among {d1, d2, jetson-cpu,
     jetson-gpu}. Scenario 1 (low heterogeneity) uses each drawn device's profiled times; scenario 2
     (high) draws every client's and helper's part times uniformly between the profiled extremes.
 
     Each helper's memory holds between ceil(K/H) and ceil(memory_slack*K/H) clients' part 2, so every
-    instance has a feasible assignment while the fastest helpers cannot take everyone."""
+    instance has a feasible assignment while the fastest helpers cannot take everyone. Transfers are
+    physical (kib_to_mbit=KIB_TO_MBIT); the paper's own instances are `paper.generate`'s."""
     if scenario not in (1, 2):
         raise ValueError("scenario must be 1 (low heterogeneity) or 2 (high)")
     if clients < 1 or helpers < 1:
@@ -168,4 +174,5 @@ def generate(profile: str, clients: int, helpers: int, scenario: int, seed: int,
     fair = math.ceil(clients / helpers)
     capacity = [demand * rng.randint(fair, math.ceil(memory_slack * clients / helpers)) for _ in range(helpers)]
     return build(client_times, helper_times, bandwidth,
-                 (memory.activation_kb[a - 1], memory.activation_kb[b - 1]), [demand] * clients, capacity)
+                 (memory.activation_kb[a - 1], memory.activation_kb[b - 1]), [demand] * clients, capacity,
+                 kib_to_mbit)
