@@ -17,12 +17,17 @@ from dataclasses import dataclass
 from pipeline.scheduling.baselines import balanced_greedy_assignment
 from pipeline.scheduling.instance import Instance
 from pipeline.scheduling.solution import Infeasible, Schedule
-from pipeline.scheduling.sequencing import Sequence, best_dispatch, groups, longest_path, polish, to_schedule
+from pipeline.scheduling.sequencing import (Sequence, best_dispatch, exact_order, groups, longest_path, polish,
+                                            to_schedule)
 
 EPS = 1e-9
 # While searching, one policy keeps each evaluation cheap: on the helpers we measured it was the
 # best of all policies, or within 1%, almost always. The others are tried on the bottleneck's order.
+# On helpers with few clients its active variant is added: there a helper may do best to wait for an
+# urgent forward (the paper's instances, VGG-19 scenario 1), and its O(n^2) cost is small.
 SEARCH_POLICIES = ((longest_path, False),)
+ACTIVE_MAX = 10        # clients on a helper up to which the search also tries active longest-path
+EXACT_ORDER_MAX = 8    # clients on the bottleneck up to which its order is also searched exactly
 
 Evaluated = tuple[float, Sequence]  # a helper's makespan and task order
 
@@ -73,7 +78,8 @@ class _State:
                         + sum(inst.forward[j][h] + inst.backward[j][h] for j in clients))
             if bound >= below - EPS:
                 return None
-        found = best_dispatch(inst, h, clients, SEARCH_POLICIES)
+        policies = SEARCH_POLICIES + (((longest_path, True),) if len(clients) <= ACTIVE_MAX else ())
+        found = best_dispatch(inst, h, clients, policies)
         return found if found[0] < below - EPS else None
 
 
@@ -149,9 +155,12 @@ def _first_swap(st: _State, b: int) -> Change | None:
 
 
 def _reorder(st: _State, h: int) -> Change | None:
-    """A shorter task order for helper h: every dispatch policy, then neighbour swaps."""
+    """A shorter task order for helper h: every dispatch policy, then neighbour swaps, then (few clients)
+    branch and bound."""
     found = min(best_dispatch(st.inst, h, st.groups[h]), (st.spans[h], st.seqs[h]), key=lambda e: e[0])
     found = polish(st.inst, h, found[1])
+    if len(st.groups[h]) <= EXACT_ORDER_MAX:
+        found = exact_order(st.inst, h, found[1])
     return [(h, st.groups[h], found)] if found[0] < st.spans[h] - EPS else None
 
 

@@ -141,6 +141,51 @@ def polish(inst: Instance, h: int, seq: Sequence, max_passes: int = 3) -> tuple[
     return best, seq
 
 
+def exact_order(inst: Instance, h: int, seq: Sequence, nodes: int = 20_000) -> tuple[float, Sequence]:
+    """The shortest order of helper h's tasks by branch and bound over active schedules, from the incumbent
+    `seq`; gives up after `nodes` nodes with the best found. A node's bound: each client's remaining own
+    path, and the helper's remaining work plus the shortest tail."""
+    best: list = [span(inst, h, seq), list(seq)]
+    left = [nodes]
+    clients = sorted({j for j, _ in seq})
+    duration = {(j, FORWARD): inst.forward[j][h] for j in clients} | {(j, BACKWARD): inst.backward[j][h] for j in clients}
+
+    def ready(task, t: float, ends: dict) -> float:
+        j, kind = task
+        return max(t, inst.release[j][h] if kind == FORWARD else ends[j] + inst.delay[j][h])
+
+    def search(t: float, ends: dict, end: float, todo: list, order: list) -> None:
+        left[0] -= 1
+        if left[0] < 0:
+            return
+        if not todo:
+            if end < best[0] - 1e-9:
+                best[0], best[1] = end, list(order)
+            return
+        bound = max(end, t + sum(duration[task] + (duration[task[0], BACKWARD] if task[1] == FORWARD else 0)
+                                 for task in todo) + min(inst.tail[j][h] for j, _ in todo))
+        for task in todo:
+            j, kind = task
+            rest = inst.backward[j][h] + inst.tail[j][h] + (inst.forward[j][h] + inst.delay[j][h] if kind == FORWARD else 0)
+            bound = max(bound, ready(task, t, ends) + rest)
+        if bound >= best[0] - 1e-9:
+            return
+        starts = sorted((ready(task, t, ends), k) for k, task in enumerate(todo))
+        first_end = min(s + duration[todo[k]] for s, k in starts)
+        for start, k in starts:
+            if start >= first_end:
+                break   # only active schedules: no task starts after another could have ended
+            (j, kind), rest = todo[k], todo[:k] + todo[k + 1:]
+            finish = start + duration[j, kind]
+            if kind == FORWARD:
+                search(finish, {**ends, j: finish}, end, rest + [(j, BACKWARD)], order + [(j, kind)])
+            else:
+                search(finish, ends, max(end, finish + inst.tail[j][h]), rest, order + [(j, kind)])
+
+    search(0.0, {}, 0.0, [(j, FORWARD) for j in clients], [])
+    return best[0], best[1]
+
+
 def to_schedule(inst: Instance, assignment: list[int], sequences: list[Sequence]) -> Schedule:
     """The schedule that runs each helper's sequence as early as possible."""
     starts: dict[int, list[float]] = {}
