@@ -169,3 +169,18 @@ def test_cli_text_and_errors():
     assert out.returncode == 0 and "balanced_greedy" in out.stdout and "lower bound" in out.stdout
     bad = _cli("--profile", "no_such_profile")
     assert bad.returncode == 2 and "no_such_profile" in bad.stderr
+
+
+def test_cli_paper_compatible_names_its_figures():
+    data = json.loads(_cli("--paper-compatible", "--profile", "vgg19_cifar", "--scenario", "2", "-K", "20", "-H", "10",
+                           "--seed", "42", "--json").stdout)
+    assert data["paper_compatible"] and data["transfers"] == "paper"
+    assert data["slot_ms"] == pytest.approx(163.14)
+    assert data["reduction_vs_random"] == pytest.approx(1 - data["ours"] / data["random"])
+    assert data["ours_over_random"] == pytest.approx(data["ours"] / data["random"])
+    assert data["ours_over_bound"] == pytest.approx(data["ours"] / data["lower_bound"]) and data["ours_over_bound"] >= 1
+    physical = json.loads(_cli("--paper-compatible", "--transfers", "physical", "--profile", "vgg19_cifar",
+                               "--scenario", "2", "-K", "20", "-H", "10", "--seed", "42", "--json").stdout)
+    assert physical["random"] > data["random"]   # transfers 10.24x longer
+    bad = _cli("--fix-sampler")
+    assert bad.returncode == 2 and "--paper-compatible" in bad.stderr

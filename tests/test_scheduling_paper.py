@@ -7,6 +7,7 @@ import pytest
 from pipeline.scheduling import lower_bound, milp, paper, simulate, solve
 from pipeline.scheduling.baselines import fcfs_schedule
 from pipeline.scheduling.bounds import integral_bound
+from pipeline.scheduling.exact import by_client_sets
 from pipeline.scheduling.instance import KIB_TO_MBIT
 
 VGG_ACT_A, VGG_ACT_B = 9249.568359375, 2049.568359375   # KiB out of VGG-19's layers 2 and 22 (cuts 3, 23)
@@ -114,3 +115,12 @@ def test_ours_within_five_percent_of_the_optimum_and_the_bounds_below_it(model, 
     assert simulate(inst, solve(inst)) <= best * 1.05
     assert lower_bound(inst) <= integral_bound(inst, 10) <= best * (1 + 1e-9)
     assert best <= simulate(inst, fcfs_schedule(inst, paper.random_assignment(clients, helpers, seed))) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("model,scenario,seed", [("vgg19_cifar", 1, 0), ("vgg19_cifar", 2, 1), ("resnet101_cifar", 2, 0)])
+def test_exact_by_client_sets_agrees_with_the_milp(model, scenario, seed):
+    inst = paper.generate(model, 8, 3, scenario, seed).instance
+    sets, proven = by_client_sets(inst, slack=0.1)   # sets up to 10% above ours: the MILP must choose
+    schedule, optimal = milp(inst, 60)
+    assert proven and optimal
+    assert simulate(inst, sets) == pytest.approx(simulate(inst, schedule), rel=1e-6)

@@ -16,6 +16,10 @@ Before the per-set constraints, this bound was up to 26% below what ours reached
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 from scipy.sparse import coo_matrix, csr_matrix
@@ -40,6 +44,21 @@ def _paths(inst: Instance) -> np.ndarray:
             + np.array(inst.tail))
 
 
+@contextlib.contextmanager
+def quiet_stdout():
+    """HiGHS's MIP solver prints debug lines straight to file descriptor 1 (scipy 1.x builds): keep them off
+    stdout, where the CLI and the benchmarks print JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def integral_bound(inst: Instance, time_limit: float = 10.0) -> float:
     """A tighter bound: the same conditions with each client wholly on one helper (a MILP over the
     assignment; HiGHS's proven bound when the time limit stops it). The LP spreads a client's work over
@@ -49,9 +68,10 @@ def integral_bound(inst: Instance, time_limit: float = 10.0) -> float:
     k, h = inst.clients, inst.helpers
     integrality = np.zeros(n)
     integrality[:k * h] = 1
-    result = milp(cost, constraints=[LinearConstraint(a_ub, -np.inf, b_ub), LinearConstraint(a_eq, 1.0, 1.0)],
-                  integrality=integrality, bounds=Bounds(np.zeros(n), np.r_[np.ones(k * h), np.inf]),
-                  options={"time_limit": time_limit})
+    with quiet_stdout():
+        result = milp(cost, constraints=[LinearConstraint(a_ub, -np.inf, b_ub), LinearConstraint(a_eq, 1.0, 1.0)],
+                      integrality=integrality, bounds=Bounds(np.zeros(n), np.r_[np.ones(k * h), np.inf]),
+                      options={"time_limit": time_limit})
     if result.mip_dual_bound is None or not np.isfinite(result.mip_dual_bound):
         return cap
     return max(cap, float(result.mip_dual_bound))

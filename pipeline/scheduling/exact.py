@@ -13,10 +13,10 @@ from scipy.optimize import Bounds, LinearConstraint, milp as scipy_milp
 from scipy.sparse import lil_matrix
 
 from pipeline.scheduling import ours
-from pipeline.scheduling.bounds import lower_bound
+from pipeline.scheduling.bounds import lower_bound, quiet_stdout
 from pipeline.scheduling.instance import Instance
 from pipeline.scheduling.solution import BACKWARD, FORWARD, Infeasible, Schedule
-from pipeline.scheduling.sequencing import Sequence, groups, timing, to_schedule
+from pipeline.scheduling.sequencing import Sequence, best_dispatch, exact_order, groups, timing, to_schedule
 from pipeline.scheduling.simulator import simulate
 
 # HiGHS works in seconds rather than ms: big-M constraints stay better conditioned.
@@ -99,9 +99,10 @@ def milp(inst: Instance, time_limit: float = 60.0) -> tuple[Schedule, bool]:
     binary[c.k * c.h:c.makespan + 1] = 0  # starts and T are continuous
     low, high = np.zeros(c.count), np.where(binary == 1, 1.0, np.inf)
     low[c.makespan], high[c.makespan] = lower * (1 - 1e-6), upper * (1 + 1e-6)
-    result = scipy_milp(cost, integrality=binary, bounds=Bounds(low, high),
-                        constraints=LinearConstraint(matrix.tocsr(), [r[1] for r in rows], [r[2] for r in rows]),
-                        options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+    with quiet_stdout():
+        result = scipy_milp(cost, integrality=binary, bounds=Bounds(low, high),
+                            constraints=LinearConstraint(matrix.tocsr(), [r[1] for r in rows], [r[2] for r in rows]),
+                            options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
     if result.x is None:
         return heuristic, False  # no better schedule found in time
     assignment = [max(range(c.h), key=lambda h: result.x[c.x(j, h)]) for j in range(c.k)]
@@ -110,6 +111,70 @@ def milp(inst: Instance, time_limit: float = 60.0) -> tuple[Schedule, bool]:
     start = lambda j, kind: max(result.x[c.start(j, FORWARD)], result.x[c.start(j, kind)])
     sequences = [sorted(((j, kind) for j in g for kind in (FORWARD, BACKWARD)), key=lambda t: (start(*t), t[1]))
                  for g in groups(inst, assignment)]
+    found = to_schedule(inst, assignment, sequences)
+    return min((found, heuristic), key=lambda s: simulate(inst, s)), result.status == 0
+
+
+def by_client_sets(inst: Instance, time_limit: float = 300.0, max_columns: int = 200_000,
+                   slack: float = 0.0) -> tuple[Schedule, bool]:
+    """The optimal schedule when helpers serve few clients each, and whether it is proven optimal.
+
+    Once clients are assigned, helpers are independent. So enumerate, per helper, every client set it can
+    serve within memory and finish before ours' makespan, each with its shortest order (branch and bound,
+    sequencing.exact_order), growing sets only from sets that qualify (a superset never ends sooner); then a
+    MILP picks one set per helper covering every client with the least makespan. Exact as long as every
+    order is proven and the columns fit `max_columns`; otherwise it returns ours, not proven. `slack` admits
+    sets up to that fraction above ours too (tests use it to make the MILP choose)."""
+    heuristic = ours.solve(inst)
+    upper = simulate(inst, heuristic) * (1 + slack)
+    columns: list[tuple[int, tuple[int, ...], float, Sequence]] = []
+    for h in range(inst.helpers):
+        level: dict[tuple[int, ...], tuple[float, Sequence]] = {(): (0.0, [])}
+        while level:
+            grown: dict[tuple[int, ...], tuple[float, Sequence]] = {}
+            for s in level:
+                for j in range((s[-1] + 1) if s else 0, inst.clients):
+                    c = s + (j,)
+                    if c in grown or sum(inst.demand[i] for i in c) > inst.capacity[h] or \
+                            not all(c[:i] + c[i + 1:] in level for i in range(len(c))):
+                        continue
+                    value, order, proven = exact_order(inst, h, best_dispatch(inst, h, c)[1], nodes=2_000_000)
+                    if not proven:
+                        return heuristic, False
+                    if value < upper * (1 - 1e-12):
+                        grown[c] = (value, order)
+            columns += [(h, c, v, order) for c, (v, order) in grown.items()]
+            if len(columns) > max_columns:
+                return heuristic, False
+            level = grown
+    n = len(columns)
+    if n == 0:
+        return heuristic, True   # no set ends sooner anywhere: ours is optimal
+    k, hs = inst.clients, inst.helpers
+    matrix = lil_matrix((k + hs + n, n + 1))
+    for col, (h, c, value, _) in enumerate(columns):
+        for j in c:
+            matrix[j, col] = 1.0
+        matrix[k + h, col] = 1.0
+        matrix[k + hs + col, col], matrix[k + hs + col, n] = value * SCALE, -1.0   # T >= the set's makespan
+    low = np.r_[np.ones(k), np.zeros(hs), np.full(n, -np.inf)]
+    high = np.r_[np.ones(k), np.ones(hs), np.zeros(n)]
+    cost = np.zeros(n + 1)
+    cost[n] = 1.0
+    with quiet_stdout():
+        result = scipy_milp(cost, integrality=np.r_[np.ones(n), 0.0], bounds=Bounds(0.0, np.r_[np.ones(n), np.inf]),
+                            constraints=LinearConstraint(matrix.tocsr(), low, high),
+                            options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+    if result.status == 2:   # infeasible: no assignment ends before ours
+        return heuristic, True
+    if result.x is None:
+        return heuristic, False
+    assignment, sequences = [0] * k, [[] for _ in range(hs)]
+    for col, (h, c, _, order) in enumerate(columns):
+        if result.x[col] > 0.5:
+            for j in c:
+                assignment[j] = h
+            sequences[h] = order
     found = to_schedule(inst, assignment, sequences)
     return min((found, heuristic), key=lambda s: simulate(inst, s)), result.status == 0
 

@@ -160,7 +160,7 @@ def _reorder(st: _State, h: int) -> Change | None:
     found = min(best_dispatch(st.inst, h, st.groups[h]), (st.spans[h], st.seqs[h]), key=lambda e: e[0])
     found = polish(st.inst, h, found[1])
     if len(st.groups[h]) <= EXACT_ORDER_MAX:
-        found = exact_order(st.inst, h, found[1])
+        found = exact_order(st.inst, h, found[1])[:2]
     return [(h, st.groups[h], found)] if found[0] < st.spans[h] - EPS else None
 
 

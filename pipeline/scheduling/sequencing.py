@@ -141,10 +141,10 @@ def polish(inst: Instance, h: int, seq: Sequence, max_passes: int = 3) -> tuple[
     return best, seq
 
 
-def exact_order(inst: Instance, h: int, seq: Sequence, nodes: int = 20_000) -> tuple[float, Sequence]:
+def exact_order(inst: Instance, h: int, seq: Sequence, nodes: int = 20_000) -> tuple[float, Sequence, bool]:
     """The shortest order of helper h's tasks by branch and bound over active schedules, from the incumbent
-    `seq`; gives up after `nodes` nodes with the best found. A node's bound: each client's remaining own
-    path, and the helper's remaining work plus the shortest tail."""
+    `seq`, and whether it is proven shortest; gives up after `nodes` nodes with the best found. A node's
+    bound: each client's remaining own path, and the helper's remaining work plus the shortest tail."""
     best: list = [span(inst, h, seq), list(seq)]
     left = [nodes]
     clients = sorted({j for j, _ in seq})
@@ -183,7 +183,7 @@ def exact_order(inst: Instance, h: int, seq: Sequence, nodes: int = 20_000) -> t
                 search(finish, ends, max(end, finish + inst.tail[j][h]), rest, order + [(j, kind)])
 
     search(0.0, {}, 0.0, [(j, FORWARD) for j in clients], [])
-    return best[0], best[1]
+    return best[0], best[1], left[0] >= 0
 
 
 def to_schedule(inst: Instance, assignment: list[int], sequences: list[Sequence]) -> Schedule:
