@@ -117,7 +117,8 @@ def test_ours_within_five_percent_of_the_optimum_and_the_bounds_below_it(model, 
     assert best <= simulate(inst, fcfs_schedule(inst, paper.random_assignment(clients, helpers, seed))) * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("model,scenario,seed", [("vgg19_cifar", 1, 0), ("vgg19_cifar", 2, 1), ("resnet101_cifar", 2, 0)])
+@pytest.mark.parametrize("model,scenario,seed",
+                         [("vgg19_cifar", 1, 0), ("vgg19_cifar", 2, 1), ("resnet101_cifar", 2, 0)])
 def test_exact_by_client_sets_agrees_with_the_milp(model, scenario, seed):
     inst = paper.generate(model, 8, 3, scenario, seed).instance
     sets, proven = by_client_sets(inst, slack=0.1)   # sets up to 10% above ours: the MILP must choose

@@ -148,7 +148,8 @@ def exact_order(inst: Instance, h: int, seq: Sequence, nodes: int = 20_000) -> t
     best: list = [span(inst, h, seq), list(seq)]
     left = [nodes]
     clients = sorted({j for j, _ in seq})
-    duration = {(j, FORWARD): inst.forward[j][h] for j in clients} | {(j, BACKWARD): inst.backward[j][h] for j in clients}
+    duration = {(j, kind): (inst.forward if kind == FORWARD else inst.backward)[j][h]
+                for j in clients for kind in (FORWARD, BACKWARD)}
 
     def ready(task, t: float, ends: dict) -> float:
         j, kind = task
@@ -166,8 +167,7 @@ def exact_order(inst: Instance, h: int, seq: Sequence, nodes: int = 20_000) -> t
                                  for task in todo) + min(inst.tail[j][h] for j, _ in todo))
         for task in todo:
             j, kind = task
-            rest = inst.backward[j][h] + inst.tail[j][h] + (inst.forward[j][h] + inst.delay[j][h] if kind == FORWARD else 0)
-            bound = max(bound, ready(task, t, ends) + rest)
+            bound = max(bound, ready(task, t, ends) + _remaining(inst, h, j, kind))
         if bound >= best[0] - 1e-9:
             return
         starts = sorted((ready(task, t, ends), k) for k, task in enumerate(todo))
