@@ -11,6 +11,9 @@ bound_reduction_vs_random_mean (the most any method could cut), paper_reduction 
 its plotted makespans; paper mode), seed42_makespans_s, integral_bounds (seeds whose bound is the integral
 one). The bound is the LP's, or where ours ends over 3% above it the integral bound (bounds.py).
 
+--exact-cell MODEL,SCENARIO,K,H [--mode paper|physical]: per seed of that cell, ours against the exact optimum
+(exact.by_client_sets, minutes per instance) and both bounds.
+
 For each setting (K=50 with H in {5, 10}; K=100 with H in {1, 2, 5, 10, 20, 25}), both scenarios and
 seeds 0..N-1: generate the instance, run random+FCFS, balanced-greedy+FCFS and ours, check each
 schedule with the simulator, and report the mean fractional makespan reduction of ours.
@@ -32,6 +35,7 @@ import time
 from pipeline.scheduling import compare, generate, lower_bound, paper, simulate, solve
 from pipeline.scheduling.baselines import balanced_greedy_fcfs, fcfs_schedule
 from pipeline.scheduling.bounds import integral_bound
+from pipeline.scheduling.exact import by_client_sets
 from pipeline.scheduling.instance import KIB_TO_MBIT, PAPER_KIB_TO_MBIT
 
 MODES = {"paper": PAPER_KIB_TO_MBIT, "physical": KIB_TO_MBIT}
@@ -108,13 +112,34 @@ def grid(seeds: int) -> None:
                         print(json.dumps(paper_cell(model, scenario, clients, helpers, mode, seeds)), flush=True)
 
 
+def exact_cell(cell: str, seeds: int, mode: str) -> None:
+    """Ours against the exact optimum (exact.by_client_sets) on each seed of one Fig. 7 cell, where the
+    bounds are too loose to say: one JSON line per seed."""
+    model, scenario, clients, helpers = cell.split(",")
+    for seed in range(seeds):
+        inst = paper.generate(f"{model}_cifar", int(clients), int(helpers), int(scenario), seed,
+                              kib_to_mbit=MODES[mode]).instance
+        t0 = time.perf_counter()
+        schedule, proven = by_client_sets(inst, time_limit=240)
+        print(json.dumps({"model": model, "scenario": int(scenario), "clients": int(clients), "helpers": int(helpers),
+                          "mode": mode, "seed": seed, "ours": simulate(inst, solve(inst)),
+                          "exact": simulate(inst, schedule), "proven": proven,
+                          "integral_bound": integral_bound(inst, INTEGRAL_SECONDS), "lp_bound": lower_bound(inst),
+                          "seconds": time.perf_counter() - t0}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="one JSON object per line per setting")
     parser.add_argument("--seeds", type=int, help="seeds per setting (default: 10; the grid: 30)")
     parser.add_argument("--profile", default="resnet101_cifar", help="device profile (default: %(default)s)")
     parser.add_argument("--grid", choices=["fig7"], help="the paper's Fig. 7 grid on its own instances (JSON lines)")
+    parser.add_argument("--exact-cell", metavar="MODEL,SCENARIO,K,H",
+                        help="ours against the exact optimum on each seed of one Fig. 7 cell (e.g. vgg19,1,30,10)")
+    parser.add_argument("--mode", choices=list(MODES), default="paper", help="with --exact-cell (default: paper)")
     args = parser.parse_args()
+    if args.exact_cell:
+        return exact_cell(args.exact_cell, args.seeds or 30, args.mode)
     if args.grid:
         return grid(args.seeds or 30)
     args.seeds = args.seeds or 10

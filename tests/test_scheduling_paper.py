@@ -125,3 +125,40 @@ def test_exact_by_client_sets_agrees_with_the_milp(model, scenario, seed):
     schedule, optimal = milp(inst, 60)
     assert proven and optimal
     assert simulate(inst, sets) == pytest.approx(simulate(inst, schedule), rel=1e-6)
+
+
+@pytest.mark.parametrize("model,scenario,seed", [("resnet101_cifar", 1, 0), ("vgg19_cifar", 2, 3)])
+def test_fcfs_and_the_milp_agree_on_the_fcfs_schedule(model, scenario, seed):
+    """The MILP's model, with its assignment and task orders fixed to FCFS's, ends exactly when the
+    simulator says FCFS ends: two independent models of one schedule agree."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint
+    from scipy.optimize import milp as scipy_milp
+    from scipy.sparse import lil_matrix
+
+    from pipeline.scheduling.exact import SCALE, _Columns, _rows
+
+    inst = paper.generate(model, 6, 2, scenario, seed).instance
+    fcfs = fcfs_schedule(inst, paper.random_assignment(6, 2, seed))
+    c = _Columns(inst)
+    rows = _rows(inst, c, big_m=1e3 * simulate(inst, fcfs) * SCALE)
+    matrix = lil_matrix((len(rows), c.count))
+    for i, (coefficients, _, _) in enumerate(rows):
+        for col, value in coefficients.items():
+            matrix[i, col] = value
+    low, high = np.zeros(c.count), np.full(c.count, np.inf)
+    for j, h in enumerate(fcfs.assignment):
+        for i in range(inst.helpers):
+            low[c.x(j, i)] = high[c.x(j, i)] = float(i == h)
+    for p, (t, u) in enumerate(c.pairs):
+        first = fcfs.starts[t[0]][t[1]] < fcfs.starts[u[0]][u[1]]
+        low[c.order(p)], high[c.order(p)] = (float(first), float(first)) if \
+            fcfs.assignment[t[0]] == fcfs.assignment[u[0]] else (0.0, 1.0)
+    cost = np.zeros(c.count)
+    cost[c.makespan] = 1.0
+    binary = np.ones(c.count)
+    binary[c.k * c.h:c.makespan + 1] = 0
+    result = scipy_milp(cost, integrality=binary, bounds=Bounds(low, high),
+                        constraints=LinearConstraint(matrix.tocsr(), [r[1] for r in rows], [r[2] for r in rows]))
+    assert result.status == 0
+    assert result.fun / SCALE == pytest.approx(simulate(inst, fcfs), rel=1e-6)
