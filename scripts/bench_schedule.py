@@ -83,7 +83,7 @@ def paper_cell(model: str, scenario: int, clients: int, helpers: int, mode: str,
         bound = lower_bound(inst)
         tighter = ours > bound * (1 + INTEGRAL_ABOVE)   # worth the MILP's seconds
         if tighter:
-            bound = integral_bound(inst, INTEGRAL_SECONDS)
+            bound = integral_bound(inst, INTEGRAL_SECONDS, cap=bound)
         return {"ours": ours, "random": rand, "greedy": greedy, "bound": bound, "seconds": seconds,
                 "integral": tighter}
     runs = [run(seed) for seed in range(seeds)]

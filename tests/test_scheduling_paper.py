@@ -2,9 +2,11 @@
 counted on every helper, and the lower bound checked against the exact optimum on them."""
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from pipeline.scheduling import lower_bound, milp, paper, simulate, solve
+from pipeline.scheduling import Instance, lower_bound, milp, paper, simulate, solve
 from pipeline.scheduling.baselines import fcfs_schedule
 from pipeline.scheduling.bounds import integral_bound
 from pipeline.scheduling.exact import by_client_sets
@@ -162,3 +164,52 @@ def test_fcfs_and_the_milp_agree_on_the_fcfs_schedule(model, scenario, seed):
                         constraints=LinearConstraint(matrix.tocsr(), [r[1] for r in rows], [r[2] for r in rows]))
     assert result.status == 0
     assert result.fun / SCALE == pytest.approx(simulate(inst, fcfs), rel=1e-6)
+
+
+@pytest.mark.parametrize("key", ["vgg19_cifar/2/20/5", "resnet101_cifar/1/20/10", "resnet101_cifar/2/7/3"])
+def test_every_value_equals_the_sources_own_output(key):
+    """Every array create_scenario returned (and the assignment random_benchmark drew), saved from the source."""
+    import json
+    from pathlib import Path
+
+    want = json.loads((Path(__file__).parent / "data" / "paper_source_instances.json").read_text())["instances"][key]
+    model, scenario, clients, helpers = key.split("/")
+    k, h = int(clients), int(helpers)
+    p = paper.generate(model, k, h, int(scenario))
+    pairs = [(j, i) for j in range(k) for i in range(h)]
+    assert [slots(p, "release", j, i) for j, i in pairs] == [want["release_date"][j][i] for j, i in pairs]
+    assert [slots(p, "forward", j, i) for j, i in pairs] == [want["proc"][j][i] for j, i in pairs]
+    assert [slots(p, "backward", j, i) for j, i in pairs] == [want["proc_bck"][j][i] for j, i in pairs]
+    assert [slots(p, "delay", j, i) for j, i in pairs] == \
+        [want["trans_back"][j][i] + want["proc_local"][j] + want["release_date_back"][j][i] for j, i in pairs]
+    assert [slots(p, "tail", j, i) for j, i in pairs] == \
+        [want["trans_back_gradients"][j][i] + want["proc_local_back"][j] for j, i in pairs]
+    assert paper.random_assignment(k, h) == want["random_y"]
+
+
+def tiny(seed: int) -> Instance:
+    """3-4 clients, 2 helpers, integer times from 0 (zero-length tasks included), memory sometimes tight."""
+    rng = random.Random(seed)
+    k = rng.randint(3, 4)
+    table = lambda hi: tuple(tuple(float(rng.randint(0, hi)) for _ in range(2)) for _ in range(k))
+    demand = tuple(float(rng.randint(1, 2)) for _ in range(k))
+    return Instance(release=table(10), forward=table(6), delay=table(10), backward=table(8), tail=table(10),
+                    demand=demand, capacity=(sum(demand) - (1 if seed % 3 == 0 else 0),) * 2)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_exact_order_bounds_and_client_sets_against_brute_force(seed):
+    """Independent of milp: brute force tries every assignment and every task order."""
+    from pipeline.scheduling import brute_force
+    from pipeline.scheduling.exact import _best_sequence
+    from pipeline.scheduling.sequencing import exact_order
+
+    inst = tiny(seed)
+    optimum = simulate(inst, brute_force(inst))
+    assert lower_bound(inst) <= integral_bound(inst) <= optimum * (1 + 1e-9)
+    sets, proven = by_client_sets(inst)
+    assert proven and simulate(inst, sets) == pytest.approx(optimum)
+    for h in range(2):
+        clients = tuple(range(inst.clients))
+        value, order, complete = exact_order(inst, h, [(j, kind) for j in clients for kind in (0, 1)])
+        assert complete and value == pytest.approx(_best_sequence(inst, h, clients)[0])

@@ -63,8 +63,9 @@ def register(subparsers) -> None:
     p.add_argument("--scenario", type=int, choices=(1, 2), default=1,
                    help="1: low heterogeneity (profiled times), 2: high (times drawn between the "
                         "profiled extremes) (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the scenario and the random baseline (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the scenario and the random baseline (default: 0; with --paper-compatible 42, the "
+                        "paper's)")
     p.add_argument("--cuts", type=_cuts, default=None, metavar="A,B",
                    help="clients keep layers [0,A) and [B,L); helpers run [A,B) "
                         "(default: 3,33 for ResNet-101, 3,L-4 otherwise)")
@@ -78,6 +79,7 @@ def register(subparsers) -> None:
     p.add_argument("--fix-sampler", action="store_true",
                    help="with --paper-compatible, scenario 2: fix the source's sampler quirks (part-1 backward "
                         "always 0; part-3 ranges from jetson-cpu's part 1)")
+    # (--memory-slack is ours alone: the paper's helpers have room for every client)
     p.add_argument("--exact-time-limit", type=float, default=60.0, metavar="SECONDS",
                    help="time limit of the exact MILP (default: %(default)s)")
     p.add_argument("--json", action="store_true",
@@ -89,6 +91,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     transfers = args.transfers or ("paper" if args.paper_compatible else "physical")
+    if args.seed is None:
+        args.seed = 42 if args.paper_compatible else 0
     factor = PAPER_KIB_TO_MBIT if transfers == "paper" else KIB_TO_MBIT
     if args.fix_sampler and not args.paper_compatible:
         print("splitring schedule: --fix-sampler needs --paper-compatible", file=sys.stderr)
@@ -103,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
                                    memory_slack=args.memory_slack, kib_to_mbit=factor), None
     except (FileNotFoundError, ValueError) as e:
         print(f"splitring schedule: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"splitring schedule: profile {args.profile} has no device {e}", file=sys.stderr)
         return 2
     c = compare(inst, args.seed, exact_time_limit=args.exact_time_limit, random_assignment=drawn)
     if args.json:

@@ -11,8 +11,8 @@ under necessary conditions on the makespan T:
 A helper's constant (min release + min tail) only holds if some task of S is on it; for an empty S it
 must not exceed a bound already known (every client's shortest path, then the previous LP's optimum), so
 each constant is capped by that, and the LP is solved again with the higher cap until it stops rising.
-Before the per-set constraints, this bound was up to 26% below what ours reached on ResNet-101 scenario 1
-(the backward tasks wait the clients' long part-3 delay, which one helper-wide constraint cannot see).
+The per-set constraints matter where backward tasks wait a long part-3 delay (ResNet-101 scenario 1), which
+one helper-wide constraint cannot see.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import os
 import sys
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, linprog, milp
+from scipy.optimize import Bounds, LinearConstraint, linprog
+from scipy.optimize import milp as scipy_milp
 from scipy.sparse import coo_matrix, csr_matrix
 
 from pipeline.scheduling.instance import Instance
@@ -35,7 +36,7 @@ def lower_bound(inst: Instance) -> float:
         value = _solve(inst, cap)
         if value <= cap * (1 + 1e-9):
             return max(value, cap)
-        cap = value
+        cap = value * (1 - 1e-9)   # HiGHS's own tolerance must not lift the cap over the optimum
     return cap
 
 
@@ -59,17 +60,17 @@ def quiet_stdout():
             os.close(saved)
 
 
-def integral_bound(inst: Instance, time_limit: float = 10.0) -> float:
+def integral_bound(inst: Instance, time_limit: float = 10.0, cap: float | None = None) -> float:
     """A tighter bound: the same conditions with each client wholly on one helper (a MILP over the
     assignment; HiGHS's proven bound when the time limit stops it). The LP spreads a client's work over
     helpers, which on a few clients per helper can hide a whole client's backward (VGG-19 scenario 1)."""
-    cap = lower_bound(inst)
-    cost, a_ub, b_ub, a_eq, n = _rows(inst, cap)
+    cap = lower_bound(inst) if cap is None else cap   # cap: lower_bound(inst), if known
+    cost, a_ub, b_ub, a_eq, n = _program(inst, cap)
     k, h = inst.clients, inst.helpers
     integrality = np.zeros(n)
     integrality[:k * h] = 1
     with quiet_stdout():
-        result = milp(cost, constraints=[LinearConstraint(a_ub, -np.inf, b_ub), LinearConstraint(a_eq, 1.0, 1.0)],
+        result = scipy_milp(cost, constraints=[LinearConstraint(a_ub, -np.inf, b_ub), LinearConstraint(a_eq, 1.0, 1.0)],
                       integrality=integrality, bounds=Bounds(np.zeros(n), np.r_[np.ones(k * h), np.inf]),
                       options={"time_limit": time_limit})
     if result.mip_dual_bound is None or not np.isfinite(result.mip_dual_bound):
@@ -78,7 +79,7 @@ def integral_bound(inst: Instance, time_limit: float = 10.0) -> float:
 
 
 def _solve(inst: Instance, cap: float) -> float:
-    cost, a_ub, b_ub, a_eq, n = _rows(inst, cap)
+    cost, a_ub, b_ub, a_eq, n = _program(inst, cap)
     result = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(inst.clients),
                      bounds=[(0, 1)] * (n - 1) + [(0, None)], method="highs")
     if result.status != 0:
@@ -86,7 +87,7 @@ def _solve(inst: Instance, cap: float) -> float:
     return float(result.fun)
 
 
-def _rows(inst: Instance, cap: float):
+def _program(inst: Instance, cap: float):
     """The program: cost, A_ub, b_ub, A_eq (each client's shares sum to 1), columns."""
     k, h = inst.clients, inst.helpers
     release, fwd, delay, bwd, tail = (np.array(a) for a in (inst.release, inst.forward, inst.delay,

@@ -1,4 +1,5 @@
-"""Exact methods for small instances: a MILP solved by HiGHS, and brute force for tiny ones.
+"""Exact methods: a MILP solved by HiGHS for small instances, set partitioning over exactly ordered client
+sets when helpers serve few clients each (any K), and brute force for tiny ones.
 
 Both return semi-active schedules: the optimal task order on each helper, every task as early as
 that order allows. For a fixed order no schedule ends sooner, so nothing is lost.
@@ -135,7 +136,7 @@ def by_client_sets(inst: Instance, time_limit: float = 300.0, max_columns: int =
             for s in level:
                 for j in range((s[-1] + 1) if s else 0, inst.clients):
                     c = s + (j,)
-                    if c in grown or sum(inst.demand[i] for i in c) > inst.capacity[h] or \
+                    if sum(inst.demand[i] for i in c) > inst.capacity[h] or \
                             not all(c[:i] + c[i + 1:] in level for i in range(len(c))):
                         continue
                     value, order, proven = exact_order(inst, h, best_dispatch(inst, h, c)[1], nodes=2_000_000)

@@ -50,6 +50,8 @@ class Instance:
                 raise ValueError(f"{f} must be {k} clients x {h} helpers")
             if any(v < 0 or not math.isfinite(v) for r in rows for v in r):
                 raise ValueError(f"{f} holds a negative or non-finite time")
+        if any(v < 0 or not math.isfinite(v) for v in self.demand + self.capacity):
+            raise ValueError("memory demands and capacities must be finite and not negative")
 
     @property
     def clients(self) -> int:

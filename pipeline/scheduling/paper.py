@@ -8,7 +8,8 @@ jtirana98/SFL-workflow-optimization, release v1.0.1 (tag Latest-algo2): `util_fi
   class by class (a pair drawn by rejection among the unused ones, then its Mbit/s), H helper types, K client
   types, then scenario 2's samples;
 - link classes 1-4, 5-10, 11-15, 16-20 Mbit/s at 30/42/12/28% of the pairs, floored; the 11-15 class then
-  takes K*H minus all four counts, which is 0 in every cell of the paper's grid (the shares add up to 112%);
+  takes K*H minus the other three counts, which is 0 in every cell of the paper's grid (the shares add up
+  to 112%);
 - helpers among {VM, laptop}; scenario 1's clients among {d1, d2} only; a part's time is the sum of its
   layers' ms in layer order (backward: backward + update of each layer);
 - scenario 2: K values per client quantity drawn between the int-truncated extremes over the four client
@@ -17,11 +18,12 @@ jtirana98/SFL-workflow-optimization, release v1.0.1 (tag Latest-algo2): `util_fi
   the part-1 backward is always 0 (it reads an all-zero array) and part 3's ranges take jetson-cpu's
   part-1 times;
 - transfers `kib * 0.0008 / mbps * 1000` ms (`kib_to_mbit=PAPER_KIB_TO_MBIT`; 1 KiB is 0.008192 Mbit:
-  `KIB_TO_MBIT` for physically correct transfers), the same size both ways, the cut's last layer's output;
+  `instance.KIB_TO_MBIT` for physically correct transfers), the same size both ways, the cut's last layer's output;
 - every helper has room for all K clients;
 - integer slots: every time x becomes ceil(x * 100 / m), m the largest client-side value rounded to an integer
   (release dates, part-3 work with the uplink, part-3 forward, part-1 backward, downlinks; not the helpers'
   part 2), and helper tasks take at least one slot. One slot lasts m / 100 ms.
+- memory in MB as the source counts it (only relative sizes matter: every helper has room for everyone).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.device_profiles import ComputeProfile, load_compute, load_memory
-from pipeline.scheduling.instance import KIB_TO_MBIT, PAPER_KIB_TO_MBIT, Instance, transfer_ms
+from pipeline.scheduling.instance import PAPER_KIB_TO_MBIT, Instance, transfer_ms
 
 SLOTS = 100                         # the source's max_slot
 LINK_CLASSES = ((1, 4, 30), (5, 10, 42), (11, 15, 12), (16, 20, 28))   # Mbit/s range, percent of pairs

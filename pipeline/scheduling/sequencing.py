@@ -173,7 +173,7 @@ def exact_order(inst: Instance, h: int, seq: Sequence, nodes: int = 20_000) -> t
         starts = sorted((ready(task, t, ends), k) for k, task in enumerate(todo))
         first_end = min(s + duration[todo[k]] for s, k in starts)
         for start, k in starts:
-            if start >= first_end:
+            if start > first_end:
                 break   # only active schedules: no task starts after another could have ended
             (j, kind), rest = todo[k], todo[:k] + todo[k + 1:]
             finish = start + duration[j, kind]
