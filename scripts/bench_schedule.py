@@ -12,8 +12,7 @@ its plotted makespans; paper mode), seed42_makespans_s, integral_bounds (seeds w
 one). The bound is the LP's, or where ours ends over 3% above it the integral bound (bounds.py).
 
 --exact-cell MODEL,SCENARIO,K,H [--mode paper|physical]: per seed of that cell, ours against the exact optimum
-(exact.by_client_sets, minutes per instance; exact_bound: its proven bound when its time limit stops it) and
-both other bounds.
+(exact.by_client_sets, minutes per instance) and both bounds.
 
 For each setting (K=50 with H in {5, 10}; K=100 with H in {1, 2, 5, 10, 20, 25}), both scenarios and
 seeds 0..N-1: generate the instance, run random+FCFS, balanced-greedy+FCFS and ours, check each
@@ -121,10 +120,10 @@ def exact_cell(cell: str, seeds: int, mode: str) -> None:
         inst = paper.generate(f"{model}_cifar", int(clients), int(helpers), int(scenario), seed,
                               kib_to_mbit=MODES[mode]).instance
         t0 = time.perf_counter()
-        schedule, proven, bound = by_client_sets(inst, time_limit=240)
+        schedule, proven = by_client_sets(inst, time_limit=240)
         print(json.dumps({"model": model, "scenario": int(scenario), "clients": int(clients), "helpers": int(helpers),
                           "mode": mode, "seed": seed, "ours": simulate(inst, solve(inst)),
-                          "exact": simulate(inst, schedule), "proven": proven, "exact_bound": bound,
+                          "exact": simulate(inst, schedule), "proven": proven,
                           "integral_bound": integral_bound(inst, INTEGRAL_SECONDS), "lp_bound": lower_bound(inst),
                           "seconds": time.perf_counter() - t0}), flush=True)
 

@@ -117,7 +117,7 @@ def milp(inst: Instance, time_limit: float = 60.0) -> tuple[Schedule, bool]:
 
 
 def by_client_sets(inst: Instance, time_limit: float = 300.0, max_columns: int = 200_000,
-                   slack: float = 0.0) -> tuple[Schedule, bool, float]:
+                   slack: float = 0.0) -> tuple[Schedule, bool]:
     """The optimal schedule when helpers serve few clients each, and whether it is proven optimal.
 
     Once clients are assigned, helpers are independent. So enumerate, per helper, every client set it can
@@ -125,10 +125,7 @@ def by_client_sets(inst: Instance, time_limit: float = 300.0, max_columns: int =
     sequencing.exact_order), growing sets only from sets that qualify (a superset never ends sooner); then a
     MILP picks one set per helper covering every client with the least makespan. Exact as long as every
     order is proven and the columns fit `max_columns`; otherwise it returns ours, not proven. `slack` admits
-    sets up to that fraction above ours too (tests use it to make the MILP choose). Also returns a proven
-    lower bound on the optimum: the makespan when proven; when the time limit stops HiGHS, its bound (every
-    schedule ending before `upper` is among the columns, so the optimum is at least min(that, upper));
-    else bounds.lower_bound."""
+    sets up to that fraction above ours too (tests use it to make the MILP choose)."""
     heuristic = ours.solve(inst)
     upper = simulate(inst, heuristic) * (1 + slack)
     columns: list[tuple[int, tuple[int, ...], float, Sequence]] = []
@@ -144,16 +141,16 @@ def by_client_sets(inst: Instance, time_limit: float = 300.0, max_columns: int =
                         continue
                     value, order, proven = exact_order(inst, h, best_dispatch(inst, h, c)[1], nodes=2_000_000)
                     if not proven:
-                        return heuristic, False, lower_bound(inst)
+                        return heuristic, False
                     if value < upper * (1 - 1e-12):
                         grown[c] = (value, order)
             columns += [(h, c, v, order) for c, (v, order) in grown.items()]
             if len(columns) > max_columns:
-                return heuristic, False, lower_bound(inst)
+                return heuristic, False
             level = grown
     n = len(columns)
     if n == 0:
-        return heuristic, True, upper   # no set ends sooner anywhere: ours is optimal
+        return heuristic, True   # no set ends sooner anywhere: ours is optimal
     k, hs = inst.clients, inst.helpers
     matrix = lil_matrix((k + hs + n, n + 1))
     for col, (h, c, value, _) in enumerate(columns):
@@ -170,19 +167,17 @@ def by_client_sets(inst: Instance, time_limit: float = 300.0, max_columns: int =
                             constraints=LinearConstraint(matrix.tocsr(), low, high),
                             options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
     if result.status == 2:   # infeasible: no assignment ends before ours
-        return heuristic, True, upper
-    dual = getattr(result, "mip_dual_bound", None)
-    bound = min(dual / SCALE, upper) if dual is not None and np.isfinite(dual) else lower_bound(inst)
+        return heuristic, True
     if result.x is None:
-        return heuristic, False, bound
+        return heuristic, False
     assignment, sequences = [0] * k, [[] for _ in range(hs)]
     for col, (h, c, _, order) in enumerate(columns):
         if result.x[col] > 0.5:
             for j in c:
                 assignment[j] = h
             sequences[h] = order
-    best = min((to_schedule(inst, assignment, sequences), heuristic), key=lambda s: simulate(inst, s))
-    return (best, True, simulate(inst, best)) if result.status == 0 else (best, False, bound)
+    found = to_schedule(inst, assignment, sequences)
+    return min((found, heuristic), key=lambda s: simulate(inst, s)), result.status == 0
 
 
 def _best_sequence(inst: Instance, h: int, clients: tuple[int, ...]) -> tuple[float, Sequence]:
