@@ -7,6 +7,7 @@ that order allows. For a fixed order no schedule ends sooner, so nothing is lost
 from __future__ import annotations
 
 import itertools
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -122,9 +123,10 @@ def by_client_sets(inst: Instance, time_limit: float = 300.0, max_columns: int =
 
     Once clients are assigned, helpers are independent. So enumerate, per helper, every client set it can
     serve within memory and finish before ours' makespan, each with its shortest order (branch and bound,
-    sequencing.exact_order), growing sets only from sets that qualify (a superset never ends sooner); then a
-    MILP picks one set per helper covering every client with the least makespan. Exact as long as every
-    order is proven and the columns fit `max_columns`; otherwise it returns ours, not proven. `slack` admits
+    sequencing.exact_order), growing sets only from sets that qualify (a superset never ends sooner); then the
+    least makespan limit under which the sets can cover every client, one per helper (bisection, each step an
+    exact-cover MILP). Exact as long as every order and every step is decided and the columns fit
+    `max_columns`; otherwise it returns the best found, not proven. `slack` admits
     sets up to that fraction above ours too (tests use it to make the MILP choose)."""
     heuristic = ours.solve(inst)
     upper = simulate(inst, heuristic) * (1 + slack)
@@ -148,36 +150,59 @@ def by_client_sets(inst: Instance, time_limit: float = 300.0, max_columns: int =
             if len(columns) > max_columns:
                 return heuristic, False
             level = grown
-    n = len(columns)
-    if n == 0:
+    if not columns:
         return heuristic, True   # no set ends sooner anywhere: ours is optimal
-    k, hs = inst.clients, inst.helpers
-    matrix = lil_matrix((k + hs + n, n + 1))
-    for col, (h, c, value, _) in enumerate(columns):
+    # The least limit whose sets (makespan <= limit) cover every client, one set per helper: bisection over the
+    # sets' makespans, each step a pure exact-cover MILP, which HiGHS decides fast (a makespan objective over
+    # the sets would relax to nothing: T >= makespan x fractional choice).
+    limits = sorted({value for _, _, value, _ in columns})
+    low, high, chosen, steps = 0, len(limits) - 1, None, max(1, math.ceil(math.log2(len(limits) + 1)) + 1)
+    while low <= high:
+        mid = (low + high) // 2
+        found = _cover(inst, [col for col in columns if col[2] <= limits[mid]], time_limit / steps)
+        if found is None:   # HiGHS stopped before deciding
+            break
+        if found:
+            chosen, high = found, mid - 1
+        else:
+            low = mid + 1
+    else:
+        if chosen is None:
+            return heuristic, True   # no cover ends before ours
+        return _schedule_of(inst, chosen, heuristic), True
+    return (_schedule_of(inst, chosen, heuristic) if chosen else heuristic), False
+
+
+def _cover(inst: Instance, columns: list, time_limit: float) -> list | bool | None:
+    """One set per helper covering every client from `columns`: the chosen columns, False if none, None if
+    HiGHS stopped before deciding."""
+    if not columns:
+        return False
+    k, hs, n = inst.clients, inst.helpers, len(columns)
+    matrix = lil_matrix((k + hs, n))
+    for col, (h, c, _, _) in enumerate(columns):
         for j in c:
             matrix[j, col] = 1.0
         matrix[k + h, col] = 1.0
-        matrix[k + hs + col, col], matrix[k + hs + col, n] = value * SCALE, -1.0   # T >= the set's makespan
-    low = np.r_[np.ones(k), np.zeros(hs), np.full(n, -np.inf)]
-    high = np.r_[np.ones(k), np.ones(hs), np.zeros(n)]
-    cost = np.zeros(n + 1)
-    cost[n] = 1.0
     with quiet_stdout():
-        result = scipy_milp(cost, integrality=np.r_[np.ones(n), 0.0], bounds=Bounds(0.0, np.r_[np.ones(n), np.inf]),
-                            constraints=LinearConstraint(matrix.tocsr(), low, high),
-                            options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
-    if result.status == 2:   # infeasible: no assignment ends before ours
-        return heuristic, True
+        result = scipy_milp(np.zeros(n), integrality=np.ones(n), bounds=Bounds(0.0, 1.0),
+                            constraints=LinearConstraint(matrix.tocsr(), np.r_[np.ones(k), np.zeros(hs)],
+                                                         np.r_[np.ones(k), np.ones(hs)]),
+                            options={"time_limit": max(time_limit, 1.0)})
+    if result.status == 2:
+        return False
     if result.x is None:
-        return heuristic, False
-    assignment, sequences = [0] * k, [[] for _ in range(hs)]
-    for col, (h, c, _, order) in enumerate(columns):
-        if result.x[col] > 0.5:
-            for j in c:
-                assignment[j] = h
-            sequences[h] = order
-    found = to_schedule(inst, assignment, sequences)
-    return min((found, heuristic), key=lambda s: simulate(inst, s)), result.status == 0
+        return None
+    return [col for i, col in enumerate(columns) if result.x[i] > 0.5]
+
+
+def _schedule_of(inst: Instance, chosen: list, heuristic: Schedule) -> Schedule:
+    assignment, sequences = [0] * inst.clients, [[] for _ in range(inst.helpers)]
+    for h, c, _, order in chosen:
+        for j in c:
+            assignment[j] = h
+        sequences[h] = order
+    return min((to_schedule(inst, assignment, sequences), heuristic), key=lambda s: simulate(inst, s))
 
 
 def _best_sequence(inst: Instance, h: int, clients: tuple[int, ...]) -> tuple[float, Sequence]:
