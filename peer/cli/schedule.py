@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyError as e:
         print(f"splitring schedule: profile {args.profile} has no device {e}", file=sys.stderr)
         return 2
-    c = compare(inst, args.seed, exact_time_limit=args.exact_time_limit, random_assignment=drawn)
+    c = compare(inst, args.seed, exact_time_limit=args.exact_time_limit, drawn=drawn)
     if args.json:
         out = {"profile": args.profile, "clients": args.clients, "helpers": args.helpers,
                "scenario": args.scenario, "seed": args.seed, "paper_compatible": args.paper_compatible,

@@ -50,17 +50,17 @@ def _checked(inst: Instance, solve: Callable[[], Schedule]) -> Result:
 
 
 def compare(inst: Instance, seed: int, with_exact: bool | None = None, exact_time_limit: float = 60.0,
-            random_assignment: list[int] | None = None) -> Comparison:
-    """All methods on `inst`; `seed` drives the random baseline (or it takes `random_assignment`, such as the
+            drawn: list[int] | None = None) -> Comparison:
+    """All methods on `inst`; `seed` drives the random baseline (or it takes the assignment `drawn`, such as the
     paper's source draws). The exact MILP runs when `with_exact` is True, or when it is None and the
     instance is small enough."""
     exact_result, optimal = None, None
     if small_enough(inst) if with_exact is None else with_exact:
         (schedule, optimal), seconds = _timed(lambda: exact.milp(inst, exact_time_limit))
         exact_result = Result(simulate(inst, schedule), seconds)
-    if random_assignment is None:
-        random_assignment = baselines.random_assignment(inst, seed)
-    return Comparison(random=_checked(inst, lambda: baselines.fcfs_schedule(inst, random_assignment)),
+    if drawn is None:
+        drawn = baselines.random_assignment(inst, seed)
+    return Comparison(random=_checked(inst, lambda: baselines.fcfs_schedule(inst, drawn)),
                       balanced_greedy=_checked(inst, lambda: baselines.balanced_greedy_fcfs(inst)),
                       ours=_checked(inst, lambda: ours.solve(inst)),
                       lower_bound=lower_bound(inst), exact=exact_result, exact_optimal=optimal)
