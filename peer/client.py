@@ -60,12 +60,13 @@ class PeerClient:
         except ProtocolError as e:
             raise JobError(f"peer {peer['peer']}: {e.message}") from None
 
-    async def stream(self, peer: dict, name: str, **fields) -> AsyncIterator[dict]:
+    async def stream(self, peer: dict, name: str, params: dict | None = None, **fields) -> AsyncIterator[dict]:
         """Make the declared streaming call `name` and yield its checked events (no deadline: a pass takes
-        what it takes; failures are reported in the stream, or break it). A refusal yields one error."""
+        what it takes; the coordinator's heartbeats watch the peer meanwhile; failures are reported in the
+        stream, or break it). A refusal yields one error."""
         call = CALLS[name]
-        body = await self.codec.encode(message(call.request, **fields))
-        async with self.session.request(call.method, peer["url"] + call.path, data=body, headers=CBOR,
+        body = await self.codec.encode(message(call.request, **fields)) if call.request else None
+        async with self.session.request(call.method, peer["url"] + call.url_path(**(params or {})), data=body, headers=CBOR,
                                         timeout=aiohttp.ClientTimeout(total=None)) as r:
             if r.status != 200:
                 yield {"error": f"refused {call.path}: {(await r.json()).get('message')}", "cause": "job"}

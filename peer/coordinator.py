@@ -11,6 +11,7 @@ import time
 import uuid
 
 from collections import deque
+from dataclasses import asdict, dataclass, field
 
 import aiohttp
 import torch
@@ -18,7 +19,7 @@ import torch
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.models import footprint, input_shape, spec_hash
-from pipeline.jobplan import Facts, JobPlan, reporting_programs
+from pipeline.jobplan import Facts, JobPlan, facts_from_dict, facts_to_dict, reporting_programs
 from pipeline.planner import Device, LayerCost, too_big
 from pipeline.profiling import microbatch_rows, optimizer_state_ratio
 from peer.limits import JOB_LIMITS
@@ -27,7 +28,8 @@ from peer.client import JobError, PeerClient, Unanswered
 log = logging.getLogger("splitring.coordinator")
 EVENTS_KEPT = 256   # a job's last events, for /jobs/ID and /status (listeners get every one as it happens)
 ECHO_S = 1.0        # after a stage's failure, how long to wait for the other stages' reports of it
-SILENT_S = 2.0      # a peer that does not answer /status within this is named as the silent one
+SILENT_S = 2.0      # a peer that does not answer a heartbeat within this is named as the silent one
+MAX_RECOVERIES = 32  # peers lost in one job before it stops (resumable) rather than roll back again
 
 
 class Coordinator:
@@ -36,15 +38,27 @@ class Coordinator:
     finished model goes to the state dir (served from disk)."""
 
     def __init__(self, cfg: JobConfig, me: dict, view, client: PeerClient, save_model,
-                 job: str | None = None, sizes: list[tuple[tuple[int, ...], int]] | None = None):
+                 job: str | None = None, sizes: list[tuple[tuple[int, ...], int]] | None = None,
+                 journal: dict | None = None):
         """me: this peer ({"peer", "url", "memory_budget"}); view: who else is in the ring (peers(), conflicts,
         missing(), as peer.discovery.Discovery); client: calls to peers (peer.client.PeerClient);
-        save_model(job, state_dict) -> path: where a finished model goes."""
+        save_model(job, state_dict) -> path: where a finished model goes; journal: a job's journal, to resume
+        it from its last commit."""
         self.cfg, self.me, self.view, self.client, self.save_model = cfg, me, view, client, save_model
-        self.job = job or uuid.uuid4().hex[:12]
+        self.job = journal["job"] if journal else (job or uuid.uuid4().hex[:12])
+        self.journal = journal
+        self.attempt = journal["attempt"] + 1 if journal else 0   # resumptions: a new attempt after each failure
+        self.prepared = False     # every peer has a runtime of this attempt
+        self.facts: Facts | None = None
+        self.progress = Progress()
+        self.watched: list[dict] = []   # the peers heartbeaten (see _watched)
+        self.recoveries: list[dict] = (journal or {}).get("recoveries", [])
+        self.lost_at: float | None = None
+        self.stop_reason = "job stopped"
         self.sizes = sizes if sizes is not None else footprint(cfg.model)   # per layer: output shape, param bytes
         self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
         self.listeners: set[asyncio.Queue] = set()
+        self.observers: list = []   # callables given each event as it is emitted (the agent's metrics)
         self.ring: list[dict] = []
         self.summary: dict | None = None
         self.staleness: list[int] = []   # fast-async: how many steps had forward weights 0, 1, ... steps old
@@ -57,6 +71,8 @@ class Coordinator:
         self.events.append(event)
         for q in self.listeners:
             q.put_nowait(event)
+        for observe in self.observers:
+            observe(event)
 
     # --- calls to peers -----------------------------------------------------------------------
     async def call_all(self, peers: list[dict], name: str, **fields) -> list[dict]:
@@ -128,7 +144,7 @@ class Coordinator:
         try:
             await self._run(t0)
         except asyncio.CancelledError:
-            await self._fail("job cancelled")
+            await self._stop(self.stop_reason)
             raise
         except Unanswered as e:   # a call that timed out: name whichever peer stopped answering
             await self._fail(str(await self.root_cause([e], self.ring)))
@@ -143,70 +159,253 @@ class Coordinator:
         (else whoever follows the job would wait for it forever)."""
         try:
             await self._abort(reason)
+            await self._record("failed", error=reason)
         finally:
             self.emit({"event": "failed", "job": self.job, "error": reason})
+
+    async def _stop(self, reason: str):
+        """A stop asked for (Ctrl-C, `splitring cancel`): free every stage, keep the journal: resumable."""
+        try:
+            await self._abort(reason)
+            await self._record("stopped", error=reason)
+        finally:
+            rotation = self.journal["rotation"] if self.journal else None
+            self.emit({"event": "stopped", "job": self.job, "rotation": rotation, "reason": reason,
+                       "resumable": self.journal is not None})
 
     async def _abort(self, reason: str):
         await asyncio.gather(*(self.client.call(p, "abort", timeout=5, job=self.job, reason=reason)
                                for p in self.ring), return_exceptions=True)
 
+    # --- watching the peers of a job ------------------------------------------------------------
+    async def _watched(self, coro):
+        """Run coro while heartbeating the peers in self.watched; a peer that answers none for the job's
+        peer_timeout, or answers that it no longer knows the job (restarted), ends coro with PeerLost."""
+        lost = asyncio.get_running_loop().create_future()
+        self.watched = []
+        watch = asyncio.create_task(self._watch(lost))
+        work = asyncio.create_task(coro)
+        try:
+            await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                raise lost.result()
+            return work.result()
+        finally:
+            watch.cancel()
+            work.cancel()
+
+    async def _watch(self, lost: asyncio.Future) -> None:
+        timeout = self.cfg.peer_timeout
+        every = min(1.0, timeout / 4)
+        heard: dict[str, float] = {}
+        beats: set[asyncio.Task] = set()
+
+        async def beat(p: dict):
+            try:
+                r = await self.client.call(p, "heartbeat", timeout=timeout / 2, job=self.job)
+            except JobError:
+                return
+            if r["known"]:
+                heard[p["peer"]] = time.monotonic()
+            elif not lost.done():
+                lost.set_result(PeerLost(p["peer"], "no longer runs the job (it restarted)"))
+
+        try:
+            while not lost.done():
+                now = time.monotonic()
+                for p in self.watched:
+                    last = heard.setdefault(p["peer"], now)
+                    if now - last > timeout and not lost.done():
+                        lost.set_result(PeerLost(p["peer"], f"answered no heartbeat for {now - last:.1f} s (peer_timeout "
+                                                            f"{timeout:.0f} s): hung, stopped or cut off"))
+                for p in self.watched:
+                    task = asyncio.create_task(beat(p))
+                    beats.add(task)
+                    task.add_done_callback(beats.discard)
+                await asyncio.sleep(every)
+        finally:
+            for task in beats:
+                task.cancel()
+
+    # --- the journal ----------------------------------------------------------------------------
+    def journal_record(self, state: str, **extra) -> dict:
+        j = self.journal or {}
+        return {**j, "job": self.job, "state": state, "attempt": self.attempt, "coordinator": self.me["peer"],
+                "coordinator_url": self.me["url"], "config": self.cfg.to_dict(), "ring": self.ring,
+                "recoveries": self.recoveries, "updated": time.time(), **extra}
+
+    async def _record(self, state: str, **extra) -> None:
+        """Write the journal's state to every peer that answers (a stop or failure: best effort)."""
+        if self.journal is None:
+            return
+        self.journal = self.journal_record(state, **extra)
+        await asyncio.gather(*(self.client.call(p, "journal_put", timeout=5, job=self.job, journal=self.journal)
+                               for p in self.ring), return_exceptions=True)
+
+    async def _commit_journal(self, step, checksums: dict) -> None:
+        """The commit point: once every peer has checkpointed (and replicated) `step`, record it on every peer.
+        Rolling back means going back to the last such record."""
+        self.journal = self.journal_record("running", rotation=step.rotation, checksums=checksums,
+                                           progress=asdict(self.progress))
+        await self.call_all(self.ring, "journal_put", job=self.job, journal=self.journal)
+
+    # --- the job --------------------------------------------------------------------------------
     async def _run(self, t0: float) -> None:
-        cfg, n_layers = self.cfg, len(self.sizes)
+        """Attempts until the job ends: after a lost peer, the next attempt resumes from the last commit."""
+        if self.journal is not None:
+            await self._resume()
+        while True:
+            try:
+                await self._watched(self._attempt(t0))
+                return
+            except PeerLost as e:
+                if self.journal is None:   # lost before the job began: nothing to roll back to
+                    raise
+                await self._recover(e)
+
+    async def _begin(self) -> None:
+        """A new job: snapshot the ring, prepare and profile every peer, plan; the journal starts here."""
+        cfg = self.cfg
         self.ring = ring = await self.snapshot_ring()
         self.check_fits(ring)
-        by_id = {p["peer"]: p for p in ring}
         await self.call_all(ring, "prepare", job=self.job, config=cfg.to_dict(), ring=ring, coordinator=self.me["peer"],
                             spec_hash=spec_hash(cfg.model))
-        facts = await self.gather_facts(ring)
-        plan = JobPlan(cfg, facts)
-        passes = iter(plan)   # the first pass is planned here, so a plan that cannot run fails before "started"
-        first = next(passes)
-        self.emit({"event": "started", "job": self.job, "ring": list(facts.ring), "coordinator": self.me["peer"],
-                   "urls": {p["peer"]: p["url"] for p in ring}, "missing": self.view.missing(),
-                   "layers": n_layers, "samples": facts.samples, "config": cfg.to_dict(),
-                   "total_steps": plan.total_steps})
-        total_samples, last_loss, accuracy = 0, None, None
-        train_seconds, plans, steps_done, bytes_moved = 0.0, [], 0, 0
-        for step in itertools.chain([first], passes):
-            if len(plans) < JOB_LIMITS.summary_plans:
-                plans.append(step.to_dict())
-            bytes_moved += step.bytes_moved
-            self.emit({"event": "plan", **step.to_dict()})
-            if step.moves:
-                senders = sorted({src for _, src, _ in step.moves})
-                await self.call_all([by_id[s] for s in senders], "swap_send", job=self.job, rotation=step.rotation,
-                                    moves=[list(m) for m in step.moves])
-                self.emit({"event": "swap", "rotation": step.rotation, "layers_moved": len(step.moves),
-                           "bytes_moved": step.bytes_moved})
-            await self.call_all(ring, "commit", job=self.job, rotation=step.rotation, chain=step.active,
-                                ranges={p: list(v) for p, v in step.ranges.items()},
-                                head_samples=facts.samples[step.head], head_test_samples=facts.test_samples[step.head],
-                                backward_at=step.to_dict()["backward_at"])
+        self.prepared = True
+        self.watched = [p for p in ring if p["peer"] != self.me["peer"]]
+        self.facts = await self.gather_facts(ring)
+        plan = JobPlan(cfg, self.facts)
+        next(iter(plan))   # the first pass is planned here, so a plan that cannot run fails before "started"
+        self.emit_started(plan)
+        self.journal = self.journal_record("running", rotation=None, checksums={}, facts=facts_to_dict(self.facts),
+                                           progress=asdict(self.progress))
+        await self.call_all(ring, "journal_put", job=self.job, journal=self.journal)
+
+    async def _resume(self) -> None:
+        """A job resumed from its journal (`splitring train --resume`): the same ring, every peer back."""
+        j = self.journal
+        self.facts = facts_from_dict(j["facts"])
+        self.progress = Progress(**j["progress"])
+        self.ring = [dict(p) for p in j["ring"]]
+        for p in self.ring:
+            await self._rejoin(p["peer"])
+        self.emit_started(JobPlan(self.cfg, self.facts))
+        self.emit({"event": "resumed", "rotation": j["rotation"], "attempt": self.attempt})
+
+    def emit_started(self, plan: JobPlan) -> None:
+        self.emit({"event": "started", "job": self.job, "ring": list(self.facts.ring), "coordinator": self.me["peer"],
+                   "urls": {p["peer"]: p["url"] for p in self.ring}, "missing": self.view.missing(),
+                   "layers": len(self.sizes), "samples": self.facts.samples, "config": self.cfg.to_dict(),
+                   "total_steps": plan.total_steps, "done_steps": self.progress.steps, "attempt": self.attempt})
+
+    async def _attempt(self, t0: float) -> None:
+        """Run the job from its last commit to its end (the whole job on a first attempt)."""
+        try:
+            if self.journal is None:
+                await self._begin()
+            await self._passes(t0)
+        except (Unanswered, PassFailed) as e:
+            raise await self.root_cause([e], self.ring) from None
+
+    async def _passes(self, t0: float) -> None:
+        cfg, j, ring = self.cfg, self.journal, self.ring
+        by_id = {p["peer"]: p for p in ring}
+        if not self.prepared:
+            await self.call_all(ring, "prepare", job=self.job, config=cfg.to_dict(), ring=ring,
+                                coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model), attempt=self.attempt)
+            self.prepared = True
+        self.watched = [p for p in ring if p["peer"] != self.me["peer"]]
+        plan, committed = JobPlan(cfg, self.facts), j["rotation"]
+        prog = self.progress = Progress(**j["progress"])
+        for step in plan:
+            if committed is not None and step.rotation < committed:
+                continue
+            restore = j["checksums"] if step.rotation == committed else None
+            if restore is None:   # a pass not committed yet: plan it, swap into it, commit it
+                if len(prog.plans) < JOB_LIMITS.summary_plans:
+                    prog.plans.append(step.to_dict())
+                prog.bytes_moved += step.bytes_moved
+                self.emit({"event": "plan", **step.to_dict()})
+                if step.moves:
+                    senders = sorted({src for _, src, _ in step.moves})
+                    await self.call_all([by_id[s] for s in senders], "swap_send", job=self.job,
+                                        rotation=step.rotation, moves=[list(m) for m in step.moves])
+                    self.emit({"event": "swap", "rotation": step.rotation, "layers_moved": len(step.moves),
+                               "bytes_moved": step.bytes_moved})
+            replies = await self.call_all(ring, "commit", job=self.job, rotation=step.rotation, chain=step.active,
+                                          ranges={p: list(v) for p, v in step.ranges.items()},
+                                          head_samples=self.facts.samples[step.head],
+                                          head_test_samples=self.facts.test_samples[step.head],
+                                          backward_at=step.to_dict()["backward_at"],
+                                          **({"restore": restore} if restore else {}))
+            await self._commit_journal(step, {p["peer"]: r["checksum"] for p, r in zip(ring, replies)})
+            if restore is not None and self.lost_at is not None:
+                self.recoveries[-1]["recovery_s"] = time.monotonic() - self.lost_at
+                self.lost_at = None
             tp = time.perf_counter()
             steps, loss = await self._pass(step.active, by_id, step.rotation, "train", step.epoch, step.backward_at)
-            train_seconds += time.perf_counter() - tp
-            steps_done += steps
-            total_samples += facts.samples[step.head]
-            last_loss = loss if loss is not None else last_loss
+            prog.train_seconds += time.perf_counter() - tp
+            prog.steps += steps
+            prog.samples += self.facts.samples[step.head]
+            prog.last_loss = loss if loss is not None else prog.last_loss
             if step.ends_epoch:
-                accuracy = await self._evaluate(step.active, by_id, step.rotation) if step.evaluate else None
-                self.emit({"event": "epoch", "epoch": step.epoch + 1, "loss": last_loss, "accuracy": accuracy,
-                           "eval_peer": step.head if step.evaluate else None})
+                prog.accuracy = await self._evaluate(step.active, by_id, step.rotation) if step.evaluate else None
+                self.emit({"event": "epoch", "epoch": step.epoch + 1, "loss": prog.last_loss,
+                           "accuracy": prog.accuracy, "eval_peer": step.head if step.evaluate else None})
         model = await self._collect(ring)
         path = await asyncio.to_thread(self.save_model, self.job, model)
         del model
-        self.summary = {"job": self.job, "epochs": cfg.epochs, "final_loss": last_loss, "accuracy": accuracy,
-                        "samples": total_samples, "samples_per_s": total_samples / max(train_seconds, 1e-9),
+        self.summary = {"job": self.job, "epochs": cfg.epochs, "final_loss": prog.last_loss, "accuracy": prog.accuracy,
+                        "samples": prog.samples, "samples_per_s": prog.samples / max(prog.train_seconds, 1e-9),
                         "steady_samples_per_s": self.steady.rate,
-                        "seconds": time.perf_counter() - t0, "ring": list(facts.ring), "layers": n_layers,
-                        "passes": plan.passes, "seconds_per_step": train_seconds / max(steps_done, 1),
-                        "plans": plans, "bytes_moved": bytes_moved,
+                        "seconds": time.perf_counter() - t0, "ring": list(self.facts.ring), "layers": len(self.sizes),
+                        "passes": plan.passes, "seconds_per_step": prog.train_seconds / max(prog.steps, 1),
+                        "plans": prog.plans, "bytes_moved": prog.bytes_moved,
                         "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
                         "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress,
                         "max_staleness": cfg.max_staleness if cfg.scheme == "fast-async" else 0,
-                        "staleness": self.staleness, "model_file": str(path)}
+                        "staleness": self.staleness, "model_file": str(path),
+                        "attempts": self.attempt + 1, "recoveries": self.recoveries}
         await self.call_all(ring, "end", job=self.job)
+        await self._record("done", model_file=str(path))
         self.emit({"event": "done", "summary": self.summary})
+
+    # --- recovery -------------------------------------------------------------------------------
+    async def _recover(self, e: "PeerLost") -> None:
+        """Roll back to the last commit: free every stage, wait (rejoin_timeout) for the lost peer to come
+        back with its state dir, then the next attempt restores every stage from its checkpoint."""
+        self.lost_at = time.monotonic()
+        self.recoveries.append({"peer": e.peer, "error": str(e), "rotation": self.journal["rotation"],
+                                "attempt": self.attempt, "at": time.time()})
+        self.emit({"event": "lost", "peer": e.peer, "error": str(e)})
+        if len(self.recoveries) > MAX_RECOVERIES:
+            raise JobError(f"{len(self.recoveries)} peers lost in one job; the job stops here (resumable): {e}")
+        await self._abort(f"peer {e.peer} was lost; the job rolls back to its last commit")
+        self.prepared = False
+        self.emit({"event": "rollback", "rotation": self.journal["rotation"]})
+        await self._rejoin(e.peer)
+        self.attempt += 1
+        self.emit({"event": "resumed", "rotation": self.journal["rotation"], "attempt": self.attempt})
+
+    async def _rejoin(self, peer: str) -> None:
+        """Wait up to rejoin_timeout for a peer of the job to answer as itself, at its last address or any
+        address discovery has seen it at since; JobError (the job stays resumable) if it does not."""
+        entry = next(p for p in self.ring if p["peer"] == peer)
+        deadline = time.monotonic() + self.cfg.rejoin_timeout
+        while True:
+            urls = [entry["url"]] + [r.url for r in self.view.peers() if r.peer == peer and r.url != entry["url"]]
+            for url in urls:
+                if await self.client.status({"peer": peer, "url": url}, timeout=2) is not None:
+                    if entry["url"] != url:
+                        entry["url"] = url
+                    self.emit({"event": "rejoined", "peer": peer})
+                    return
+            if time.monotonic() > deadline:
+                raise JobError(f"peer {peer} did not come back within {self.cfg.rejoin_timeout:.0f} s; the job is "
+                               f"held at its last commit: restart that peer with its state dir and run "
+                               f"`splitring train --resume {self.job}`")
+            await asyncio.sleep(0.5)
 
     async def _pass(self, active: list[str], by_id: dict, rotation: int, mode: str, epoch: int,
                     remote: dict[int, int] | None = None) -> tuple[int, float | None]:
@@ -269,19 +468,25 @@ class Coordinator:
         return steps, loss
 
     async def root_cause(self, failures: list[Exception], peers: list[dict]) -> JobError:
-        """One error for a failed pass: a stage's own error (its peer and cause) if any stage reported one;
-        else the peers that no longer answer /status (hung, stopped or gone) named as the silent ones;
-        else the first report."""
-        own = [f for f in failures if isinstance(f, PassFailed) and f.cause == "job"]
-        if own:
-            return JobError(str(own[0]))
-        answers = await asyncio.gather(*(self.client.status(p, timeout=SILENT_S) for p in peers))
-        silent = [p["peer"] for p, st in zip(peers, answers) if st is None]
+        """One error for a failed pass or call: a peer that no longer answers (hung, stopped or gone) or no
+        longer runs the job (restarted) is lost (PeerLost: the job can recover); else a stage's own error
+        (its peer and cause) if any stage reported one; else the first report."""
+        async def alive(p: dict) -> bool | None:
+            try:
+                return (await self.client.call(p, "heartbeat", timeout=SILENT_S, job=self.job))["known"]
+            except JobError:
+                return None
+        answers = await asyncio.gather(*(alive(p) for p in peers if p["peer"] != self.me["peer"]))
+        others = [p for p in peers if p["peer"] != self.me["peer"]]
+        silent = [p["peer"] for p, a in zip(others, answers) if a is None]
         if silent:
-            return JobError(f"peer{'s' if len(silent) > 1 else ''} {', '.join(silent)} stopped answering (no "
-                            f"reply to /status within {SILENT_S:.0f} s: hung, stopped or unreachable); "
-                            f"reported: {failures[0]}")
-        return JobError(str(failures[0]))
+            return PeerLost(silent[0], f"stopped answering (no reply within {SILENT_S:.0f} s: hung, stopped or "
+                                       f"unreachable); reported: {failures[0]}")
+        restarted = [p["peer"] for p, a in zip(others, answers) if a is False]
+        if restarted:
+            return PeerLost(restarted[0], f"no longer runs the job (it restarted); reported: {failures[0]}")
+        own = [f for f in failures if isinstance(f, PassFailed) and f.cause == "job"]
+        return JobError(str(own[0] if own else failures[0]))
 
     async def _evaluate(self, active, by_id, rotation) -> float:
         await self._pass(active, by_id, rotation, "eval", 0)
@@ -294,6 +499,26 @@ class Coordinator:
             for i, params in (await self.client.layers(p, self.job)).items():
                 state.update({f"{i}.{k}": v.clone() for k, v in params.items()})
         return state
+
+
+class PeerLost(JobError):
+    """A peer of the job is gone, hung or restarted: the job rolls back to its last commit."""
+
+    def __init__(self, peer: str, text: str):
+        super().__init__(f"peer {peer} {text}")
+        self.peer = peer
+
+
+@dataclass
+class Progress:
+    """What a job has done, as of its last commit (kept in the journal, so a resumed job reports the whole)."""
+    samples: int = 0
+    steps: int = 0
+    train_seconds: float = 0.0
+    bytes_moved: int = 0
+    last_loss: float | None = None
+    accuracy: float | None = None
+    plans: list = field(default_factory=list)
 
 
 class PassFailed(JobError):

@@ -116,6 +116,8 @@ def check_job(cfg: JobConfig, allowed_models=(), limits: JobLimits = JOB_LIMITS)
         (cfg.weight_decay <= L.max_weight_decay, f"weight_decay must be <= {L.max_weight_decay}"),
         (cfg.max_staleness <= L.max_staleness, f"max_staleness must be <= {L.max_staleness}"),
         (cfg.recv_timeout <= L.max_recv_timeout, f"recv_timeout must be <= {L.max_recv_timeout:.0f} s"),
+        (max(cfg.peer_timeout, cfg.rejoin_timeout) <= L.max_recv_timeout,
+         f"peer_timeout and rejoin_timeout must be <= {L.max_recv_timeout:.0f} s"),
         (cfg.seed <= L.max_seed, f"seed must be <= {L.max_seed}"),
         (cfg.backward_at == "auto" or all(v < L.max_layers for p in cfg.backward_at for v in p),
          "backward_at names chain positions beyond any ring"),

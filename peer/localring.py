@@ -76,10 +76,11 @@ class LocalRing:
 
     def __init__(self, data: list[list[str]], ring: str | None = None, interface: str = "127.0.0.1",
                  workdir: str | None = None, extra: list[str] | None = None, secret: str | None = None,
-                 tls: bool = False, peer_ids: list[str] | None = None, cpus: list[str] | None = None):
+                 tls: bool = False, peer_ids: list[str] | None = None, cpus: list[str] | None = None,
+                 env: dict[int, dict] | None = None):
         """peer_ids: fixed ids (and so a fixed ring order) instead of random ones. cpus: agent k runs on
-        CPUs cpus[k] (--cpus)."""
-        self.data = data
+        CPUs cpus[k] (--cpus). env: {k: variables} added to agent k's environment at its first start."""
+        self.data, self.env = data, env or {}
         self.ring = ring or f"test-{secrets.token_hex(3)}"
         self.interface = interface
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="splitring-")
@@ -115,7 +116,7 @@ class LocalRing:
 
     def start(self, timeout: float = 60.0) -> "LocalRing":
         for k in range(len(self.data)):
-            self.agents.append(AgentProcess(self.agent_args(k), self.workdir / f"agent{k}.log"))
+            self.agents.append(AgentProcess(self.agent_args(k), self.workdir / f"agent{k}.log", env=self.env.get(k)))
             self.agents[-1].key = self.key
         for a in self.agents:
             a.wait_ready(timeout)
@@ -133,9 +134,14 @@ class LocalRing:
         raise RuntimeError("agents did not discover each other: "
                            + "; ".join(f"{a.peer_id} sees {len(a.status()['peers'])}" for a in self.agents))
 
+    def kill(self, k: int) -> None:
+        """SIGKILL agent k and wait for it to be gone (its state dir stays)."""
+        self.agents[k].proc.send_signal(signal.SIGKILL)
+        self.agents[k].proc.wait()
+
     def restart(self, k: int, same_port: bool = False, timeout: float = 60.0) -> AgentProcess:
-        """Stop agent k (SIGTERM) and start it again with the same state dir, so the same peer id, on
-        the same port or a new one; returns the new process once it has printed its ready line."""
+        """Stop agent k (SIGTERM, if it still runs) and start it again with the same state dir, so the same
+        peer id, on the same port or a new one; returns the new process once it has printed its ready line."""
         old = self.agents[k]
         port = int(old.url.rsplit(":", 1)[1]) if same_port else 0
         old.stop()

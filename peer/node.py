@@ -122,6 +122,8 @@ class Node:
         self.discovery = Discovery(self.ring, self.peer_id, self.port, self.interface, self.advertise, self.join,
                                    key=self.key, tls=self.tls is not None, pins=self.pins)
         await self.discovery.start()
+        for service in self.services:
+            await service.start()
 
     async def close(self):
         for service in self.services:

@@ -49,6 +49,7 @@ class ParallelRuntime:
         self.patience = 1   # a client's waits last up to this many recv_timeouts (see recv)
         self.progress = {"round": -1, "step": 0}
         self.task: asyncio.Task | None = None
+        self.heard = time.monotonic()   # when the coordinator was last heard from (see WorkService.watch)
 
     # --- what WorkService asks --------------------------------------------------------------------
     @property
@@ -63,8 +64,9 @@ class ParallelRuntime:
     def checkpoint(self) -> None:
         if self.stages:
             layers = {i: v for s in self.stages for i, v in s.export().items()}
-            self.state_dir.save_checkpoint(self.job, {"job": self.job, "round": self.rotation,
-                                                      "config": self.cfg.to_dict(), "layers": layers})
+            self.state_dir.save_checkpoint(self.job, self.rotation, {"job": self.job, "round": self.rotation,
+                                                                     "config": self.cfg.to_dict(), "layers": layers})
+            self.state_dir.drop_versions(self.job, before=self.rotation)
 
     def abort(self, reason: str) -> None:
         self.mailbox.fail(JobError(reason))

@@ -38,6 +38,10 @@ class ParallelCoordinator(Coordinator):
                        "it starts (the 'schedule' event)")
 
     async def _run(self, t0: float) -> None:
+        """The rounds, every peer heartbeaten: a lost peer fails the job (recovery is N-split's for now)."""
+        await self._watched(self._rounds(t0))
+
+    async def _rounds(self, t0: float) -> None:
         cfg = self.cfg
         self.ring = ring = await self.snapshot_ring()
         clients, helpers = split_roles(cfg, ring)
@@ -47,6 +51,7 @@ class ParallelCoordinator(Coordinator):
         self.ring = peers   # only they are prepared, and aborted on failure
         prepared = await self.call_all(peers, "prepare", job=self.job, config=cfg.to_dict(), ring=peers,
                                        coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model))
+        self.watched = [q for q in peers if q["peer"] != self.me["peer"]]
         samples = {x: r["samples"] for x, r in zip(clients + helpers, prepared) if x in clients}
         tests = {x: r["test_samples"] for x, r in zip(clients + helpers, prepared) if x in clients}
         costs, prof = await self.measure(peers)

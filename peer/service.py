@@ -53,6 +53,9 @@ class Service:
     def other_routes(self) -> list[web.RouteDef]:
         return []
 
+    async def start(self) -> None:
+        """Called once the node has started (its session, links and discovery exist)."""
+
     async def close(self) -> None:
         pass
 

@@ -22,14 +22,17 @@ from protocols import ProtocolError, message
 
 log = logging.getLogger("splitring.worker")
 EVAL_BATCH = 256
+REPLICA_S = 600.0   # deadline of sending a checkpoint's replica (the coordinator's heartbeats catch a hung peer)
 
 
 class JobRuntime:
     def __init__(self, job: str, cfg: JobConfig, me: str, ring: list[dict], coordinator: str,
                  data: Dataset, links: Links, client: PeerClient, compute, state_dir,
-                 memory_budget: int | None = None, sizes: list | None = None):
-        """sizes: pipeline.models.footprint of the job's model, if the caller has it already."""
-        self.job, self.cfg, self.me = job, cfg, me
+                 memory_budget: int | None = None, sizes: list | None = None, attempt: int = 0):
+        """sizes: pipeline.models.footprint of the job's model, if the caller has it already. attempt: how many
+        times the job was resumed (its stage messages carry it: an earlier attempt's are refused)."""
+        self.job, self.cfg, self.me, self.attempt = job, cfg, me, attempt
+        self.heard = time.monotonic()   # when the coordinator was last heard from (see WorkService.watch)
         self.urls = {p["peer"]: p["url"] for p in ring}
         self.ring = [p["peer"] for p in ring]
         self.coordinator = coordinator
@@ -59,9 +62,11 @@ class JobRuntime:
 
     # --- ownership: commit a rotation's assignment ---------------------------------------------
     def commit(self, rotation: int, chain: list[str], ranges: dict[str, list[int]], head_samples: int,
-               head_test_samples: int, backward_at: list = ()) -> dict:
+               head_test_samples: int, backward_at: list = (), restore: dict | None = None) -> dict:
         """Take ownership for `rotation`: install received layers, free moved ones, checkpoint.
-        backward_at: [[stage, host], ...], the remote backwards of this rotation (chain positions)."""
+        backward_at: [[stage, host], ...], the remote backwards of this rotation (chain positions).
+        restore: {peer: sha256} when resuming a job at this committed rotation: this peer's stage is its
+        checkpoint of it (verified against the journal's checksum), not built or swapped in."""
         if rotation <= self.rotation:
             raise ProtocolError("stale", f"rotation {rotation} is not after the current {self.rotation}")
         try:
@@ -74,7 +79,13 @@ class JobRuntime:
                    0 <= r[0] <= r[1] <= n_layers for r in ranges.values()):
             raise ProtocolError("malformed", f"ranges must be [first, end) layer pairs within the model's {n_layers}")
         a, b = ranges.get(self.me, (0, 0))
-        if self.rotation < 0:  # first assignment: build own layers from (spec, seed, i)
+        if restore is not None:
+            if not isinstance(restore.get(self.me), str):
+                raise ProtocolError("malformed", f"restore names no checkpoint of peer {self.me}")
+            saved = self.state_dir.load_checkpoint(self.job, rotation, restore[self.me])
+            self.stage = Stage(self.cfg, {})
+            self.stage.install(saved["layers"])
+        elif self.rotation < 0:  # first assignment: build own layers from (spec, seed, i)
             self.stage = Stage.build(self.cfg, a, b)
         else:
             self.stage.install(self.pending.pop(rotation, {}))
@@ -94,8 +105,8 @@ class JobRuntime:
         self.head_samples, self.head_test_samples = head_samples, head_test_samples
         self.pending = {r: v for r, v in self.pending.items() if r > rotation}
         self.mailbox.new_rotation(rotation)
-        self.checkpoint()
-        return {"layers": [a, b]}
+        _, digest = self.checkpoint()
+        return {"layers": [a, b], "checksum": digest}
 
     def status(self) -> dict:
         return {"job": self.job, "scheme": self.cfg.scheme, "rotation": self.rotation, "layers": list(self.stage.range),
@@ -105,9 +116,22 @@ class JobRuntime:
         """{layer: state dict} of the layers this peer holds now."""
         return self.stage.weights()
 
-    def checkpoint(self):
-        self.state_dir.save_checkpoint(self.job, {"job": self.job, "rotation": self.rotation,
-                                                  "config": self.cfg.to_dict(), "layers": self.stage.export()})
+    def checkpoint(self) -> tuple:
+        """(path, sha256) of this peer's checkpoint of the rotation just committed."""
+        return self.state_dir.save_checkpoint(self.job, self.rotation, {
+            "job": self.job, "rotation": self.rotation, "config": self.cfg.to_dict(), "layers": self.stage.export()})
+
+    async def replicate(self, digest: str) -> None:
+        """Send this peer's checkpoint of the current rotation, byte for byte, to its successor in ring order,
+        which keeps it (verified by checksum) so that the layers outlive this peer."""
+        if len(self.ring) < 2:
+            return
+        succ = self.ring[(self.ring.index(self.me) + 1) % len(self.ring)]
+        data = await asyncio.to_thread(self.state_dir.checkpoint_path(self.job, self.rotation).read_bytes)
+        reply = await self.client.call({"peer": succ, "url": self.urls[succ]}, "replica_put", timeout=REPLICA_S,
+                                       job=self.job, owner=self.me, rotation=self.rotation, data=data, checksum=digest)
+        if reply["checksum"] != digest:
+            raise JobError(f"the replica of {self.me}'s checkpoint on {succ} failed verification")
 
     # --- swap ---------------------------------------------------------------------------------
     async def swap_send(self, rotation: int, moves: list[list]) -> dict:
@@ -123,7 +147,7 @@ class JobRuntime:
         for dst, layers in by_dest.items():
             state = self.stage.export(layers)
             digest = await self._compute(checksum, state)
-            reply = await self.client.call({"peer": dst, "url": self.urls[dst]}, "swap_receive", timeout=None,
+            reply = await self.client.call({"peer": dst, "url": self.urls[dst]}, "swap_receive", timeout=REPLICA_S,
                                            job=self.job, rotation=rotation, layers=state, checksum=digest)
             if reply["checksum"] != digest:
                 raise JobError(f"layer transfer to {dst} failed verification")
@@ -154,7 +178,7 @@ class JobRuntime:
     def admission(self) -> Admission:
         """What this peer expects in the current rotation, as plain facts."""
         cfg = self.cfg
-        return Admission(self.me, self.rotation, self.chain, self.ranges,
+        return Admission(self.me, self.rotation, self.attempt, self.chain, self.ranges,
                          {"train": Mode(self.roles("train"), self.head_samples, cfg.batch_size, cfg.microbatches),
                           "eval": Mode(self.roles("eval"), self.head_test_samples, EVAL_BATCH, 1)},
                          self.shapes, self._layer_shapes)
@@ -214,7 +238,7 @@ class JobRuntime:
                     await self.mailbox.room(key.box)
                     self.mailbox.deliver(key, req.payload)
                 else:
-                    msg = message(req.kind, job=self.job, rotation=self.rotation, step=req.step,
+                    msg = message(req.kind, job=self.job, rotation=self.rotation, attempt=self.attempt, step=req.step,
                                   stage=roles.stage(to), **req.payload,
                                   **({} if req.kind in ("weights", "lend", "return") else {"mb": req.mb}))
                     if req.kind == "fwd":

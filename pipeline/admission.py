@@ -58,6 +58,7 @@ class Admission:
     """What a peer expects in one rotation."""
     me: str
     rotation: int
+    attempt: int                         # the job's resumptions so far: an earlier attempt's messages are stale
     chain: list[str]
     ranges: dict[str, tuple[int, int]]   # peer -> its layers [a, b)
     modes: dict[str, Mode]               # "train", "eval"
@@ -74,6 +75,9 @@ class Admission:
         rot, kind, stage, pos = msg["rotation"], msg["type"], msg.get("stage", self.position), self.position
         if rot != self.rotation or pos < 0:
             raise ProtocolError("stale", f"message for rotation {rot}; this stage is at {self.rotation}")
+        if msg.get("attempt", 0) != self.attempt:
+            raise ProtocolError("stale", f"message of attempt {msg.get('attempt', 0)} of the job; this stage runs "
+                                         f"attempt {self.attempt} (the job was resumed)")
         mode = msg.get("mode", "train")
         if mode not in self.modes:
             raise ProtocolError("malformed", f"unknown mode {mode!r}")

@@ -27,6 +27,7 @@ class ConfigError(SplitringError, ValueError):
 # fields checked for type first; upper limits on values live in peer.limits (an agent's own policy)
 TYPES = {"seed": int, "epochs": int, "batch_size": int, "microbatches": int, "max_staleness": int,
          "lr": float, "momentum": float, "weight_decay": float, "recv_timeout": float, "shuffle": bool,
+         "peer_timeout": float, "rejoin_timeout": float,
          "optimizer": str, "scheme": str, "pipeline": str, "split": str, "wire_dtype": str, "compress": str,
          "rounds": int, "local_steps": int, "assign": str, "resolve_drift": float, "mixup_alpha": float,
          "mix_updates": int, "aux_head": str}
@@ -103,6 +104,12 @@ class JobConfig:
                                "across its clients", metavar="N")
     recv_timeout: float = knob(120.0, "seconds a stage waits for a neighbour before the job fails",
                                metavar="SECONDS")
+    peer_timeout: float = knob(10.0, "a peer of the job that answers no heartbeat for this long is lost (killed, "
+                                      "stopped or cut off): the job rolls back to its last commit; stages whose "
+                                      "coordinator is silent this long stop and hold their state", metavar="SECONDS")
+    rejoin_timeout: float = knob(60.0, "after losing a peer, how long the coordinator waits for it to come back "
+                                       "(restarted with its state dir) before the job stops, resumable",
+                                 metavar="SECONDS")
     wire_dtype: str = knob("float32", "how activations and gradients travel (layer state moved by swaps is "
                                       "always exact)", choices=WIRE_DTYPES)
     compress: str = knob("none", "int8: activations and gradients 8-bit blockwise absmax (overrides wire_dtype)",
@@ -130,6 +137,7 @@ class JobConfig:
             (self.scheme in SCHEMES, f"unknown scheme {self.scheme!r} ({', '.join(SCHEMES)})"),
             (self.max_staleness >= 0, "max_staleness must be >= 0"),
             (self.recv_timeout > 0, "recv_timeout must be > 0"),
+            (self.peer_timeout >= 1 and self.rejoin_timeout >= 0, "peer_timeout must be >= 1 and rejoin_timeout >= 0"),
             (self.scheme != "fast-async" or self.pipeline == "1f1b",
              "fast-async runs 1F1B across steps; pipelines gpipe and eager are for scheme fast"),
             (self.backward_at == "auto" or isinstance(self.backward_at, list) and all(

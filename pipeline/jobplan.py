@@ -8,7 +8,7 @@ a job of many epochs keeps nothing per pass.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 from pipeline import schedule as S
@@ -31,6 +31,20 @@ class Facts:
     layers: list[LayerCost]            # per layer: times (reference), parameter, optimizer and activation bytes
     samples: dict[str, int]            # training samples per peer
     test_samples: dict[str, int] = field(default_factory=dict)   # held-out samples per peer
+
+
+def facts_to_dict(f: Facts) -> dict:
+    """Facts as plain JSON values (floats round-trip exactly), for the job's journal."""
+    return {"ring": list(f.ring), "devices": {p: asdict(d) for p, d in f.devices.items()},
+            "layers": [asdict(c) for c in f.layers], "samples": dict(f.samples), "test_samples": dict(f.test_samples)}
+
+
+def facts_from_dict(d: dict) -> Facts:
+    """The Facts a journal recorded: the same plan follows from them as from the facts first gathered."""
+    def device(v: dict) -> Device:
+        return Device(**{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items()})
+    return Facts(tuple(d["ring"]), {p: device(v) for p, v in d["devices"].items()},
+                 [LayerCost(**c) for c in d["layers"]], dict(d["samples"]), dict(d["test_samples"]))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ class Call:
         return self.path.format(**params)
 
 
-JOB_EVENTS = frozenset({"started", "plan", "swap", "step", "epoch", "schedule", "round", "done", "failed"})
+JOB_EVENTS = frozenset({"started", "plan", "swap", "step", "epoch", "schedule", "round", "done", "failed",
+                        "lost", "rollback", "rejoined", "resumed", "stopped"})
 PASS_EVENTS = frozenset({"stage_step", "step", "end", "error"})
 ROUND_EVENTS = frozenset({"client_step", "end", "error"})
 
@@ -38,14 +39,20 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     Call("start_job", "POST", "/jobs", "job_start", stream=True, events=JOB_EVENTS),
     Call("plan_job", "POST", "/plan", "job_start", {"ring": List, "rotations": List}),
     Call("cancel_job", "POST", "/jobs/{job}/cancel", None, {"cancelled": Str, "coordinator": Str}),
+    Call("resume_job", "POST", "/jobs/{job}/resume", None, stream=True, events=JOB_EVENTS),
     Call("job", "GET", "/jobs/{job}", None, {"job": Str, "events": List, "summary": (Dict, Opt)}),
+    Call("follow_job", "GET", "/jobs/{job}/events", None, stream=True, events=JOB_EVENTS),
+    Call("jobs", "GET", "/jobs", None, {"jobs": List}),
+    Call("journal", "GET", "/jobs/{job}/journal", None, {"journal": (Dict, Opt)}),
     Call("data_probe", "POST", "/data/probe", "data_probe", {"url": Str, "bytes": Int, "count": Int,
                                                              "seconds": Float}),
     # a coordinator's calls to the peers of its job
     Call("prepare", "POST", "/job/prepare", "job_prepare", {"samples": Int, "test_samples": Int}),
     Call("profile", "POST", "/job/profile", "job_profile", {"memory_budget": (Int, Opt), "profile": Dict,
                                                             "samples": Int, "test_samples": Int}),
-    Call("commit", "POST", "/job/commit", "job_commit", {"layers": List}),
+    Call("commit", "POST", "/job/commit", "job_commit", {"layers": List, "checksum": Str}),
+    Call("heartbeat", "POST", "/job/heartbeat", "job_heartbeat", {"known": Bool}),
+    Call("journal_put", "POST", "/job/journal", "journal_put", {"saved": Bool}),
     Call("run_pass", "POST", "/job/pass", "job_pass", stream=True, events=PASS_EVENTS),
     Call("swap_send", "POST", "/job/swap/send", "swap_send", {"sent": Int}),
     Call("abort", "POST", "/job/abort", "job_abort", {"aborted": Bool}),
@@ -56,6 +63,7 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     Call("part_set", "POST", "/job/part", "part_set", {"layers": List}),
     # a peer's call to another at a swap
     Call("swap_receive", "POST", "/job/swap/receive", "swap_receive", {"checksum": Str}),
+    Call("replica_put", "POST", "/job/replica", "replica_put", {"checksum": Str}),
 ]}
 
 # what each event carries (beyond "event"), checked as replies are
@@ -75,6 +83,12 @@ EVENT_FIELDS: dict[str, dict[str, Any]] = {
     "client_step": {"client": Str, "step": Int, "samples": Int, "loss": Float},
     "end": {},
     "error": {"error": Str},
+    # recovery (peer/coordinator.py): a peer lost, the rollback to the last commit, a peer back, the job going on
+    "lost": {"peer": Str, "error": Str},
+    "rollback": {"rotation": (Int, Opt)},
+    "rejoined": {"peer": Str},
+    "resumed": {"rotation": (Int, Opt), "attempt": Int},
+    "stopped": {"job": Str, "rotation": (Int, Opt), "reason": Str},
 }
 
 

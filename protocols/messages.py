@@ -44,6 +44,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "swap_send": {"job": Str, "rotation": Int, "moves": List},
     "swap_receive": {"job": Str, "rotation": Int, "layers": Dict, "checksum": Str},
     "job_end": {"job": Str},
+    "job_heartbeat": {"job": Str},
+    "journal_put": {"job": Str, "journal": Dict},
+    "replica_put": {"job": Str, "owner": Str, "rotation": Int, "data": Bytes, "checksum": Str},
     "job_abort": {"job": Str, "reason": Str},
     "round_plan": {"job": Str, "round": Int, "assignment": Dict, "orders": Dict, "samples": Dict,
                    "test_samples": Dict},
@@ -57,10 +60,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor},
                                        "act": {"y": Tensor}, "grad": {"loss": Float, "correct": Int, "weight": Float},
                                        "fwd": {"stage": Int}, "bwd": {"stage": Int},
-                                       "job_commit": {"backward_at": List},
+                                       "job_commit": {"backward_at": List, "restore": Dict},
+                                       "job_prepare": {"attempt": Int},
                                        "data_probe": {"round_trips": Bool, "copies": Bool}}
 
 OPTIONAL["hello"] = {"nonce": Bytes, "proof": Bytes}
+# an N-split stage message names the attempt it belongs to (a job resumed after a failure is a new attempt)
+for _kind in ("fwd", "bwd", "input", "weights", "lend", "return"):
+    OPTIONAL.setdefault(_kind, {})["attempt"] = Int
 
 
 def _flat(expected) -> tuple:

@@ -30,7 +30,7 @@ def admissions(chain, ranges, train_roles, samples=9, batch_size=4, microbatches
     modes = {"train": Mode(train_roles, samples, batch_size, microbatches),
              "eval": Mode(S.Roles(len(chain)), test_samples, 4, 1)}   # evaluation batches of 4
     shapes = [(w,) for w in WIDTHS[:max(b for _, b in ranges.values()) + 1]]
-    return {p: Admission(p, 0, list(chain), dict(ranges), modes, shapes, layer_shapes)
+    return {p: Admission(p, 0, 0, list(chain), dict(ranges), modes, shapes, layer_shapes)
             for p in [*chain, "stranger"]}
 
 
@@ -99,6 +99,7 @@ BAD = [   # (admissions, receiver, sender, message, code, the refusal's text)
     (PLAIN, "p1", "p2", {**bwd(1), "grad": torch.zeros(2, 12, dtype=torch.bfloat16)}, "bad_shape",
      "gradient: expected torch.float32 [2, 10]"),
     (PLAIN, "p1", "p0", fwd(1, mode="test"), "malformed", "unknown mode 'test'"),
+    (PLAIN, "p1", "p0", {**fwd(1), "attempt": 1}, "stale", "message of attempt 1 of the job; this stage runs attempt 0"),
     (PLAIN, "p1", "p0", fwd(1, mode="eval", step=2), "unexpected", "step 2 out of range (2 steps in this pass)"),
     (PLAIN, "p1", "p2", bwd(1, mode="eval"), "unexpected", "bwd for stage 1"),   # evaluation is forward only
     (PLAIN, "p2", "p1", per_step("lend"), "unexpected", "lend for stage 1"),      # no remote backward here

@@ -4,6 +4,7 @@ import asyncio
 import pytest
 import torch
 
+from peer.client import Unanswered
 from peer.coordinator import Coordinator
 from pipeline import schedule as S
 from pipeline.config import JobConfig
@@ -108,6 +109,11 @@ class FakeRing:
                                 "optim_bytes": [0] * 4, "activation_bytes": [512] * 4}}
         if name == "commit":
             self.held[peer["peer"]] = tuple(body["ranges"][peer["peer"]])
+            return {"layers": list(self.held[peer["peer"]]), "checksum": f"sha-{body['rotation']}"}
+        if name == "heartbeat":
+            if peer["peer"] == self.hang and self.passing.is_set():
+                raise Unanswered(f"peer {peer['peer']} did not answer")
+            return {"known": True}
         return {}
 
     async def stream(self, peer, name, **body):
@@ -172,7 +178,7 @@ def test_a_failing_peer_is_reported_with_its_cause_and_every_stage_aborted():
 
 def test_a_silent_peer_is_named_when_the_others_only_report_waiting():
     ring = FakeRing({"a": 64, "b": 64}, fail={"a": "peer b sent nothing for 3 s"}, hang="b")
-    coord = coordinator(ring, JobConfig(split="even"), {})
+    coord = coordinator(ring, JobConfig(split="even", rejoin_timeout=0), {})
     original = ring.stream
 
     async def timing_out(peer, name, **body):   # a's report is a timeout, not its own error
@@ -180,7 +186,9 @@ def test_a_silent_peer_is_named_when_the_others_only_report_waiting():
             yield {**ev, "cause": "timeout"} if "error" in ev else ev
     ring.stream = timing_out
     events = run(coord)
-    assert events[-1]["event"] == "failed" and "peer b stopped answering" in events[-1]["error"]
+    lost = next(e for e in events if e["event"] == "lost")
+    assert lost["peer"] == "b" and "peer b stopped answering" in lost["error"]
+    assert events[-1]["event"] == "failed" and "peer b did not come back within 0 s" in events[-1]["error"]
 
 
 def test_cancel_aborts_every_stage():
@@ -194,8 +202,10 @@ def test_cancel_aborts_every_stage():
         with pytest.raises(asyncio.CancelledError):
             await coord.task
     asyncio.run(go())
-    assert coord.events[-1]["error"] == "job cancelled"
+    assert coord.events[-1] == {"event": "stopped", "job": coord.job, "rotation": 0, "reason": "job stopped",
+                                "resumable": True}
     assert {p for p, name in ring.calls if name == "abort"} == {"a", "b"}
+    assert coord.journal["state"] == "stopped" and coord.journal["rotation"] == 0
 
 
 def test_a_ring_with_a_duplicate_id_is_refused_before_anything_starts():

@@ -1,4 +1,5 @@
 """A real ring: agent processes on loopback, mDNS on 127.0.0.1, HTTP and WebSocket between them."""
+import json
 import os
 import time
 
@@ -83,11 +84,13 @@ def test_digits_learns_from_a_peer_that_is_not_first(digits_ring, tmp_path):
     model.load_state_dict(load_out(out))
     test = data.digits()
     assert abs(reference.accuracy(model, test.x_test, test.y_test) - summary["accuracy"]) < 1e-6
-    # every peer checkpointed its stage atomically at the swaps: together, the whole model
+    # every peer checkpointed its stage atomically at the last commit: together, the whole model
     held = set()
     for k in range(len(ring.agents)):
-        ckpt = torch.load(ring.workdir / f"agent{k}" / "jobs" / summary["job"] / "stage.pt", weights_only=True)
-        assert ckpt["job"] == summary["job"]
+        folder = ring.workdir / f"agent{k}" / "jobs" / summary["job"]
+        journal = json.loads((folder / "journal.json").read_text())
+        ckpt = torch.load(folder / f"stage-{journal['rotation']}.pt", weights_only=True)
+        assert ckpt["job"] == summary["job"] and journal["state"] == "done"
         held |= set(ckpt["layers"])
     assert held == {0, 1, 2}
 

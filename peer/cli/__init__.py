@@ -1,13 +1,13 @@
-"""The `splitring` command line: agent, train, status, demo, plan, schedule, cancel."""
+"""The `splitring` command line: agent, train, status, demo, plan, schedule, cancel, jobs, attach."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from peer.cli import agent, cancel, demo, plan, schedule, status, train
+from peer.cli import agent, cancel, demo, jobs, plan, schedule, status, train
 
 # Each module registers one subcommand with `register(subparsers)`; its parser sets `func`.
-COMMANDS = [agent, train, status, demo, plan, schedule, cancel]
+COMMANDS = [agent, train, status, demo, plan, schedule, cancel, jobs]
 
 
 def build_parser() -> argparse.ArgumentParser:

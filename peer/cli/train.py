@@ -15,6 +15,10 @@ def register(sub) -> None:
     add_job_options(p.add_argument_group("job"))
     p.add_argument("--out", default=None, metavar="FILE", help="write the trained model's state dict here (torch.save)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON (no progress bar)")
+    p.add_argument("--resume", default=None, metavar="JOB",
+                   help="resume a stopped or held job from its last commit (its own config; job options are ignored)")
+    p.add_argument("--detach", action="store_true",
+                   help="print the job's id once it has started and leave it running (follow it with attach)")
     p.set_defaults(func=run)
 
 
@@ -32,80 +36,145 @@ def warn_missing(started: dict) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     from pipeline.config import ConfigError
     from pipeline.models import SpecError
 
     try:
-        config = config_from_args(args)
+        config = None if args.resume else config_from_args(args)
     except (ConfigError, SpecError) as e:
         print(f"splitring train: {e}", file=sys.stderr)
         return 2
+    url, key = connect(args)
+    if args.resume:
+        opened = lambda: call(url, key, "resume_job", params={"job": args.resume})   # noqa: E731
+    else:
+        opened = lambda: call(url, key, "start_job", config=config)   # noqa: E731
+    return follow(url, key, opened, args, "train")
+
+
+def follow(url: str, key, opened, args, command: str) -> int:
+    """Show a job's events (from opened(), an iterator of them) until it ends; Ctrl-C stops the job cleanly
+    (stages freed, journal kept: resumable). The exit status: 0 done, 1 failed, 130 stopped."""
     from peer.security import RingAuthError, open_url
     from protocols import ProtocolError
 
-    url, key = connect(args)
-    bar, summary = None, None
+    seen: dict = {}   # the job's id, once its first event has said it
     try:
-        for ev in call(url, key, "start_job", config=config):
-            kind = ev["event"]
-            if kind == "started":
-                warn_missing(ev)
-                if not args.json:
-                    bar = tqdm(total=ev["total_steps"], unit="step", dynamic_ncols=True)
-                    bar.write(f"job {ev['job']} on ring of {len(ev['ring'])} peers, {ev['layers']} layers; "
-                              f"coordinator {ev['coordinator']}")
-            elif kind == "step" and bar:
-                bar.update(1)
-                bar.set_postfix_str(f"epoch {ev['epoch']} head {ev['head'][:6]} step {ev['step']}/{ev['steps']} "
-                                    f"loss {ev['loss']:.4f} {ev['samples_per_s']:.0f} samples/s"
-                                    + (f" staleness {ev['staleness']}" if args.scheme == "fast-async" else ""))
-            elif kind == "epoch" and bar:
-                acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
-                bar.write(f"epoch {ev['epoch']}: loss {ev['loss']:.4f}, held-out accuracy {acc}")
-            elif kind == "round" and bar:
-                acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
-                bar.write(f"round {ev['round'] + 1}: loss {ev['loss']:.4f}, held-out accuracy {acc}, "
-                          f"{ev['makespan_s']:.3f} s (predicted {ev['predicted_s']:.3f} s), helpers busy "
-                          + ", ".join(f"{h[:6]} {b:.0%}" for h, b in ev["helper_busy"].items()))
-            elif kind == "failed":
-                if bar:
-                    bar.close()
-                print(f"splitring train: job failed: {ev['error']}", file=sys.stderr)
-                return 1
-            elif kind == "done":
-                summary = ev["summary"]
+        summary = show(opened(), args, command, seen)
+    except KeyboardInterrupt:
+        return stop(url, key, seen.get("job"), command)
     except urllib.error.HTTPError as e:
         detail = json.loads(e.read() or b"{}")
-        print(f"splitring train: {url} refused the job: {detail.get('message', e)}", file=sys.stderr)
+        print(f"splitring {command}: {url} refused: {detail.get('message', e)}", file=sys.stderr)
         return 1
     except RingAuthError as e:
-        print(f"splitring train: {e}; check --secret-file", file=sys.stderr)
+        print(f"splitring {command}: {e}; check --secret-file", file=sys.stderr)
         return 1
     except urllib.error.URLError as e:
-        print(f"splitring train: cannot reach {url}: {e.reason}", file=sys.stderr)
+        print(f"splitring {command}: cannot reach {url}: {e.reason}", file=sys.stderr)
         return 1
     except ProtocolError as e:
-        print(f"splitring train: {url} answered with something else than job progress: {e.message}", file=sys.stderr)
+        print(f"splitring {command}: {url} answered with something else than job progress: {e.message}",
+              file=sys.stderr)
         return 1
-    if bar:
-        bar.close()
-    if summary is None:
-        print("splitring train: the coordinator closed the stream before the job ended", file=sys.stderr)
-        return 1
-    if args.out:
+    if isinstance(summary, int):
+        return summary
+    if getattr(args, "out", None):
         with open_url(f"{url}/jobs/{summary['job']}/model", key) as resp, open(args.out, "wb") as f:
             f.write(resp.read())
         summary["out"] = args.out
     if args.json:
         print(json.dumps(summary))
     else:
-        acc = "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f}%"
-        print(f"done: {summary['epochs']} epochs" if "epochs" in summary else f"done: {summary['rounds']} rounds", end="")
-        print(f", final loss {summary['final_loss']:.4f}, held-out accuracy {acc}, "
-              f"{summary['samples_per_s']:.0f} samples/s, {summary['seconds']:.1f}s"
-              + (f", forward weights at most {len(summary['staleness']) - 1} step(s) stale"
-                 if summary["scheme"] == "fast-async" else "")
-              + (f"; model written to {args.out}" if args.out else ""))
+        print_summary(summary, getattr(args, "out", None))
     return 0
+
+
+def show(events, args, command: str, seen: dict):
+    """Follow the events: the summary at the end, or the exit status if the job did not finish. The job's
+    id goes into seen["job"] as soon as it is known."""
+    from tqdm import tqdm
+
+    bar = None
+    out = (lambda text: bar.write(text)) if not args.json else (lambda text: print(text, file=sys.stderr))
+    for ev in events:
+        kind = ev["event"]
+        if kind == "started":
+            seen["job"] = ev["job"]
+            warn_missing(ev)
+            if getattr(args, "detach", False):
+                print(ev["job"])
+                return 0
+            if not args.json:
+                bar = tqdm(total=ev["total_steps"], initial=ev.get("done_steps", 0), unit="step", dynamic_ncols=True)
+                bar.write(f"job {ev['job']} on ring of {len(ev['ring'])} peers, {ev['layers']} layers; "
+                          f"coordinator {ev['coordinator']}")
+        elif kind == "step" and bar:
+            bar.update(1)
+            bar.set_postfix_str(f"epoch {ev['epoch']} head {ev['head'][:6]} step {ev['step']}/{ev['steps']} "
+                                f"loss {ev['loss']:.4f} {ev['samples_per_s']:.0f} samples/s"
+                                + (f" staleness {ev['staleness']}" if ev["staleness"] else ""))
+        elif kind == "epoch" and bar:
+            acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
+            bar.write(f"epoch {ev['epoch']}: loss {ev['loss']:.4f}, held-out accuracy {acc}")
+        elif kind == "round" and bar:
+            acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
+            bar.write(f"round {ev['round'] + 1}: loss {ev['loss']:.4f}, held-out accuracy {acc}, "
+                      f"{ev['makespan_s']:.3f} s (predicted {ev['predicted_s']:.3f} s), helpers busy "
+                      + ", ".join(f"{h[:6]} {b:.0%}" for h, b in ev["helper_busy"].items()))
+        elif kind == "lost":
+            out(f"peer {ev['peer']} lost: {ev['error']}")
+        elif kind == "rollback":
+            out(f"rolling back to the commit of rotation {ev['rotation']}" if ev["rotation"] is not None else
+                "rolling back to the job's start")
+        elif kind == "rejoined":
+            out(f"peer {ev['peer']} is back")
+        elif kind == "resumed":
+            out(f"resumed as attempt {ev['attempt']} from the commit of rotation {ev['rotation']}")
+        elif kind in ("failed", "stopped"):
+            if bar:
+                bar.close()
+            if kind == "failed":
+                print(f"splitring {command}: job failed: {ev['error']}", file=sys.stderr)
+                return 1
+            print(f"splitring {command}: job {ev['job']} stopped ({ev['reason']})"
+                  + (f"; resume it with `splitring train --resume {ev['job']}`" if ev.get("resumable") else ""),
+                  file=sys.stderr)
+            return 130
+        elif kind == "done":
+            if bar:
+                bar.close()
+            return ev["summary"]
+    if bar:
+        bar.close()
+    print(f"splitring {command}: the coordinator closed the stream before the job ended", file=sys.stderr)
+    return 1
+
+
+def stop(url: str, key, job: str | None, command: str) -> int:
+    """Ctrl-C: ask the job's coordinator to stop it cleanly, and wait until it says it has."""
+    if job is None:
+        return 130
+    print(f"splitring {command}: stopping job {job} (Ctrl-C again to leave it to its coordinator)", file=sys.stderr)
+    try:
+        call(url, key, "cancel_job", params={"job": job}, timeout=30)
+        for ev in call(url, key, "follow_job", params={"job": job}, timeout=60):
+            if ev["event"] in ("done", "failed", "stopped"):
+                break
+    except (OSError, KeyboardInterrupt) as e:
+        print(f"splitring {command}: could not confirm the stop: {e!r}", file=sys.stderr)
+        return 130
+    print(f"splitring {command}: job {job} stopped; every stage is freed and its journal kept: resume it with "
+          f"`splitring train --resume {job}`", file=sys.stderr)
+    return 130
+
+
+def print_summary(summary: dict, out: str | None) -> None:
+    acc = "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f}%"
+    print(f"done: {summary['epochs']} epochs" if "epochs" in summary else f"done: {summary['rounds']} rounds", end="")
+    print(f", final loss {summary['final_loss']:.4f}, held-out accuracy {acc}, "
+          f"{summary['samples_per_s']:.0f} samples/s, {summary['seconds']:.1f}s"
+          + (f", forward weights at most {len(summary['staleness']) - 1} step(s) stale"
+             if summary["scheme"] == "fast-async" else "")
+          + (f", {len(summary['recoveries'])} peer(s) lost and recovered" if summary.get("recoveries") else "")
+          + (f"; model written to {out}" if out else ""))

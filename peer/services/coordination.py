@@ -7,16 +7,20 @@ import asyncio
 import logging
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from peer.coordinator import Coordinator
 from peer.parallel_coordinator import ParallelCoordinator
 from peer.limits import JOB_LIMITS
 from peer.service import Service, json_error, serves
+from protocols import ProtocolError
 from peer.client import JobError
 from pipeline.config import PARALLEL_SCHEMES, JobConfig
 from pipeline.models import footprint
 
 log = logging.getLogger("splitring.coordination")
+TERMINAL = ("done", "failed", "stopped")   # a job's last event
+COUNTED = ("lost", "rollback", "rejoined", "resumed") + TERMINAL
 
 
 class CoordinationService(Service):
@@ -24,6 +28,9 @@ class CoordinationService(Service):
         super().__init__(node)
         self.work = work   # to pass a cancel on to the coordinator of a job this peer works on
         self.coordinated: dict[str, Coordinator] = {}
+        self.m_events = Counter("splitring_job_events", "events of the jobs coordinated here (lost: a peer "
+                                "lost; rollback: back to the last commit; rejoined: a lost peer back; resumed: a "
+                                "new attempt; stopped, failed, done: how jobs ended)", ["event"], registry=node.registry)
 
     def other_routes(self):
         return [web.get("/jobs/{job}/model", self.model), web.post("/probe", self.probe)]
@@ -37,22 +44,29 @@ class CoordinationService(Service):
             if c.task and not c.task.done():
                 c.task.cancel()
 
-    async def coordinator(self, cfg: JobConfig) -> Coordinator:
-        """A job coordinated from here. Its model is sized on the meta device first (off the loop): an
-        unbuildable one is refused before anything starts."""
+    async def coordinator(self, cfg: JobConfig, journal: dict | None = None) -> Coordinator:
+        """A job coordinated from here (resumed from its journal, if given). Its model is sized on the meta
+        device first (off the loop): an unbuildable one is refused before anything starts."""
         node = self.node
         sizes = await asyncio.to_thread(footprint, cfg.model, JOB_LIMITS.max_layers)
 
         def save_model(job, state_dict):
             return node.state.save_model(job, state_dict, JOB_LIMITS.kept_models, JOB_LIMITS.kept_model_s)
         kind = ParallelCoordinator if cfg.scheme in PARALLEL_SCHEMES else Coordinator
-        return kind(cfg, node.me(), node.discovery, node.client(), save_model, sizes=sizes)
+        return kind(cfg, node.me(), node.discovery, node.client(), save_model, sizes=sizes, journal=journal)
 
     @serves("start_job")
     async def start_job(self, msg, request):
         coord = await self.coordinator(self.node.job_config(msg["config"]))
+        async for event in self.launch(coord):
+            yield event
+
+    async def launch(self, coord: Coordinator):
+        """Run a coordination here and yield its events until it ends. The job goes on if the caller leaves
+        (`splitring train --detach`, or a dropped connection): `follow_job` picks it up again."""
         self.coordinated[coord.job] = coord
         self._forget_old_jobs()
+        coord.observers.append(self.count)
         queue: asyncio.Queue = asyncio.Queue()
         coord.listeners.add(queue)
         coord.task = asyncio.create_task(coord.run())
@@ -60,7 +74,105 @@ class CoordinationService(Service):
             while True:
                 event = await queue.get()
                 yield event
-                if event["event"] in ("done", "failed"):
+                if event["event"] in TERMINAL:
+                    break
+        finally:
+            coord.listeners.discard(queue)
+
+    def count(self, event: dict) -> None:
+        if event["event"] in COUNTED:
+            self.m_events.labels(event["event"]).inc()
+
+    @serves("resume_job")
+    async def resume_job(self, msg, request):
+        """Resume a job from its journal (the newest any reachable peer of the job holds), coordinated here."""
+        job, node = request.match_info["job"], self.node
+        running = self.coordinated.get(job)
+        if running is not None and running.task is not None and not running.task.done():
+            raise JobError(f"job {job} is running, coordinated by this peer ({node.peer_id}): follow it with "
+                           f"`splitring attach {job}`")
+        journal = await self.newest_journal(job)
+        if journal is None:
+            raise JobError(f"no journal of job {job} on peer {node.peer_id} or the peers it sees: only an N-split "
+                           f"job that reached its first commit can be resumed")
+        if journal["state"] == "done":
+            raise JobError(f"job {job} has finished; its model is at its coordinator {journal['coordinator']}")
+        coord = await self.coordinator(node.job_config(journal["config"]), journal)
+        async for event in self.launch(coord):
+            yield event
+
+    async def newest_journal(self, job: str) -> dict | None:
+        """The journal of the job's latest commit among this peer's and those of the peers it sees (a commit
+        is recorded on every peer, but a coordinator lost while recording leaves some a commit behind)."""
+        node = self.node
+        try:
+            found = [node.state.journal(job)]
+        except ValueError:
+            raise ProtocolError("malformed", f"not a job id: {job!r}") from None
+        peers = [{"peer": r.peer, "url": r.url} for r in node.discovery.peers()]
+        replies = await asyncio.gather(*(node.client().call(p, "journal", timeout=5, params={"job": job})
+                                         for p in peers), return_exceptions=True)
+        found += [r["journal"] for r in replies if isinstance(r, dict)]
+        found = [j for j in found if j and j.get("job") == job and "facts" in j]
+        return max(found, key=lambda j: (-1 if j["rotation"] is None else j["rotation"], j["updated"]), default=None)
+
+    @serves("journal")
+    async def journal(self, msg, request):
+        try:
+            return {"journal": self.node.state.journal(request.match_info["job"])}
+        except ValueError:
+            raise ProtocolError("malformed", "not a job id") from None
+
+    @serves("jobs")
+    async def jobs(self, msg, request):
+        """The jobs this peer knows: those it coordinates (running or kept) and those whose journal it holds."""
+        listed = {}
+        for j in self.node.state.journals():
+            listed[j["job"]] = {"job": j["job"], "state": j["state"], "coordinator": j["coordinator"],
+                                "rotation": j["rotation"], "attempt": j["attempt"], "scheme": j["config"]["scheme"],
+                                "updated": j["updated"]}
+        for held in self.work.status()["held"]:
+            listed.setdefault(held["job"], {"job": held["job"]})["state"] = "held"
+        for job, c in self.coordinated.items():
+            last = c.events[-1]["event"] if c.events else "starting"
+            state = {"done": "done", "failed": "failed", "stopped": "stopped"}.get(last, "running")
+            listed[job] = {**listed.get(job, {}), "job": job, "state": state, "coordinator": self.node.peer_id,
+                           "scheme": c.cfg.scheme}
+        return {"jobs": list(listed.values())}
+
+    @serves("follow_job")
+    async def follow_job(self, msg, request):
+        """A job's events: its recent ones, then each as it happens, until it ends. From a peer that does not
+        coordinate it, relayed from its coordinator."""
+        job, node = request.match_info["job"], self.node
+        coord = self.coordinated.get(job)
+        if coord is None:
+            there = self.work.coordinator_of(job)
+            if there is None:
+                try:
+                    journal = node.state.journal(job)
+                except ValueError:
+                    raise ProtocolError("malformed", "not a job id") from None
+                if journal is None or journal["coordinator"] == node.peer_id:
+                    raise JobError(f"job {job} is not coordinated by peer {node.peer_id} and it knows no coordinator "
+                                   f"of it")
+                there = {"peer": journal["coordinator"], "url": journal["coordinator_url"]}
+            async for event in node.client().stream(there, "follow_job", params={"job": job}):
+                if "event" not in event:
+                    raise JobError(f"the coordinator of job {job} ({there['peer']}): {event['error']}")
+                yield event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        for event in list(coord.events):
+            queue.put_nowait(event)
+        if coord.task is not None and not coord.task.done():
+            coord.listeners.add(queue)
+        else:
+            queue.put_nowait(None)
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+                if event["event"] in TERMINAL:
                     break
         finally:
             coord.listeners.discard(queue)
@@ -98,7 +210,8 @@ class CoordinationService(Service):
         if coord is None:
             return json_error(404, "unknown_job", f"job {job} is not known to peer {node.peer_id}")
         if coord.task and not coord.task.done():
-            log.warning("job %s: cancelled by a request from %s", job, request.remote)
+            log.warning("job %s: stopped by a request from %s", job, request.remote)
+            coord.stop_reason = "job cancelled"
             coord.task.cancel()
         return {"cancelled": coord.job, "coordinator": node.peer_id}
 

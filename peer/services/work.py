@@ -7,10 +7,13 @@ import asyncio
 import json
 import logging
 import math
+import os
+import signal
+import time
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from peer.limits import JOB_LIMITS
 from peer.service import Service, serves
@@ -26,6 +29,10 @@ from pipeline.profiling import measure, microbatch_rows, optimizer_state_ratio
 from protocols import ProtocolError
 
 log = logging.getLogger("splitring.work")
+# Test hook: "POINT:N" makes this agent SIGKILL itself at the N-th time it reaches POINT (swap_receive: with a
+# layer transfer read but not kept; commit: with its checkpoint written but not replicated or acknowledged), so
+# that tests can kill a peer at an exact moment of a swap. Unset in normal use.
+KILL_AT = os.environ.get("SPLITRING_TEST_KILL_AT", "")
 PARALLEL_MESSAGES = ("act", "grad")   # the client/helper schemes' data-plane messages; the others are N-split's
 
 
@@ -33,9 +40,14 @@ class WorkService(Service):
     def __init__(self, node):
         super().__init__(node)
         self.jobs: dict[str, JobRuntime] = {}
+        self.held: dict[str, dict] = {}   # jobs whose coordinator fell silent: their state waits on disk for resume
         self.peak_memory = 0  # over every job this agent ran
         self.m_peak = Gauge("splitring_stage_memory_peak_bytes", "most memory a stage of this agent has held",
                             registry=node.registry)
+        self.m_held = Counter("splitring_jobs_held", "jobs this agent stopped working on because their "
+                              "coordinator fell silent", registry=node.registry)
+        self.watcher: asyncio.Task | None = None
+        self.reached: dict[str, int] = {}   # see KILL_AT
 
     def other_routes(self):
         return [web.get("/job/{job}/params", self.params), web.get("/job/{job}/part", self.part)]
@@ -56,7 +68,65 @@ class WorkService(Service):
 
     def status(self) -> dict:
         return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
-                "stages": [rt.status() for rt in self.jobs.values()]}
+                "stages": [rt.status() for rt in self.jobs.values()], "held": list(self.held.values())}
+
+    async def start(self):
+        self.watcher = asyncio.create_task(self.watch())
+
+    def reach(self, point: str) -> None:
+        """The KILL_AT test hook."""
+        self.reached[point] = self.reached.get(point, 0) + 1
+        if KILL_AT == f"{point}:{self.reached[point]}":
+            log.warning("test hook: killed at %s", KILL_AT)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def watch(self, every: float = 0.5) -> None:
+        """Stop working on a job whose coordinator has not been heard from for the job's peer_timeout: free
+        its stage (its committed checkpoints stay on disk) and hold it for `splitring train --resume`.
+        Nobody keeps a stage for a job nobody drives."""
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for job, rt in list(self.jobs.items()):
+                silent = now - rt.heard
+                if rt.coordinator != self.node.peer_id and silent > rt.cfg.peer_timeout:
+                    reason = (f"its coordinator {rt.coordinator} was silent for {silent:.0f} s (peer_timeout "
+                              f"{rt.cfg.peer_timeout:.0f} s)")
+                    log.warning("job %s: stopped and held for resume: %s", job, reason)
+                    self.jobs.pop(job).abort(reason)
+                    self.held[job] = {"job": job, "coordinator": rt.coordinator, "rotation": rt.rotation,
+                                      "reason": reason}
+                    self.m_held.inc()
+
+    @serves("heartbeat")
+    async def heartbeat(self, msg, request):
+        """The coordinator's sign of life to a peer of its job; the reply says whether the peer still runs it."""
+        rt = self.jobs.get(msg["job"])
+        if rt is not None:
+            rt.heard = time.monotonic()
+        return {"known": rt is not None}
+
+    @serves("journal_put")
+    async def journal_put(self, msg, request):
+        """Keep the job's journal (the coordinator's record of its last commit) in this peer's state dir."""
+        journal = msg["journal"]
+        if journal.get("job") != msg["job"]:
+            raise ProtocolError("malformed", "the journal is of another job")
+        rt = self.jobs.get(msg["job"])
+        if rt is not None:
+            rt.heard = time.monotonic()
+        await asyncio.to_thread(self.node.state.save_journal, msg["job"], journal)
+        return {"saved": True}
+
+    @serves("replica_put")
+    async def replica_put(self, msg, request):
+        """Keep another peer's committed checkpoint, byte for byte, verified by its checksum."""
+        try:
+            await asyncio.to_thread(self.node.state.save_replica, msg["job"], msg["owner"], msg["rotation"],
+                                    msg["data"], msg["checksum"])
+        except ValueError as e:
+            raise ProtocolError("malformed", str(e)) from None
+        return {"checksum": msg["checksum"]}
 
     def coordinator_of(self, job: str) -> dict | None:
         """The coordinator ({"peer", "url"}) of a job this peer works on, if it is another peer."""
@@ -66,10 +136,12 @@ class WorkService(Service):
         return {"peer": rt.coordinator, "url": rt.urls[rt.coordinator]}
 
     async def close(self):
+        """Stop every job's work; their committed checkpoints are on disk already (a stage in the middle of a
+        pass is at no committed version: nothing of it is written)."""
+        if self.watcher:
+            self.watcher.cancel()
         for rt in self.jobs.values():
             rt.abort("agent shutting down")
-            if rt.rotation >= 0:
-                rt.checkpoint()
 
     # --- the calls ------------------------------------------------------------------------------
     @serves("prepare")
@@ -84,8 +156,13 @@ class WorkService(Service):
         problem = fits_model(node.data, input_shape(cfg.model), sizes[-1][0])
         if problem:
             raise JobError(f"peer {node.peer_id}: {problem}")
-        if msg["job"] in self.jobs:
+        attempt = msg.get("attempt", 0)
+        old = self.jobs.get(msg["job"])
+        if old is not None and attempt <= getattr(old, "attempt", 0):
             raise ProtocolError("duplicate", f"job {msg['job']} is already prepared")
+        if old is not None:   # a peer that hung through the job's failure: its earlier attempt ends here
+            self.jobs.pop(msg["job"]).abort(f"the job was resumed as attempt {attempt}")
+        self.held.pop(msg["job"], None)
         if cfg.scheme in PARALLEL_SCHEMES:
             self.jobs[msg["job"]] = ParallelRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
                                                     node.data, node.links, node.compute_call, node.state,
@@ -93,7 +170,7 @@ class WorkService(Service):
         else:
             self.jobs[msg["job"]] = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
                                                node.data, node.links, node.client(), node.compute_call, node.state,
-                                               node.memory_budget, sizes)
+                                               node.memory_budget, sizes, attempt)
         return {"samples": len(node.data), "test_samples": node.data.n_test}
 
     @serves("profile")
@@ -123,9 +200,15 @@ class WorkService(Service):
 
     @serves("commit")
     async def commit(self, msg, request):
+        """Take this rotation's layers, checkpoint them and replicate the checkpoint to the successor: the
+        reply means this peer's part of the commit is durable twice over."""
         rt = self.runtime(msg["job"], JobRuntime)
-        return await self.node.compute_call(rt.commit, msg["rotation"], msg["chain"], msg["ranges"],
-                                            msg["head_samples"], msg["head_test_samples"], msg.get("backward_at", []))
+        reply = await self.node.compute_call(rt.commit, msg["rotation"], msg["chain"], msg["ranges"],
+                                             msg["head_samples"], msg["head_test_samples"], msg.get("backward_at", []),
+                                             msg.get("restore"))
+        self.reach("commit")
+        await rt.replicate(reply["checksum"])
+        return reply
 
     @serves("run_pass")
     async def run_pass(self, msg, request):
@@ -227,6 +310,7 @@ class WorkService(Service):
     @serves("swap_receive")
     async def swap_receive(self, msg, request):
         rt = self.runtime(msg["job"], JobRuntime)
+        self.reach("swap_receive")
         digest = await self.node.compute_call(rt.receive_layers, msg["rotation"], msg["layers"], msg["checksum"])
         return {"checksum": digest}
 
@@ -242,7 +326,6 @@ class WorkService(Service):
     async def end(self, msg, request):
         rt = self.jobs.pop(msg["job"], None)
         if rt:
-            rt.checkpoint()
             self.peak_memory = max(self.peak_memory, rt.peak_memory)
             self.m_peak.set(self.peak_memory)
         return {"ended": rt is not None}

@@ -1,0 +1,213 @@
+"""A ring that survives its peers (peer/coordinator.py recovery, peer/services/work.py heartbeats and
+journal): real agents, real signals. A peer killed at any moment and restarted with its state dir, a hung
+peer, the coordinator killed, Ctrl-C: the job ends with the model plain PyTorch gives, and every checkpoint,
+replica and journal on disk loads and matches its checksum."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import load_out, max_diff, save_npz, summary_of
+from peer.localring import train_cli
+from pipeline import data, reference
+from pipeline.config import JobConfig
+
+PARTS = [(0, 200), (200, 330), (330, 600)]   # unequal shards: passes of different lengths
+JOB = ["--epochs", "3", "--batch-size", "24", "--momentum", "0.9", "--lr", "0.05", "--seed", "5",
+       "--split", "even", "--peer-timeout", "3", "--rejoin-timeout", "60"]
+SCHEMES = {"nsplit": [], "fast": ["--scheme", "fast", "--microbatches", "3"]}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    digits = data.load("digits")
+    tmp = tmp_path_factory.mktemp("shards")
+    sets = [data.Dataset(f"p{k}", digits.x[a:b], digits.y[a:b]) for k, (a, b) in enumerate(PARTS)]
+    return sets, [save_npz(tmp / f"p{k}.npz", s.x, s.y) for k, s in enumerate(sets)]
+
+
+def expected(ring, sets, scheme: str) -> dict:
+    """Plain PyTorch over the same samples in the same order (heads in ring order)."""
+    cfg = JobConfig(epochs=3, batch_size=24, momentum=0.9, lr=0.05, seed=5,
+                    microbatches=3 if scheme == "fast" else 1)
+    return reference.train(cfg, [sets[ring.agents.index(a)] for a in ring.ring_order()]).state_dict()
+
+
+def in_background(url: str, *args) -> tuple[threading.Thread, dict]:
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(proc=train_cli(url, *args)))
+    thread.start()
+    return thread, result
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def rotation_of(agent) -> int:
+    try:
+        return max([s["rotation"] for s in agent.status()["stages"]], default=-1)
+    except OSError:
+        return -1
+
+
+def check_files(ring, job: str) -> dict:
+    """Every peer's journal of the job agrees on its last commit, and every checkpoint and replica it names
+    is on disk, loads, and matches the checksum recorded for it. Returns the journal."""
+    journals = [json.loads((ring.workdir / f"agent{k}" / "jobs" / job / "journal.json").read_text())
+                for k in range(len(ring.agents))]
+    assert len({(j["rotation"], j["state"]) for j in journals}) == 1, [(j["rotation"], j["state"]) for j in journals]
+    j = journals[0]
+    peers = [p["peer"] for p in j["ring"]]
+    for k, a in enumerate(ring.agents):
+        folder = ring.workdir / f"agent{k}" / "jobs" / job
+        own = (folder / f"stage-{j['rotation']}.pt").read_bytes()
+        assert hashlib.sha256(own).hexdigest() == j["checksums"][a.peer_id]
+        before = peers[(peers.index(a.peer_id) - 1) % len(peers)]
+        replica = (folder / f"replica-{before}-{j['rotation']}.pt").read_bytes()
+        assert replica == (ring.workdir / f"agent{ring.agents.index(next(b for b in ring.agents if b.peer_id == before))}"
+                           / "jobs" / job / f"stage-{j['rotation']}.pt").read_bytes()
+        for f in folder.glob("*.pt"):
+            torch.load(f, weights_only=True)
+    return j
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_peer_killed_at_a_random_moment_and_restarted_leaves_the_model_exact(start_ring, shards, tmp_path, scheme):
+    sets, paths = shards
+    ring = start_ring([["--data", p] for p in paths])
+    rng = random.Random(f"kill-{scheme}")
+    order = ring.ring_order()
+    victim, rotation, delay = rng.choice(order[1:]), rng.randint(1, 6), rng.uniform(0, 0.4)
+    out = tmp_path / "model.pt"
+    thread, result = in_background(order[0].url, *JOB, *SCHEMES[scheme], "--out", str(out))
+    wait_for(lambda: rotation_of(victim) >= rotation, 120, "the job reaches the chosen rotation")
+    time.sleep(delay)
+    k = ring.agents.index(victim)
+    ring.kill(k)
+    ring.restart(k)
+    thread.join(300)
+    summary = summary_of(result["proc"])
+    assert [r["peer"] for r in summary["recoveries"]] == [victim.peer_id] and summary["attempts"] == 2, \
+        result["proc"].stderr
+    assert f"peer {victim.peer_id} lost" in result["proc"].stderr and "resumed as attempt 1" in result["proc"].stderr
+    assert max_diff(load_out(out), expected(ring, sets, scheme)) <= 1e-5
+    assert check_files(ring, summary["job"])["state"] == "done"
+
+
+@pytest.mark.parametrize("point", ["swap_receive:2", "commit:3"])
+def test_a_peer_killed_during_a_swap_leaves_one_whole_version_and_the_model_exact(start_ring, shards, tmp_path, point):
+    """swap_receive: the victim dies with layers on their way to it; commit: with its checkpoint of the new
+    rotation written while the others may have written theirs or not."""
+    sets, paths = shards
+    ring = start_ring([["--data", p] for p in paths], env={1: {"SPLITRING_TEST_KILL_AT": point}})
+    victim = ring.agents[1]
+    coordinator = next(a for a in ring.ring_order() if a is not victim)
+    out = tmp_path / "model.pt"
+    thread, result = in_background(coordinator.url, *JOB, "--out", str(out))
+    wait_for(lambda: victim.proc.poll() is not None, 120, f"the victim kills itself at {point}")
+    ring.restart(1)
+    thread.join(300)
+    summary = summary_of(result["proc"])
+    assert [r["peer"] for r in summary["recoveries"]] == [victim.peer_id]
+    assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
+    check_files(ring, summary["job"])
+
+
+def test_a_hung_peer_is_detected_within_the_peer_timeout_and_rejoins_after_sigcont(start_ring, shards, tmp_path):
+    sets, paths = shards
+    ring = start_ring([["--data", p] for p in paths])
+    order = ring.ring_order()
+    hung = order[1]
+    out = tmp_path / "model.pt"
+    thread, result = in_background(order[0].url, *JOB, "--out", str(out))
+    wait_for(lambda: rotation_of(hung) >= 2, 120, "the job reaches rotation 2")
+    hung.proc.send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        wait_for(lambda: any(s.get("event") in ("lost", "rollback") for s in order[0].status()["jobs"].values()),
+                 3 + 2, "the coordinator declares the hung peer lost within peer_timeout + 2 s")
+    finally:
+        hung.proc.send_signal(signal.SIGCONT)
+    thread.join(300)
+    summary = summary_of(result["proc"])
+    (lost,) = summary["recoveries"]
+    assert lost["peer"] == hung.peer_id and lost["at"] - stopped_at <= 3 + 2
+    assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
+
+
+def test_the_coordinator_killed_mid_job_and_resumed_from_another_peer_finishes_exact(start_ring, shards, tmp_path):
+    sets, paths = shards
+    ring = start_ring([["--data", p] for p in paths])
+    order = ring.ring_order()
+    coordinator, other = order[0], order[2]
+    thread, result = in_background(coordinator.url, *JOB)
+    wait_for(lambda: rotation_of(other) >= 3, 120, "the job reaches rotation 3")
+    k = ring.agents.index(coordinator)
+    ring.kill(k)
+    thread.join(60)
+    assert result["proc"].returncode == 1
+    survivors = [a for a in ring.agents if a is not coordinator]
+    # nobody keeps a stage for a job nobody drives: within peer_timeout (+ the watch's period) it is held
+    held = wait_for(lambda: all(a.status()["stages"] == [] and a.status()["held"] for a in survivors), 3 + 2,
+                    "the survivors free their stages and hold the job")
+    job = survivors[0].status()["held"][0]["job"]
+    ring.restart(k)
+    out = tmp_path / "model.pt"
+    summary = summary_of(train_cli(other.url, "--resume", job, "--out", str(out)))
+    assert summary["job"] == job and summary["attempts"] == 2
+    assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
+    assert check_files(ring, job)["coordinator"] == other.peer_id and held
+
+
+def test_ctrl_c_stops_the_job_cleanly_and_resume_finishes_it_exact(start_ring, shards, tmp_path):
+    sets, paths = shards
+    ring = start_ring([["--data", p] for p in paths])
+    order = ring.ring_order()
+    proc = subprocess.Popen([sys.executable, "-m", "peer", "train", "--peer", order[0].url, *JOB],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: rotation_of(order[1]) >= 2, 120, "the job reaches rotation 2")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "resume it with `splitring train --resume" in err, err
+    assert "Traceback" not in err
+    job = err.split("splitring train --resume ")[1].split("`")[0]
+    assert all(a.status()["stages"] == [] for a in ring.agents)
+    assert json.loads(subprocess.run([sys.executable, "-m", "peer", "jobs", "--peer", order[1].url, "--json"],
+                                     capture_output=True, text=True).stdout) == [
+        {**j, "state": "stopped"} for j in [next(j for j in json.loads(subprocess.run(
+            [sys.executable, "-m", "peer", "jobs", "--peer", order[1].url, "--json"], capture_output=True,
+            text=True).stdout) if j["job"] == job)]]
+    out = tmp_path / "model.pt"
+    summary = summary_of(train_cli(order[1].url, "--resume", job, "--out", str(out)))
+    assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
+
+
+def test_detach_then_attach_from_another_peer_and_jobs_lists_it(start_ring, shards):
+    _, paths = shards
+    ring = start_ring([["--data", p] for p in paths])
+    order = ring.ring_order()
+    started = train_cli(order[0].url, *JOB, "--detach")
+    assert started.returncode == 0, started.stderr
+    job = started.stdout.strip()
+    summary = summary_of(subprocess.run([sys.executable, "-m", "peer", "attach", job, "--peer", order[2].url,
+                                         "--json"], capture_output=True, text=True, timeout=300))
+    assert summary["job"] == job and summary["epochs"] == 3
+    for a in ring.agents:
+        listed = json.loads(subprocess.run([sys.executable, "-m", "peer", "jobs", "--peer", a.url, "--json"],
+                                           capture_output=True, text=True).stdout)
+        assert [j["state"] for j in listed if j["job"] == job] == ["done"]
