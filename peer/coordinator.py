@@ -19,7 +19,8 @@ import torch
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.models import footprint, input_shape, spec_hash
-from pipeline.jobplan import Facts, JobPlan, facts_from_dict, facts_to_dict, reporting_programs
+from pipeline.jobplan import (Facts, JobPlan, facts_from_dict, facts_to_dict, holders, reporting_programs,
+                              successor)
 from pipeline.planner import Device, LayerCost, too_big
 from pipeline.profiling import microbatch_rows, optimizer_state_ratio
 from peer.limits import JOB_LIMITS
@@ -141,6 +142,7 @@ class Coordinator:
 
     async def run(self) -> None:
         t0 = time.perf_counter()
+        self.emit({"event": "accepted", "job": self.job})
         try:
             await self._run(t0)
         except asyncio.CancelledError:
@@ -207,9 +209,8 @@ class Coordinator:
                 r = await self.client.call(p, "heartbeat", timeout=timeout / 2, job=self.job)
             except JobError:
                 return
-            if r["known"]:
-                heard[p["peer"]] = time.monotonic()
-            elif not lost.done():
+            heard[p["peer"]] = time.monotonic()
+            if not r["known"] and self.prepared and not lost.done():   # (before its prepare, it cannot know it)
                 lost.set_result(PeerLost(p["peer"], "no longer runs the job (it restarted)"))
 
         try:
@@ -244,10 +245,11 @@ class Coordinator:
         await asyncio.gather(*(self.client.call(p, "journal_put", timeout=5, job=self.job, journal=self.journal)
                                for p in self.ring), return_exceptions=True)
 
-    async def _commit_journal(self, step, checksums: dict) -> None:
-        """The commit point: once every peer has checkpointed (and replicated) `step`, record it on every peer.
-        Rolling back means going back to the last such record."""
-        self.journal = self.journal_record("running", rotation=step.rotation, checksums=checksums,
+    async def _commit_journal(self, step, version: int, checksums: dict) -> None:
+        """The commit point: once every peer has checkpointed (and replicated) commit `version`, of `step`,
+        record it on every peer. Rolling back means going back to the last such record."""
+        self.journal = self.journal_record("running", version=version, rotation=step.rotation,
+                                           ranges={p: list(r) for p, r in step.ranges.items()}, checksums=checksums,
                                            progress=asdict(self.progress))
         await self.call_all(self.ring, "journal_put", job=self.job, journal=self.journal)
 
@@ -270,34 +272,42 @@ class Coordinator:
         cfg = self.cfg
         self.ring = ring = await self.snapshot_ring()
         self.check_fits(ring)
+        self.watched = [p for p in ring if p["peer"] != self.me["peer"]]   # from before prepare: see WorkService.watch
         await self.call_all(ring, "prepare", job=self.job, config=cfg.to_dict(), ring=ring, coordinator=self.me["peer"],
                             spec_hash=spec_hash(cfg.model))
         self.prepared = True
-        self.watched = [p for p in ring if p["peer"] != self.me["peer"]]
         self.facts = await self.gather_facts(ring)
         plan = JobPlan(cfg, self.facts)
         next(iter(plan))   # the first pass is planned here, so a plan that cannot run fails before "started"
         self.emit_started(plan)
-        self.journal = self.journal_record("running", rotation=None, checksums={}, facts=facts_to_dict(self.facts),
+        self.journal = self.journal_record("running", version=None, rotation=None, ranges={}, checksums={},
+                                           lost=[], skipped=[], facts=facts_to_dict(self.facts),
                                            progress=asdict(self.progress))
         await self.call_all(ring, "journal_put", job=self.job, journal=self.journal)
 
     async def _resume(self) -> None:
-        """A job resumed from its journal (`splitring train --resume`): the same ring, every peer back."""
+        """A job resumed from its journal (`splitring train --resume`): its peers, each given rejoin_timeout
+        to answer; at most one may be missing, and the job goes on without it."""
         j = self.journal
         self.facts = facts_from_dict(j["facts"])
         self.progress = Progress(**j["progress"])
         self.ring = [dict(p) for p in j["ring"]]
-        for p in self.ring:
-            await self._rejoin(p["peer"])
-        self.emit_started(JobPlan(self.cfg, self.facts))
+        missing = [p["peer"] for p in list(self.ring) if not await self._rejoin(p["peer"])]
+        if len(missing) > 1:
+            raise JobError(f"peers {', '.join(missing)} did not answer within {self.cfg.rejoin_timeout:.0f} s: "
+                           f"the job can go on without one lost peer, not more; start them with their state dirs "
+                           f"and resume again")
+        self.emit_started(JobPlan(self.cfg, self.facts, j["lost"]))
+        for peer in missing:
+            self._go_on_without(peer)
         self.emit({"event": "resumed", "rotation": j["rotation"], "attempt": self.attempt})
 
     def emit_started(self, plan: JobPlan) -> None:
-        self.emit({"event": "started", "job": self.job, "ring": list(self.facts.ring), "coordinator": self.me["peer"],
-                   "urls": {p["peer"]: p["url"] for p in self.ring}, "missing": self.view.missing(),
-                   "layers": len(self.sizes), "samples": self.facts.samples, "config": self.cfg.to_dict(),
-                   "total_steps": plan.total_steps, "done_steps": self.progress.steps, "attempt": self.attempt})
+        self.emit({"event": "started", "job": self.job, "ring": [p["peer"] for p in self.ring],
+                   "coordinator": self.me["peer"], "urls": {p["peer"]: p["url"] for p in self.ring},
+                   "missing": self.view.missing(), "layers": len(self.sizes), "samples": self.facts.samples,
+                   "config": self.cfg.to_dict(), "total_steps": plan.total_steps, "done_steps": self.progress.steps,
+                   "attempt": self.attempt})
 
     async def _attempt(self, t0: float) -> None:
         """Run the job from its last commit to its end (the whole job on a first attempt)."""
@@ -305,42 +315,56 @@ class Coordinator:
             if self.journal is None:
                 await self._begin()
             await self._passes(t0)
-        except (Unanswered, PassFailed) as e:
+        except PeerLost:
+            raise
+        except JobError as e:   # any failure while a peer is gone (a refusal may be an echo of it) is its loss
             raise await self.root_cause([e], self.ring) from None
 
     async def _passes(self, t0: float) -> None:
-        cfg, j, ring = self.cfg, self.journal, self.ring
+        cfg, j = self.cfg, self.journal
+        plan = JobPlan(cfg, self.facts, j["lost"])
+        if j["version"] is None:   # the first attempt, or nothing committed yet: every peer builds its layers
+            passes, version = iter(plan), 0
+        else:   # every peer restores the last commit (a lost peer's layers from their replica), then goes on
+            held = holders(j["ranges"], self.facts.ring, j["lost"])
+            passes, version = plan.resume(j["rotation"], held), j["version"] + 1
+        ring = self.ring
         by_id = {p["peer"]: p for p in ring}
+        self.watched = [p for p in ring if p["peer"] != self.me["peer"]]   # from before prepare: see WorkService.watch
         if not self.prepared:
-            await self.call_all(ring, "prepare", job=self.job, config=cfg.to_dict(), ring=ring,
-                                coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model), attempt=self.attempt)
+            adopt: dict[str, list] = {}   # a lost peer's successor restores its layers from their replica
+            for peer in j["lost"]:
+                if peer in j["checksums"]:
+                    adopt.setdefault(successor(self.facts.ring, peer, j["lost"]), []).append(peer)
+            replies = await self.call_all(ring, "prepare", job=self.job, config=cfg.to_dict(), ring=ring,
+                                          coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model),
+                                          attempt=self.attempt,
+                                          **({"restore": {"version": j["version"], "checksums": j["checksums"],
+                                                          "adopt": adopt}} if j["version"] is not None else {}))
+            if self.lost_at is not None and j["version"] is not None:   # what each peer restored, for the report
+                self.recoveries[-1]["restored"] = {p["peer"]: r.get("restored") for p, r in zip(ring, replies)}
             self.prepared = True
-        self.watched = [p for p in ring if p["peer"] != self.me["peer"]]
-        plan, committed = JobPlan(cfg, self.facts), j["rotation"]
         prog = self.progress = Progress(**j["progress"])
-        for step in plan:
-            if committed is not None and step.rotation < committed:
-                continue
-            restore = j["checksums"] if step.rotation == committed else None
-            if restore is None:   # a pass not committed yet: plan it, swap into it, commit it
-                if len(prog.plans) < JOB_LIMITS.summary_plans:
-                    prog.plans.append(step.to_dict())
-                prog.bytes_moved += step.bytes_moved
-                self.emit({"event": "plan", **step.to_dict()})
-                if step.moves:
-                    senders = sorted({src for _, src, _ in step.moves})
-                    await self.call_all([by_id[s] for s in senders], "swap_send", job=self.job,
-                                        rotation=step.rotation, moves=[list(m) for m in step.moves])
-                    self.emit({"event": "swap", "rotation": step.rotation, "layers_moved": len(step.moves),
-                               "bytes_moved": step.bytes_moved})
-            replies = await self.call_all(ring, "commit", job=self.job, rotation=step.rotation, chain=step.active,
+        for step in passes:
+            if len(prog.plans) < JOB_LIMITS.summary_plans:
+                prog.plans.append(step.to_dict())
+            prog.bytes_moved += step.bytes_moved
+            self.emit({"event": "plan", **step.to_dict()})
+            if step.moves:
+                senders = sorted({src for _, src, _ in step.moves})
+                await self.call_all([by_id[s] for s in senders], "swap_send", job=self.job,
+                                    rotation=step.rotation, moves=[list(m) for m in step.moves])
+                self.emit({"event": "swap", "rotation": step.rotation, "layers_moved": len(step.moves),
+                           "bytes_moved": step.bytes_moved})
+            replies = await self.call_all(ring, "commit", job=self.job, rotation=step.rotation, version=version,
+                                          epoch=step.epoch, chain=step.active,
                                           ranges={p: list(v) for p, v in step.ranges.items()},
                                           head_samples=self.facts.samples[step.head],
                                           head_test_samples=self.facts.test_samples[step.head],
-                                          backward_at=step.to_dict()["backward_at"],
-                                          **({"restore": restore} if restore else {}))
-            await self._commit_journal(step, {p["peer"]: r["checksum"] for p, r in zip(ring, replies)})
-            if restore is not None and self.lost_at is not None:
+                                          backward_at=step.to_dict()["backward_at"])
+            await self._commit_journal(step, version, {p["peer"]: r["checksum"] for p, r in zip(ring, replies)})
+            version += 1
+            if self.lost_at is not None:
                 self.recoveries[-1]["recovery_s"] = time.monotonic() - self.lost_at
                 self.lost_at = None
             tp = time.perf_counter()
@@ -359,14 +383,16 @@ class Coordinator:
         self.summary = {"job": self.job, "epochs": cfg.epochs, "final_loss": prog.last_loss, "accuracy": prog.accuracy,
                         "samples": prog.samples, "samples_per_s": prog.samples / max(prog.train_seconds, 1e-9),
                         "steady_samples_per_s": self.steady.rate,
-                        "seconds": time.perf_counter() - t0, "ring": list(self.facts.ring), "layers": len(self.sizes),
-                        "passes": plan.passes, "seconds_per_step": prog.train_seconds / max(prog.steps, 1),
+                        "seconds": time.perf_counter() - t0, "ring": [p["peer"] for p in ring],
+                        "layers": len(self.sizes), "passes": len(plan.schedule()),
+                        "seconds_per_step": prog.train_seconds / max(prog.steps, 1),
                         "plans": prog.plans, "bytes_moved": prog.bytes_moved,
                         "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
                         "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress,
                         "max_staleness": cfg.max_staleness if cfg.scheme == "fast-async" else 0,
                         "staleness": self.staleness, "model_file": str(path),
-                        "attempts": self.attempt + 1, "recoveries": self.recoveries}
+                        "attempts": self.attempt + 1, "recoveries": self.recoveries, "lost": j["lost"],
+                        "skipped": self.journal["skipped"]}
         await self.call_all(ring, "end", job=self.job)
         await self._record("done", model_file=str(path))
         self.emit({"event": "done", "summary": self.summary})
@@ -374,37 +400,56 @@ class Coordinator:
     # --- recovery -------------------------------------------------------------------------------
     async def _recover(self, e: "PeerLost") -> None:
         """Roll back to the last commit: free every stage, wait (rejoin_timeout) for the lost peer to come
-        back with its state dir, then the next attempt restores every stage from its checkpoint."""
+        back with its state dir; if it does not, go on without it. The next attempt restores every stage
+        from its checkpoint (and the lost peer's layers from their replica)."""
         self.lost_at = time.monotonic()
         self.recoveries.append({"peer": e.peer, "error": str(e), "rotation": self.journal["rotation"],
-                                "attempt": self.attempt, "at": time.time()})
+                                "ranges": self.journal["ranges"], "attempt": self.attempt, "at": time.time()})
         self.emit({"event": "lost", "peer": e.peer, "error": str(e)})
         if len(self.recoveries) > MAX_RECOVERIES:
             raise JobError(f"{len(self.recoveries)} peers lost in one job; the job stops here (resumable): {e}")
         await self._abort(f"peer {e.peer} was lost; the job rolls back to its last commit")
         self.prepared = False
         self.emit({"event": "rollback", "rotation": self.journal["rotation"]})
-        await self._rejoin(e.peer)
+        if not await self._rejoin(e.peer):
+            self._go_on_without(e.peer)
         self.attempt += 1
         self.emit({"event": "resumed", "rotation": self.journal["rotation"], "attempt": self.attempt})
 
-    async def _rejoin(self, peer: str) -> None:
+    def _go_on_without(self, peer: str) -> None:
+        """A lost peer that did not come back: the job goes on on the others, from the last commit (its layers
+        from the replica its successor keeps); its own passes are skipped from then on."""
+        j = self.journal
+        if j["lost"]:
+            raise JobError(f"peer {peer} is lost too, after {', '.join(j['lost'])}: the job can go on without one "
+                           f"lost peer, not more; the job is held at its last commit: start the lost peers with "
+                           f"their state dirs and run `splitring train --resume {self.job}`")
+        before, after = JobPlan(self.cfg, self.facts), JobPlan(self.cfg, self.facts, [peer])
+        start = j["rotation"] if j["rotation"] is not None else -1
+        kept = {r for _, r, _ in after.schedule()}
+        skipped = [{"peer": peer, "epoch": e, "rotation": r} for e, r, _ in before.schedule()
+                   if r >= start and r not in kept]
+        self.ring = [p for p in self.ring if p["peer"] != peer]
+        self.check_fits(self.ring)
+        next(after.resume(start, holders(j["ranges"], self.facts.ring, [peer])))   # fails here if they cannot hold it
+        self.journal = {**j, "lost": [peer], "skipped": skipped, "ring": j["ring"]}
+        self.emit({"event": "replanned", "lost": [peer], "ring": [p["peer"] for p in self.ring],
+                   "skipped": skipped, "total_steps": after.total_steps})
+
+    async def _rejoin(self, peer: str) -> bool:
         """Wait up to rejoin_timeout for a peer of the job to answer as itself, at its last address or any
-        address discovery has seen it at since; JobError (the job stays resumable) if it does not."""
+        address discovery has seen it at since. Whether it did."""
         entry = next(p for p in self.ring if p["peer"] == peer)
         deadline = time.monotonic() + self.cfg.rejoin_timeout
         while True:
             urls = [entry["url"]] + [r.url for r in self.view.peers() if r.peer == peer and r.url != entry["url"]]
             for url in urls:
                 if await self.client.status({"peer": peer, "url": url}, timeout=2) is not None:
-                    if entry["url"] != url:
-                        entry["url"] = url
+                    entry["url"] = url
                     self.emit({"event": "rejoined", "peer": peer})
-                    return
+                    return True
             if time.monotonic() > deadline:
-                raise JobError(f"peer {peer} did not come back within {self.cfg.rejoin_timeout:.0f} s; the job is "
-                               f"held at its last commit: restart that peer with its state dir and run "
-                               f"`splitring train --resume {self.job}`")
+                return False
             await asyncio.sleep(0.5)
 
     async def _pass(self, active: list[str], by_id: dict, rotation: int, mode: str, epoch: int,

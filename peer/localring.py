@@ -85,6 +85,7 @@ class LocalRing:
         self.interface = interface
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="splitring-")
         self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra = extra or []
         self.tls = tls
         if cpus is not None and len(cpus) != len(data):

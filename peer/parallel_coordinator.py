@@ -49,9 +49,9 @@ class ParallelCoordinator(Coordinator):
         by_id = {q["peer"]: q for q in ring}
         peers = [by_id[x] for x in clients + helpers]
         self.ring = peers   # only they are prepared, and aborted on failure
+        self.watched = [q for q in peers if q["peer"] != self.me["peer"]]
         prepared = await self.call_all(peers, "prepare", job=self.job, config=cfg.to_dict(), ring=peers,
                                        coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model))
-        self.watched = [q for q in peers if q["peer"] != self.me["peer"]]
         samples = {x: r["samples"] for x, r in zip(clients + helpers, prepared) if x in clients}
         tests = {x: r["test_samples"] for x, r in zip(clients + helpers, prepared) if x in clients}
         costs, prof = await self.measure(peers)

@@ -75,43 +75,44 @@ class StateDir:
         return pid
 
     # --- a job's durable state: versioned checkpoints, replicas, the journal ---------------------------
-    # jobs/JOB/stage-R.pt: this peer's stage as committed for rotation R; replica-PEER-R.pt: another peer's,
-    # byte for byte; journal.json: the job's last commit as the coordinator recorded it. A version is deleted
-    # only once a journal naming a later commit is here: that journal exists only after every peer of the
-    # job wrote its checkpoint (and replica) of that later commit, so the ring always holds one whole version.
+    # jobs/JOB/stage-V.pt: this peer's stage as of the job's commit number V; replica-PEER-V.pt: another
+    # peer's, byte for byte; journal.json: the job's last commit as the coordinator recorded it. A version is
+    # deleted only once a journal naming a later commit is here: that journal exists only after every peer of
+    # the job wrote its checkpoint (and replica) of that later commit, so the ring always holds one whole
+    # version. A commit never rewrites a version: a resumed job commits under a new number.
     def job_dir(self, job: str) -> Path:
         if not JOB_ID.fullmatch(job):
             raise ValueError(f"not a job id: {job!r}")
         return self.root / "jobs" / job
 
-    def checkpoint_path(self, job: str, rotation: int, owner: str | None = None) -> Path:
-        """This peer's checkpoint of a rotation, or with `owner` the replica of that peer's."""
+    def checkpoint_path(self, job: str, version: int, owner: str | None = None) -> Path:
+        """This peer's checkpoint of a commit, or with `owner` the replica of that peer's."""
         if owner is None:
-            return self.job_dir(job) / f"stage-{int(rotation)}.pt"
+            return self.job_dir(job) / f"stage-{int(version)}.pt"
         if not PEER_ID.fullmatch(owner):
             raise ValueError(f"not a peer id: {owner!r}")
-        return self.job_dir(job) / f"replica-{owner}-{int(rotation)}.pt"
+        return self.job_dir(job) / f"replica-{owner}-{int(version)}.pt"
 
-    def save_checkpoint(self, job: str, rotation: int, payload: dict) -> tuple[Path, str]:
+    def save_checkpoint(self, job: str, version: int, payload: dict) -> tuple[Path, str]:
         """(path, sha256 of the file) of this peer's checkpoint, written atomically."""
         buf = io.BytesIO()
         torch.save(payload, buf)
         data = buf.getvalue()
-        path = self.checkpoint_path(job, rotation)
+        path = self.checkpoint_path(job, version)
         write_atomic(path, data)
         return path, hashlib.sha256(data).hexdigest()
 
-    def save_replica(self, job: str, owner: str, rotation: int, data: bytes, digest: str) -> Path:
+    def save_replica(self, job: str, owner: str, version: int, data: bytes, digest: str) -> Path:
         if hashlib.sha256(data).hexdigest() != digest:
-            raise CorruptFile(f"the replica of peer {owner}'s checkpoint of rotation {rotation} does not match "
+            raise CorruptFile(f"the replica of peer {owner}'s checkpoint of commit {version} does not match "
                               f"its checksum")
-        path = self.checkpoint_path(job, rotation, owner)
+        path = self.checkpoint_path(job, version, owner)
         write_atomic(path, data)
         return path
 
-    def load_checkpoint(self, job: str, rotation: int, digest: str, owner: str | None = None) -> dict:
+    def load_checkpoint(self, job: str, version: int, digest: str, owner: str | None = None) -> dict:
         """A checkpoint (or replica), refused unless its bytes match the sha256 the journal recorded."""
-        path = self.checkpoint_path(job, rotation, owner)
+        path = self.checkpoint_path(job, version, owner)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -123,32 +124,29 @@ class StateDir:
     def save_journal(self, job: str, record: dict) -> None:
         """Write the job's journal atomically, then delete the versions older than its commit."""
         write_atomic(self.job_dir(job) / "journal.json", json.dumps(record).encode())
-        if record.get("rotation") is not None:
-            self.drop_versions(job, before=record["rotation"])
+        if record.get("version") is not None:
+            self.drop_versions(job, before=record["version"])
 
     def drop_versions(self, job: str, before: int) -> None:
-        """Delete this job's checkpoints and replicas of rotations before `before`."""
+        """Delete this job's checkpoints and replicas of commits before `before`."""
         for f in self.job_dir(job).glob("*.pt"):
             version = f.stem.rsplit("-", 1)[-1]
             if version.isdigit() and int(version) < before:
                 f.unlink(missing_ok=True)
 
     def journal(self, job: str) -> dict | None:
+        """The job's journal here (None if there is none, or it is not one)."""
         try:
-            return json.loads((self.job_dir(job) / "journal.json").read_text())
+            journal = json.loads((self.job_dir(job) / "journal.json").read_text())
         except (FileNotFoundError, ValueError):
             return None
+        return journal if journal_problem(journal) is None else None
 
     def journals(self) -> list[dict]:
         """Every job journal in this state dir, newest first."""
         files = sorted((self.root / "jobs").glob("*/journal.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        out = []
-        for f in files:
-            try:
-                out.append(json.loads(f.read_text()))
-            except ValueError:
-                continue
-        return out
+        found = (self.journal(f.parent.name) if JOB_ID.fullmatch(f.parent.name) else None for f in files)
+        return [j for j in found if j is not None]
 
     def model_path(self, job: str) -> Path | None:
         """Where a finished job's model lives (None for a job id that is not one: no path from a request)."""
@@ -165,3 +163,52 @@ class StateDir:
 
     def close(self) -> None:
         self._lock.close()
+
+
+JOURNAL_STATES = ("running", "stopped", "failed", "done")
+
+
+def journal_problem(j) -> str | None:
+    """What makes `j` not a job journal as peer.coordinator writes it (None: nothing)."""
+    def opt_int(v):
+        return v is None or (type(v) is int and v >= 0)
+    checks = [
+        (isinstance(j, dict), "a journal is a map"),
+        (isinstance(j, dict) and isinstance(j.get("job"), str) and JOB_ID.fullmatch(j["job"]) is not None,
+         "job must be a job id"),
+        (isinstance(j, dict) and j.get("state") in JOURNAL_STATES, f"state must be one of {JOURNAL_STATES}"),
+        (isinstance(j, dict) and opt_int(j.get("version", -1)) and opt_int(j.get("rotation", -1)),
+         "version and rotation must be integers >= 0 or null"),
+        (isinstance(j, dict) and type(j.get("attempt")) is int and isinstance(j.get("coordinator"), str)
+         and isinstance(j.get("config"), dict) and isinstance(j.get("ring"), list)
+         and isinstance(j.get("checksums"), dict) and isinstance(j.get("updated"), int | float),
+         "attempt, coordinator, config, ring, checksums and updated are required"),
+    ]
+    return next((text for ok, text in checks if not ok), None)
+
+
+def audit(root: str | os.PathLike, job: str) -> list[str]:
+    """What is wrong with a job's files in one agent's state dir (nothing: []): the journal must load; the
+    checkpoint of its last commit and every replica of that commit must match the checksum it records; every
+    checkpoint file must load."""
+    folder = Path(root) / "jobs" / job
+    try:
+        journal = json.loads((folder / "journal.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"{folder}/journal.json: {e}"]
+    problems = []
+    version, sums = journal.get("version"), journal.get("checksums", {})
+    me = (Path(root) / "peer_id").read_text().strip()
+    for f in sorted(folder.glob("*.pt")):
+        try:
+            torch.load(f, weights_only=True)
+        except Exception as e:   # a file that does not load, whatever torch says about it
+            problems.append(f"{f}: does not load ({e})")
+            continue
+        owner = me if f.name.startswith("stage-") else f.name.removeprefix("replica-").rsplit("-", 1)[0]
+        if version is not None and f.stem.endswith(f"-{version}") and owner in sums and \
+                hashlib.sha256(f.read_bytes()).hexdigest() != sums[owner]:
+            problems.append(f"{f}: does not match the checksum the journal records")
+    if version is not None and me in sums and not (folder / f"stage-{version}.pt").exists():
+        problems.append(f"{folder}/stage-{version}.pt: missing")
+    return problems

@@ -43,8 +43,9 @@ class JobRuntime:
         outputs = [shape for shape, _ in sizes] if sizes is not None else activation_shapes(cfg.model)
         self.shapes = [input_shape(cfg.model)] + outputs  # shapes[i] = input of layer i
         self.stage = Stage(cfg, {})
+        self.restored = False   # the stage came from checkpoints (restore), not from (spec, seed)
         self.pending: dict[int, dict[int, dict]] = {}   # rotation -> received layers awaiting commit
-        self.rotation = -1
+        self.rotation = self.version = self.epoch = -1
         self.chain: list[str] = []
         self.roles_of = {"train": S.Roles(0), "eval": S.Roles(0)}   # this rotation's, per mode (see roles)
         self.ranges: dict[str, tuple[int, int]] = {}
@@ -61,12 +62,28 @@ class JobRuntime:
         return self.chain.index(self.me) if self.me in self.chain else -1
 
     # --- ownership: commit a rotation's assignment ---------------------------------------------
-    def commit(self, rotation: int, chain: list[str], ranges: dict[str, list[int]], head_samples: int,
-               head_test_samples: int, backward_at: list = (), restore: dict | None = None) -> dict:
-        """Take ownership for `rotation`: install received layers, free moved ones, checkpoint.
-        backward_at: [[stage, host], ...], the remote backwards of this rotation (chain positions).
-        restore: {peer: sha256} when resuming a job at this committed rotation: this peer's stage is its
-        checkpoint of it (verified against the journal's checksum), not built or swapped in."""
+    def restore(self, version: int, checksums: dict, adopt: list) -> dict:
+        """Resuming a job: this peer's stage is its checkpoint of commit `version`, plus the layers of the lost
+        peers in `adopt` (their replicas here), each verified against the checksum the journal recorded.
+        Returns which layers came from where: {"own": [...], "adopted": {lost peer: [...]}}."""
+        if not isinstance(checksums.get(self.me), str) or not all(isinstance(checksums.get(p), str) for p in adopt):
+            raise ProtocolError("malformed", f"restore names no checkpoint of peer {self.me} or of a peer it adopts")
+        stage, got = Stage(self.cfg, {}), {"adopted": {}}
+        own = self.state_dir.load_checkpoint(self.job, version, checksums[self.me])["layers"]
+        stage.install(own)
+        got["own"] = sorted(own)
+        for lost in adopt:
+            layers = self.state_dir.load_checkpoint(self.job, version, checksums[lost], owner=lost)["layers"]
+            stage.install(layers)
+            got["adopted"][lost] = sorted(layers)
+        self.stage, self.restored = stage, True
+        return got
+
+    def commit(self, rotation: int, version: int, epoch: int, chain: list[str], ranges: dict[str, list[int]],
+               head_samples: int, head_test_samples: int, backward_at: list = ()) -> dict:
+        """Take ownership for `rotation` (the job's commit number `version`, in epoch `epoch`): install received
+        layers, free moved ones, checkpoint. backward_at: [[stage, host], ...], the remote backwards of this
+        rotation (chain positions)."""
         if rotation <= self.rotation:
             raise ProtocolError("stale", f"rotation {rotation} is not after the current {self.rotation}")
         try:
@@ -79,13 +96,7 @@ class JobRuntime:
                    0 <= r[0] <= r[1] <= n_layers for r in ranges.values()):
             raise ProtocolError("malformed", f"ranges must be [first, end) layer pairs within the model's {n_layers}")
         a, b = ranges.get(self.me, (0, 0))
-        if restore is not None:
-            if not isinstance(restore.get(self.me), str):
-                raise ProtocolError("malformed", f"restore names no checkpoint of peer {self.me}")
-            saved = self.state_dir.load_checkpoint(self.job, rotation, restore[self.me])
-            self.stage = Stage(self.cfg, {})
-            self.stage.install(saved["layers"])
-        elif self.rotation < 0:  # first assignment: build own layers from (spec, seed, i)
+        if self.rotation < 0 and not self.restored:  # first assignment: build own layers from (spec, seed, i)
             self.stage = Stage.build(self.cfg, a, b)
         else:
             self.stage.install(self.pending.pop(rotation, {}))
@@ -99,7 +110,7 @@ class JobRuntime:
         if sorted(self.stage.layers) != list(range(a, b)):
             raise JobError(f"peer {self.me} should own layers [{a},{b}) for rotation {rotation} but holds "
                            f"{sorted(self.stage.layers)}: a transfer is missing")
-        self.rotation, self.chain = rotation, list(chain)
+        self.rotation, self.version, self.epoch, self.chain = rotation, version, epoch, list(chain)
         self.roles_of = {"train": train_roles, "eval": S.Roles(len(chain))}
         self.ranges = {p: tuple(r) for p, r in ranges.items()}
         self.head_samples, self.head_test_samples = head_samples, head_test_samples
@@ -117,19 +128,20 @@ class JobRuntime:
         return self.stage.weights()
 
     def checkpoint(self) -> tuple:
-        """(path, sha256) of this peer's checkpoint of the rotation just committed."""
-        return self.state_dir.save_checkpoint(self.job, self.rotation, {
-            "job": self.job, "rotation": self.rotation, "config": self.cfg.to_dict(), "layers": self.stage.export()})
+        """(path, sha256) of this peer's checkpoint of the commit just made."""
+        return self.state_dir.save_checkpoint(self.job, self.version, {
+            "job": self.job, "version": self.version, "rotation": self.rotation, "config": self.cfg.to_dict(),
+            "layers": self.stage.export()})
 
     async def replicate(self, digest: str) -> None:
-        """Send this peer's checkpoint of the current rotation, byte for byte, to its successor in ring order,
+        """Send this peer's checkpoint of the current commit, byte for byte, to its successor in ring order,
         which keeps it (verified by checksum) so that the layers outlive this peer."""
         if len(self.ring) < 2:
             return
         succ = self.ring[(self.ring.index(self.me) + 1) % len(self.ring)]
-        data = await asyncio.to_thread(self.state_dir.checkpoint_path(self.job, self.rotation).read_bytes)
+        data = await asyncio.to_thread(self.state_dir.checkpoint_path(self.job, self.version).read_bytes)
         reply = await self.client.call({"peer": succ, "url": self.urls[succ]}, "replica_put", timeout=REPLICA_S,
-                                       job=self.job, owner=self.me, rotation=self.rotation, data=data, checksum=digest)
+                                       job=self.job, owner=self.me, version=self.version, data=data, checksum=digest)
         if reply["checksum"] != digest:
             raise JobError(f"the replica of {self.me}'s checkpoint on {succ} failed verification")
 
@@ -248,8 +260,7 @@ class JobRuntime:
 
     def _head_batches(self, mode: str):
         if mode == "train":
-            epoch = self.rotation // len(self.ring)
-            order = pass_order(len(self.data), self.cfg.seed, epoch, self.cfg.shuffle)
+            order = pass_order(len(self.data), self.cfg.seed, self.epoch, self.cfg.shuffle)
             ds, size, mbs = self.data, self.cfg.batch_size, self.cfg.microbatches
         else:
             ds = Dataset("test", self.data.x_test, self.data.y_test)

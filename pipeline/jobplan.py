@@ -14,8 +14,8 @@ from typing import Iterator
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.data import num_steps
-from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, moved_bytes, over_budget, plan_chain
-from pipeline.swaps import swap_moves
+from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, over_budget, plan_chain
+from pipeline.swaps import owners, swap_moves
 from protocols.errors import SplitringError
 
 
@@ -45,6 +45,22 @@ def facts_from_dict(d: dict) -> Facts:
         return Device(**{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items()})
     return Facts(tuple(d["ring"]), {p: device(v) for p, v in d["devices"].items()},
                  [LayerCost(**c) for c in d["layers"]], dict(d["samples"]), dict(d["test_samples"]))
+
+
+def successor(ring, peer: str, lost=()) -> str:
+    """The next peer after `peer` in ring order that is not lost: where `peer` replicates its checkpoints."""
+    ring = list(ring)
+    k = ring.index(peer)
+    return next(ring[(k + j) % len(ring)] for j in range(1, len(ring) + 1) if ring[(k + j) % len(ring)] not in lost)
+
+
+def holders(ranges: dict[str, list], ring, lost=()) -> dict[int, str]:
+    """Who holds each layer once a job has rolled back to a commit with these `ranges`: its owner then, or,
+    for a lost owner, its successor, which keeps the replica of its checkpoint."""
+    held = {}
+    for peer, (a, b) in ranges.items():
+        held.update(dict.fromkeys(range(a, b), successor(ring, peer, lost) if peer in lost else peer))
+    return held
 
 
 @dataclass(frozen=True)
@@ -109,40 +125,54 @@ def split(cfg: JobConfig, chain: list[str], devices: dict[str, Device], layers: 
 
 
 class JobPlan:
-    """Every pass of a job, planned from (config, facts). Raises PlanError for a job that cannot run."""
+    """Every pass of a job, planned from (config, facts). Raises PlanError for a job that cannot run.
+    With `lost` peers (gone for good while the job ran) the chains leave them out and their own passes are
+    skipped; rotations keep their numbers (rotation r: epoch r // N, head the r % N-th peer of the ring)."""
 
-    def __init__(self, cfg: JobConfig, facts: Facts):
-        self.cfg, self.facts = cfg, facts
-        n = len(facts.ring)
+    def __init__(self, cfg: JobConfig, facts: Facts, lost=()):
+        self.cfg, self.facts, self.lost = cfg, facts, frozenset(lost)
+        n = len(facts.ring) - len(self.lost)
         try:
             S.Roles(n, cfg.remote_backward())
         except ValueError as e:
             raise PlanError(f"a chain of {n} stages: {e}") from None
-        # the rotations of an epoch that train: those whose head holds data
-        self.heads = [r for r in range(n) if facts.samples[self.chain(r)[0]] > 0]
+        # the rotations of an epoch that train: those whose head holds data (and is not lost)
+        self.heads = [r for r in range(len(facts.ring))
+                      if self.head(r) not in self.lost and facts.samples[self.head(r)] > 0]
         self.passes = cfg.epochs * len(self.heads)
-        self.total_steps = cfg.epochs * sum(self.steps(self.chain(r)[0]) for r in self.heads)
+        self.total_steps = cfg.epochs * sum(self.steps(self.head(r)) for r in self.heads)
+
+    def head(self, rotation: int) -> str:
+        return self.facts.ring[rotation % len(self.facts.ring)]
 
     def chain(self, rotation: int) -> list[str]:
-        return S.chain_order(list(self.facts.ring), rotation)
+        return [p for p in S.chain_order(list(self.facts.ring), rotation) if p not in self.lost]
 
     def steps(self, head: str) -> int:
         return num_steps(self.facts.samples[head], self.cfg.batch_size)
 
-    def __iter__(self) -> Iterator[PassPlan]:
-        """The job's passes in order: epochs of one pass per head with data."""
+    def schedule(self) -> list[tuple[int, int, bool]]:
+        """(epoch, rotation, ends the epoch) of every pass: epochs of one pass per head with data."""
         if not self.heads:
             raise PlanError("no peer of the ring has training data")
         n = len(self.facts.ring)
-        return self._plan((k // len(self.heads), k // len(self.heads) * n + self.heads[k % len(self.heads)],
-                           (k + 1) % len(self.heads) == 0) for k in range(self.passes))
+        return [(e, e * n + r, k == len(self.heads) - 1) for e in range(self.cfg.epochs) for k, r in enumerate(self.heads)]
+
+    def __iter__(self) -> Iterator[PassPlan]:
+        """The job's passes in order."""
+        return self._plan(self.schedule())
+
+    def resume(self, rotation: int, holders: dict[int, str]) -> Iterator[PassPlan]:
+        """The passes from rotation `rotation` on, for a job resumed from its last commit: `holders` (layer ->
+        peer) is who holds each layer after restoring it, which the first pass's swap starts from."""
+        return self._plan([t for t in self.schedule() if t[1] >= rotation], holders)
 
     def one_epoch(self) -> Iterator[PassPlan]:
         """Every rotation of the first epoch, heads without data included: what `splitring plan` shows."""
         n = len(self.facts.ring)
-        return self._plan((0, r, r == n - 1) for r in range(n))
+        return self._plan([(0, r, r == n - 1) for r in range(n)])
 
-    def _plan(self, passes) -> Iterator[PassPlan]:
+    def _plan(self, passes, holders: dict[int, str] | None = None) -> Iterator[PassPlan]:
         f, previous = self.facts, None
         for k, (epoch, r, ends_epoch) in enumerate(passes):
             chain = self.chain(r)
@@ -152,8 +182,9 @@ class JobPlan:
             if remote and empty:
                 raise PlanError(f"--backward-at names chain positions, but the plan leaves {empty} peer(s) without "
                                 "layers; use --split even")
-            yield PassPlan(k, epoch, r, tuple(chain), ranges, remote,
-                           tuple(swap_moves(previous, ranges)) if previous else (),
-                           moved_bytes(previous, ranges, f.layers) if previous else 0, p,
+            before = holders if k == 0 and holders else owners(previous) if previous else None
+            moves = tuple(swap_moves(before, ranges)) if before else ()
+            yield PassPlan(k, epoch, r, tuple(chain), ranges, remote, moves,
+                           sum(f.layers[i].param_bytes + f.layers[i].optim_bytes for i, _, _ in moves), p,
                            self.steps(chain[0]), ends_epoch, ends_epoch and f.test_samples.get(chain[0], 0) > 0)
             previous = ranges

@@ -28,20 +28,23 @@ def one_thread(fn):
     return run
 
 
-def passes(cfg: JobConfig, heads: list[Dataset]) -> list[tuple[Dataset, list[torch.Tensor]]]:
-    """(head dataset, batch indices of each step) for every pass: epochs, then passes in ring order."""
+def passes(cfg: JobConfig, heads: list[Dataset], skipped=()) -> list[tuple[Dataset, list[torch.Tensor]]]:
+    """(head dataset, batch indices of each step) for every pass: epochs, then passes in ring order, but
+    those in `skipped` ((epoch, head index) pairs: the passes of a peer lost for good)."""
     out = []
     for epoch in range(cfg.epochs):
-        for ds in heads:
+        for k, ds in enumerate(heads):
+            if (epoch, k) in skipped:
+                continue
             order = pass_order(len(ds), cfg.seed, epoch, cfg.shuffle)
             sizes = batch_sizes(len(ds), cfg.batch_size)
             out.append((ds, [order[sum(sizes[:s]):sum(sizes[:s + 1])] for s in range(len(sizes))]))
     return out
 
 
-def sample_order(cfg: JobConfig, heads: list[Dataset]) -> list[tuple[Dataset, torch.Tensor]]:
+def sample_order(cfg: JobConfig, heads: list[Dataset], skipped=()) -> list[tuple[Dataset, torch.Tensor]]:
     """(dataset, batch indices) for every step, in training order."""
-    return [(ds, idx) for ds, steps in passes(cfg, heads) for idx in steps]
+    return [(ds, idx) for ds, steps in passes(cfg, heads, skipped) for idx in steps]
 
 
 def _optimizer(cfg: JobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -83,10 +86,10 @@ def train_stale(cfg: JobConfig, heads: list[Dataset], lag, ahead=None) -> torch.
     return model
 
 
-def train(cfg: JobConfig, heads: list[Dataset]) -> torch.nn.Sequential:
+def train(cfg: JobConfig, heads: list[Dataset], skipped=()) -> torch.nn.Sequential:
     model = build_model(cfg.model, cfg.seed)
     opt = _optimizer(cfg, model)
-    for ds, idx in sample_order(cfg, heads):
+    for ds, idx in sample_order(cfg, heads, skipped):
         opt.zero_grad()
         F.cross_entropy(model(ds.x[idx]), ds.y[idx]).backward()
         opt.step()

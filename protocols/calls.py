@@ -28,8 +28,8 @@ class Call:
         return self.path.format(**params)
 
 
-JOB_EVENTS = frozenset({"started", "plan", "swap", "step", "epoch", "schedule", "round", "done", "failed",
-                        "lost", "rollback", "rejoined", "resumed", "stopped"})
+JOB_EVENTS = frozenset({"accepted", "started", "plan", "swap", "step", "epoch", "schedule", "round", "done", "failed",
+                        "lost", "rollback", "rejoined", "resumed", "replanned", "stopped"})
 PASS_EVENTS = frozenset({"stage_step", "step", "end", "error"})
 ROUND_EVENTS = frozenset({"client_step", "end", "error"})
 
@@ -68,6 +68,7 @@ CALLS: dict[str, Call] = {c.name: c for c in [
 
 # what each event carries (beyond "event"), checked as replies are
 EVENT_FIELDS: dict[str, dict[str, Any]] = {
+    "accepted": {"job": Str},   # a job's first event, before its ring is prepared: its id, so Ctrl-C can stop it
     "started": {"job": Str, "ring": List, "coordinator": Str, "urls": Dict, "missing": List, "layers": Int,
                 "samples": Dict, "config": Dict, "total_steps": Int},
     "plan": {"rotation": Int, "ranges": Dict, "predicted_step_s": Float, "bytes_moved": Int, "backward_at": List},
@@ -88,6 +89,7 @@ EVENT_FIELDS: dict[str, dict[str, Any]] = {
     "rollback": {"rotation": (Int, Opt)},
     "rejoined": {"peer": Str},
     "resumed": {"rotation": (Int, Opt), "attempt": Int},
+    "replanned": {"lost": List, "ring": List, "skipped": List, "total_steps": Int},
     "stopped": {"job": Str, "rotation": (Int, Opt), "reason": Str},
 }
 

@@ -38,15 +38,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "error": {"code": Str, "message": Str},
     # control plane (HTTP, JSON bodies)
     "job_prepare": {"job": Str, "config": Dict, "ring": List, "coordinator": Str, "spec_hash": Str},
-    "job_commit": {"job": Str, "rotation": Int, "chain": List, "ranges": Dict, "head_samples": Int,
-                   "head_test_samples": Int},
+    "job_commit": {"job": Str, "rotation": Int, "version": Int, "epoch": Int, "chain": List, "ranges": Dict,
+                   "head_samples": Int, "head_test_samples": Int},
     "job_pass": {"job": Str, "rotation": Int, "mode": Str},
     "swap_send": {"job": Str, "rotation": Int, "moves": List},
     "swap_receive": {"job": Str, "rotation": Int, "layers": Dict, "checksum": Str},
     "job_end": {"job": Str},
     "job_heartbeat": {"job": Str},
     "journal_put": {"job": Str, "journal": Dict},
-    "replica_put": {"job": Str, "owner": Str, "rotation": Int, "data": Bytes, "checksum": Str},
+    "replica_put": {"job": Str, "owner": Str, "version": Int, "data": Bytes, "checksum": Str},
     "job_abort": {"job": Str, "reason": Str},
     "round_plan": {"job": Str, "round": Int, "assignment": Dict, "orders": Dict, "samples": Dict,
                    "test_samples": Dict},
@@ -60,8 +60,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 OPTIONAL: dict[str, dict[str, Any]] = {"error": {"ref": Dict}, "ping": {"data": Tensor},
                                        "act": {"y": Tensor}, "grad": {"loss": Float, "correct": Int, "weight": Float},
                                        "fwd": {"stage": Int}, "bwd": {"stage": Int},
-                                       "job_commit": {"backward_at": List, "restore": Dict},
-                                       "job_prepare": {"attempt": Int},
+                                       "job_commit": {"backward_at": List},
+                                       "job_prepare": {"attempt": Int, "restore": Dict},
                                        "data_probe": {"round_trips": Bool, "copies": Bool}}
 
 OPTIONAL["hello"] = {"nonce": Bytes, "proof": Bytes}

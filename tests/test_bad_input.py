@@ -73,8 +73,9 @@ def test_control_plane_refuses_bad_requests(digits_ring):
     assert post(f"{url}/job/prepare", b"\x00\x00\x00\x02zz")[0] == 400
     code, body = post(f"{url}/job/prepare", json.dumps({"v": 7, "type": "job_prepare"}).encode(), "application/json")
     assert code == 400 and body["error"] == "version"
-    code, body = post(f"{url}/job/commit", encode_frame(message("job_commit", job="nope", rotation=0, chain=[],
-                                                                ranges={}, head_samples=0, head_test_samples=0)))
+    code, body = post(f"{url}/job/commit", encode_frame(message("job_commit", job="nope", rotation=0, version=0, epoch=0,
+                                                                chain=[], ranges={}, head_samples=0,
+                                                                head_test_samples=0)))
     assert code == 400 and body["error"] == "unknown_job"
     code, body = post(f"{url}/jobs", json.dumps({"v": 1, "type": "job_start",
                                                  "config": {"model": {"name": "resnet9000"}}}).encode(),

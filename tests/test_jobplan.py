@@ -159,7 +159,7 @@ def test_the_coordinator_carries_out_a_jobs_plan():
     ring, saved = FakeRing({"a": 64, "b": 32}), {}
     events = run(coordinator(ring, JobConfig(epochs=2, split="even"), saved))
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "started" and kinds[-1] == "done" and kinds.count("plan") == 4 and kinds.count("epoch") == 2
+    assert kinds[:2] == ["accepted", "started"] and kinds[-1] == "done" and kinds.count("plan") == 4 and kinds.count("epoch") == 2
     assert [(e["head"], e["step"]) for e in events if e["event"] == "step"] == [("a", 1), ("a", 2), ("b", 1)] * 2
     assert kinds.count("swap") == 3   # the chain turns before every pass but the first
     summary = events[-1]["summary"]
@@ -188,7 +188,8 @@ def test_a_silent_peer_is_named_when_the_others_only_report_waiting():
     events = run(coord)
     lost = next(e for e in events if e["event"] == "lost")
     assert lost["peer"] == "b" and "peer b stopped answering" in lost["error"]
-    assert events[-1]["event"] == "failed" and "peer b did not come back within 0 s" in events[-1]["error"]
+    # b does not come back (rejoin_timeout 0): the job goes on without it (where a's fake pass fails again)
+    assert next(e for e in events if e["event"] == "replanned")["lost"] == ["b"]
 
 
 def test_cancel_aborts_every_stage():
@@ -213,6 +214,6 @@ def test_a_ring_with_a_duplicate_id_is_refused_before_anything_starts():
     coord = coordinator(ring, JobConfig(), {})
     coord.view.conflicts = ["duplicate peer id b: used by two live agents, at u1 and u2"]
     events = run(coord)
-    assert events == [{"event": "failed", "job": coord.job, "error": "two live agents share a peer id, so the ring "
+    assert events[1:] == [{"event": "failed", "job": coord.job, "error": "two live agents share a peer id, so the ring "
                        "cannot tell their data apart: duplicate peer id b: used by two live agents, at u1 and u2"}]
     assert all(name == "abort" for _, name in ring.calls)

@@ -208,6 +208,9 @@ class InProcess:
         self.loop.close()
 
 
+JOB = "0123456789ab"   # the job open_agent runs
+
+
 @pytest.fixture(scope="module")
 def open_agent(tmp_path_factory):
     a = InProcess(tmp_path_factory.mktemp("open"), None)
@@ -216,14 +219,12 @@ def open_agent(tmp_path_factory):
     cfg = JobConfig().to_dict()
     from pipeline.models import spec_hash
 
-    for path, msg in [
-        ("/job/prepare", message("job_prepare", job="j", config=cfg, ring=ring, coordinator="other",
-                                 spec_hash=spec_hash(JobConfig().model))),
-        ("/job/commit", message("job_commit", job="j", rotation=0, chain=["other", me],
-                                ranges={"other": [0, 1], me: [1, 3]}, head_samples=64, head_test_samples=0)),
-    ]:
-        r = a.run(a.client.post(path, data=encode_frame(msg), headers={"Content-Type": "application/cbor"}))
-        assert r.status == 200, a.run(r.text())
+    # a job this agent coordinates (so no missing heartbeat ends it), "other" its stage 0
+    msg = message("job_prepare", job=JOB, config=cfg, ring=ring, coordinator=me, spec_hash=spec_hash(JobConfig().model))
+    r = a.run(a.client.post("/job/prepare", data=encode_frame(msg), headers={"Content-Type": "application/cbor"}))
+    assert r.status == 200, a.run(r.text())
+    rt = a.agent.work.jobs[JOB]   # committed in place: a commit over HTTP would replicate to "other", unreachable
+    a.run(a.agent.compute_call(rt.commit, 0, 0, 0, ["other", me], {"other": [0, 1], me: [1, 3]}, 64, 0))
     yield a
     a.close()
 
@@ -245,7 +246,7 @@ bodies = st.one_of(
     cbor_values.map(lambda v: json.dumps(v, default=str).encode()),
 )
 content_types = st.sampled_from(["application/cbor", "application/json", "text/plain", ""])
-job_ids = st.sampled_from(["j", "nojob", "..", "%00", "a" * 300, "ü"])
+job_ids = st.sampled_from([JOB, "j", "nojob", "..", "%00", "a" * 300, "ü"])
 
 
 async def answer(client: TestClient, method, path, body, ctype, headers=None):
@@ -307,11 +308,11 @@ frames = st.one_of(
         kind, job=job, rotation=0, step=step, mb=mb, mode="train",
         **({"x": torch.zeros(rows, cols, dtype=dtype), "y": torch.zeros(rows, dtype=torch.int64)} if kind == "fwd"
            else {"grad": torch.zeros(rows, cols, dtype=dtype)})),
-              st.sampled_from(["fwd", "bwd"]), st.sampled_from(["j", "nojob"]), st.integers(0, 3),
+              st.sampled_from(["fwd", "bwd"]), st.sampled_from([JOB, "nojob"]), st.integers(0, 3),
               st.integers(0, 2), st.sampled_from([0, 1, 32, 64]), st.sampled_from([1, 64, 128, 10]),
               st.sampled_from([torch.float32, torch.float64, torch.int64])),
     st.builds(lambda kind, stage, rows, cols: message(   # the remote backward's messages, to a job without one
-        kind, job="j", rotation=0, step=0, mb=0, stage=stage, x=torch.zeros(rows, cols),
+        kind, job=JOB, rotation=0, step=0, mb=0, stage=stage, x=torch.zeros(rows, cols),
         weights={1: {"0.weight": torch.zeros(cols, rows)}}, layers={1: {"params": {}, "optim": {}}}),
               st.sampled_from(["input", "weights", "lend", "return"]), st.integers(-1, 3),
               st.sampled_from([0, 32]), st.sampled_from([1, 128])),
@@ -348,7 +349,7 @@ def test_data_plane_answers_adversarial_frames(open_agent, sent, as_neighbour):
     """As the stage's real predecessor ("other") or a stranger: whatever arrives is refused with an error
     reply or (a well-formed fwd for the right step) delivered once; nothing crashes or hangs."""
     hello = message("hello", peer="other" if as_neighbour else "stranger", ring="lab")
-    rt = open_agent.agent.work.jobs["j"]
+    rt = open_agent.agent.work.jobs[JOB]
     before = set(rt.mailbox.slots)
     encoded = [encode_any(f) for f in sent]
     replies = open_agent.run(ws_session(open_agent.client, hello, encoded))

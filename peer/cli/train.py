@@ -99,7 +99,9 @@ def show(events, args, command: str, seen: dict):
     out = (lambda text: bar.write(text)) if not args.json else (lambda text: print(text, file=sys.stderr))
     for ev in events:
         kind = ev["event"]
-        if kind == "started":
+        if kind == "accepted":
+            seen["job"] = ev["job"]
+        elif kind == "started":
             seen["job"] = ev["job"]
             warn_missing(ev)
             if getattr(args, "detach", False):
@@ -127,6 +129,11 @@ def show(events, args, command: str, seen: dict):
         elif kind == "rollback":
             out(f"rolling back to the commit of rotation {ev['rotation']}" if ev["rotation"] is not None else
                 "rolling back to the job's start")
+        elif kind == "replanned":
+            if bar:
+                bar.total = ev["total_steps"]
+            out(f"going on without {', '.join(ev['lost'])} on {len(ev['ring'])} peers; their passes are skipped: "
+                + ", ".join(f"epoch {s['epoch'] + 1} rotation {s['rotation']}" for s in ev["skipped"]))
         elif kind == "rejoined":
             out(f"peer {ev['peer']} is back")
         elif kind == "resumed":

@@ -20,7 +20,7 @@ from pipeline.models import footprint
 
 log = logging.getLogger("splitring.coordination")
 TERMINAL = ("done", "failed", "stopped")   # a job's last event
-COUNTED = ("lost", "rollback", "rejoined", "resumed") + TERMINAL
+COUNTED = ("lost", "rollback", "rejoined", "resumed", "replanned") + TERMINAL
 
 
 class CoordinationService(Service):
@@ -30,7 +30,7 @@ class CoordinationService(Service):
         self.coordinated: dict[str, Coordinator] = {}
         self.m_events = Counter("splitring_job_events", "events of the jobs coordinated here (lost: a peer "
                                 "lost; rollback: back to the last commit; rejoined: a lost peer back; resumed: a "
-                                "new attempt; stopped, failed, done: how jobs ended)", ["event"], registry=node.registry)
+                                "new attempt; replanned: going on without a lost peer; stopped, failed, done: how jobs ended)", ["event"], registry=node.registry)
 
     def other_routes(self):
         return [web.get("/jobs/{job}/model", self.model), web.post("/probe", self.probe)]
@@ -205,8 +205,11 @@ class CoordinationService(Service):
         if coord is None and elsewhere is not None:
             try:
                 return await node.client().call(elsewhere, "cancel_job", timeout=10, params={"job": job})
-            except JobError as e:
-                return json_error(502, "unreachable", f"the coordinator of job {job} did not answer: {e}")
+            except JobError as e:   # its stage here is freed all the same (the others free theirs by themselves)
+                self.work.hold(job, f"cancelled while its coordinator does not answer ({e})")
+                return json_error(502, "unreachable", f"the coordinator of job {job} did not answer ({e}); this "
+                                                      f"peer's stage is freed, the others free theirs within the "
+                                                      f"job's peer_timeout")
         if coord is None:
             return json_error(404, "unknown_job", f"job {job} is not known to peer {node.peer_id}")
         if coord.task and not coord.task.done():

@@ -17,7 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from peer.limits import JOB_LIMITS
 from peer.service import Service, serves
-from peer.state import prune, write_atomic
+from peer.state import JOB_ID, journal_problem, prune, write_atomic
 from peer.client import JobError
 from peer.parallel import ParallelRuntime
 from peer.worker import JobRuntime
@@ -90,13 +90,18 @@ class WorkService(Service):
             for job, rt in list(self.jobs.items()):
                 silent = now - rt.heard
                 if rt.coordinator != self.node.peer_id and silent > rt.cfg.peer_timeout:
-                    reason = (f"its coordinator {rt.coordinator} was silent for {silent:.0f} s (peer_timeout "
-                              f"{rt.cfg.peer_timeout:.0f} s)")
-                    log.warning("job %s: stopped and held for resume: %s", job, reason)
-                    self.jobs.pop(job).abort(reason)
-                    self.held[job] = {"job": job, "coordinator": rt.coordinator, "rotation": rt.rotation,
-                                      "reason": reason}
-                    self.m_held.inc()
+                    self.hold(job, f"its coordinator {rt.coordinator} was silent for {silent:.0f} s (peer_timeout "
+                                   f"{rt.cfg.peer_timeout:.0f} s)")
+
+    def hold(self, job: str, reason: str) -> None:
+        """Stop working on a job and free its stage; its committed state stays on disk for resume."""
+        rt = self.jobs.pop(job, None)
+        if rt is None:
+            return
+        log.warning("job %s: stopped and held for resume: %s", job, reason)
+        rt.abort(reason)
+        self.held[job] = {"job": job, "coordinator": rt.coordinator, "rotation": rt.rotation, "reason": reason}
+        self.m_held.inc()
 
     @serves("heartbeat")
     async def heartbeat(self, msg, request):
@@ -110,8 +115,9 @@ class WorkService(Service):
     async def journal_put(self, msg, request):
         """Keep the job's journal (the coordinator's record of its last commit) in this peer's state dir."""
         journal = msg["journal"]
-        if journal.get("job") != msg["job"]:
-            raise ProtocolError("malformed", "the journal is of another job")
+        problem = journal_problem(journal)
+        if problem or journal["job"] != msg["job"]:
+            raise ProtocolError("malformed", f"not a journal of job {msg['job']}: {problem or 'another job'}")
         rt = self.jobs.get(msg["job"])
         if rt is not None:
             rt.heard = time.monotonic()
@@ -122,7 +128,7 @@ class WorkService(Service):
     async def replica_put(self, msg, request):
         """Keep another peer's committed checkpoint, byte for byte, verified by its checksum."""
         try:
-            await asyncio.to_thread(self.node.state.save_replica, msg["job"], msg["owner"], msg["rotation"],
+            await asyncio.to_thread(self.node.state.save_replica, msg["job"], msg["owner"], msg["version"],
                                     msg["data"], msg["checksum"])
         except ValueError as e:
             raise ProtocolError("malformed", str(e)) from None
@@ -147,6 +153,8 @@ class WorkService(Service):
     @serves("prepare")
     async def prepare(self, msg, request):
         node = self.node
+        if not JOB_ID.fullmatch(msg["job"]):
+            raise ProtocolError("malformed", "a job id is 12 hexadecimal digits")
         cfg = node.job_config(msg["config"])
         mine = await asyncio.to_thread(spec_hash, cfg.model)
         if mine != msg["spec_hash"]:
@@ -168,9 +176,19 @@ class WorkService(Service):
                                                     node.data, node.links, node.compute_call, node.state,
                                                     node.memory_budget, sizes)
         else:
-            self.jobs[msg["job"]] = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
-                                               node.data, node.links, node.client(), node.compute_call, node.state,
-                                               node.memory_budget, sizes, attempt)
+            rt = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"], node.data, node.links,
+                            node.client(), node.compute_call, node.state, node.memory_budget, sizes, attempt)
+            restored = None
+            if "restore" in msg:
+                r = msg["restore"]
+                adopt = r.get("adopt", {})
+                if not (type(r.get("version")) is int and isinstance(r.get("checksums"), dict)
+                        and isinstance(adopt, dict) and isinstance(adopt.get(node.peer_id, []), list)):
+                    raise ProtocolError("malformed", "restore is {version, checksums, adopt: {peer: [lost peer]}}")
+                restored = await node.compute_call(rt.restore, r["version"], r["checksums"], adopt.get(node.peer_id, []))
+            self.jobs[msg["job"]] = rt
+            if restored is not None:
+                return {"samples": len(node.data), "test_samples": node.data.n_test, "restored": restored}
         return {"samples": len(node.data), "test_samples": node.data.n_test}
 
     @serves("profile")
@@ -203,9 +221,9 @@ class WorkService(Service):
         """Take this rotation's layers, checkpoint them and replicate the checkpoint to the successor: the
         reply means this peer's part of the commit is durable twice over."""
         rt = self.runtime(msg["job"], JobRuntime)
-        reply = await self.node.compute_call(rt.commit, msg["rotation"], msg["chain"], msg["ranges"],
-                                             msg["head_samples"], msg["head_test_samples"], msg.get("backward_at", []),
-                                             msg.get("restore"))
+        reply = await self.node.compute_call(rt.commit, msg["rotation"], msg["version"], msg["epoch"], msg["chain"],
+                                             msg["ranges"], msg["head_samples"], msg["head_test_samples"],
+                                             msg.get("backward_at", []))
         self.reach("commit")
         await rt.replicate(reply["checksum"])
         return reply
@@ -356,5 +374,5 @@ def cause_of(e: Exception) -> str:
 def nonfinite_loss(loss: float, mode: str, step: int, rt: JobRuntime) -> str:
     what = "training" if mode == "train" else "evaluation"
     return (f"non-finite loss ({loss}) at step {step + 1} of the {what} pass of rotation {rt.rotation} (epoch "
-            f"{rt.rotation // len(rt.ring) + 1}, head {rt.chain[0]}): the job stops here; lower --lr, or check "
+            f"{rt.epoch + 1}, head {rt.chain[0]}): the job stops here; lower --lr, or check "
             f"that peer's data")
