@@ -4,7 +4,6 @@ epoch ends. Emits progress events (dicts) as it goes."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import logging
 import time
@@ -393,6 +392,7 @@ class Coordinator:
                         "staleness": self.staleness, "model_file": str(path),
                         "attempts": self.attempt + 1, "recoveries": self.recoveries, "lost": j["lost"],
                         "skipped": self.journal["skipped"]}
+        self.watched, self.prepared = [], False   # the peers are done with the job: no more heartbeats
         await self.call_all(ring, "end", job=self.job)
         await self._record("done", model_file=str(path))
         self.emit({"event": "done", "summary": self.summary})

@@ -3,16 +3,15 @@ journal): real agents, real signals. A peer killed at any moment and restarted w
 peer, the coordinator killed, Ctrl-C: the job ends with the model plain PyTorch gives, and every checkpoint,
 replica and journal on disk loads and matches its checksum."""
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import load_out, max_diff, save_npz, summary_of
 from peer.localring import train_cli
@@ -170,6 +169,25 @@ def test_the_coordinator_killed_mid_job_and_resumed_from_another_peer_finishes_e
     assert check_files(ring, job)["coordinator"] == other.peer_id and held
 
 
+def test_after_a_power_cut_every_agent_restarted_and_resume_finishes_exact(start_ring, shards, tmp_path):
+    sets, paths = shards
+    ring = start_ring([["--data", p] for p in paths])
+    order = ring.ring_order()
+    thread, result = in_background(order[0].url, *JOB)
+    wait_for(lambda: rotation_of(order[1]) >= 4, 120, "the job reaches rotation 4")
+    job = order[1].status()["stages"][0]["job"]
+    for k in range(3):
+        ring.kill(k)
+    thread.join(60)
+    for k in range(3):
+        ring.restart(k)
+    out = tmp_path / "model.pt"
+    summary = summary_of(train_cli(ring.agents[2].url, "--resume", job, "--out", str(out)))
+    assert summary["job"] == job
+    assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
+    check_files(ring, job)
+
+
 def test_ctrl_c_stops_the_job_cleanly_and_resume_finishes_it_exact(start_ring, shards, tmp_path):
     sets, paths = shards
     ring = start_ring([["--data", p] for p in paths])
@@ -188,6 +206,7 @@ def test_ctrl_c_stops_the_job_cleanly_and_resume_finishes_it_exact(start_ring, s
     assert [j["state"] for j in listed if j["job"] == job] == ["stopped"]
     out = tmp_path / "model.pt"
     summary = summary_of(train_cli(order[1].url, "--resume", job, "--out", str(out)))
+    assert summary["job"] == job and summary["attempts"] == 2
     assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
 
 
@@ -249,3 +268,13 @@ def test_going_on_without_a_lost_peer_equals_plain_pytorch_over_the_passes_that_
     _, _, summary, got, heads = lose_for_good(start_ring, tmp_path, ["--epochs", "3", "--momentum", "0.9"], 2)
     skipped = {(s["epoch"], 2) for s in summary["skipped"]}
     assert skipped and max_diff(got, reference.train(cfg, heads, skipped=skipped).state_dict()) <= 1e-5
+
+
+def test_the_chaos_script_kills_and_every_job_still_ends_exact():
+    """scripts/chaos.py, short: 2 jobs (seed 1: the coordinator killed, then a worker)."""
+    proc = subprocess.run([sys.executable, "scripts/chaos.py", "--jobs", "2", "--seed", "1", "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["jobs"] == res["finished"] == res["exact"] == 2 and res["corrupt_files"] == 0
+    assert res["coordinators_killed"] == 1 and res["recovered"] == 2
