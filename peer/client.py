@@ -66,7 +66,8 @@ class PeerClient:
         stream, or break it). A refusal yields one error."""
         call = CALLS[name]
         body = await self.codec.encode(message(call.request, **fields)) if call.request else None
-        async with self.session.request(call.method, peer["url"] + call.url_path(**(params or {})), data=body, headers=CBOR,
+        url = peer["url"] + call.url_path(**(params or {}))
+        async with self.session.request(call.method, url, data=body, headers=CBOR,
                                         timeout=aiohttp.ClientTimeout(total=None)) as r:
             if r.status != 200:
                 yield {"error": f"refused {call.path}: {(await r.json()).get('message')}", "cause": "job"}

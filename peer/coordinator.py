@@ -30,6 +30,7 @@ EVENTS_KEPT = 256   # a job's last events, for /jobs/ID and /status (listeners g
 ECHO_S = 1.0        # after a stage's failure, how long to wait for the other stages' reports of it
 SILENT_S = 2.0      # a peer that does not answer a heartbeat within this is named as the silent one
 MAX_RECOVERIES = 32  # peers lost in one job before it stops (resumable) rather than roll back again
+TRANSFER_S = 600.0   # deadline of a call that moves or restores stage state (the heartbeats watch the peer meanwhile)
 
 
 class Coordinator:
@@ -48,7 +49,7 @@ class Coordinator:
         self.job = journal["job"] if journal else (job or uuid.uuid4().hex[:12])
         self.journal = journal
         self.attempt = journal["attempt"] + 1 if journal else 0   # resumptions: a new attempt after each failure
-        self.prepared = False     # every peer has a runtime of this attempt
+        self.prepared: float | None = None   # when every peer had a runtime of this attempt (None: not yet)
         self.facts: Facts | None = None
         self.progress = Progress()
         self.watched: list[dict] = []   # the peers heartbeaten (see _watched)
@@ -204,12 +205,15 @@ class Coordinator:
         beats: set[asyncio.Task] = set()
 
         async def beat(p: dict):
+            sent = time.monotonic()
             try:
                 r = await self.client.call(p, "heartbeat", timeout=timeout / 2, job=self.job)
             except JobError:
                 return
             heard[p["peer"]] = time.monotonic()
-            if not r["known"] and self.prepared and not lost.done():   # (before its prepare, it cannot know it)
+            # a peer prepared for this attempt before the heartbeat left that no longer runs it has restarted
+            if self.prepared is not None and sent > self.prepared and r["attempt"] != self.attempt \
+                    and not lost.done():
                 lost.set_result(PeerLost(p["peer"], "no longer runs the job (it restarted)"))
 
         try:
@@ -218,8 +222,8 @@ class Coordinator:
                 for p in self.watched:
                     last = heard.setdefault(p["peer"], now)
                     if now - last > timeout and not lost.done():
-                        lost.set_result(PeerLost(p["peer"], f"answered no heartbeat for {now - last:.1f} s (peer_timeout "
-                                                            f"{timeout:.0f} s): hung, stopped or cut off"))
+                        lost.set_result(PeerLost(p["peer"], f"answered no heartbeat for {now - last:.1f} s "
+                                                            f"(peer_timeout {timeout:.0f} s): hung, stopped or cut off"))
                 for p in self.watched:
                     task = asyncio.create_task(beat(p))
                     beats.add(task)
@@ -247,9 +251,9 @@ class Coordinator:
     async def _commit_journal(self, step, version: int, checksums: dict) -> None:
         """The commit point: once every peer has checkpointed (and replicated) commit `version`, of `step`,
         record it on every peer. Rolling back means going back to the last such record."""
-        self.journal = self.journal_record("running", version=version, rotation=step.rotation,
-                                           ranges={p: list(r) for p, r in step.ranges.items()}, checksums=checksums,
-                                           progress=asdict(self.progress))
+        self.journal = self.journal_record("running", version=version, commit_attempt=self.attempt,
+                                           rotation=step.rotation, ranges={p: list(r) for p, r in step.ranges.items()},
+                                           checksums=checksums, progress=asdict(self.progress))
         await self.call_all(self.ring, "journal_put", job=self.job, journal=self.journal)
 
     # --- the job --------------------------------------------------------------------------------
@@ -271,16 +275,16 @@ class Coordinator:
         cfg = self.cfg
         self.ring = ring = await self.snapshot_ring()
         self.check_fits(ring)
-        self.watched = [p for p in ring if p["peer"] != self.me["peer"]]   # from before prepare: see WorkService.watch
-        await self.call_all(ring, "prepare", job=self.job, config=cfg.to_dict(), ring=ring, coordinator=self.me["peer"],
-                            spec_hash=spec_hash(cfg.model))
-        self.prepared = True
+        self.watched = list(ring)   # from before prepare: see WorkService.watch
+        await self.call_all(ring, "prepare", timeout=TRANSFER_S, job=self.job, config=cfg.to_dict(), ring=ring,
+                            coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model))
+        self.prepared = time.monotonic()
         self.facts = await self.gather_facts(ring)
         plan = JobPlan(cfg, self.facts)
         next(iter(plan))   # the first pass is planned here, so a plan that cannot run fails before "started"
         self.emit_started(plan)
-        self.journal = self.journal_record("running", version=None, rotation=None, ranges={}, checksums={},
-                                           lost=[], skipped=[], facts=facts_to_dict(self.facts),
+        self.journal = self.journal_record("running", version=None, commit_attempt=None, rotation=None, ranges={},
+                                           checksums={}, lost=[], skipped=[], facts=facts_to_dict(self.facts),
                                            progress=asdict(self.progress))
         await self.call_all(ring, "journal_put", job=self.job, journal=self.journal)
 
@@ -289,9 +293,9 @@ class Coordinator:
         to answer; at most one may be missing, and the job goes on without it."""
         j = self.journal
         self.facts = facts_from_dict(j["facts"])
-        self.progress = Progress(**j["progress"])
         self.ring = [dict(p) for p in j["ring"]]
-        missing = [p["peer"] for p in list(self.ring) if not await self._rejoin(p["peer"])]
+        answered = await asyncio.gather(*(self._rejoin(p["peer"]) for p in self.ring))
+        missing = [p["peer"] for p, ok in zip(self.ring, answered) if not ok]
         if len(missing) > 1:
             raise JobError(f"peers {', '.join(missing)} did not answer within {self.cfg.rejoin_timeout:.0f} s: "
                            f"the job can go on without one lost peer, not more; start them with their state dirs "
@@ -305,7 +309,8 @@ class Coordinator:
         self.emit({"event": "started", "job": self.job, "ring": [p["peer"] for p in self.ring],
                    "coordinator": self.me["peer"], "urls": {p["peer"]: p["url"] for p in self.ring},
                    "missing": self.view.missing(), "layers": len(self.sizes), "samples": self.facts.samples,
-                   "config": self.cfg.to_dict(), "total_steps": plan.total_steps, "done_steps": self.progress.steps,
+                   "config": self.cfg.to_dict(), "total_steps": plan.total_steps,
+                   "done_steps": self.journal["progress"]["steps"] if self.journal else 0,
                    "attempt": self.attempt})
 
     async def _attempt(self, t0: float) -> None:
@@ -319,49 +324,47 @@ class Coordinator:
         except JobError as e:   # any failure while a peer is gone (a refusal may be an echo of it) is its loss
             raise await self.root_cause([e], self.ring) from None
 
+    async def _prepare_attempt(self) -> None:
+        """A new attempt after a rollback or for --resume: recorded first (so that a coordinator resuming the
+        job after this one counts on), then every peer restores the last commit (a lost peer's layers from
+        the replica its successor keeps)."""
+        cfg, j, ring = self.cfg, self.journal, self.ring
+        await self._record("running")
+        adopt: dict[str, list] = {}
+        for peer in j["lost"]:
+            if peer in j["checksums"]:
+                adopt.setdefault(successor(self.facts.ring, peer, j["lost"]), []).append(peer)
+        restore = {"restore": {"version": j["version"], "attempt": j["commit_attempt"], "checksums": j["checksums"],
+                               "adopt": adopt}} if j["version"] is not None else {}
+        replies = await self.call_all(ring, "prepare", timeout=TRANSFER_S, job=self.job, config=cfg.to_dict(),
+                                      ring=ring, coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model),
+                                      attempt=self.attempt, **restore)
+        if self.lost_at is not None and restore:   # what each peer restored, for the report
+            self.recoveries[-1]["restored"] = {p["peer"]: r.get("restored") for p, r in zip(ring, replies)}
+        self.prepared = time.monotonic()
+
     async def _passes(self, t0: float) -> None:
         cfg, j = self.cfg, self.journal
         plan = JobPlan(cfg, self.facts, j["lost"])
         if j["version"] is None:   # the first attempt, or nothing committed yet: every peer builds its layers
             passes, version = iter(plan), 0
-        else:   # every peer restores the last commit (a lost peer's layers from their replica), then goes on
-            held = holders(j["ranges"], self.facts.ring, j["lost"])
-            passes, version = plan.resume(j["rotation"], held), j["version"] + 1
+        else:   # every peer restores the last commit, then goes on from there
+            passes, version = plan.resume(j["rotation"], holders(j["ranges"], self.facts.ring, j["lost"])), \
+                j["version"] + 1
         ring = self.ring
         by_id = {p["peer"]: p for p in ring}
-        self.watched = [p for p in ring if p["peer"] != self.me["peer"]]   # from before prepare: see WorkService.watch
-        if not self.prepared:
-            adopt: dict[str, list] = {}   # a lost peer's successor restores its layers from their replica
-            for peer in j["lost"]:
-                if peer in j["checksums"]:
-                    adopt.setdefault(successor(self.facts.ring, peer, j["lost"]), []).append(peer)
-            replies = await self.call_all(ring, "prepare", job=self.job, config=cfg.to_dict(), ring=ring,
-                                          coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model),
-                                          attempt=self.attempt,
-                                          **({"restore": {"version": j["version"], "checksums": j["checksums"],
-                                                          "adopt": adopt}} if j["version"] is not None else {}))
-            if self.lost_at is not None and j["version"] is not None:   # what each peer restored, for the report
-                self.recoveries[-1]["restored"] = {p["peer"]: r.get("restored") for p, r in zip(ring, replies)}
-            self.prepared = True
+        self.watched = list(ring)   # from before prepare (see WorkService.watch); itself too, so a stage of a job
+        if self.prepared is None:   # whose coordination ended is freed here as anywhere
+            await self._prepare_attempt()
         prog = self.progress = Progress(**j["progress"])
         for step in passes:
             if len(prog.plans) < JOB_LIMITS.summary_plans:
                 prog.plans.append(step.to_dict())
             prog.bytes_moved += step.bytes_moved
             self.emit({"event": "plan", **step.to_dict()})
-            if step.moves:
-                senders = sorted({src for _, src, _ in step.moves})
-                await self.call_all([by_id[s] for s in senders], "swap_send", job=self.job,
-                                    rotation=step.rotation, moves=[list(m) for m in step.moves])
-                self.emit({"event": "swap", "rotation": step.rotation, "layers_moved": len(step.moves),
-                           "bytes_moved": step.bytes_moved})
-            replies = await self.call_all(ring, "commit", job=self.job, rotation=step.rotation, version=version,
-                                          epoch=step.epoch, chain=step.active,
-                                          ranges={p: list(v) for p, v in step.ranges.items()},
-                                          head_samples=self.facts.samples[step.head],
-                                          head_test_samples=self.facts.test_samples[step.head],
-                                          backward_at=step.to_dict()["backward_at"])
-            await self._commit_journal(step, version, {p["peer"]: r["checksum"] for p, r in zip(ring, replies)})
+            tc = time.perf_counter()
+            await self._commit(step, version, by_id)
+            prog.commit_seconds += time.perf_counter() - tc
             version += 1
             if self.lost_at is not None:
                 self.recoveries[-1]["recovery_s"] = time.monotonic() - self.lost_at
@@ -379,23 +382,47 @@ class Coordinator:
         model = await self._collect(ring)
         path = await asyncio.to_thread(self.save_model, self.job, model)
         del model
-        self.summary = {"job": self.job, "epochs": cfg.epochs, "final_loss": prog.last_loss, "accuracy": prog.accuracy,
-                        "samples": prog.samples, "samples_per_s": prog.samples / max(prog.train_seconds, 1e-9),
-                        "steady_samples_per_s": self.steady.rate,
-                        "seconds": time.perf_counter() - t0, "ring": [p["peer"] for p in ring],
-                        "layers": len(self.sizes), "passes": len(plan.schedule()),
-                        "seconds_per_step": prog.train_seconds / max(prog.steps, 1),
-                        "plans": prog.plans, "bytes_moved": prog.bytes_moved,
-                        "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
-                        "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress,
-                        "max_staleness": cfg.max_staleness if cfg.scheme == "fast-async" else 0,
-                        "staleness": self.staleness, "model_file": str(path),
-                        "attempts": self.attempt + 1, "recoveries": self.recoveries, "lost": j["lost"],
-                        "skipped": self.journal["skipped"]}
-        self.watched, self.prepared = [], False   # the peers are done with the job: no more heartbeats
-        await self.call_all(ring, "end", job=self.job)
+        self.summary = self.summarize(plan, t0, str(path))
+        # the model is saved: the job is done, whatever happens to a peer from here on
+        self.watched, self.prepared = [], None
         await self._record("done", model_file=str(path))
+        await asyncio.gather(*(self.client.call(p, "end", timeout=10, job=self.job) for p in ring),
+                             return_exceptions=True)
         self.emit({"event": "done", "summary": self.summary})
+
+    async def _commit(self, step, version: int, by_id: dict) -> None:
+        """The swap into `step` (moving layers to their new owners), every peer's commit of it (checkpoint and
+        replica), then the journal: commit number `version` of the job."""
+        ring = self.ring
+        if step.moves:
+            senders = sorted({src for _, src, _ in step.moves})
+            await self.call_all([by_id[s] for s in senders], "swap_send", timeout=TRANSFER_S, job=self.job,
+                                rotation=step.rotation, moves=[list(m) for m in step.moves])
+            self.emit({"event": "swap", "rotation": step.rotation, "layers_moved": len(step.moves),
+                       "bytes_moved": step.bytes_moved})
+        replies = await self.call_all(ring, "commit", timeout=TRANSFER_S, job=self.job, rotation=step.rotation,
+                                      version=version, epoch=step.epoch, chain=step.active,
+                                      ranges={p: list(v) for p, v in step.ranges.items()},
+                                      head_samples=self.facts.samples[step.head],
+                                      head_test_samples=self.facts.test_samples[step.head],
+                                      backward_at=step.to_dict()["backward_at"])
+        await self._commit_journal(step, version, {p["peer"]: r["checksum"] for p, r in zip(ring, replies)})
+
+    def summarize(self, plan: JobPlan, t0: float, model_file: str) -> dict:
+        cfg, prog = self.cfg, self.progress
+        return {"job": self.job, "epochs": cfg.epochs, "final_loss": prog.last_loss, "accuracy": prog.accuracy,
+                "samples": prog.samples, "samples_per_s": prog.samples / max(prog.train_seconds, 1e-9),
+                "steady_samples_per_s": self.steady.rate,
+                "seconds": time.perf_counter() - t0, "ring": [p["peer"] for p in self.ring],
+                "layers": len(self.sizes), "passes": len(plan.schedule()),
+                "seconds_per_step": prog.train_seconds / max(prog.steps, 1), "commit_seconds": prog.commit_seconds,
+                "plans": prog.plans, "bytes_moved": prog.bytes_moved,
+                "split": cfg.split, "scheme": cfg.scheme, "pipeline": cfg.pipeline,
+                "microbatches": cfg.microbatches, "wire_dtype": cfg.wire_dtype, "compress": cfg.compress,
+                "max_staleness": cfg.max_staleness if cfg.scheme == "fast-async" else 0,
+                "staleness": self.staleness, "model_file": model_file,
+                "attempts": self.attempt + 1, "recoveries": self.recoveries, "lost": self.journal["lost"],
+                "skipped": self.journal["skipped"]}
 
     # --- recovery -------------------------------------------------------------------------------
     async def _recover(self, e: "PeerLost") -> None:
@@ -409,7 +436,7 @@ class Coordinator:
         if len(self.recoveries) > MAX_RECOVERIES:
             raise JobError(f"{len(self.recoveries)} peers lost in one job; the job stops here (resumable): {e}")
         await self._abort(f"peer {e.peer} was lost; the job rolls back to its last commit")
-        self.prepared = False
+        self.prepared = None
         self.emit({"event": "rollback", "rotation": self.journal["rotation"]})
         if not await self._rejoin(e.peer):
             self._go_on_without(e.peer)
@@ -422,17 +449,17 @@ class Coordinator:
         j = self.journal
         if j["lost"]:
             raise JobError(f"peer {peer} is lost too, after {', '.join(j['lost'])}: the job can go on without one "
-                           f"lost peer, not more; the job is held at its last commit: start the lost peers with "
-                           f"their state dirs and run `splitring train --resume {self.job}`")
+                           f"lost peer, not more; it is held at its last commit: start {peer} with its state dir "
+                           f"and run `splitring train --resume {self.job}`")
         before, after = JobPlan(self.cfg, self.facts), JobPlan(self.cfg, self.facts, [peer])
         start = j["rotation"] if j["rotation"] is not None else -1
         kept = {r for _, r, _ in after.schedule()}
         skipped = [{"peer": peer, "epoch": e, "rotation": r} for e, r, _ in before.schedule()
                    if r >= start and r not in kept]
-        self.ring = [p for p in self.ring if p["peer"] != peer]
-        self.check_fits(self.ring)
-        next(after.resume(start, holders(j["ranges"], self.facts.ring, [peer])))   # fails here if they cannot hold it
-        self.journal = {**j, "lost": [peer], "skipped": skipped, "ring": j["ring"]}
+        survivors = [p for p in self.ring if p["peer"] != peer]
+        self.check_fits(survivors)   # (the model, and the first pass left if any: a ring too small fails here)
+        next(after.resume(start, holders(j["ranges"], self.facts.ring, [peer])), None)
+        self.ring, self.journal = survivors, {**j, "lost": [peer], "skipped": skipped}
         self.emit({"event": "replanned", "lost": [peer], "ring": [p["peer"] for p in self.ring],
                    "skipped": skipped, "total_steps": after.total_steps})
 
@@ -440,6 +467,9 @@ class Coordinator:
         """Wait up to rejoin_timeout for a peer of the job to answer as itself, at its last address or any
         address discovery has seen it at since. Whether it did."""
         entry = next(p for p in self.ring if p["peer"] == peer)
+        if peer == self.me["peer"]:   # (a coordinator resuming a job it is a peer of: here, at its address now)
+            entry["url"] = self.me["url"]
+            return True
         deadline = time.monotonic() + self.cfg.rejoin_timeout
         while True:
             urls = [entry["url"]] + [r.url for r in self.view.peers() if r.peer == peer and r.url != entry["url"]]
@@ -516,18 +546,19 @@ class Coordinator:
         """One error for a failed pass or call: a peer that no longer answers (hung, stopped or gone) or no
         longer runs the job (restarted) is lost (PeerLost: the job can recover); else a stage's own error
         (its peer and cause) if any stage reported one; else the first report."""
-        async def alive(p: dict) -> bool | None:
+        async def attempt_of(p: dict) -> int | None:
             try:
-                return (await self.client.call(p, "heartbeat", timeout=SILENT_S, job=self.job))["known"]
+                return (await self.client.call(p, "heartbeat", timeout=SILENT_S, job=self.job))["attempt"]
             except JobError:
                 return None
-        answers = await asyncio.gather(*(alive(p) for p in peers if p["peer"] != self.me["peer"]))
         others = [p for p in peers if p["peer"] != self.me["peer"]]
+        answers = await asyncio.gather(*(attempt_of(p) for p in others))
         silent = [p["peer"] for p, a in zip(others, answers) if a is None]
         if silent:
             return PeerLost(silent[0], f"stopped answering (no reply within {SILENT_S:.0f} s: hung, stopped or "
                                        f"unreachable); reported: {failures[0]}")
-        restarted = [p["peer"] for p, a in zip(others, answers) if a is False]
+        # (a peer refusing before every peer was prepared, e.g. a restore it cannot make, has not restarted)
+        restarted = [p["peer"] for p, a in zip(others, answers) if a != self.attempt and self.prepared is not None]
         if restarted:
             return PeerLost(restarted[0], f"no longer runs the job (it restarted); reported: {failures[0]}")
         own = [f for f in failures if isinstance(f, PassFailed) and f.cause == "job"]
@@ -560,6 +591,7 @@ class Progress:
     samples: int = 0
     steps: int = 0
     train_seconds: float = 0.0
+    commit_seconds: float = 0.0   # swaps, commits (checkpoint and replica) and journal writes
     bytes_moved: int = 0
     last_loss: float | None = None
     accuracy: float | None = None

@@ -64,7 +64,7 @@ class ParallelRuntime:
     def checkpoint(self) -> None:
         if self.stages:
             layers = {i: v for s in self.stages for i, v in s.export().items()}
-            self.state_dir.save_checkpoint(self.job, self.rotation, {"job": self.job, "round": self.rotation,
+            self.state_dir.save_checkpoint(self.job, self.rotation, 0, {"job": self.job, "round": self.rotation,
                                                                      "config": self.cfg.to_dict(), "layers": layers})
             self.state_dir.drop_versions(self.job, before=self.rotation)
 

@@ -49,9 +49,10 @@ class ParallelCoordinator(Coordinator):
         by_id = {q["peer"]: q for q in ring}
         peers = [by_id[x] for x in clients + helpers]
         self.ring = peers   # only they are prepared, and aborted on failure
-        self.watched = [q for q in peers if q["peer"] != self.me["peer"]]
+        self.watched = list(peers)   # from before prepare (see WorkService.watch)
         prepared = await self.call_all(peers, "prepare", job=self.job, config=cfg.to_dict(), ring=peers,
                                        coordinator=self.me["peer"], spec_hash=spec_hash(cfg.model))
+        self.prepared = time.monotonic()   # from here, a peer that no longer runs the job has restarted
         samples = {x: r["samples"] for x, r in zip(clients + helpers, prepared) if x in clients}
         tests = {x: r["test_samples"] for x, r in zip(clients + helpers, prepared) if x in clients}
         costs, prof = await self.measure(peers)

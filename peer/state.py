@@ -28,6 +28,15 @@ class CorruptFile(SplitringError, RuntimeError):
     """A checkpoint, replica or journal that is missing or does not match its recorded checksum."""
 
 
+class StaleJournal(SplitringError, RuntimeError):
+    """A journal older than the one a peer holds."""
+
+
+def journal_order(j: dict) -> tuple[int, int]:
+    """Which of two journals of a job is newer: the later commit, then the later attempt."""
+    return (-1 if j["version"] is None else j["version"], j["attempt"])
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file, fsync, rename, fsync the directory: readers see old or new, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,44 +84,45 @@ class StateDir:
         return pid
 
     # --- a job's durable state: versioned checkpoints, replicas, the journal ---------------------------
-    # jobs/JOB/stage-V.pt: this peer's stage as of the job's commit number V; replica-PEER-V.pt: another
-    # peer's, byte for byte; journal.json: the job's last commit as the coordinator recorded it. A version is
-    # deleted only once a journal naming a later commit is here: that journal exists only after every peer of
-    # the job wrote its checkpoint (and replica) of that later commit, so the ring always holds one whole
-    # version. A commit never rewrites a version: a resumed job commits under a new number.
+    # jobs/JOB/stage-VaA.pt: this peer's stage as of the job's commit number V, made by attempt A of the job;
+    # replica-PEER-VaA.pt: another peer's, byte for byte; journal.json: the job's last commit as the
+    # coordinator recorded it. A version is deleted only once a journal naming a later commit is here: that
+    # journal exists only after every peer of the job wrote its checkpoint (and replica) of that later commit,
+    # so the ring always holds one whole version. Each attempt writes files of its own: a resumed job never
+    # rewrites a file a journal may name, even when an earlier attempt's peer wakes up and goes on writing.
     def job_dir(self, job: str) -> Path:
         if not JOB_ID.fullmatch(job):
             raise ValueError(f"not a job id: {job!r}")
         return self.root / "jobs" / job
 
-    def checkpoint_path(self, job: str, version: int, owner: str | None = None) -> Path:
+    def checkpoint_path(self, job: str, version: int, attempt: int, owner: str | None = None) -> Path:
         """This peer's checkpoint of a commit, or with `owner` the replica of that peer's."""
         if owner is None:
-            return self.job_dir(job) / f"stage-{int(version)}.pt"
+            return self.job_dir(job) / f"stage-{int(version)}a{int(attempt)}.pt"
         if not PEER_ID.fullmatch(owner):
             raise ValueError(f"not a peer id: {owner!r}")
-        return self.job_dir(job) / f"replica-{owner}-{int(version)}.pt"
+        return self.job_dir(job) / f"replica-{owner}-{int(version)}a{int(attempt)}.pt"
 
-    def save_checkpoint(self, job: str, version: int, payload: dict) -> tuple[Path, str]:
+    def save_checkpoint(self, job: str, version: int, attempt: int, payload: dict) -> tuple[Path, str]:
         """(path, sha256 of the file) of this peer's checkpoint, written atomically."""
         buf = io.BytesIO()
         torch.save(payload, buf)
         data = buf.getvalue()
-        path = self.checkpoint_path(job, version)
+        path = self.checkpoint_path(job, version, attempt)
         write_atomic(path, data)
         return path, hashlib.sha256(data).hexdigest()
 
-    def save_replica(self, job: str, owner: str, version: int, data: bytes, digest: str) -> Path:
+    def save_replica(self, job: str, owner: str, version: int, attempt: int, data: bytes, digest: str) -> Path:
         if hashlib.sha256(data).hexdigest() != digest:
             raise CorruptFile(f"the replica of peer {owner}'s checkpoint of commit {version} does not match "
                               f"its checksum")
-        path = self.checkpoint_path(job, version, owner)
+        path = self.checkpoint_path(job, version, attempt, owner)
         write_atomic(path, data)
         return path
 
-    def load_checkpoint(self, job: str, version: int, digest: str, owner: str | None = None) -> dict:
+    def load_checkpoint(self, job: str, version: int, attempt: int, digest: str, owner: str | None = None) -> dict:
         """A checkpoint (or replica), refused unless its bytes match the sha256 the journal recorded."""
-        path = self.checkpoint_path(job, version, owner)
+        path = self.checkpoint_path(job, version, attempt, owner)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -122,7 +132,13 @@ class StateDir:
         return torch.load(io.BytesIO(data), weights_only=True)
 
     def save_journal(self, job: str, record: dict) -> None:
-        """Write the job's journal atomically, then delete the versions older than its commit."""
+        """Write the job's journal atomically, then delete the versions older than its commit. A journal of
+        an older commit than the one here is refused (a coordinator that lost the job to another)."""
+        here = self.journal(job)
+        if here is not None and journal_order(record) < journal_order(here):
+            raise StaleJournal(f"job {job}: this peer's journal is of commit {here['version']} (attempt "
+                               f"{here['attempt']}), newer than commit {record['version']} (attempt "
+                               f"{record['attempt']})")
         write_atomic(self.job_dir(job) / "journal.json", json.dumps(record).encode())
         if record.get("version") is not None:
             self.drop_versions(job, before=record["version"])
@@ -130,7 +146,7 @@ class StateDir:
     def drop_versions(self, job: str, before: int) -> None:
         """Delete this job's checkpoints and replicas of commits before `before`."""
         for f in self.job_dir(job).glob("*.pt"):
-            version = f.stem.rsplit("-", 1)[-1]
+            version = f.stem.rsplit("-", 1)[-1].split("a")[0]
             if version.isdigit() and int(version) < before:
                 f.unlink(missing_ok=True)
 
@@ -177,8 +193,8 @@ def journal_problem(j) -> str | None:
         (isinstance(j, dict) and isinstance(j.get("job"), str) and JOB_ID.fullmatch(j["job"]) is not None,
          "job must be a job id"),
         (isinstance(j, dict) and j.get("state") in JOURNAL_STATES, f"state must be one of {JOURNAL_STATES}"),
-        (isinstance(j, dict) and opt_int(j.get("version", -1)) and opt_int(j.get("rotation", -1)),
-         "version and rotation must be integers >= 0 or null"),
+        (isinstance(j, dict) and opt_int(j.get("version", -1)) and opt_int(j.get("rotation", -1))
+         and opt_int(j.get("commit_attempt")), "version, rotation and commit_attempt must be integers >= 0 or null"),
         (isinstance(j, dict) and type(j.get("attempt")) is int and isinstance(j.get("coordinator"), str)
          and isinstance(j.get("config"), dict) and isinstance(j.get("ring"), list)
          and isinstance(j.get("checksums"), dict) and isinstance(j.get("updated"), int | float),
@@ -198,6 +214,7 @@ def audit(root: str | os.PathLike, job: str) -> list[str]:
         return [f"{folder}/journal.json: {e}"]
     problems = []
     version, sums = journal.get("version"), journal.get("checksums", {})
+    tag = f"{version}a{journal.get('commit_attempt')}"
     me = (Path(root) / "peer_id").read_text().strip()
     for f in sorted(folder.glob("*.pt")):
         try:
@@ -206,9 +223,9 @@ def audit(root: str | os.PathLike, job: str) -> list[str]:
             problems.append(f"{f}: does not load ({e})")
             continue
         owner = me if f.name.startswith("stage-") else f.name.removeprefix("replica-").rsplit("-", 1)[0]
-        if version is not None and f.stem.endswith(f"-{version}") and owner in sums and \
+        if version is not None and f.stem.endswith(f"-{tag}") and owner in sums and \
                 hashlib.sha256(f.read_bytes()).hexdigest() != sums[owner]:
             problems.append(f"{f}: does not match the checksum the journal records")
-    if version is not None and me in sums and not (folder / f"stage-{version}.pt").exists():
-        problems.append(f"{folder}/stage-{version}.pt: missing")
+    if version is not None and me in sums and not (folder / f"stage-{tag}.pt").exists():
+        problems.append(f"{folder}/stage-{tag}.pt: missing")
     return problems

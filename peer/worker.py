@@ -22,7 +22,7 @@ from protocols import ProtocolError, message
 
 log = logging.getLogger("splitring.worker")
 EVAL_BATCH = 256
-REPLICA_S = 600.0   # deadline of sending a checkpoint's replica (the coordinator's heartbeats catch a hung peer)
+TRANSFER_S = 600.0   # deadline of moving a stage's state to another peer (a swap, a replica)
 
 
 class JobRuntime:
@@ -62,18 +62,19 @@ class JobRuntime:
         return self.chain.index(self.me) if self.me in self.chain else -1
 
     # --- ownership: commit a rotation's assignment ---------------------------------------------
-    def restore(self, version: int, checksums: dict, adopt: list) -> dict:
-        """Resuming a job: this peer's stage is its checkpoint of commit `version`, plus the layers of the lost
-        peers in `adopt` (their replicas here), each verified against the checksum the journal recorded.
+    def restore(self, version: int, attempt: int, checksums: dict, adopt: list) -> dict:
+        """Resuming a job: this peer's stage is its checkpoint of commit `version` (made by attempt `attempt`),
+        plus the layers of the lost peers in `adopt` (their replicas here), each verified against the checksum
+        the journal recorded.
         Returns which layers came from where: {"own": [...], "adopted": {lost peer: [...]}}."""
         if not isinstance(checksums.get(self.me), str) or not all(isinstance(checksums.get(p), str) for p in adopt):
             raise ProtocolError("malformed", f"restore names no checkpoint of peer {self.me} or of a peer it adopts")
         stage, got = Stage(self.cfg, {}), {"adopted": {}}
-        own = self.state_dir.load_checkpoint(self.job, version, checksums[self.me])["layers"]
+        own = self.state_dir.load_checkpoint(self.job, version, attempt, checksums[self.me])["layers"]
         stage.install(own)
         got["own"] = sorted(own)
         for lost in adopt:
-            layers = self.state_dir.load_checkpoint(self.job, version, checksums[lost], owner=lost)["layers"]
+            layers = self.state_dir.load_checkpoint(self.job, version, attempt, checksums[lost], owner=lost)["layers"]
             stage.install(layers)
             got["adopted"][lost] = sorted(layers)
         self.stage, self.restored = stage, True
@@ -129,19 +130,21 @@ class JobRuntime:
 
     def checkpoint(self) -> tuple:
         """(path, sha256) of this peer's checkpoint of the commit just made."""
-        return self.state_dir.save_checkpoint(self.job, self.version, {
+        return self.state_dir.save_checkpoint(self.job, self.version, self.attempt, {
             "job": self.job, "version": self.version, "rotation": self.rotation, "config": self.cfg.to_dict(),
             "layers": self.stage.export()})
 
     async def replicate(self, digest: str) -> None:
-        """Send this peer's checkpoint of the current commit, byte for byte, to its successor in ring order,
-        which keeps it (verified by checksum) so that the layers outlive this peer."""
+        """Send this peer's checkpoint of the current commit, byte for byte (as a uint8 tensor: a frame's raw
+        payload), to its successor in ring order, which keeps it (verified by checksum) so that the layers
+        outlive this peer."""
         if len(self.ring) < 2:
             return
         succ = self.ring[(self.ring.index(self.me) + 1) % len(self.ring)]
-        data = await asyncio.to_thread(self.state_dir.checkpoint_path(self.job, self.version).read_bytes)
-        reply = await self.client.call({"peer": succ, "url": self.urls[succ]}, "replica_put", timeout=REPLICA_S,
-                                       job=self.job, owner=self.me, version=self.version, data=data, checksum=digest)
+        data = await asyncio.to_thread(self.state_dir.checkpoint_path(self.job, self.version, self.attempt).read_bytes)
+        reply = await self.client.call({"peer": succ, "url": self.urls[succ]}, "replica_put", timeout=TRANSFER_S,
+                                       job=self.job, owner=self.me, version=self.version, attempt=self.attempt,
+                                       data=torch.frombuffer(bytearray(data), dtype=torch.uint8), checksum=digest)
         if reply["checksum"] != digest:
             raise JobError(f"the replica of {self.me}'s checkpoint on {succ} failed verification")
 
@@ -159,16 +162,18 @@ class JobRuntime:
         for dst, layers in by_dest.items():
             state = self.stage.export(layers)
             digest = await self._compute(checksum, state)
-            reply = await self.client.call({"peer": dst, "url": self.urls[dst]}, "swap_receive", timeout=REPLICA_S,
-                                           job=self.job, rotation=rotation, layers=state, checksum=digest)
+            reply = await self.client.call({"peer": dst, "url": self.urls[dst]}, "swap_receive", timeout=TRANSFER_S,
+                                           job=self.job, rotation=rotation, attempt=self.attempt, layers=state,
+                                           checksum=digest)
             if reply["checksum"] != digest:
                 raise JobError(f"layer transfer to {dst} failed verification")
             sent += len(layers)
         return {"sent": sent}
 
-    def receive_layers(self, rotation: int, layers: dict, digest: str) -> str:
-        if rotation <= self.rotation:
-            raise ProtocolError("stale", f"layers for rotation {rotation}, already at {self.rotation}")
+    def receive_layers(self, rotation: int, attempt: int, layers: dict, digest: str) -> str:
+        if rotation <= self.rotation or attempt != self.attempt:
+            raise ProtocolError("stale", f"layers for rotation {rotation} of attempt {attempt}; this stage is at "
+                                         f"rotation {self.rotation} of attempt {self.attempt}")
         layers = {int(k): v for k, v in layers.items()}
         if checksum(layers) != digest:
             raise ProtocolError("checksum", "layer state does not match its checksum")

@@ -108,7 +108,7 @@ class JobConfig:
                                       "stopped or cut off): the job rolls back to its last commit; stages whose "
                                       "coordinator is silent this long stop and hold their state", metavar="SECONDS")
     rejoin_timeout: float = knob(60.0, "after losing a peer, how long the coordinator waits for it to come back "
-                                       "(restarted with its state dir) before the job stops, resumable",
+                                       "(restarted with its state dir) before the job goes on without it",
                                  metavar="SECONDS")
     wire_dtype: str = knob("float32", "how activations and gradients travel (layer state moved by swaps is "
                                       "always exact)", choices=WIRE_DTYPES)

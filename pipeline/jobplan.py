@@ -156,23 +156,24 @@ class JobPlan:
         if not self.heads:
             raise PlanError("no peer of the ring has training data")
         n = len(self.facts.ring)
-        return [(e, e * n + r, k == len(self.heads) - 1) for e in range(self.cfg.epochs) for k, r in enumerate(self.heads)]
+        return [(e, e * n + r, k == len(self.heads) - 1)
+                for e in range(self.cfg.epochs) for k, r in enumerate(self.heads)]
 
     def __iter__(self) -> Iterator[PassPlan]:
         """The job's passes in order."""
         return self._plan(self.schedule())
 
-    def resume(self, rotation: int, holders: dict[int, str]) -> Iterator[PassPlan]:
-        """The passes from rotation `rotation` on, for a job resumed from its last commit: `holders` (layer ->
+    def resume(self, rotation: int, held: dict[int, str]) -> Iterator[PassPlan]:
+        """The passes from rotation `rotation` on, for a job resumed from its last commit: `held` (layer ->
         peer) is who holds each layer after restoring it, which the first pass's swap starts from."""
-        return self._plan([t for t in self.schedule() if t[1] >= rotation], holders)
+        return self._plan([t for t in self.schedule() if t[1] >= rotation], held)
 
     def one_epoch(self) -> Iterator[PassPlan]:
         """Every rotation of the first epoch, heads without data included: what `splitring plan` shows."""
         n = len(self.facts.ring)
         return self._plan([(0, r, r == n - 1) for r in range(n)])
 
-    def _plan(self, passes, holders: dict[int, str] | None = None) -> Iterator[PassPlan]:
+    def _plan(self, passes, held: dict[int, str] | None = None) -> Iterator[PassPlan]:
         f, previous = self.facts, None
         for k, (epoch, r, ends_epoch) in enumerate(passes):
             chain = self.chain(r)
@@ -182,7 +183,7 @@ class JobPlan:
             if remote and empty:
                 raise PlanError(f"--backward-at names chain positions, but the plan leaves {empty} peer(s) without "
                                 "layers; use --split even")
-            before = holders if k == 0 and holders else owners(previous) if previous else None
+            before = held if k == 0 and held else owners(previous) if previous else None
             moves = tuple(swap_moves(before, ranges)) if before else ()
             yield PassPlan(k, epoch, r, tuple(chain), ranges, remote, moves,
                            sum(f.layers[i].param_bytes + f.layers[i].optim_bytes for i, _, _ in moves), p,

@@ -51,7 +51,7 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     Call("profile", "POST", "/job/profile", "job_profile", {"memory_budget": (Int, Opt), "profile": Dict,
                                                             "samples": Int, "test_samples": Int}),
     Call("commit", "POST", "/job/commit", "job_commit", {"layers": List, "checksum": Str}),
-    Call("heartbeat", "POST", "/job/heartbeat", "job_heartbeat", {"known": Bool}),
+    Call("heartbeat", "POST", "/job/heartbeat", "job_heartbeat", {"known": Bool, "attempt": (Int, Opt)}),
     Call("journal_put", "POST", "/job/journal", "journal_put", {"saved": Bool}),
     Call("run_pass", "POST", "/job/pass", "job_pass", stream=True, events=PASS_EVENTS),
     Call("swap_send", "POST", "/job/swap/send", "swap_send", {"sent": Int}),

@@ -87,7 +87,10 @@ def one_job(ring: LocalRing, rng: random.Random, args, out: Path) -> dict:
     recovered = committed(survivor, job) > before   # else the kill came after the job's last commit
     recovery_s = time.monotonic() - killed_at if recovered else None
     thread.join(args.job_timeout)
-    proc = result["proc"]
+    proc = result.get("proc")
+    if proc is None:
+        return {"job": job, "victim": victim.peer_id, "coordinator_killed": resumed, "at_rotation": at_rotation,
+                "finished": False, "recovery_s": recovery_s, "error": f"no end within {args.job_timeout} s"}
     summary = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
     return {"job": job, "victim": victim.peer_id, "coordinator_killed": resumed, "at_rotation": at_rotation,
             "finished": summary is not None, "recovery_s": recovery_s,

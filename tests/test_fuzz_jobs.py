@@ -458,7 +458,7 @@ def check_reply(route: str, verdict: str, why, reply: Reply, n_layers: int | Non
     assert reply.status == 200, reply
     if route == "/jobs":
         assert reply.events and all(isinstance(e, dict) and "event" in e for e in reply.events), reply
-        assert reply.events[-1]["event"] in ("done", "failed"), reply
+        assert reply.events[-1]["event"] in ("done", "failed", "stopped"), reply   # stopped: cancelled here
         started = any(e["event"] == "started" for e in reply.events)
         return f"200 {'started' if started else 'failed'}"
     body = reply.json()

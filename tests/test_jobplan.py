@@ -113,7 +113,7 @@ class FakeRing:
         if name == "heartbeat":
             if peer["peer"] == self.hang and self.passing.is_set():
                 raise Unanswered(f"peer {peer['peer']} did not answer")
-            return {"known": True}
+            return {"known": True, "attempt": 0}
         return {}
 
     async def stream(self, peer, name, **body):

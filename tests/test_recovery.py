@@ -77,7 +77,7 @@ def check_files(ring, job: str) -> dict:
     for p in j["ring"]:   # each checkpoint of the last commit is also on its successor
         succ = successor([q["peer"] for q in j["ring"]], p["peer"])
         assert (roots[[a.peer_id for a in ring.agents].index(succ)] / "jobs" / job /
-                f"replica-{p['peer']}-{j['version']}.pt").exists()
+                f"replica-{p['peer']}-{j['version']}a{j['commit_attempt']}.pt").exists()
     return j
 
 

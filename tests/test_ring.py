@@ -89,7 +89,7 @@ def test_digits_learns_from_a_peer_that_is_not_first(digits_ring, tmp_path):
     for k in range(len(ring.agents)):
         folder = ring.workdir / f"agent{k}" / "jobs" / summary["job"]
         journal = json.loads((folder / "journal.json").read_text())
-        ckpt = torch.load(folder / f"stage-{journal['rotation']}.pt", weights_only=True)
+        ckpt = torch.load(folder / f"stage-{journal['version']}a{journal['commit_attempt']}.pt", weights_only=True)
         assert ckpt["job"] == summary["job"] and journal["state"] == "done"
         held |= set(ckpt["layers"])
     assert held == {0, 1, 2}

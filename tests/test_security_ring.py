@@ -187,28 +187,24 @@ def test_cancel_from_a_peer_that_does_not_coordinate(ring):
     for k in range(3):  # every stage's last committed checkpoint is on disk and loads
         journal = json.loads((ring.workdir / f"agent{k}" / "jobs" / job_id / "journal.json").read_text())
         assert journal["state"] == "stopped"
-        ckpt = torch.load(ring.workdir / f"agent{k}" / "jobs" / job_id / f"stage-{journal['rotation']}.pt",
-                          weights_only=True)
+        folder = ring.workdir / f"agent{k}" / "jobs" / job_id
+        ckpt = torch.load(folder / f"stage-{journal['version']}a{journal['commit_attempt']}.pt", weights_only=True)
         assert ckpt["job"] == job_id
 
 
-def test_a_peer_killed_mid_job_stops_the_job_cleanly(start_ring):
+def test_a_peer_killed_mid_job_on_a_secret_ring_the_job_goes_on_without_it(start_ring):
+    """(tests/test_recovery.py covers recovery in depth; here it runs with signed calls and a secret ring.)"""
     r = start_ring([["--data", "digits", "--shard", f"{k}/3"] for k in range(3)], secret=SECRET)
     order = r.ring_order()
-    job, result, job_id = start_long_job(r, "--rejoin-timeout", "2")
+    job, result, job_id = start_long_job(r, "--rejoin-timeout", "2", "--epochs", "4")
     victim = order[2]
     victim.proc.send_signal(signal.SIGKILL)
     job.join(120)
     proc = result["proc"]
-    assert proc.returncode == 1 and f"peer {victim.peer_id} lost" in proc.stderr, proc.stderr
-    assert f"job failed: peer {victim.peer_id} did not come back within 2 s" in proc.stderr, proc.stderr
-    survivors = [a for a in r.agents if a is not victim]
-    assert all(a.status()["stages"] == [] for a in survivors)
-    for a in survivors:   # the last commit stays on disk, for --resume
-        folder = r.workdir / f"agent{r.agents.index(a)}" / "jobs" / job_id
-        journal = json.loads((folder / "journal.json").read_text())
-        ckpt = torch.load(folder / f"stage-{journal['rotation']}.pt", weights_only=True)
-        assert ckpt["job"] == job_id and ckpt["layers"]
+    assert f"peer {victim.peer_id} lost" in proc.stderr and f"going on without {victim.peer_id}" in proc.stderr
+    summary = summary_of(proc)
+    assert summary["job"] == job_id and summary["lost"] == [victim.peer_id] and summary["skipped"]
+    assert all(a.status()["stages"] == [] for a in r.agents if a is not victim)
 
 
 def test_a_data_plane_connection_that_never_proves_itself_is_closed(ring):

@@ -97,7 +97,7 @@ def test_policy_packs_only_activations_and_gradients():
 def test_layer_state_moved_by_a_swap_is_never_lossy(wire_dtype, compress):
     state = {3: {"params": {"weight": torch.randn(5, 7), "bias": torch.randn(5)},
                  "optim": {0: {"momentum_buffer": torch.randn(5, 7)}}}}
-    msg = message("swap_receive", job="j", rotation=1, layers=state, checksum="c")
+    msg = message("swap_receive", job="j", rotation=1, attempt=0, layers=state, checksum="c")
     out = decode_frame(encode_frame(apply_policy(msg, WirePolicy.from_options(wire_dtype, compress))))
     assert torch.equal(out["layers"][3]["params"]["weight"], state[3]["params"]["weight"])
     assert torch.equal(out["layers"][3]["optim"][0]["momentum_buffer"], state[3]["optim"][0]["momentum_buffer"])

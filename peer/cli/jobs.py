@@ -43,4 +43,4 @@ def run_attach(args) -> int:
     from peer.cli.train import follow
 
     url, key = connect(args)
-    return follow(url, key, lambda: call(url, key, "follow_job", params={"job": args.job}), args, "attach")
+    return follow(url, key, lambda: call(url, key, "follow_job", params={"job": args.job}), args, "attach", args.job)

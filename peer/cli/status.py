@@ -47,4 +47,12 @@ def run(args) -> int:
                   f"labels {s['labels']}")
         else:
             print(f"stage of job {s['job']}: layers [{s['layers'][0]}, {s['layers'][1]}) rotation {s['rotation']}")
+    for h in st.get("held", []):
+        print(f"held job {h['job']} (stage freed, committed state on disk; resume with `splitring train --resume "
+              f"{h['job']}`): {h['reason']}")
+    for job, ev in st.get("jobs", {}).items():
+        lost = ev.get("recoveries", [])
+        print(f"coordinating job {job}: {ev.get('event', 'starting')}"
+              + (f"; {len(lost)} peer loss(es) recovered: " + ", ".join(r["peer"] for r in lost) if lost else "")
+              + (f"; going on without {', '.join(ev['lost'])}" if ev.get("lost") else ""))
     return 0

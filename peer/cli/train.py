@@ -52,13 +52,13 @@ def run(args) -> int:
     return follow(url, key, opened, args, "train")
 
 
-def follow(url: str, key, opened, args, command: str) -> int:
+def follow(url: str, key, opened, args, command: str, job: str | None = None) -> int:
     """Show a job's events (from opened(), an iterator of them) until it ends; Ctrl-C stops the job cleanly
     (stages freed, journal kept: resumable). The exit status: 0 done, 1 failed, 130 stopped."""
     from peer.security import RingAuthError, open_url
     from protocols import ProtocolError
 
-    seen: dict = {}   # the job's id, once its first event has said it
+    seen: dict = {"job": job} if job else {}   # the job's id, once known
     try:
         summary = show(opened(), args, command, seen)
     except KeyboardInterrupt:
@@ -163,14 +163,20 @@ def stop(url: str, key, job: str | None, command: str) -> int:
     if job is None:
         return 130
     print(f"splitring {command}: stopping job {job} (Ctrl-C again to leave it to its coordinator)", file=sys.stderr)
+    last = None
     try:
         call(url, key, "cancel_job", params={"job": job}, timeout=30)
         for ev in call(url, key, "follow_job", params={"job": job}, timeout=60):
             if ev["event"] in ("done", "failed", "stopped"):
+                last = ev
                 break
     except (OSError, KeyboardInterrupt) as e:
         print(f"splitring {command}: could not confirm the stop: {e!r}", file=sys.stderr)
         return 130
+    if last is None or last["event"] != "stopped":
+        print(f"splitring {command}: job {job} ended before the stop: "
+              f"{last['event'] if last else 'no end seen'}", file=sys.stderr)
+        return 0 if last and last["event"] == "done" else 1
     print(f"splitring {command}: job {job} stopped; every stage is freed and its journal kept: resume it with "
           f"`splitring train --resume {job}`", file=sys.stderr)
     return 130

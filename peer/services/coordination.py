@@ -13,6 +13,7 @@ from peer.coordinator import Coordinator
 from peer.parallel_coordinator import ParallelCoordinator
 from peer.limits import JOB_LIMITS
 from peer.service import Service, json_error, serves
+from peer.state import journal_order, journal_problem
 from protocols import ProtocolError
 from peer.client import JobError
 from pipeline.config import PARALLEL_SCHEMES, JobConfig
@@ -30,14 +31,17 @@ class CoordinationService(Service):
         self.coordinated: dict[str, Coordinator] = {}
         self.m_events = Counter("splitring_job_events", "events of the jobs coordinated here (lost: a peer "
                                 "lost; rollback: back to the last commit; rejoined: a lost peer back; resumed: a "
-                                "new attempt; replanned: going on without a lost peer; stopped, failed, done: how jobs ended)", ["event"], registry=node.registry)
+                                "new attempt; replanned: going on without a lost peer; stopped, failed, done: how "
+                                "jobs ended)", ["event"], registry=node.registry)
 
     def other_routes(self):
         return [web.get("/jobs/{job}/model", self.model), web.post("/probe", self.probe)]
 
     def status(self) -> dict:
-        """The latest event of each job coordinated here."""
-        return {j: (c.events[-1] if c.events else {}) for j, c in self.coordinated.items()}
+        """The latest event of each job coordinated here, with its recoveries so far (peers lost, when, how
+        long the job took to get going again) and the peers it goes on without."""
+        return {j: {**(c.events[-1] if c.events else {}), "recoveries": c.recoveries,
+                    "lost": (c.journal or {}).get("lost", [])} for j, c in self.coordinated.items()}
 
     async def close(self):
         for c in self.coordinated.values():
@@ -97,24 +101,46 @@ class CoordinationService(Service):
                            f"job that reached its first commit can be resumed")
         if journal["state"] == "done":
             raise JobError(f"job {job} has finished; its model is at its coordinator {journal['coordinator']}")
+        await self.check_not_driven(journal)
         coord = await self.coordinator(node.job_config(journal["config"]), journal)
         async for event in self.launch(coord):
             yield event
 
+    async def check_not_driven(self, journal: dict) -> None:
+        """Refuse to resume a job its recorded coordinator still drives (one coordinator per job)."""
+        if journal["coordinator"] == self.node.peer_id:
+            return
+        there = {"peer": journal["coordinator"], "url": journal["coordinator_url"]}
+        try:
+            events = (await self.node.client().call(there, "job", timeout=5, params={"job": journal["job"]}))["events"]
+        except JobError:
+            return   # gone, or it does not coordinate the job any more
+        if events and events[-1].get("event") not in TERMINAL:
+            raise JobError(f"job {journal['job']} is running, coordinated by {there['peer']} at {there['url']}: "
+                           f"follow it with `splitring attach {journal['job']}`")
+
     async def newest_journal(self, job: str) -> dict | None:
-        """The journal of the job's latest commit among this peer's and those of the peers it sees (a commit
-        is recorded on every peer, but a coordinator lost while recording leaves some a commit behind)."""
+        """The journal of the job's latest commit (then attempt) among this peer's, those of the peers it
+        sees and those of the peers the journals name (a commit is recorded on every peer, but a coordinator
+        lost while recording leaves some a commit behind)."""
         node = self.node
         try:
             found = [node.state.journal(job)]
         except ValueError:
             raise ProtocolError("malformed", f"not a job id: {job!r}") from None
-        peers = [{"peer": r.peer, "url": r.url} for r in node.discovery.peers()]
-        replies = await asyncio.gather(*(node.client().call(p, "journal", timeout=5, params={"job": job})
-                                         for p in peers), return_exceptions=True)
-        found += [r["journal"] for r in replies if isinstance(r, dict)]
-        found = [j for j in found if j and j.get("job") == job and "facts" in j]
-        return max(found, key=lambda j: (-1 if j["rotation"] is None else j["rotation"], j["updated"]), default=None)
+        asked: set[str] = set()
+        while True:
+            peers = {r.url: r.peer for r in node.discovery.peers()}
+            peers.update({p["url"]: p["peer"] for j in found if j for p in j["ring"] if isinstance(p, dict)})
+            new = [{"peer": peer, "url": url} for url, peer in peers.items() if url not in asked]
+            if not new:
+                break
+            asked.update(p["url"] for p in new)
+            replies = await asyncio.gather(*(node.client().call(p, "journal", timeout=5, params={"job": job})
+                                             for p in new), return_exceptions=True)
+            found += [r["journal"] for r in replies if isinstance(r, dict) and journal_problem(r["journal"]) is None]
+        found = [j for j in found if j and j["job"] == job and "facts" in j]
+        return max(found, key=journal_order, default=None)
 
     @serves("journal")
     async def journal(self, msg, request):

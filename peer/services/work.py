@@ -12,12 +12,13 @@ import signal
 import time
 
 import aiohttp
+import torch
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from peer.limits import JOB_LIMITS
 from peer.service import Service, serves
-from peer.state import JOB_ID, journal_problem, prune, write_atomic
+from peer.state import JOB_ID, StaleJournal, journal_problem, prune, write_atomic
 from peer.client import JobError
 from peer.parallel import ParallelRuntime
 from peer.worker import JobRuntime
@@ -81,15 +82,15 @@ class WorkService(Service):
             os.kill(os.getpid(), signal.SIGKILL)
 
     async def watch(self, every: float = 0.5) -> None:
-        """Stop working on a job whose coordinator has not been heard from for the job's peer_timeout: free
-        its stage (its committed checkpoints stay on disk) and hold it for `splitring train --resume`.
-        Nobody keeps a stage for a job nobody drives."""
+        """Stop working on a job whose coordinator has not been heard from for the job's peer_timeout (a
+        coordinator heartbeats its own peer too): free its stage (its committed checkpoints stay on disk) and
+        hold it for `splitring train --resume`. Nobody keeps a stage for a job nobody drives."""
         while True:
             await asyncio.sleep(every)
             now = time.monotonic()
             for job, rt in list(self.jobs.items()):
                 silent = now - rt.heard
-                if rt.coordinator != self.node.peer_id and silent > rt.cfg.peer_timeout:
+                if silent > rt.cfg.peer_timeout:
                     self.hold(job, f"its coordinator {rt.coordinator} was silent for {silent:.0f} s (peer_timeout "
                                    f"{rt.cfg.peer_timeout:.0f} s)")
 
@@ -109,7 +110,7 @@ class WorkService(Service):
         rt = self.jobs.get(msg["job"])
         if rt is not None:
             rt.heard = time.monotonic()
-        return {"known": rt is not None}
+        return {"known": rt is not None, "attempt": getattr(rt, "attempt", 0) if rt is not None else None}
 
     @serves("journal_put")
     async def journal_put(self, msg, request):
@@ -121,15 +122,21 @@ class WorkService(Service):
         rt = self.jobs.get(msg["job"])
         if rt is not None:
             rt.heard = time.monotonic()
-        await asyncio.to_thread(self.node.state.save_journal, msg["job"], journal)
+        try:
+            await asyncio.to_thread(self.node.state.save_journal, msg["job"], journal)
+        except StaleJournal as e:
+            raise ProtocolError("stale", str(e)) from None
         return {"saved": True}
 
     @serves("replica_put")
     async def replica_put(self, msg, request):
         """Keep another peer's committed checkpoint, byte for byte, verified by its checksum."""
+        data = msg["data"]
+        if data.dtype != torch.uint8 or data.dim() != 1:
+            raise ProtocolError("malformed", "a replica is the checkpoint file's bytes, a 1-D uint8 tensor")
         try:
             await asyncio.to_thread(self.node.state.save_replica, msg["job"], msg["owner"], msg["version"],
-                                    msg["data"], msg["checksum"])
+                                    msg["attempt"], data.numpy().tobytes(), msg["checksum"])
         except ValueError as e:
             raise ProtocolError("malformed", str(e)) from None
         return {"checksum": msg["checksum"]}
@@ -168,6 +175,10 @@ class WorkService(Service):
         old = self.jobs.get(msg["job"])
         if old is not None and attempt <= getattr(old, "attempt", 0):
             raise ProtocolError("duplicate", f"job {msg['job']} is already prepared")
+        if old is not None and old.coordinator != msg["coordinator"] and \
+                time.monotonic() - old.heard < old.cfg.peer_timeout:
+            raise JobError(f"job {msg['job']} is driven by its coordinator {old.coordinator}, heard from "
+                           f"{time.monotonic() - old.heard:.0f} s ago: one coordinator per job")
         if old is not None:   # a peer that hung through the job's failure: its earlier attempt ends here
             self.jobs.pop(msg["job"]).abort(f"the job was resumed as attempt {attempt}")
         self.held.pop(msg["job"], None)
@@ -182,10 +193,14 @@ class WorkService(Service):
             if "restore" in msg:
                 r = msg["restore"]
                 adopt = r.get("adopt", {})
-                if not (type(r.get("version")) is int and isinstance(r.get("checksums"), dict)
+                if not (type(r.get("version")) is int and type(r.get("attempt")) is int
+                        and isinstance(r.get("checksums"), dict)
                         and isinstance(adopt, dict) and isinstance(adopt.get(node.peer_id, []), list)):
-                    raise ProtocolError("malformed", "restore is {version, checksums, adopt: {peer: [lost peer]}}")
-                restored = await node.compute_call(rt.restore, r["version"], r["checksums"], adopt.get(node.peer_id, []))
+                    raise ProtocolError("malformed", "restore is {version, attempt, checksums, adopt: {peer: [lost "
+                                                     "peer]}}")
+                restored = await node.compute_call(rt.restore, r["version"], r["attempt"], r["checksums"],
+                                                   adopt.get(node.peer_id, []))
+            rt.heard = time.monotonic()   # (a restore may take longer than the coordinator's silence allows)
             self.jobs[msg["job"]] = rt
             if restored is not None:
                 return {"samples": len(node.data), "test_samples": node.data.n_test, "restored": restored}
@@ -273,6 +288,7 @@ class WorkService(Service):
                     poller.cancel()
                 events.put_nowait(None)
         rt.task = task = asyncio.create_task(run())
+        task.add_done_callback(lambda t: aborted(events) if t.cancelled() else None)
         try:
             while (event := await events.get()) is not None:
                 yield event
@@ -329,7 +345,8 @@ class WorkService(Service):
     async def swap_receive(self, msg, request):
         rt = self.runtime(msg["job"], JobRuntime)
         self.reach("swap_receive")
-        digest = await self.node.compute_call(rt.receive_layers, msg["rotation"], msg["layers"], msg["checksum"])
+        digest = await self.node.compute_call(rt.receive_layers, msg["rotation"], msg["attempt"], msg["layers"],
+                                              msg["checksum"])
         return {"checksum": digest}
 
     @serves("abort")
@@ -355,6 +372,13 @@ class WorkService(Service):
         except ProtocolError as e:
             return web.json_response({"error": e.code, "message": e.message}, status=400)
         return web.Response(body=await self.node.codec.encode({"layers": rt.layers()}), content_type="application/cbor")
+
+
+def aborted(events: asyncio.Queue) -> None:
+    """A pass or round cancelled (aborted, or held when its coordinator fell silent), even before it began:
+    its stream ends with an error, never as if it had finished."""
+    events.put_nowait({"error": "the pass was aborted on this peer", "cause": "job"})
+    events.put_nowait(None)
 
 
 async def _poll():
