@@ -87,6 +87,8 @@ class JobLimits:
     kept_profiles: int = 64
     # finished jobs whose events and summary a coordinator keeps in memory (for /jobs/ID and /status)
     kept_jobs: int = 64
+    # finished jobs (done or failed) whose last commit's files and journal a peer keeps in its state dir
+    kept_job_files: int = 20
     # plans listed in a job's summary (the first rotations'; the rest are counted)
     summary_plans: int = 64
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -142,6 +143,13 @@ class StateDir:
         write_atomic(self.job_dir(job) / "journal.json", json.dumps(record).encode())
         if record.get("version") is not None:
             self.drop_versions(job, before=record["version"])
+
+    def prune_jobs(self, keep: int) -> None:
+        """Delete the files of all but the newest `keep` finished jobs (done or failed): a job that may still be
+        resumed (running, stopped, held) keeps its files."""
+        finished = [j for j in self.journals() if j["state"] in ("done", "failed")]
+        for j in finished[keep:]:
+            shutil.rmtree(self.job_dir(j["job"]), ignore_errors=True)
 
     def drop_versions(self, job: str, before: int) -> None:
         """Delete this job's checkpoints and replicas of commits before `before`."""

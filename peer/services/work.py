@@ -126,6 +126,8 @@ class WorkService(Service):
             await asyncio.to_thread(self.node.state.save_journal, msg["job"], journal)
         except StaleJournal as e:
             raise ProtocolError("stale", str(e)) from None
+        if journal["state"] in ("done", "failed"):
+            await asyncio.to_thread(self.node.state.prune_jobs, JOB_LIMITS.kept_job_files)
         return {"saved": True}
 
     @serves("replica_put")
