@@ -48,8 +48,11 @@ CASES = [("sl", "1,3", [], {}), ("sl", "2", [], {}),
 @pytest.mark.parametrize("scheme,cut,extra,options", CASES)
 def test_each_scheme_equals_its_reference(ring, tmp_path, scheme, cut, extra, options):
     flags = [x for k, v in options.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    # balanced greedy assignment: both helpers serve (ours may leave one idle when its measured costs say so,
+    # and this test is about each scheme's arithmetic, not the schedule)
     args = ["--scheme", scheme, "--cut", cut, "--model-options", "depth=3", "--rounds", "2", "--local-steps", "3",
-            "--batch-size", "16", "--optimizer", "adam", "--lr", "0.002", "--seed", "3", *extra, *flags]
+            "--batch-size", "16", "--optimizer", "adam", "--lr", "0.002", "--seed", "3", "--assign", "greedy",
+            *extra, *flags]
     summary, got = train(ring, tmp_path, *args)
     helpers = {h for r in summary["history"] for h in r["assignment"].values()}
     assert summary["clients"] == ["c0", "c1", "c2"]
