@@ -15,7 +15,7 @@ from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.data import num_steps
 from pipeline.planner import Device, LayerCost, Plan, PlanInfeasible, over_budget, plan_chain
-from pipeline.swaps import owners, swap_moves
+from pipeline.swaps import moves_from, owners
 from protocols.errors import SplitringError
 
 
@@ -184,7 +184,7 @@ class JobPlan:
                 raise PlanError(f"--backward-at names chain positions, but the plan leaves {empty} peer(s) without "
                                 "layers; use --split even")
             before = held if k == 0 and held else owners(previous) if previous else None
-            moves = tuple(swap_moves(before, ranges)) if before else ()
+            moves = tuple(moves_from(before, ranges)) if before else ()
             yield PassPlan(k, epoch, r, tuple(chain), ranges, remote, moves,
                            sum(f.layers[i].param_bytes + f.layers[i].optim_bytes for i, _, _ in moves), p,
                            self.steps(chain[0]), ends_epoch, ends_epoch and f.test_samples.get(chain[0], 0) > 0)

@@ -18,8 +18,12 @@ def owners(assignment: dict[str, tuple[int, int]]) -> dict[int, str]:
     return {i: peer for peer, (a, b) in assignment.items() for i in range(a, b)}
 
 
-def swap_moves(old: dict[str, tuple[int, int]] | dict[int, str], new: dict[str, tuple[int, int]]) -> list[tuple[int, str, str]]:
-    """(layer, from, to) for every layer whose owner changes, in layer order. `old` is an assignment (peer ->
-    range) or who holds each layer (layer -> peer)."""
-    before, after = (old if all(isinstance(k, int) for k in old) else owners(old)), owners(new)
-    return [(i, before[i], after[i]) for i in sorted(after) if before.get(i) != after[i]]
+def swap_moves(old: dict[str, tuple[int, int]], new: dict[str, tuple[int, int]]) -> list[tuple[int, str, str]]:
+    """(layer, from, to) for every layer whose owner changes, in layer order."""
+    return moves_from(owners(old), new)
+
+
+def moves_from(held: dict[int, str], new: dict[str, tuple[int, int]]) -> list[tuple[int, str, str]]:
+    """(layer, from, to) for every layer whose holder (layer -> peer) is not its owner in `new`."""
+    after = owners(new)
+    return [(i, held[i], after[i]) for i in sorted(after) if held.get(i) != after[i]]
