@@ -163,7 +163,7 @@ class Coordinator:
             await self._abort(reason)
             await self._record("failed", error=reason)
         finally:
-            self.emit({"event": "failed", "job": self.job, "error": reason})
+            self.emit({"event": "failed", "job": self.job, "error": reason, "resumable": self.journal is not None})
 
     async def _stop(self, reason: str):
         """A stop asked for (Ctrl-C, `splitring cancel`): free every stage, keep the journal: resumable."""

@@ -22,6 +22,7 @@ from protocols import ProtocolError, decode_frame, encode_frame, message, valida
 from protocols.compression import PART_DTYPES, WirePolicy, apply_policy
 from protocols.frames import assemble, encode_parts
 from pipeline.admission import MessageKey
+from peer import faults
 from peer.limits import LIMITS
 from peer.security import ClientHandshake, Pins, RingAuthError
 from peer.transport import RawFrame, connect
@@ -106,6 +107,7 @@ class Links:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._seq = itertools.count()
         self.errors: list[dict] = []  # error replies received (most recent last, bounded)
+        self._replay: dict[str, list] = {}   # see peer.faults
 
     async def _open(self, url: str) -> Link:
         stream = await connect(url, MAX_DATA_FRAME)
@@ -171,7 +173,21 @@ class Links:
         """Send a message; returns once it is handed to the connection (which holds a bounded amount)."""
         parts = await self.codec.encode_parts(msg, policy)
         link = await self.get(url)
+        if faults.FAULTS:
+            await self._send_with_faults(link, msg["type"], parts)
+        else:
+            await link.stream.send(parts)
+
+    async def _send_with_faults(self, link: Link, kind: str, parts: list) -> None:
+        """send, with the test faults dup and replay (peer.faults)."""
+        fault = faults.reach(f"send_{kind}")
+        if kind in self._replay:
+            await link.stream.send(self._replay.pop(kind))
         await link.stream.send(parts)
+        if fault == "dup":
+            await link.stream.send(parts)
+        elif fault == "replay":
+            self._replay[kind] = parts
 
     async def ping(self, url: str, data: torch.Tensor | None = None, timeout: float = 60.0) -> float:
         """One round trip through the data plane (a ping carrying `data`, and its pong), in seconds."""
@@ -217,6 +233,7 @@ class Mailbox:
         self.consumed: set[MessageKey] = set()
         self.failure: Exception | None = None
         self._freed = asyncio.Event()
+        self.peak_unread = 0   # most messages of one box that waited unread at once
 
     def _slot(self, key: MessageKey) -> asyncio.Future:
         fut = self.slots.get(key)
@@ -238,6 +255,7 @@ class Mailbox:
         if self.unread(key.box) >= self.limit:
             raise ProtocolError("overflow", f"{self.limit} {key.box} messages already wait unread")
         self._slot(key).set_result(payload)
+        self.peak_unread = max(self.peak_unread, self.unread(key.box))
 
     def ready(self, key: MessageKey) -> bool:
         """Whether get(key) would return at once."""

@@ -31,7 +31,8 @@ class Node:
     def __init__(self, ring: str, state: StateDir, data: Dataset, host: str, port: int, interface: str | None,
                  advertise: str, join: list[str], threads: int = 1, memory_budget: int | None = None,
                  slowdown: float = 1.0, key: bytes | None = None, tls: tuple[ssl.SSLContext, str] | None = None,
-                 busy_poll: bool = False, allow_models: list[str] = (), role: str | None = None):
+                 busy_poll: bool = False, allow_models: list[str] = (), role: str | None = None,
+                 pending_messages: int = LIMITS.pending_messages):
         self.ring, self.state, self.data = ring, state, data
         self.peer_id = state.peer_id
         self.key = key  # the ring key (peer.security.key_for); None: an open ring
@@ -44,6 +45,7 @@ class Node:
         self.role = role or ("client" if len(data) else "helper")   # in client/helper schemes
         self.allow_models = list(allow_models)   # custom model code this agent's owner allows (--allow-model)
         self.max_control_body = LIMITS.max_control_body
+        self.pending_messages = pending_messages   # unread stage messages per job and kind (peer.dataplane.Mailbox)
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=torch.set_num_threads,
                                           initargs=(threads,))
         self.slowdown = slowdown  # test knob: compute takes this many times longer (a slower device)

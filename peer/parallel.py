@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from peer.client import JobError
-from peer.dataplane import Links, Mailbox, wire_policy
+from peer.dataplane import MAILBOX_LIMIT, Links, Mailbox, wire_policy
 from pipeline.admission import MessageKey
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes
@@ -29,14 +29,15 @@ AUX = -1   # the auxiliary head's key among a client's layers in a part (local-l
 
 class ParallelRuntime:
     def __init__(self, job: str, cfg: JobConfig, me: str, ring: list[dict], coordinator: str, data: Dataset,
-                 links: Links, compute, state_dir, memory_budget: int | None, sizes: list):
+                 links: Links, compute, state_dir, memory_budget: int | None, sizes: list,
+                 pending_messages: int = MAILBOX_LIMIT):
         self.job, self.cfg, self.me, self.coordinator = job, cfg, me, coordinator
         self.urls = {p["peer"]: p["url"] for p in ring}
         self.data, self.links, self._compute, self.state_dir = data, links, compute, state_dir
         self.memory_budget = memory_budget
         self.shapes = [input_shape(cfg.model)] + [shape for shape, _ in sizes]
         self.parts = parts(cfg, len(sizes))
-        self.mailbox = Mailbox()
+        self.mailbox = Mailbox(pending_messages)
         self.facts: RoundFacts | None = None
         self.role: str | None = None
         self.stages: list[Stage] = []           # client: [part 1, part 3]; helper: [part 2] (the shared or averaged)

@@ -113,13 +113,14 @@ class StateDir:
         write_atomic(path, data)
         return path, hashlib.sha256(data).hexdigest()
 
-    def save_replica(self, job: str, owner: str, version: int, attempt: int, data: bytes, digest: str) -> Path:
-        if hashlib.sha256(data).hexdigest() != digest:
+    def save_replica(self, job: str, owner: str, version: int, attempt: int, data: bytes, digest: str) -> str:
+        """Keep another peer's checkpoint; returns the sha256 of the bytes kept (its sender checks it)."""
+        got = hashlib.sha256(data).hexdigest()
+        if got != digest:
             raise CorruptFile(f"the replica of peer {owner}'s checkpoint of commit {version} does not match "
                               f"its checksum")
-        path = self.checkpoint_path(job, version, attempt, owner)
-        write_atomic(path, data)
-        return path
+        write_atomic(self.checkpoint_path(job, version, attempt, owner), data)
+        return got
 
     def load_checkpoint(self, job: str, version: int, attempt: int, digest: str, owner: str | None = None) -> dict:
         """A checkpoint (or replica), refused unless its bytes match the sha256 the journal recorded."""

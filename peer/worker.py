@@ -17,7 +17,7 @@ from pipeline.local import make_step_input
 from pipeline.models import activation_shapes, build_layer, input_shape
 from pipeline.stage import Stage, checksum
 from peer.client import JobError, PeerClient
-from peer.dataplane import Links, Mailbox, wire_policy
+from peer.dataplane import MAILBOX_LIMIT, Links, Mailbox, wire_policy
 from protocols import ProtocolError, message
 
 log = logging.getLogger("splitring.worker")
@@ -28,7 +28,8 @@ TRANSFER_S = 600.0   # deadline of moving a stage's state to another peer (a swa
 class JobRuntime:
     def __init__(self, job: str, cfg: JobConfig, me: str, ring: list[dict], coordinator: str,
                  data: Dataset, links: Links, client: PeerClient, compute, state_dir,
-                 memory_budget: int | None = None, sizes: list | None = None, attempt: int = 0):
+                 memory_budget: int | None = None, sizes: list | None = None, attempt: int = 0,
+                 pending_messages: int = MAILBOX_LIMIT):
         """sizes: pipeline.models.footprint of the job's model, if the caller has it already. attempt: how many
         times the job was resumed (its stage messages carry it: an earlier attempt's are refused)."""
         self.job, self.cfg, self.me, self.attempt = job, cfg, me, attempt
@@ -50,7 +51,7 @@ class JobRuntime:
         self.roles_of = {"train": S.Roles(0), "eval": S.Roles(0)}   # this rotation's, per mode (see roles)
         self.ranges: dict[str, tuple[int, int]] = {}
         self.head_samples = self.head_test_samples = 0
-        self.mailbox = Mailbox()
+        self.mailbox = Mailbox(pending_messages)
         self._shapes_of: dict[tuple, dict] = {}
         self.backward_roles: dict[int, Stage] = {}   # program -> stage: other stages' backward run here (this pass)
         self.progress = {"rotation": -1, "step": 0, "loss": None}
@@ -108,9 +109,10 @@ class JobRuntime:
         if self.memory_budget is not None and used > self.memory_budget:
             raise JobError(f"peer {self.me} would hold {used} bytes for layers [{a},{b}), over its memory budget of "
                            f"{self.memory_budget}")
-        if sorted(self.stage.layers) != list(range(a, b)):
+        missing = sorted(set(range(a, b)) - set(self.stage.layers))   # (layers outside [a, b) are gone by now)
+        if missing:
             raise JobError(f"peer {self.me} should own layers [{a},{b}) for rotation {rotation} but holds "
-                           f"{sorted(self.stage.layers)}: a transfer is missing")
+                           f"{sorted(self.stage.layers)}: layers {missing} never arrived (a transfer is missing)")
         self.rotation, self.version, self.epoch, self.chain = rotation, version, epoch, list(chain)
         self.roles_of = {"train": train_roles, "eval": S.Roles(len(chain))}
         self.ranges = {p: tuple(r) for p, r in ranges.items()}
@@ -175,10 +177,12 @@ class JobRuntime:
             raise ProtocolError("stale", f"layers for rotation {rotation} of attempt {attempt}; this stage is at "
                                          f"rotation {self.rotation} of attempt {self.attempt}")
         layers = {int(k): v for k, v in layers.items()}
-        if checksum(layers) != digest:
-            raise ProtocolError("checksum", "layer state does not match its checksum")
+        got = checksum(layers)   # answered as computed here, so that the sender's check of it is real
+        if got != digest:
+            raise ProtocolError("checksum", f"layer state does not match its checksum (sha256 {got[:12]}..., "
+                                            f"sent as {digest[:12]}...): corrupted in transit")
         self.pending.setdefault(rotation, {}).update(layers)
-        return digest
+        return got
 
     # --- data plane input ---------------------------------------------------------------------
     def roles(self, mode: str) -> S.Roles:

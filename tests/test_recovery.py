@@ -109,7 +109,7 @@ def test_a_peer_killed_during_a_swap_leaves_one_whole_version_and_the_model_exac
     """swap_receive: the victim dies with layers on their way to it; commit: with its checkpoint of the new
     rotation written while the others may have written theirs or not."""
     sets, paths = shards
-    ring = start_ring([["--data", p] for p in paths], env={1: {"SPLITRING_TEST_KILL_AT": point}})
+    ring = start_ring([["--data", p] for p in paths], env={1: {"SPLITRING_TEST_FAULT": f"kill:{point}"}})
     victim = ring.agents[1]
     coordinator = next(a for a in ring.ring_order() if a is not victim)
     out = tmp_path / "model.pt"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from peer.cli.common import RingOptions, keep_freed_memory, parse_cpus, pin_to, resolve_interface, secret
 from peer.cli.options import add_options, values
 from peer.cli.plan import BYTE_UNITS, quantity
+from peer.limits import LIMITS
 from pipeline.config import knob
 
 
@@ -56,6 +57,9 @@ class AgentConfig(RingOptions):
                                       "run: a job naming anything else is refused before any import, since a job "
                                       "request would otherwise run code of the requester's choosing on this device "
                                       "(see docs/security.md)", metavar="PACKAGE.MODULE:FUNCTION")
+    pending_messages: int = knob(LIMITS.pending_messages, "data-plane messages of one job and kind (fwd, bwd) that "
+                                 "may wait unread here; then this agent stops reading from their sender until its "
+                                 "stage takes one (backpressure: bounds what a fast neighbour can queue)", metavar="N")
     log_level: str = knob("INFO", "DEBUG, INFO, WARNING or ERROR")
     compute_slowdown: float = knob(1.0, "make every computation X times slower, like a slower device", metavar="X",
                                    testing=True)
@@ -117,12 +121,14 @@ def run(args) -> int:
         budget = default_budget() if cfg.memory_budget is None else int(quantity(cfg.memory_budget, BYTE_UNITS,
                                                                                     "memory budget"))
         tls = tls_options(cfg, key)
+        if cfg.pending_messages < 1:
+            raise ValueError(f"--pending-messages must be at least 1, not {cfg.pending_messages}")
     except ValueError as e:
         print(f"splitring agent: {e}", file=sys.stderr)
         return 2
     agent = Agent(cfg.ring, state, data, cfg.listen or address, cfg.port, None if cfg.no_mdns else address,
                   address, cfg.join, cfg.threads, budget, cfg.compute_slowdown, key, tls, cfg.busy_poll,
-                  cfg.allow_model, cfg.role)
+                  cfg.allow_model, cfg.role, cfg.pending_messages)
 
     def ready(a):
         print(f"splitring agent {a.peer_id} ring={a.ring} listening on {a.url} data={data.name} "

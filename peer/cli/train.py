@@ -142,7 +142,9 @@ def show(events, args, command: str, seen: dict):
             if bar:
                 bar.close()
             if kind == "failed":
-                print(f"splitring {command}: job failed: {ev['error']}", file=sys.stderr)
+                print(f"splitring {command}: job failed: {ev['error']}"
+                      + (f"\nits last commit is kept: resume it with `splitring train --resume {ev['job']}`"
+                         if ev.get("resumable") else ""), file=sys.stderr)
                 return 1
             print(f"splitring {command}: job {ev['job']} stopped ({ev['reason']})"
                   + (f"; resume it with `splitring train --resume {ev['job']}`" if ev.get("resumable") else ""),

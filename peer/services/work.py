@@ -7,8 +7,6 @@ import asyncio
 import json
 import logging
 import math
-import os
-import signal
 import time
 
 import aiohttp
@@ -16,6 +14,7 @@ import torch
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
+from peer import faults
 from peer.limits import JOB_LIMITS
 from peer.service import Service, serves
 from peer.state import JOB_ID, StaleJournal, journal_problem, prune, write_atomic
@@ -30,10 +29,6 @@ from pipeline.profiling import measure, microbatch_rows, optimizer_state_ratio
 from protocols import ProtocolError
 
 log = logging.getLogger("splitring.work")
-# Test hook: "POINT:N" makes this agent SIGKILL itself at the N-th time it reaches POINT (swap_receive: with a
-# layer transfer read but not kept; commit: with its checkpoint written but not replicated or acknowledged), so
-# that tests can kill a peer at an exact moment of a swap. Unset in normal use.
-KILL_AT = os.environ.get("SPLITRING_TEST_KILL_AT", "")
 PARALLEL_MESSAGES = ("act", "grad")   # the client/helper schemes' data-plane messages; the others are N-split's
 
 
@@ -43,12 +38,12 @@ class WorkService(Service):
         self.jobs: dict[str, JobRuntime] = {}
         self.held: dict[str, dict] = {}   # jobs whose coordinator fell silent: their state waits on disk for resume
         self.peak_memory = 0  # over every job this agent ran
+        self.peak_unread = 0  # most data-plane messages of one job and kind that waited unread, over every job
         self.m_peak = Gauge("splitring_stage_memory_peak_bytes", "most memory a stage of this agent has held",
                             registry=node.registry)
         self.m_held = Counter("splitring_jobs_held", "jobs this agent stopped working on because their "
                               "coordinator fell silent", registry=node.registry)
         self.watcher: asyncio.Task | None = None
-        self.reached: dict[str, int] = {}   # see KILL_AT
 
     def other_routes(self):
         return [web.get("/job/{job}/params", self.params), web.get("/job/{job}/part", self.part)]
@@ -69,17 +64,11 @@ class WorkService(Service):
 
     def status(self) -> dict:
         return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
+                "peak_unread_messages": max([self.peak_unread] + [rt.mailbox.peak_unread for rt in self.jobs.values()]),
                 "stages": [rt.status() for rt in self.jobs.values()], "held": list(self.held.values())}
 
     async def start(self):
         self.watcher = asyncio.create_task(self.watch())
-
-    def reach(self, point: str) -> None:
-        """The KILL_AT test hook."""
-        self.reached[point] = self.reached.get(point, 0) + 1
-        if KILL_AT == f"{point}:{self.reached[point]}":
-            log.warning("test hook: killed at %s", KILL_AT)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     async def watch(self, every: float = 0.5) -> None:
         """Stop working on a job whose coordinator has not been heard from for the job's peer_timeout (a
@@ -137,11 +126,11 @@ class WorkService(Service):
         if data.dtype != torch.uint8 or data.dim() != 1:
             raise ProtocolError("malformed", "a replica is the checkpoint file's bytes, a 1-D uint8 tensor")
         try:
-            await asyncio.to_thread(self.node.state.save_replica, msg["job"], msg["owner"], msg["version"],
-                                    msg["attempt"], data.numpy().tobytes(), msg["checksum"])
+            digest = await asyncio.to_thread(self.node.state.save_replica, msg["job"], msg["owner"], msg["version"],
+                                             msg["attempt"], data.numpy().tobytes(), msg["checksum"])
         except ValueError as e:
             raise ProtocolError("malformed", str(e)) from None
-        return {"checksum": msg["checksum"]}
+        return {"checksum": digest}
 
     def coordinator_of(self, job: str) -> dict | None:
         """The coordinator ({"peer", "url"}) of a job this peer works on, if it is another peer."""
@@ -187,10 +176,11 @@ class WorkService(Service):
         if cfg.scheme in PARALLEL_SCHEMES:
             self.jobs[msg["job"]] = ParallelRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
                                                     node.data, node.links, node.compute_call, node.state,
-                                                    node.memory_budget, sizes)
+                                                    node.memory_budget, sizes, node.pending_messages)
         else:
             rt = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"], node.data, node.links,
-                            node.client(), node.compute_call, node.state, node.memory_budget, sizes, attempt)
+                            node.client(), node.compute_call, node.state, node.memory_budget, sizes, attempt,
+                            node.pending_messages)
             restored = None
             if "restore" in msg:
                 r = msg["restore"]
@@ -241,7 +231,7 @@ class WorkService(Service):
         reply = await self.node.compute_call(rt.commit, msg["rotation"], msg["version"], msg["epoch"], msg["chain"],
                                              msg["ranges"], msg["head_samples"], msg["head_test_samples"],
                                              msg.get("backward_at", []))
-        self.reach("commit")
+        faults.reach("commit")
         await rt.replicate(reply["checksum"])
         return reply
 
@@ -346,10 +336,12 @@ class WorkService(Service):
     @serves("swap_receive")
     async def swap_receive(self, msg, request):
         rt = self.runtime(msg["job"], JobRuntime)
-        self.reach("swap_receive")
+        fault = faults.reach("swap_receive")
+        if fault == "corrupt":
+            faults.corrupt(msg["layers"])
         digest = await self.node.compute_call(rt.receive_layers, msg["rotation"], msg["attempt"], msg["layers"],
                                               msg["checksum"])
-        return {"checksum": digest}
+        return {"checksum": "0" * 64 if fault == "lie" else digest}
 
     @serves("abort")
     async def abort(self, msg, request):
@@ -364,6 +356,7 @@ class WorkService(Service):
         rt = self.jobs.pop(msg["job"], None)
         if rt:
             self.peak_memory = max(self.peak_memory, rt.peak_memory)
+            self.peak_unread = max(self.peak_unread, rt.mailbox.peak_unread)
             self.m_peak.set(self.peak_memory)
         return {"ended": rt is not None}
 

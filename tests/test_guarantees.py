@@ -1,0 +1,158 @@
+"""Guarantees that each have a test failing without them (scripts/mutants.py breaks each on purpose): layer
+state verified on both ends of a swap, signed bodies, data-plane messages delivered at most once, a commit
+that refuses a stage over budget or missing a layer, and a receiver that stops reading from a neighbour its
+stage cannot keep up with. Real agents on loopback; faults injected with peer.faults."""
+import json
+import time
+import urllib.request
+
+import pytest
+
+from conftest import http_post, load_out, max_diff, summary_of
+from peer.localring import train_cli
+from pipeline import reference
+from pipeline.config import JobConfig
+from pipeline.models import build_model, spec_hash
+from protocols.auth import sign_request
+from test_recovery import JOB, expected, shards  # noqa: F401  (shards: a fixture)
+
+SECRET = "the ring's secret"
+
+
+def rejected(url: str) -> dict[str, float]:
+    """This agent's refused messages by code, from /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        lines = r.read().decode().splitlines()
+    return {line.split('code="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in lines if line.startswith("splitring_rejected_total{")}
+
+
+def resume_command(stderr: str) -> str:
+    return stderr.split("splitring train --resume ")[1].split("`")[0]
+
+
+# --- a swap's layer state is verified by its receiver and by its sender ----------------------------------------
+
+def test_layer_state_corrupted_in_transit_is_refused_by_its_receiver_and_the_job_resumes_exact(
+        start_ring, shards, tmp_path):
+    sets, paths = shards
+    ring = start_ring([["--data", p] for p in paths], env={1: {"SPLITRING_TEST_FAULT": "corrupt:swap_receive:1"}})
+    coordinator = ring.agents[0]
+    failed = train_cli(coordinator.url, *JOB)
+    assert failed.returncode == 1, failed.stderr
+    assert "layer state does not match its checksum" in failed.stderr and ring.agents[1].peer_id in failed.stderr
+    assert all(a.status()["stages"] == [] for a in ring.agents)   # nothing of the corrupted swap was kept
+    out = tmp_path / "model.pt"
+    summary = summary_of(train_cli(coordinator.url, "--resume", resume_command(failed.stderr), "--out", str(out)))
+    assert summary["attempts"] == 2
+    assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
+
+
+def test_a_receiver_whose_copy_is_not_what_was_sent_is_refused_by_the_sender(start_ring, shards):
+    """The receiver answers with the checksum of what it got (here, a different one): the sender compares."""
+    sets, paths = shards
+    ring = start_ring([["--data", p] for p in paths], env={1: {"SPLITRING_TEST_FAULT": "lie:swap_receive:1"}})
+    failed = train_cli(ring.agents[0].url, *JOB)
+    assert failed.returncode == 1, failed.stderr
+    assert f"layer transfer to {ring.agents[1].peer_id} failed verification" in failed.stderr, failed.stderr
+    assert all(a.status()["stages"] == [] for a in ring.agents)
+
+
+# --- a signed request's body is what was signed ------------------------------------------------------------------
+
+def test_a_signed_request_whose_body_was_changed_is_refused(start_ring):
+    ring = start_ring([["--data", "digits"]], secret=SECRET)
+    url, key = ring.urls[0], ring.key
+    signed = json.dumps({"v": 1, "type": "job_abort", "job": "x", "reason": "signed"}).encode()
+    changed = json.dumps({"v": 1, "type": "job_abort", "job": "y", "reason": "changed"}).encode()
+    json_type = {"Content-Type": "application/json"}
+    headers = {**sign_request(key, "POST", "/job/abort", signed, time.time()), **json_type}
+    status, body = http_post(url + "/job/abort", changed, headers)
+    assert status == 401 and body["error"] == "unauthenticated" and "body" in body["message"], body
+    headers = {**sign_request(key, "POST", "/job/abort", signed, time.time()), **json_type}
+    assert http_post(url + "/job/abort", signed, headers) == (200, {"aborted": False})   # as signed: served
+
+
+# --- a data-plane message is delivered at most once -------------------------------------------------------------
+
+def test_duplicated_and_replayed_data_plane_messages_are_refused_and_the_model_is_exact(start_ring, shards, tmp_path):
+    """Agent 0 sends its 3rd fwd message twice in a row, and its 2nd bwd message again just before its 3rd
+    (by then consumed); each copy is refused and the job ends as plain PyTorch says."""
+    sets, paths = shards
+    ring = start_ring([["--data", p] for p in paths],
+                      env={0: {"SPLITRING_TEST_FAULT": "dup:send_fwd:3,replay:send_bwd:2"}})
+    out = tmp_path / "model.pt"
+    summary = summary_of(train_cli(ring.agents[1].url, *JOB, "--out", str(out)))
+    assert summary["attempts"] == 1
+    assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
+    refused = [rejected(a.url) for a in ring.agents[1:]]
+    assert sum(r.get("duplicate", 0) for r in refused) == 2, refused
+    assert all(set(r) <= {"duplicate"} for r in refused), refused
+
+
+# --- a commit holds exactly the planned layers, within the budget -----------------------------------------------
+
+def prepare(url: str, peer: str, cfg: JobConfig, job: str) -> None:
+    msg = {"v": 1, "type": "job_prepare", "job": job, "config": cfg.to_dict(), "ring": [{"peer": peer, "url": url}],
+           "coordinator": peer, "spec_hash": spec_hash(cfg.model)}
+    status, body = http_post(url + "/job/prepare", json.dumps(msg).encode(), {"Content-Type": "application/json"})
+    assert status == 200, body
+
+
+def commit(url: str, peer: str, job: str, rotation: int, layers: list[int]) -> tuple[int, dict]:
+    msg = {"v": 1, "type": "job_commit", "job": job, "rotation": rotation, "version": rotation, "epoch": 0,
+           "chain": [peer], "ranges": {peer: layers}, "head_samples": 10, "head_test_samples": 10}
+    return http_post(url + "/job/commit", json.dumps(msg).encode(), {"Content-Type": "application/json"})
+
+
+def test_a_commit_over_the_memory_budget_is_refused_naming_the_shortfall(start_ring):
+    cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 512})
+    ring = start_ring([["--data", "digits", "--memory-budget", "400KiB"]])
+    agent = ring.agents[0]
+    prepare(agent.url, agent.peer_id, cfg, "b0d9e7000001")
+    whole = len(list(build_model(cfg.model, 0)))
+    status, body = commit(agent.url, agent.peer_id, "b0d9e7000001", 0, [0, whole])
+    assert status == 409 and "over its memory budget of 409600" in body["message"], body
+    assert "would hold" in body["message"]
+    assert commit(agent.url, agent.peer_id, "b0d9e7000001", 1, [0, 1])[0] == 200   # one layer fits
+
+
+def test_a_commit_missing_a_layer_is_refused_naming_it(start_ring):
+    cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 32})
+    ring = start_ring([["--data", "digits"]])
+    agent = ring.agents[0]
+    prepare(agent.url, agent.peer_id, cfg, "b0d9e7000002")
+    assert commit(agent.url, agent.peer_id, "b0d9e7000002", 0, [0, 2])[0] == 200
+    status, body = commit(agent.url, agent.peer_id, "b0d9e7000002", 1, [0, 3])   # layer 2: no transfer came
+    assert status == 409 and "layers [2] never arrived" in body["message"], body
+
+
+# --- a receiver whose stage falls behind stops reading --------------------------------------------------------
+
+def test_a_receiver_that_falls_behind_stops_reading_and_the_model_is_exact(start_ring, shards, tmp_path):
+    """GPipe sends a step's 8 forwards before its first backward; agent 1 computes 30x slower and lets 2
+    messages of a kind wait unread: when it is the tail, agent 0 runs ahead until its messages wait 2 deep,
+    then agent 1 stops reading them until its stage takes one. Nothing is refused or lost."""
+    sets, paths = shards
+    ring = start_ring([["--data", paths[0], "--pending-messages", "2"],
+                       ["--data", paths[1], "--pending-messages", "2", "--compute-slowdown", "30"]])
+    out = tmp_path / "model.pt"
+    args = ["--epochs", "1", "--batch-size", "32", "--seed", "5", "--split", "even", "--scheme", "fast",
+            "--microbatches", "8", "--pipeline", "gpipe"]
+    summary = summary_of(train_cli(ring.agents[0].url, *args, "--out", str(out)))
+    assert summary["attempts"] == 1
+    cfg = JobConfig(epochs=1, batch_size=32, seed=5, microbatches=8)
+    want = reference.train(cfg, [sets[ring.agents.index(a)] for a in ring.ring_order()]).state_dict()
+    assert max_diff(load_out(out), want) <= 1e-5
+    assert ring.agents[1].status()["peak_unread_messages"] == 2   # backpressure held it at the limit
+    assert all(rejected(a.url) == {} for a in ring.agents)
+
+
+@pytest.mark.parametrize("bad", ["0", "x"])
+def test_pending_messages_below_one_is_refused_at_start(bad, tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "peer", "agent", "--pending-messages", bad, "--no-mdns",
+                           "--interface", "127.0.0.1", "--state-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "pending-messages" in proc.stderr, proc.stderr
