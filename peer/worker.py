@@ -220,52 +220,63 @@ class JobRuntime:
         ahead."""
         stage = roles.stage(program)
 
-        last = [None]   # the request before this one
+        def account():
+            """Peak accounting, for /status and tests, and the budget's enforcement: after every change of
+            what this peer's stages hold (Stage.on_change: each state between two actions, not only those
+            at a receive or send), all of them together. The planner refused a split whose predicted memory
+            (pipeline.planner.model, an upper bound of this) exceeds the budget, so going over is a bug."""
+            own = self.stage.memory_bytes(gradients=self.position not in roles.remote)
+            used = own + sum(st.memory_bytes() for st in self.backward_roles.values())
+            self.peak_memory = max(self.peak_memory, used)
+            if used > self.memory_budget:
+                raise JobError(f"peer {self.me} holds {used} bytes during the pass (rotation {self.rotation}, "
+                               f"stage {stage}), over its memory budget of {self.memory_budget} by "
+                               f"{used - self.memory_budget}: the job stops before the kernel runs out of memory")
 
         def advance(value):
             try:
-                out = False, gen.send(value)
+                return False, gen.send(value)
             except StopIteration:
                 return True, None
-            if self.memory_budget is not None and not (isinstance(out[1], Recv) and isinstance(last[0], Send)):
-                # peak accounting, for /status and tests (nothing is computed between a Send and a Recv)
-                own = self.stage.memory_bytes(gradients=self.position not in roles.remote)
-                hosted = sum(st.memory_bytes() for st in self.backward_roles.values())
-                self.peak_memory = max(self.peak_memory, own + hosted)
-            last[0] = out[1]
-            return out
 
-        done, req = await self._compute(advance, None)
-        while not done:
-            value = None
-            if isinstance(req, Recv):
-                key = MessageKey(self.rotation, mode, req.step, box_of(req.kind, stage), req.mb)
-                while req.slack and not self.mailbox.ready(key) and await self._compute(owner.work_ahead):
-                    pass
-                try:
-                    value = await self.mailbox.get(key, self.cfg.recv_timeout)
-                except TimeoutError:
-                    silent = self.chain[roles.host(roles.sender(program, req.kind))]
-                    raise TimeoutError(f"peer {silent} sent nothing for {self.cfg.recv_timeout:.0f} s (peer {self.me} "
-                                       f"waited for its {req.kind} of step {req.step}, microbatch {req.mb})") from None
-            elif isinstance(req, StepDone):
-                await on_step(req.step, req.result)
-            else:
-                assert isinstance(req, Send)
-                to = roles.to(program, req.kind)
-                dest = self.chain[roles.host(to)]
-                if dest == self.me:   # to another program of this peer (a backward role hosted here)
-                    key = MessageKey(self.rotation, mode, req.step, box_of(req.kind, roles.stage(to)), req.mb)
-                    await self.mailbox.room(key.box)
-                    self.mailbox.deliver(key, req.payload)
+        if self.memory_budget is not None:
+            owner.on_change = account
+            await self._compute(account)   # what the stage holds as the pass starts
+        try:
+            done, req = await self._compute(advance, None)
+            while not done:
+                value = None
+                if isinstance(req, Recv):
+                    key = MessageKey(self.rotation, mode, req.step, box_of(req.kind, stage), req.mb)
+                    while req.slack and not self.mailbox.ready(key) and await self._compute(owner.work_ahead):
+                        pass
+                    try:
+                        value = await self.mailbox.get(key, self.cfg.recv_timeout)
+                    except TimeoutError:
+                        silent = self.chain[roles.host(roles.sender(program, req.kind))]
+                        raise TimeoutError(f"peer {silent} sent nothing for {self.cfg.recv_timeout:.0f} s (peer "
+                                           f"{self.me} waited for its {req.kind} of step {req.step}, microbatch "
+                                           f"{req.mb})") from None
+                elif isinstance(req, StepDone):
+                    await on_step(req.step, req.result)
                 else:
-                    msg = message(req.kind, job=self.job, rotation=self.rotation, attempt=self.attempt, step=req.step,
-                                  stage=roles.stage(to), **req.payload,
-                                  **({} if req.kind in ("weights", "lend", "return") else {"mb": req.mb}))
-                    if req.kind == "fwd":
-                        msg["mode"] = mode
-                    await self.links.send(self.urls[dest], msg, wire_policy(self.cfg))
-            done, req = await self._compute(advance, value)
+                    assert isinstance(req, Send)
+                    to = roles.to(program, req.kind)
+                    dest = self.chain[roles.host(to)]
+                    if dest == self.me:   # to another program of this peer (a backward role hosted here)
+                        key = MessageKey(self.rotation, mode, req.step, box_of(req.kind, roles.stage(to)), req.mb)
+                        await self.mailbox.room(key.box)
+                        self.mailbox.deliver(key, req.payload)
+                    else:
+                        msg = message(req.kind, job=self.job, rotation=self.rotation, attempt=self.attempt,
+                                      step=req.step, stage=roles.stage(to), **req.payload,
+                                      **({} if req.kind in ("weights", "lend", "return") else {"mb": req.mb}))
+                        if req.kind == "fwd":
+                            msg["mode"] = mode
+                        await self.links.send(self.urls[dest], msg, wire_policy(self.cfg))
+                done, req = await self._compute(advance, value)
+        finally:
+            owner.on_change = None
 
     def _head_batches(self, mode: str):
         if mode == "train":

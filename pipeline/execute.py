@@ -152,7 +152,8 @@ def run_backward_role(stage: Stage, program: list[S.Action], max_staleness: int)
     version), backpropagates, steps the optimizer after each step and sends the new weights to the
     forward role, predicted max_staleness steps ahead along SGD's momentum (`Stage.snapshot`); returns
     the layers' state at the end of the pass."""
-    versions: dict[int, dict] = {}   # weights after v steps of this pass
+    versions = stage.versions   # weights after v steps of this pass (counted in stage.memory_bytes)
+    versions.clear()
     inbox: dict[tuple, dict] = {}
     outbox: dict[tuple, dict] = {}
     results: dict[int, StepResult] = {}
@@ -161,6 +162,7 @@ def run_backward_role(stage: Stage, program: list[S.Action], max_staleness: int)
         if k == S.RECV_L:
             stage.install((yield Recv("lend", s, 0))["layers"])
             versions[0] = stage.snapshot()
+            stage.notify()
         elif k in (S.RECV_I, S.RECV_B):
             kind = S.MESSAGE[k]
             inbox[kind, s, m] = yield Recv(kind, s, m)
@@ -177,10 +179,12 @@ def run_backward_role(stage: Stage, program: list[S.Action], max_staleness: int)
             versions[s + 1] = stage.snapshot(ahead=max_staleness)
             for old in [v for v in versions if v < S.forward_version(s + 1, max_staleness)]:
                 del versions[old]
+            stage.notify()
             yield StepDone(s, results.pop(s, StepResult()))
         elif k == S.SEND_W:
             yield Send("weights", s, 0, {"weights": versions[s + 1]})
         elif k == S.SEND_R:
             yield Send("return", s, 0, {"layers": stage.export()})
+            versions.clear()
         else:
             raise ValueError(f"unknown action {action} for a backward role")

@@ -68,12 +68,34 @@ def make_step_input(ds: Dataset, idx, microbatches: int) -> StepInput:
     return StepInput(parts)
 
 
+def watch_memory(peaks: list[int], stages: list[Stage], hosted: list[Stage], roles: S.Roles) -> None:
+    """Account memory as the agents do (peer.worker): after every change of a stage (Stage.on_change),
+    peaks[j] becomes at least what the peer at chain position j holds, its own stage (without gradients
+    where its backward runs elsewhere) and the backward roles it hosts together."""
+    n = len(stages)
+
+    def account(j: int):
+        mine = [hosted[p - n] for p in range(n, roles.programs) if roles.host(p) == j]
+
+        def update():
+            used = stages[j].memory_bytes(gradients=j not in roles.remote) + sum(st.memory_bytes() for st in mine)
+            peaks[j] = max(peaks[j], used)
+        return update
+
+    for j, st in enumerate(stages):
+        st.on_change = account(j)
+        st.on_change()
+    for p, st in zip(range(n, roles.programs), hosted):
+        st.on_change = account(roles.host(p))
+
+
 def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]],
-          on_step=None, work_ahead: bool = False) -> dict:
+          on_step=None, work_ahead: bool = False, peaks: list[int] | None = None) -> dict:
     """Train like a ring of len(shards) peers with the given per-chain-position layer ranges
     (the same for every rotation). on_step(results), if given, gets each step's results, one per
     stage. work_ahead: stages do deferred work whenever they wait (Stage.work_ahead), which must not
-    change the result. Returns the final full state dict (as build_model's)."""
+    change the result. peaks, a list of one int per chain position: the most memory each held at once
+    (watch_memory). Returns the final full state dict (as build_model's)."""
     n = len(shards)
     stages = [Stage.build(cfg, a, b) for a, b in ranges]
     roles = S.Roles(n, cfg.remote_backward())
@@ -96,6 +118,8 @@ def train(cfg: JobConfig, shards: list[Dataset], ranges: list[tuple[int, int]],
                                     sizes, inputs if j == 0 else None) for j, st in enumerate(stages)]
                 hosted = []
             owner = stages + hosted   # the Stage each generator runs on
+            if peaks is not None:
+                watch_memory(peaks, stages, hosted, roles)
             per_stage = drive(gens, roles, (lambda i: owner[i].work_ahead()) if work_ahead else None)
             if on_step:
                 for step_results in zip(*per_stage):

@@ -302,6 +302,28 @@ def in_flight(program: list[Action]) -> int:
     return peak
 
 
+def held(program: list[Action], deferred: bool = True) -> list[tuple[int, int, int]]:
+    """What a stage holds after each action of its program, in microbatches (pipeline.stage): (forward
+    buffers, microbatches whose backward is done and whose deferred weight-gradient pairs wait for the
+    step (`deferred`: the pipelined schemes defer them, pipeline.wgrad), weight copies of stale forwards:
+    one per optimizer version that a forward in flight ran on, a forward being stale when a step comes
+    before its backward). The planner's memory model (pipeline.planner.model) takes its worst case."""
+    stale = {key: lag > 0 for key, lag in lags(program).items()}
+    version, buffers, pending, out = 0, {}, 0, []
+    for a in program:
+        if a.kind == F:
+            buffers[a.step, a.mb] = version if stale[a.step, a.mb] else None
+        elif a.kind == B:
+            del buffers[a.step, a.mb]
+            pending += deferred
+        elif a.kind == STEP:
+            version, pending = version + 1, 0
+        else:
+            continue
+        out.append((len(buffers), pending, len({v for v in buffers.values() if v is not None})))
+    return out
+
+
 def chain_order(ring: list[str], rotation: int) -> list[str]:
     """The chain of a rotation: ring order starting at peer (rotation mod N)."""
     k = rotation % len(ring)

@@ -14,7 +14,7 @@ steps old a microbatch's weights are.
 from __future__ import annotations
 
 import hashlib
-from typing import Hashable
+from typing import Callable, Hashable
 
 import torch
 from torch import nn
@@ -42,10 +42,18 @@ class Stage:
         # key -> (input, output, version, forward weights used, direct.Tape or None for autograd's graph)
         self.buffers: dict[Hashable, tuple] = {}
         self.forward_weights: dict[int, dict[str, torch.Tensor]] = {}   # copies for stale forwards, this version
+        # a remote backward role's weights per version, layer, name (execute.run_backward_role), until unused
+        self.versions: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
         self.version = 0
         self._held: tuple[int, int] | None = None   # (parameter, optimizer state) bytes, until they change
         self._ops: list | None = None   # direct.ops_of the layers ([]: not such a stage), until they change
         self.autograd_only = False      # True: never pipeline.direct (tests compare the two)
+        # storage -> tensor: the inputs of forwards that need no input gradient (the head's data, see
+        # memory_bytes), until the step after which no buffer or deferred pair holds them
+        self._data: dict[int, torch.Tensor] = {}
+        # called after every change of what the stage holds (forward, backward, step, layers added): a pass's
+        # memory accounting (peer.worker), which sees every state between two actions of a program
+        self.on_change: Callable[[], None] | None = None
         for i, module in layers.items():
             self.add(i, module)
 
@@ -65,6 +73,7 @@ class Stage:
         self.optimizers[index] = opt
         self.layers = dict(sorted(self.layers.items()))
         self._held = self._ops = None
+        self.notify()
 
     def remove(self, index: int) -> None:
         del self.layers[index], self.optimizers[index]
@@ -79,6 +88,11 @@ class Stage:
     def contiguous(self) -> bool:
         keys = list(self.layers)
         return keys == list(range(keys[0], keys[-1] + 1)) if keys else True
+
+    def notify(self) -> None:
+        """Tell the memory accounting (on_change), if any, that what the stage holds changed."""
+        if self.on_change is not None:
+            self.on_change()
 
     # compute ---------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, weights: dict[int, dict] | None = None) -> torch.Tensor:
@@ -126,6 +140,9 @@ class Stage:
         """The forward buffer: input, output (or scaled loss), version, the weight copies it ran on, and
         direct's tape (None: autograd's graph hangs on the output)."""
         self.buffers[key] = (x, y, self.version, weights or {}, tape)
+        if not (x.requires_grad or tape and tape.input_grad):   # no input gradient: the head's data
+            self._data[x.untyped_storage().data_ptr()] = x
+        self.notify()
 
     def lag(self, key: Hashable) -> int:
         """How many optimizer steps this stage took since the microbatch's forward."""
@@ -152,7 +169,10 @@ class Stage:
         Returns the gradient of its input (None at the head)."""
         x, y, _, used, tape = self.buffers.pop(key)
         if tape is not None:   # at the last stage, y is the logits' gradient
-            return direct.backward(tape, y if grad is None else grad)
+            grad_in = direct.backward(tape, y if grad is None else grad)
+            del x, y, tape   # what the deferred pairs do not keep is freed before the accounting
+            self.notify()
+            return grad_in
         if grad is not None and grad.stride() != y.stride():   # received gradients are contiguous; see wgrad
             grad = torch.empty_like(y).copy_(grad)
         y.backward(grad)
@@ -162,12 +182,15 @@ class Stage:
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
         grad_in, x.grad = x.grad, None   # x itself may stay referenced (deferred weight gradients)
+        del x, y, used
+        self.notify()
         return grad_in
 
     def update(self, x: torch.Tensor, loss_fn) -> float:
         """One optimizer step on a loss of this stage's output (no buffer kept): loss_fn(output) -> scalar."""
         loss = loss_fn(self._run(x.detach()))
         loss.backward()
+        self.notify()
         self.step()
         return float(loss)
 
@@ -191,6 +214,9 @@ class Stage:
         self.forward_weights = {}   # new copies for the next forwards; graphs in flight keep theirs
         self.version += 1
         self._held = None   # an optimizer's state appears at its first step
+        inputs = {x.untyped_storage().data_ptr() for x, *_ in self.buffers.values()}
+        self._data = {p: x for p, x in self._data.items() if p in inputs}   # the flush freed the pairs
+        self.notify()
 
     def drop_optimizer_state(self) -> None:
         for opt in self.optimizers.values():
@@ -199,21 +225,29 @@ class Stage:
 
     def memory_bytes(self, gradients: bool = True) -> int:
         """Parameters, gradients (same size; not for a stage whose backward runs elsewhere), optimizer
-        state, the forward buffers and the weight copies of stale forwards held now (a copy lives while a
-        microbatch that ran on it is in flight)."""
+        state, the forward buffers (input, output, pipeline.direct's tape; not what autograd's graph keeps
+        in between), the deferred weight-gradient pairs (wgrad.Deferred), the weight copies of stale
+        forwards held now (a copy lives while a microbatch that ran on it is in flight) and a remote
+        backward role's weight versions: what pipeline.planner.model's memory model bounds. Each tensor
+        once, however many views of it are held. Not counted, as in that model: the head's input (its
+        data, also held by the head's batch until the step) and an optimizer's scalar state (Adam's step
+        count, 4 bytes per parameter tensor)."""
         if self._held is None:   # cached: this runs after every action of a pass
             self._held = (sum(p.numel() * p.element_size() for m in self.layers.values() for p in m.parameters()),
                           sum(v.numel() * v.element_size() for o in self.optimizers.values()
-                              for s in o.state.values() for v in s.values() if torch.is_tensor(v)))
+                              for s in o.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()))
         params, state = self._held
+        pairs = (t for d in self.deferred.values() for kept in d.pending.values() for pair in kept for t in pair)
         held = {(t.data_ptr(), t.numel()): t for x, y, _, _, tape in self.buffers.values()   # views once
                 for t in (x, y, *(tape.saved if tape else ()))}
-        buffers = sum(t.numel() * t.element_size() for t in held.values())
-        copies = {id(w): w for used in [self.forward_weights, *(kept[3] for kept in self.buffers.values())]
-                  for w in used.values()}
+        held.update({(t.data_ptr(), t.numel()): t for t in pairs})
+        data = self._data
+        buffers = sum(t.numel() * t.element_size() for t in held.values()
+                      if not data or t.untyped_storage().data_ptr() not in data)
+        copies = {id(w): w for used in [self.forward_weights, *(kept[3] for kept in self.buffers.values()),
+                                        *self.versions.values()] for w in used.values()}
         buffers += sum(t.numel() * t.element_size() for w in copies.values() for t in w.values())
-        deferred = sum(d.memory_bytes() for d in self.deferred.values())
-        return (2 if gradients else 1) * params + state + buffers + deferred
+        return (2 if gradients else 1) * params + state + buffers
 
     def weights(self) -> dict[int, dict[str, torch.Tensor]]:
         """{layer: its state dict}, detached (what a coordinator collects at the end of a job)."""

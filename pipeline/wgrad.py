@@ -136,9 +136,8 @@ class Deferred:
             if bias is not None:
                 total.add_(bias)
 
-    def memory_bytes(self) -> int:
-        """What the pending pairs hold (the sums are the parameters' gradients)."""
-        return sum(t.numel() * t.element_size() for pairs in self.pending.values() for pair in pairs for t in pair)
+    # What the pending pairs hold is counted by Stage.memory_bytes (each tensor once: a pair's input is a
+    # view of what the forward buffer held); the sums are the parameters' gradients.
 
 
 GROUP_ROWS = 128   # a weight-gradient GEMM over fewer rows is slower per row (measured: 32 rows, ~12%)

@@ -172,7 +172,8 @@ def test_the_coordinator_carries_out_a_jobs_plan():
 def test_a_failing_peer_is_reported_with_its_cause_and_every_stage_aborted():
     ring = FakeRing({"a": 64, "b": 64}, fail={"b": "ValueError: boom"})
     events = run(coordinator(ring, JobConfig(split="even"), {}))
-    assert events[-1] == {"event": "failed", "job": events[0]["job"], "error": "peer b: ValueError: boom"}
+    assert events[-1] == {"event": "failed", "job": events[0]["job"], "error": "peer b: ValueError: boom",
+                          "resumable": True}   # its journal began before the failure
     assert {p for p, name in ring.calls if name == "abort"} == {"a", "b"}
 
 
@@ -215,5 +216,6 @@ def test_a_ring_with_a_duplicate_id_is_refused_before_anything_starts():
     coord.view.conflicts = ["duplicate peer id b: used by two live agents, at u1 and u2"]
     events = run(coord)
     assert events[1:] == [{"event": "failed", "job": coord.job, "error": "two live agents share a peer id, so the ring "
-                       "cannot tell their data apart: duplicate peer id b: used by two live agents, at u1 and u2"}]
+                       "cannot tell their data apart: duplicate peer id b: used by two live agents, at u1 and u2",
+                           "resumable": False}]   # it failed before its journal began
     assert all(name == "abort" for _, name in ring.calls)

@@ -26,13 +26,20 @@ ROOT = Path(__file__).resolve().parent.parent
 STALENESS = 2   # max_staleness of fast-async plans here
 
 
+def async_held(j, n, m):
+    """fast-async at position j: (buffers, pairs, copies) at the worst point of a long pass (schedule.held)."""
+    from pipeline import schedule as S
+    points = S.held(S.asynchronous(j, n, [m] * 40, STALENESS))
+    return max(b + p for b, p, _ in points) - m, m, max(c for _, _, c in points)
+
+
 def reference(devices, layers, ranges, scheme, m):
     """(step seconds, bytes per stage) straight from the model's definition."""
-    kept = 1 if scheme == "nsplit" else m
     one_pass, busy, memory = 0.0, [], []
     for j, (d, (a, b)) in enumerate(zip(devices, ranges)):
-        lag = min(STALENESS, math.ceil((len(devices) - 1 - j) / m)) if scheme == "fast-async" else 0
-        copies = lag + 1 if lag else 0   # weight copies of stale forwards
+        # forward buffers, microbatches of weight-gradient pairs, weight copies of stale forwards
+        buffers, pairs, copies = async_held(j, len(devices), m) if scheme == "fast-async" else \
+            {"nsplit": (1, 0, 0), "fast": (0, m, 0)}[scheme]
         if a == b:
             memory.append(0)
             continue
@@ -45,8 +52,12 @@ def reference(devices, layers, ranges, scheme, m):
             wire = layers[b - 1].activation_bytes / d.bandwidth
             one_pass += 2 * (d.latency + wire)
             busy.append(wire)
-        acts = sum(l.activation_bytes for l in layers[a:b]) + (layers[a - 1].activation_bytes if a else 0)
-        memory.append(sum((2 + copies) * l.param_bytes + l.optim_bytes for l in layers[a:b]) + kept * acts)
+        inp = layers[a - 1].activation_bytes if a else 0
+        outs = [l.activation_bytes for l in layers[a:b]]
+        buffer = inp + sum(outs)                       # a forward buffer: input and every layer's output
+        pair = inp + sum(outs[:-1]) + sum(outs)        # weight-gradient pairs: each Linear's input and output gradient
+        memory.append(sum((2 + copies) * l.param_bytes + l.optim_bytes for l in layers[a:b])
+                      + buffers * buffer + pairs * pair)
     step = m * one_pass if scheme == "nsplit" else one_pass + (m - 1) * max(busy)
     return step, memory
 
@@ -294,13 +305,14 @@ def test_a_remote_backward_moves_the_backward_and_the_memory_to_its_host():
     even = [(0, 2), (2, 4), (4, 6)]
     devices = [Device("a"), Device("b", memory_budget=650), Device("c")]
     alone = evaluate(devices, layers, even, "fast-async", 4, 1)
-    assert not alone.stages[1].fits   # params, grads, 2 stashed copies, optimizer state; 4 microbatches' activations
-    assert alone.stages[1].memory_bytes == 2 * ((2 + 2) * 100 + 100) + 4 * (10 + 20)
+    assert not alone.stages[1].fits   # params, grads, 1 stashed copy, optimizer state; 4 microbatches' weight-
+    # gradient pairs (input 10, outputs 20 and their gradients 20 but the last output's) and 1 forward buffer (10 + 20)
+    assert alone.stages[1].memory_bytes == 2 * ((2 + 1) * 100 + 100) + 4 * (10 + 20 + 10) + 1 * (10 + 20)
     moved = evaluate(devices, layers, even, "fast-async", 4, 1, remote={1: 2})
     owner, host = moved.stages[1], moved.stages[2]
     assert owner.fits and owner.memory_bytes == 200 + 2 * 200    # weights + K+1 versions sent back, unread
     assert owner.compute_s == 4 * 2 * 1.0                          # forwards only
-    extra = 2 * 200 + (1 + 2) * 200 + 2 * 4 * 10 + 4 * 30   # state, grads + 2 versions, (K+1)M inputs, activations
+    extra = 2 * 200 + (1 + 2) * 200 + 2 * 4 * 10 + 4 * 40   # state, grads + 2 versions, (K+1)M inputs, pairs
     assert host.memory_bytes == alone.stages[2].memory_bytes + extra
     assert host.compute_s == alone.stages[2].compute_s + 4 * 2 * (1.0 + 3.0)   # forward again + both
     assert moved.step_s > alone.step_s   # the host is now the bottleneck

@@ -39,8 +39,8 @@ def plan_chain(devices: list[Device], layers: list[LayerCost], scheme: str, micr
 
 def over_budget(p: Plan) -> str:
     """The stages of a plan that do not fit, as an error message names them."""
-    return "; ".join(f"{s.peer} needs {format_bytes(s.memory_bytes)} of {format_bytes(s.memory_budget)}"
-                     for s in p.stages if not s.fits)
+    return "; ".join(f"{s.peer} needs {format_bytes(s.memory_bytes)} of {format_bytes(s.memory_budget)} "
+                     f"({s.memory_bytes - s.memory_budget} bytes short)" for s in p.stages if not s.fits)
 
 
 def too_big(param_bytes: list[int], optim_ratio: float, budgets: dict[str, int | None],

@@ -15,20 +15,39 @@ Schemes (`step_s` of a plan):
   With M = 1 both schemes agree.
 - "fast-async": timed as "fast" (it also saves the flush between steps, which the model ignores).
 
-Memory model, per stage [a, b): parameters + gradients (same bytes) + optimizer state of its layers,
-plus the activations it keeps for backward, per microbatch in flight: its input (layer a-1's output;
-the head's raw input is its data, not counted) and every layer's output. Microbatches in flight:
-1 for "nsplit", M for the pipelined schemes (all forwards before the first backward, the worst case).
-"fast-async" also keeps copies of a stage's parameters for its stale forwards: with a lag of at most
-L = min(max_staleness, ceil((stages-1-j) / M)) steps at chain position j (assuming batches of at least
-M samples), L + 1 copies, and none where L = 0.
+Memory model, per stage [a, b): what `pipeline.stage.Stage.memory_bytes` counts, at the worst point
+between two actions of the stage's program (an upper bound, reached by stages of Linear and ReLU layers):
+- parameters + gradients (same bytes) + optimizer state of its layers (the state from the first step on);
+- per forward buffer (a microbatch between its forward and its backward): its input (layer a-1's output;
+  the head's raw input is its data, not counted) and every layer's output: B = in + sum(out);
+- per microbatch whose backward is done and whose step is not (the pipelined schemes defer weight
+  gradients to the step, pipeline.wgrad): each Linear's (input, output gradient) pair, taken as its
+  layer's input and output: P = in + sum(out[a..b-2]) + sum(out[a..b-1]) = B + sum(out) - out[b-1]
+  (exact for a layer of one Linear and elementwise ops, as the built-in mlp's; more than a layer without
+  a Linear keeps; less than a layer of several Linears keeps);
+- per weight copy (fast-async's stale forwards run on a copy of the weights, kept while a microbatch that
+  ran on it is in flight, pipeline.stage): the parameters.
+How many buffers, pairs and copies a schedule holds at once: `held_microbatches`, the worst case over
+the points of its programs (`schedule.held`). "nsplit": 1 buffer, no pairs (no deferred gradients).
+"fast" (1F1B, GPipe and eager alike): M pairs, after the step's last backward and before its optimizer
+step (P >= B, so no other point holds more). "fast-async" (1F1B across steps): M pairs and the buffers of
+the next step's forwards that run before the step (at most stages-1-j at chain position j), and up to
+min(max_staleness, ceil((stages-1-j)/M)) + 1 copies.
+Not counted, by the model nor by Stage.memory_bytes: messages on their way (the data plane's mailbox, a
+received gradient before its backward, an input gradient before its send; but see remote_backward_costs),
+what lives only inside one action (a flush's concatenations, a recomputed forward), what autograd's graph
+keeps inside a layer besides its input and output (Linear/ReLU stages run pipeline.direct, whose tape is
+counted), and weight padding (wgrad.pad_rows).
 A stage whose backward runs on another peer (fast-async's remote backward) moves its backward time and
 most of its memory to that peer: `remote_backward_costs`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
+
+from pipeline import schedule as S
 from protocols.errors import SplitringError
 
 SCHEMES = ("nsplit", "fast", "fast-async")
@@ -162,23 +181,42 @@ def format_bytes(n: int | None) -> str:
     return f"{n} B" if unit == "B" else f"{value:.4g} {unit}"
 
 
-def microbatches_in_flight(scheme: str, microbatches: int) -> int:
-    """How many microbatches' activations a stage may hold at once (see the module docstring)."""
-    return 1 if scheme == "nsplit" else microbatches
+@functools.lru_cache(maxsize=4096)
+def held_microbatches(scheme: str, microbatches: int, position: int = 0, stages: int = 1,
+                      max_staleness: int = 0) -> tuple[int, int, int]:
+    """(forward buffers, microbatches of deferred weight-gradient pairs, weight copies) such that
+    buffers * B + pairs * P + copies * parameters bounds what the stage at a chain position holds after
+    any action of its program, whatever B <= P (see the module docstring): the worst case of
+    `schedule.held` over its programs ("fast": each pipeline; "fast-async": a pass of steps of M
+    microbatches long enough to repeat itself, which no shorter last step exceeds)."""
+    if scheme == "nsplit":
+        programs = [(S.nsplit(position, stages, microbatches), False)]
+    elif scheme == "fast":
+        programs = [(schedule(position, stages, microbatches), True) for schedule in S.PIPELINES.values()]
+    else:
+        steps = 2 * (max_staleness + 1) + -(-(stages - 1 - position) // microbatches) + 2
+        programs = [(S.asynchronous(position, stages, [microbatches] * steps, max_staleness), True)]
+    points = [p for program, deferred in programs for p in S.held(program, deferred)]
+    pairs = max(p[1] for p in points)
+    # a point (nb, np) holds nb * B + np * P <= (nb + np - pairs) * B + pairs * P when np <= pairs and B <= P
+    return max(0, max(p[0] + p[1] for p in points) - pairs), pairs, max(p[2] for p in points)
 
 
-def weight_copies(scheme: str, max_staleness: int, position: int, stages: int, microbatches: int) -> int:
-    """Extra copies of its parameters the stage at a chain position keeps (see the module docstring)."""
-    lag = min(max_staleness, -(-(stages - 1 - position) // microbatches)) if scheme == "fast-async" else 0
-    return lag + 1 if lag else 0
+def microbatch_bytes(layers: list[LayerCost], a: int, b: int) -> tuple[int, int]:
+    """(B, P) of a stage owning layers [a, b) (a < b): one forward buffer, and one microbatch's deferred
+    weight-gradient pairs (see the module docstring)."""
+    outputs = sum(l.activation_bytes for l in layers[a:b])
+    buffer = outputs + (layers[a - 1].activation_bytes if a > 0 else 0)
+    return buffer, buffer + outputs - layers[b - 1].activation_bytes
 
 
-def stage_memory(layers: list[LayerCost], a: int, b: int, in_flight: int, copies: int = 0) -> int:
-    """Bytes a stage owning layers [a, b) needs (see the module docstring)."""
+def stage_memory(layers: list[LayerCost], a: int, b: int, buffers: int, copies: int = 0, pending: int = 0) -> int:
+    """Bytes a stage owning layers [a, b) needs with this many forward buffers and microbatches of deferred
+    weight-gradient pairs held at once, and `copies` extra copies of its parameters (see the module docstring)."""
     if a == b:
         return 0
-    kept = sum(l.activation_bytes for l in layers[a:b]) + (layers[a - 1].activation_bytes if a > 0 else 0)
-    return sum((2 + copies) * l.param_bytes + l.optim_bytes for l in layers[a:b]) + in_flight * kept
+    buffer, pairs = microbatch_bytes(layers, a, b)
+    return sum((2 + copies) * l.param_bytes + l.optim_bytes for l in layers[a:b]) + buffers * buffer + pending * pairs
 
 
 def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[int, int]],
@@ -194,10 +232,11 @@ def evaluate(devices: list[Device], layers: list[LayerCost], ranges: list[tuple[
             or any(p[1] != q[0] for p, q in zip(ranges, ranges[1:]))):
         raise ValueError(f"not a chain split of {len(layers)} layers over {len(devices)} devices "
                          f"with a non-empty head: {ranges}")
-    m, k = microbatches, microbatches_in_flight(scheme, microbatches)
+    m, n = microbatches, len(devices)
     compute = [sum(d.layer_times(layers)[a:b], 0.0) for d, (a, b) in zip(devices, ranges)]
-    memory = [stage_memory(layers, a, b, k, weight_copies(scheme, max_staleness, j, len(devices), m))
-              for j, (a, b) in enumerate(ranges)]
+    held = [held_microbatches(scheme, m, j, n, max_staleness) for j in range(n)]
+    memory = [stage_memory(layers, a, b, buffers, copies, pairs)
+              for (buffers, pairs, copies), (a, b) in zip(held, ranges)]
     costs = {j: remote_backward_costs(devices[j], devices[h], layers, ranges[j], max_staleness, m)
              for j, h in (remote or {}).items()}
     for j, (own_s, own_bytes, _, _) in costs.items():   # owners first: a stage may be remote and a host
@@ -224,7 +263,8 @@ def remote_backward_costs(owner: Device, host: Device, layers: list[LayerCost], 
     backpropagates. The owner holds the weights, up to K+1 versions of them sent back and not yet used,
     and between passes the optimizer state. The host holds the weights and optimizer state, gradients,
     K+1 weight versions, the inputs of up to (K+1)M microbatches in flight and, as any pipelined stage,
-    M microbatches' activations (what the deferred weight gradients keep until the step)."""
+    M microbatches' deferred weight-gradient pairs (kept until the step; its recomputed forward's buffer
+    lives only inside the backward action)."""
     a, b = span
     if a == b:
         return 0.0, 0, 0.0, 0
@@ -234,7 +274,7 @@ def remote_backward_costs(owner: Device, host: Device, layers: list[LayerCost], 
     state = params + sum(l.optim_bytes for l in layers[a:b])
     owner = params + max(sum(l.optim_bytes for l in layers[a:b]), (max_staleness + 1) * params)
     inputs = (max_staleness + 1) * microbatches * (layers[a - 1].activation_bytes if a > 0 else 0)
-    kept = microbatches * sum(l.activation_bytes for l in layers[a - 1 if a > 0 else a:b])
+    kept = microbatches * microbatch_bytes(layers, a, b)[1]
     return forward, owner, host_s, state + (max_staleness + 2) * params + inputs + kept
 
 

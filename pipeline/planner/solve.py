@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pipeline.planner.model import (Device, LayerCost, Plan, PlanInfeasible, check, evaluate, format_bytes,
-                                    microbatches_in_flight, weight_copies)
+                                    held_microbatches)
 from pipeline.swaps import owners, swap_moves
 
 TIME_BITS, BYTE_BITS = 39, 21   # key = ticks << BYTE_BITS | byte units; both fields stay below 2**62
@@ -49,8 +49,9 @@ def plan(devices: list[Device], layers: list[LayerCost], scheme: str = "nsplit",
     check(devices, layers, scheme, microbatches)
     if previous and sorted(owners(previous)) != list(range(len(layers))):
         raise ValueError(f"the previous assignment {previous} does not cover layers 0..{len(layers) - 1}")
-    copies = [weight_copies(scheme, max_staleness, k, len(devices), microbatches) for k in range(len(devices))]
-    inst = _Instance(devices, layers, microbatches_in_flight(scheme, microbatches), previous, copies)
+    n = len(devices)
+    inst = _Instance(devices, layers, [held_microbatches(scheme, microbatches, k, n, max_staleness) for k in range(n)],
+                     previous)
     best = _solve(inst, np.array([np.inf]))[0] if scheme == "nsplit" else _fast(inst, microbatches)
     if best is None:
         raise _shortfall(inst, devices)
@@ -66,8 +67,8 @@ def moved_bytes(old: dict[str, tuple[int, int]], new: dict[str, tuple[int, int]]
 class _Instance:
     """One planning problem as integer arrays over (chain position k, layer boundary b = 0..L)."""
 
-    def __init__(self, devices: list[Device], layers: list[LayerCost], kept_microbatches: int,
-                 previous: dict[str, tuple[int, int]] | None, copies: list[int]):
+    def __init__(self, devices: list[Device], layers: list[LayerCost], held: list[tuple[int, int, int]],
+                 previous: dict[str, tuple[int, int]] | None):
         self.n, self.L = len(devices), len(layers)
         times = np.array([d.layer_times(layers) for d in devices], dtype=float)
         act = np.array([l.activation_bytes for l in layers], dtype=float)
@@ -92,12 +93,18 @@ class _Instance:
         self.send_key = np.round(send / tick).astype(np.int64) << BYTE_BITS
 
         # Memory of [a, b) on device k = Q[b] - h[a]; h is nondecreasing, so the fitting a are a window [lo, b).
+        # With nb forward buffers, np microbatches of weight-gradient pairs and `copies` weight copies held
+        # (model.held_microbatches, model.stage_memory):
+        # sum over [a, b) of (fixed + copies * params + (nb + 2 np) * act), + (nb + np) * act[a-1] (the
+        # input, kept by both), - np * act[b-1] (the last layer's output is no Linear's input).
         params = np.array([l.param_bytes for l in layers], dtype=np.int64)
         fixed = np.array([2 * l.param_bytes + l.optim_bytes for l in layers], dtype=np.int64)
-        kept = kept_microbatches * np.array([l.activation_bytes for l in layers], dtype=np.int64)
-        self.Q = np.stack([_cumsum0(fixed + extra * params + kept) for extra in copies])
+        act = np.array([l.activation_bytes for l in layers], dtype=np.int64)
+        self.Q = np.stack([_cumsum0(fixed + copies * params + (nb + 2 * np_) * act) for nb, np_, copies in held])
         self.h = self.Q.copy()
-        self.h[:, 1:] -= kept   # the stage's input (layer a-1's output) is kept too
+        for k, (nb, np_, _) in enumerate(held):
+            self.Q[k, 1:] -= np_ * act
+            self.h[k, 1:] -= (nb + np_) * act
         self.mem_lo = np.stack([np.searchsorted(h, Q - (Q[-1] if d.memory_budget is None else d.memory_budget),
                                                 side="left") for d, Q, h in zip(devices, self.Q, self.h)])
 
