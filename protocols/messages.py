@@ -97,7 +97,7 @@ def validate(msg: Any, expected_types: set[str] | None = None) -> dict:
     if not isinstance(msg, dict):
         raise ProtocolError("malformed", "a message must be a map")
     v = msg.get("v")
-    if v != PROTOCOL_VERSION:
+    if type(v) is not int or v != PROTOCOL_VERSION:   # (True and 1.0 equal 1, but are no version)
         if isinstance(v, int) and not isinstance(v, bool):
             side = "this agent" if v > PROTOCOL_VERSION else "the sender"
             raise ProtocolError("version", f"protocol version {v} is not supported (this agent speaks "

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 import torch
 
-from conftest import http_post, load_out, max_diff, summary_of
+from conftest import http_post, load_out, max_diff, summary_of, wait_until
 from peer.localring import AgentProcess, get_json, train_cli
 from pipeline import data, reference
 from pipeline.config import JobConfig
@@ -150,9 +150,7 @@ def test_a_peer_without_the_models_code_refuses_the_job_clearly(tmp_path, varian
                                         f"{k}/2", "--allow-model", "usermodels:*"], tmp_path / f"a{k}.log", env=env))
         for a in agents:
             a.wait_ready(60)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not all(a.status()["peers"] for a in agents):
-            time.sleep(0.2)
+        wait_until(lambda: all(a.status()["peers"] for a in agents), 60, "both agents see each other")
         proc = subprocess.run([sys.executable, "-m", "peer", "train", "--peer", agents[0].url, "--model",
                                "usermodels:build", "--model-options", "input_shape=[64]", "--json"], capture_output=True, text=True, timeout=120,
                               env={"PYTHONPATH": str(dirs[0]), "PATH": "/usr/bin:/bin"})

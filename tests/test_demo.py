@@ -11,9 +11,19 @@ def test_demo_trains_a_loopback_ring_and_prints_held_out_accuracy():
     assert "demo finished in" in proc.stdout
 
 
-def test_metrics_are_prometheus_text():
-    from peer.localring import LocalRing
+def test_metrics_are_prometheus_text_and_count_what_happened():
+    import json
     import urllib.request
-    with LocalRing([[]]) as ring:
+
+    from conftest import http_post
+    from peer.localring import LocalRing
+    with LocalRing([[], []]) as ring:
+        for _ in range(2):   # two requests of an unknown protocol version, refused
+            code, _ = http_post(f"{ring.urls[0]}/jobs", json.dumps({"v": 7, "type": "job_start"}).encode(),
+                                {"Content-Type": "application/json"})
+            assert code == 400
         text = urllib.request.urlopen(f"{ring.urls[0]}/metrics", timeout=30).read().decode()
-    assert "# TYPE splitring_peers_seen gauge" in text and "splitring_rejected" in text
+    lines = text.splitlines()
+    assert "# TYPE splitring_peers_seen gauge" in lines and "splitring_peers_seen 1.0" in lines   # the other agent
+    assert "# TYPE splitring_rejected_total counter" in lines
+    assert 'splitring_rejected_total{code="version"} 2.0' in lines

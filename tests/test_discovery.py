@@ -4,8 +4,9 @@ import signal
 import socket
 import time
 
-from peer.discovery import (SERVICE, Answer, Discovery, Source, ask_delay, decide, record_from_info, to_forget,
-                            txt)
+from conftest import wait_until
+from peer.discovery import (DROP_AFTER, SERVICE, Answer, Discovery, Source, ask_delay, decide, record_from_info,
+                            to_forget, txt)
 from peer.localring import AgentProcess, train_cli
 from protocols import PROTOCOL_VERSION
 
@@ -118,50 +119,52 @@ def listed(agent, peer, url=None, instance=None) -> bool:
                for p in agent.status()["peers"])
 
 
-def wait_for(cond, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
-
-
-def test_a_restarted_peer_is_listed_by_every_other_within_5s(start_ring):
+def test_a_restarted_peer_is_listed_by_every_other_as_its_new_process(start_ring):
+    """Restarts on the same port and on a new one, straight away or after leaving the others' view: every
+    other agent lists the peer at its new address as its new process (instance), never the old one, and
+    misses nobody. (How soon is a benchmark's question: the printed times are for information.)"""
     ring = start_ring([[], [], []])
     others = ring.agents[:2]
     times = []
     for i in range(10):
         same_port = i % 2 == 1
+        old = ring.agents[2]
+        old_instance = old.status()["instance"]
         if i % 4 in (2, 3):   # down long enough to leave the others' view first
-            gone = ring.agents[2]
-            gone.stop()
-            assert wait_for(lambda: not any(listed(o, gone.peer_id) for o in others), 15)
+            old.stop()
+            wait_until(lambda: not any(listed(o, old.peer_id) for o in others), 60, "the stopped peer leaves the view")
         back = ring.restart(2, same_port=same_port)
         inst = back.status()["instance"]
-        wait_for(lambda: all(listed(o, back.peer_id, back.url, inst) for o in others), 30, step=0.05)
+        assert inst != old_instance and back.peer_id == old.peer_id and (back.url == old.url) == same_port
+        wait_until(lambda: all(listed(o, back.peer_id, back.url, inst) for o in others), 60,
+                   f"restart {i} ({'same' if same_port else 'new'} port) listed as its new process", every=0.05)
         times.append(round(time.monotonic() - back.ready_at, 2))
-        assert times[-1] <= 5.0, f"restart {i} ({'same' if same_port else 'new'} port) listed after {times}"
+        for o in others:
+            st = o.status()
+            assert [(p["url"], p["instance"]) for p in st["peers"] if p["peer"] == back.peer_id] == [(back.url, inst)]
+            assert st["missing"] == [] and st["conflicts"] == []   # a restart is neither missing nor a duplicate
     print("restart to listed, s:", times)
 
 
-def test_a_suspended_peer_drops_out_and_is_listed_within_5s_of_resuming(start_ring):
+def test_a_suspended_peer_drops_out_and_is_listed_again_once_it_resumes(start_ring):
     ring = start_ring([[], [], []])
     others, stopped = ring.agents[:2], ring.agents[2]
     stopped.proc.send_signal(signal.SIGSTOP)
     try:
-        t_stop = time.monotonic()
-        assert wait_for(lambda: not any(listed(o, stopped.peer_id) for o in others), 15)
+        wait_until(lambda: not any(listed(o, stopped.peer_id) for o in others), 60, "the suspended peer drops out")
         assert all(stopped.peer_id in {m["peer"] for m in o.status()["missing"]} for o in others)
-        time.sleep(max(0.0, 8 - (time.monotonic() - t_stop)))
+        # suspended for longer than drop_after by its own clock: the others last heard it before it stopped,
+        # so their seen_s_ago bounds how long it has been stopped
+        wait_until(lambda: all(m["seen_s_ago"] >= DROP_AFTER + 3 for o in others for m in o.status()["missing"]
+                               if m["peer"] == stopped.peer_id), 60, "the others last heard it over 8 s ago")
     finally:
         stopped.proc.send_signal(signal.SIGCONT)
-    t0 = time.monotonic()
-    wait_for(lambda: all(listed(o, stopped.peer_id, stopped.url) for o in others), 30, step=0.05)
-    took = time.monotonic() - t0
-    print(f"resumed to listed: {took:.2f}s")
-    assert took <= 5.0
+    wait_until(lambda: all(listed(o, stopped.peer_id, stopped.url) for o in others), 60,
+               "the resumed peer listed again by every other", every=0.05)
     assert all(o.status()["missing"] == [] for o in others)
+    # the resumed agent noticed its suspension and announced itself again
+    wait_until(lambda: "this agent was suspended for" in stopped.log_path.read_text(), 60,
+               "the resumed agent re-announces itself")
 
 
 def conflict_seen(agent, peer, urls) -> bool:
@@ -173,13 +176,12 @@ def check_duplicates(a, b, copy, while_both=lambda: None):
     then); once the copy has stopped, the conflict ends everywhere and b is back in a's view."""
     pid, urls = b.peer_id, (b.url, copy.url)
     assert copy.peer_id == pid
-    assert wait_for(lambda: all(conflict_seen(x, pid, urls) for x in (a, b, copy)), 20), \
-        [x.status()["conflicts"] for x in (a, b, copy)]
+    wait_until(lambda: all(conflict_seen(x, pid, urls) for x in (a, b, copy)), 60, "every agent reports the clash")
     assert not listed(a, pid)
     while_both()
     copy.stop()
-    assert wait_for(lambda: not a.status()["conflicts"] and not b.status()["conflicts"], 20)
-    assert wait_for(lambda: listed(a, pid, b.url), 5)
+    wait_until(lambda: not a.status()["conflicts"] and not b.status()["conflicts"], 60, "the conflict ends")
+    wait_until(lambda: listed(a, pid, b.url), 60, "b is back in a's view")
 
 
 def test_duplicate_ids_are_reported_by_every_agent_seeing_them_by_mdns(start_ring):
@@ -207,9 +209,8 @@ def test_train_names_its_peers_and_warns_about_a_recently_seen_one_that_is_missi
     ring = start_ring([["--data", "digits", "--shard", f"{k}/3"] for k in range(3)])
     a, gone = ring.agents[0], ring.agents[2]
     gone.stop()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(a.status()["peers"]) > 1:
-        time.sleep(0.2)
+    wait_until(lambda: [p["peer"] for p in a.status()["peers"]] == [ring.agents[1].peer_id], 60,
+               "the stopped peer leaves the view")
     assert [m["peer"] for m in a.status()["missing"]] == [gone.peer_id]
     proc = train_cli(a.url, "--epochs", "1")
     assert proc.returncode == 0, proc.stderr

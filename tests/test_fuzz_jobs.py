@@ -1,9 +1,10 @@
 """Job configs fuzzed against live agents: hypothesis draws configs over every JobConfig field (valid, at the
 limits, just beyond them, absurd, of the wrong type; models built in, unknown and custom) and posts each to
 /jobs, /plan and /job/profile of a real agent of a 2-agent ring. Every reply is a 4xx with a JSON error, or
-for a config within the limits a 200 (a job is cancelled once it has started); never a 5xx or a hang. The
-agents stay alive, /status answers within a second throughout, their memory does not grow when the same
-configs come a second time nor rise far above their budget, and no code named by a request runs.
+for a config within the limits a 200 (a job is cancelled once it has started); never a 5xx or a hang. A
+refused config leaves nothing behind (no job, stage or profile on any agent). The agents stay alive, /status
+answers throughout, their memory does not grow when the same configs come a second time nor rise far above
+their budget, and no code named by a request runs.
 
 Whether a config is within the limits is decided in process with the agent's own checks (JobConfig,
 check_job); valid configs whose profiling would take seconds are not sent (see probe_seconds). The agents
@@ -33,7 +34,7 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, note, settings, strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import StatusWatch
+from conftest import StatusWatch, wait_until
 from peer.limits import JOB_LIMITS, check_job
 from peer.localring import get_json
 from pipeline.config import ASSIGNS, AUX_HEADS, LOCAL_LOSS_SCHEMES, PARALLEL_SCHEMES, SCHEMES, TYPES, JobConfig
@@ -49,8 +50,6 @@ AS_HEADROOM = 2 << 30               # address space an agent may add after warm-
 RSS_REPEAT = 100 << 20              # most an agent's resident memory may grow when the same configs come again
 RSS_GROWTH = 400 << 20              # ... and over both runs (what one run loads once: kernels, allocator arenas)
 PEAK_OVER = BUDGET + (256 << 20)    # most an agent's resident memory may rise above its start at any time
-STATUS_S = 1.0                      # slowest /status answer allowed
-REFUSE_S = 2.0                      # slowest refusal of a config outside the limits (test_safety: 1 s, unloaded)
 REPLY_S = 30.0                      # a reply (or, for /jobs, the next event) later than this is a hang
 HEAVY_S = 2.0                       # valid configs whose profiling probe would take longer are not sent
 MAX_LAYERS_SENT = 64                # ... nor those of more layers (profiling and planning are per layer)
@@ -424,6 +423,24 @@ def request(url: str, method: str, path: str, body: bytes = b"", timeout: float 
         conn.close()
 
 
+def left_behind(ring) -> dict:
+    """What jobs leave on the agents: their stages, the jobs they coordinate, their profiles on disk."""
+    return {url: {"stages": (st := get_json(f"{url}/status", timeout=10))["stages"], "jobs": sorted(st["jobs"]),
+                  "profiles": sorted(p.name for p in (ring.workdir / f"agent{k}" / "profiles").glob("*"))}
+            for k, url in enumerate(ring.urls)}
+
+
+def settled(urls: list[str]) -> None:
+    """Until every job the agents coordinate has ended (done, failed or stopped) and no stage is left."""
+    def quiet():
+        for url in urls:
+            st = get_json(f"{url}/status", timeout=10)
+            if st["stages"] or any(j.get("event") not in ("done", "failed", "stopped") for j in st["jobs"].values()):
+                return False
+        return True
+    wait_until(quiet, 60, "every job has ended and freed its stages")
+
+
 def stages_left(urls: list[str], wait: float = 10.0) -> list:
     """Stages the agents still hold after a job ended, once they have had `wait` s to let go."""
     deadline = time.monotonic() + wait
@@ -449,10 +466,8 @@ def check_reply(route: str, verdict: str, why, reply: Reply, n_layers: int | Non
         body = reply.json()
         assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], reply
         assert isinstance(body.get("message"), str) and body["message"].strip(), reply
-        if verdict == "refused":
-            assert reply.took < REFUSE_S, f"{route}: refused after {reply.took:.2f} s: {reply}"
-            if "--allow-model" in why:   # custom code: refused as such
-                assert "--allow-model" in body["message"], reply
+        if verdict == "refused" and "--allow-model" in why:   # custom code: refused as such
+            assert "--allow-model" in body["message"], reply
         return f"{reply.status}"
     assert verdict == "valid", f"{route} accepted a config outside the limits ({why}): {reply}"
     assert reply.status == 200, reply
@@ -578,12 +593,15 @@ def test_fuzzed_job_configs_against_live_agents(fuzz_ring):
                     cancel = request(url, "POST", f"/jobs/{event['job']}/cancel", timeout=10)
                     assert cancel.status == 200, cancel
 
+            before = left_behind(ring) if verdict == "refused" else None
             try:
                 reply = request(url, "POST", route, body, on_event=on_event)
             except TimeoutError:
                 raise AssertionError(f"{route}: no answer (or no next event) within {REPLY_S} s") from None
             note(f"{route}: {reply}")
             tally[f"{route} {check_reply(route, verdict, why, reply, n_layers)}"] += 1
+            if before is not None:   # refused before anything was made for it, on any agent
+                assert left_behind(ring) == before, f"{route}: a refused config left something behind: {reply}"
             assert all(a.proc.poll() is None for a in ring.agents), \
                 f"{route}: an agent died: {[a.proc.returncode for a in ring.agents]}"
             if route == "/jobs" and reply.status == 200:
@@ -593,11 +611,11 @@ def test_fuzzed_job_configs_against_live_agents(fuzz_ring):
 
     with StatusWatch(urls) as poller:
         example()          # loads what these configs need once (kernels, caches, allocator arenas) ...
-        time.sleep(0.5)
+        settled(urls)
         rss_mid = [vm_kib(pid, "VmRSS") for pid in pids]
         example()          # ... so that what stays after the same configs again is kept per request: a leak
     elapsed = time.monotonic() - t_start
-    time.sleep(0.5)
+    settled(urls)
     rss_after = [vm_kib(pid, "VmRSS") for pid in pids]
     peak = [vm_kib(pid, "VmHWM") for pid in pids]
     profiles = [len(list((ring.workdir / f"agent{k}" / "profiles").glob("*"))) for k in range(len(pids))]
@@ -606,7 +624,7 @@ def test_fuzzed_job_configs_against_live_agents(fuzz_ring):
           f"(peak {peak}); profiles cached on disk: {profiles}")
     assert all(a.proc.poll() is None for a in ring.agents)
     assert not poller.errors, poller.errors[:5]
-    assert poller.count > 0 and poller.slowest < STATUS_S, f"/status took {poller.slowest:.2f} s"
+    assert poller.count > 0   # answered throughout (each answer within StatusWatch's 10 s, or an error above)
     for before, mid, after in zip(rss_before, rss_mid, rss_after):
         assert (after - mid) * 1024 < RSS_REPEAT, f"agent RSS grew from {mid} KiB to {after} KiB on the same configs again"
         assert (after - before) * 1024 < RSS_GROWTH, f"agent RSS grew from {before} KiB to {after} KiB"

@@ -2,6 +2,7 @@
 state verified on both ends of a swap, signed bodies, data-plane messages delivered at most once, a commit
 that refuses a stage over budget or missing a layer, and a receiver that stops reading from a neighbour its
 stage cannot keep up with. Real agents on loopback; faults injected with peer.faults."""
+import hashlib
 import json
 import time
 import urllib.request
@@ -92,11 +93,11 @@ def test_duplicated_and_replayed_data_plane_messages_are_refused_and_the_model_i
 
 # --- a commit holds exactly the planned layers, within the budget -----------------------------------------------
 
-def prepare(url: str, peer: str, cfg: JobConfig, job: str) -> None:
+def prepare(url: str, peer: str, cfg: JobConfig, job: str, coordinator: str | None = None,
+            **extra) -> tuple[int, dict]:
     msg = {"v": 1, "type": "job_prepare", "job": job, "config": cfg.to_dict(), "ring": [{"peer": peer, "url": url}],
-           "coordinator": peer, "spec_hash": spec_hash(cfg.model)}
-    status, body = http_post(url + "/job/prepare", json.dumps(msg).encode(), {"Content-Type": "application/json"})
-    assert status == 200, body
+           "coordinator": coordinator or peer, "spec_hash": spec_hash(cfg.model), **extra}
+    return http_post(url + "/job/prepare", json.dumps(msg).encode(), {"Content-Type": "application/json"})
 
 
 def commit(url: str, peer: str, job: str, rotation: int, layers: list[int]) -> tuple[int, dict]:
@@ -109,7 +110,7 @@ def test_a_commit_over_the_memory_budget_is_refused_naming_the_shortfall(start_r
     cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 512})
     ring = start_ring([["--data", "digits", "--memory-budget", "400KiB"]])
     agent = ring.agents[0]
-    prepare(agent.url, agent.peer_id, cfg, "b0d9e7000001")
+    assert prepare(agent.url, agent.peer_id, cfg, "b0d9e7000001")[0] == 200
     whole = len(list(build_model(cfg.model, 0)))
     status, body = commit(agent.url, agent.peer_id, "b0d9e7000001", 0, [0, whole])
     assert status == 409 and "over its memory budget of 409600" in body["message"], body
@@ -121,7 +122,7 @@ def test_a_commit_missing_a_layer_is_refused_naming_it(start_ring):
     cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 32})
     ring = start_ring([["--data", "digits"]])
     agent = ring.agents[0]
-    prepare(agent.url, agent.peer_id, cfg, "b0d9e7000002")
+    assert prepare(agent.url, agent.peer_id, cfg, "b0d9e7000002")[0] == 200
     assert commit(agent.url, agent.peer_id, "b0d9e7000002", 0, [0, 2])[0] == 200
     status, body = commit(agent.url, agent.peer_id, "b0d9e7000002", 1, [0, 3])   # layer 2: no transfer came
     assert status == 409 and "layers [2] never arrived" in body["message"], body
@@ -138,7 +139,7 @@ def test_a_receiver_that_falls_behind_stops_reading_and_the_model_is_exact(start
                        ["--data", paths[1], "--pending-messages", "2", "--compute-slowdown", "30"]])
     out = tmp_path / "model.pt"
     args = ["--epochs", "1", "--batch-size", "32", "--seed", "5", "--split", "even", "--scheme", "fast",
-            "--microbatches", "8", "--pipeline", "gpipe"]
+            "--microbatches", "8", "--pipeline", "gpipe", "--recv-timeout", "30"]   # (a lost message fails in 30 s)
     summary = summary_of(train_cli(ring.agents[0].url, *args, "--out", str(out)))
     assert summary["attempts"] == 1
     cfg = JobConfig(epochs=1, batch_size=32, seed=5, microbatches=8)
@@ -156,3 +157,60 @@ def test_pending_messages_below_one_is_refused_at_start(bad, tmp_path):
                            "--interface", "127.0.0.1", "--state-dir", str(tmp_path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "pending-messages" in proc.stderr, proc.stderr
+
+
+# --- recovery: what is on disk and who drives a job ----------------------------------------------------------------
+
+def test_a_checkpoint_that_does_not_match_the_journal_is_refused_on_restore(start_ring):
+    cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 32})
+    ring = start_ring([["--data", "digits"]])
+    agent, job = ring.agents[0], "b0d9e7000003"
+    assert prepare(agent.url, agent.peer_id, cfg, job)[0] == 200
+    status, committed = commit(agent.url, agent.peer_id, job, 0, [0, 3])
+    assert status == 200
+    restore = {"version": 0, "attempt": 0, "checksums": {agent.peer_id: "0" * 64}}
+    status, body = prepare(agent.url, agent.peer_id, cfg, job, attempt=1, restore=restore)
+    assert status == 409 and "stage-0a0.pt does not match" in body["message"], body
+    restore["checksums"][agent.peer_id] = committed["checksum"]   # the file as committed: restored
+    status, body = prepare(agent.url, agent.peer_id, cfg, job, attempt=2, restore=restore)
+    assert status == 200 and body["restored"]["own"] == [0, 1, 2], body
+
+
+def test_a_replica_whose_bytes_do_not_match_its_checksum_is_not_kept(tmp_path):
+    from peer.state import CorruptFile, StateDir
+    state, job = StateDir(tmp_path), "b0d9e7000004"
+    data = b"the bytes of a checkpoint"
+    with pytest.raises(CorruptFile, match="does not match its checksum"):
+        state.save_replica(job, "p1", 3, 0, data, hashlib.sha256(b"other bytes").hexdigest())
+    assert not state.checkpoint_path(job, 3, 0, "p1").exists()
+    assert state.save_replica(job, "p1", 3, 0, data, hashlib.sha256(data).hexdigest()) == hashlib.sha256(data).hexdigest()
+    assert state.checkpoint_path(job, 3, 0, "p1").read_bytes() == data
+
+
+def test_a_journal_older_than_the_one_held_is_refused(start_ring):
+    ring = start_ring([["--data", "digits"]])
+    agent, job = ring.agents[0], "b0d9e7000005"
+
+    def put(version: int, attempt: int) -> tuple[int, dict]:
+        journal = {"job": job, "state": "running", "version": version, "rotation": version, "commit_attempt": attempt,
+                   "attempt": attempt, "coordinator": agent.peer_id, "config": {}, "ring": [], "checksums": {},
+                   "updated": 0}
+        msg = {"v": 1, "type": "journal_put", "job": job, "journal": journal}
+        return http_post(agent.url + "/job/journal", json.dumps(msg).encode(), {"Content-Type": "application/json"})
+
+    assert put(3, 1)[0] == 200
+    for older in ((2, 2), (3, 0)):
+        status, body = put(*older)
+        assert status == 400 and body["error"] == "stale", body
+    on_disk = json.loads((ring.workdir / "agent0" / "jobs" / job / "journal.json").read_text())
+    assert (on_disk["version"], on_disk["attempt"]) == (3, 1)
+    assert put(4, 0)[0] == 200   # a later commit, whatever its attempt
+
+
+def test_a_second_coordinator_is_refused_while_the_first_is_heard_from(start_ring):
+    cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 32}, peer_timeout=5)
+    ring = start_ring([["--data", "digits"]])
+    agent, job = ring.agents[0], "b0d9e7000006"
+    assert prepare(agent.url, agent.peer_id, cfg, job, coordinator="first")[0] == 200
+    status, body = prepare(agent.url, agent.peer_id, cfg, job, coordinator="second", attempt=1)
+    assert status == 409 and "one coordinator per job" in body["message"], body

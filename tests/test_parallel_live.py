@@ -4,6 +4,7 @@ solver's schedule and its prediction holds, the schedule is worth having, the sc
 are refused before training."""
 
 import pytest
+import torch
 
 from conftest import load_out, max_diff, save_npz, summary_of
 from peer.localring import LocalRing, train_cli
@@ -54,9 +55,14 @@ def test_each_scheme_equals_its_reference(ring, tmp_path, scheme, cut, extra, op
             "--batch-size", "16", "--optimizer", "adam", "--lr", "0.002", "--seed", "3", "--assign", "greedy",
             *extra, *flags]
     summary, got = train(ring, tmp_path, *args)
-    helpers = {h for r in summary["history"] for h in r["assignment"].values()}
     assert summary["clients"] == ["c0", "c1", "c2"]
-    assert len(helpers) == (1 if scheme == "sl" or extra else 2)   # several helpers, where the scheme has them
+    assignments = [r["assignment"] for r in summary["history"]]
+    if scheme == "sl":   # clients in turn on one helper (whichever finishes them soonest), the same every round
+        assert all(set(a) == {"c0", "c1", "c2"} and len(set(a.values())) == 1 for a in assignments), assignments
+        assert len({a["c0"] for a in assignments}) == 1 and assignments[0]["c0"] in ("h0", "h1"), assignments
+    else:   # balanced greedy: clients in ring order, each to the helper serving fewest so far, lowest first
+        want = {"c0": "h0", "c1": "h0", "c2": "h0"} if extra else {"c0": "h0", "c1": "h1", "c2": "h0"}
+        assert assignments == [want, want], assignments
     assert summary["labels"].startswith("stay" if "," in cut else "travel")
     cuts = [int(v) for v in cut.split(",")]
     cfg = JobConfig(model={"name": "mlp", "depth": 3}, scheme=scheme, cut=cuts, rounds=2, local_steps=3, batch_size=16,
@@ -64,7 +70,13 @@ def test_each_scheme_equals_its_reference(ring, tmp_path, scheme, cut, extra, op
     want = reference.train_parallel(cfg, client_sets(), [(r["assignment"], r["orders"]) for r in summary["history"]],
                                     (cuts[0], cuts[1] if len(cuts) == 2 else 4))
     assert max_diff(got, want.state_dict()) <= 1e-5
-    assert all(0 <= r["accuracy"] <= 1 and r["bytes"] > 0 for r in summary["history"])
+    # the last round's held-out accuracy is the reference model's over every client's test set
+    tests = client_sets().values()
+    x, y = torch.cat([c.x_test for c in tests]), torch.cat([c.y_test for c in tests])
+    with torch.no_grad():
+        correct = int((want(x).argmax(1) == y).sum())
+    assert round(summary["history"][-1]["accuracy"] * len(y)) == correct
+    assert all(r["bytes"] > 0 for r in summary["history"])
 
 
 def test_splitfed_v2_depends_on_the_helper_order_and_follows_it(ring, tmp_path):

@@ -66,6 +66,16 @@ def rotation_of(agent) -> int:
         return -1
 
 
+def progress_of(agent) -> tuple[int, int]:
+    """(rotation, training steps done in it) of the agent's stage; (-1, 0) before it has one."""
+    try:
+        stages = agent.status()["stages"]
+    except OSError:
+        return -1, 0
+    done = [(p["rotation"], p["step"]) for s in stages if (p := s["progress"]).get("mode", "train") == "train"]
+    return max(done, default=(-1, 0))
+
+
 def check_files(ring, job: str) -> dict:
     """Every peer's journal of the job agrees on its last commit, and every checkpoint and replica of it is on
     disk, loads, and matches the checksum recorded for it (peer.state.audit). Returns the journal."""
@@ -87,11 +97,12 @@ def test_a_peer_killed_at_a_random_moment_and_restarted_leaves_the_model_exact(s
     ring = start_ring([["--data", p] for p in paths])
     rng = random.Random(f"kill-{scheme}")
     order = ring.ring_order()
-    victim, rotation, delay = rng.choice(order[1:]), rng.randint(1, 6), rng.uniform(0, 0.4)
+    # a moment chosen by the job's progress, not by the clock: a step of a rotation (every pass has >= 6 steps)
+    victim, rotation, step = rng.choice(order[1:]), rng.randint(1, 6), rng.randint(1, 5)
     out = tmp_path / "model.pt"
     thread, result = in_background(order[0].url, *JOB, *SCHEMES[scheme], "--out", str(out))
-    wait_for(lambda: rotation_of(victim) >= rotation, 120, "the job reaches the chosen rotation")
-    time.sleep(delay)
+    wait_for(lambda: progress_of(victim) >= (rotation, step), 120, f"the job reaches step {step} of rotation {rotation}",
+             every=0.01)
     k = ring.agents.index(victim)
     ring.kill(k)
     ring.restart(k)
@@ -123,7 +134,7 @@ def test_a_peer_killed_during_a_swap_leaves_one_whole_version_and_the_model_exac
     check_files(ring, summary["job"])
 
 
-def test_a_hung_peer_is_detected_within_the_peer_timeout_and_rejoins_after_sigcont(start_ring, shards, tmp_path):
+def test_a_hung_peer_is_detected_by_the_peer_timeout_and_rejoins_after_sigcont(start_ring, shards, tmp_path):
     sets, paths = shards
     ring = start_ring([["--data", p] for p in paths])
     order = ring.ring_order()
@@ -132,16 +143,18 @@ def test_a_hung_peer_is_detected_within_the_peer_timeout_and_rejoins_after_sigco
     thread, result = in_background(order[0].url, *JOB, "--out", str(out))
     wait_for(lambda: rotation_of(hung) >= 2, 120, "the job reaches rotation 2")
     hung.proc.send_signal(signal.SIGSTOP)
-    stopped_at = time.time()
     try:
         wait_for(lambda: any(s.get("event") in ("lost", "rollback") for s in order[0].status()["jobs"].values()),
-                 3 + 2, "the coordinator declares the hung peer lost within peer_timeout + 2 s")
+                 120, "the coordinator declares the hung peer lost")
     finally:
         hung.proc.send_signal(signal.SIGCONT)
     thread.join(300)
     summary = summary_of(result["proc"])
     (lost,) = summary["recoveries"]
-    assert lost["peer"] == hung.peer_id and lost["at"] - stopped_at <= 3 + 2
+    # found by the heartbeats' peer_timeout (not a pass's recv_timeout, 120 s), and it came back: nothing skipped
+    assert lost["peer"] == hung.peer_id and "answered no heartbeat" in lost["error"] and "(peer_timeout 3 s)" in \
+        lost["error"], lost
+    assert summary["lost"] == [] and summary["skipped"] == [] and summary["attempts"] == 2
     assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
 
 
@@ -157,10 +170,15 @@ def test_the_coordinator_killed_mid_job_and_resumed_from_another_peer_finishes_e
     thread.join(60)
     assert result["proc"].returncode == 1
     survivors = [a for a in ring.agents if a is not coordinator]
-    # nobody keeps a stage for a job nobody drives: within peer_timeout (+ the watch's period) it is held
-    held = wait_for(lambda: all(a.status()["stages"] == [] and a.status()["held"] for a in survivors), 3 + 2,
+    # nobody keeps a stage for a job nobody drives: each survivor frees it and holds the job, because its
+    # coordinator fell silent for peer_timeout
+    held = wait_for(lambda: all(a.status()["stages"] == [] and a.status()["held"] for a in survivors), 120,
                     "the survivors free their stages and hold the job")
     job = survivors[0].status()["held"][0]["job"]
+    for a in survivors:
+        (h,) = a.status()["held"]
+        assert h["job"] == job and h["coordinator"] == coordinator.peer_id, h
+        assert f"its coordinator {coordinator.peer_id} was silent" in h["reason"] and "(peer_timeout 3 s)" in h["reason"]
     ring.restart(k)
     out = tmp_path / "model.pt"
     summary = summary_of(train_cli(other.url, "--resume", job, "--out", str(out)))

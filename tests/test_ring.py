@@ -1,11 +1,10 @@
 """A real ring: agent processes on loopback, mDNS on 127.0.0.1, HTTP and WebSocket between them."""
 import json
 import os
-import time
 
 import torch
 
-from conftest import load_out, max_diff, save_npz, summary_of
+from conftest import load_out, max_diff, save_npz, summary_of, wait_until
 from peer.coordinator import SteadyRate
 from peer.localring import train_cli
 from pipeline import data, reference
@@ -40,7 +39,8 @@ def test_exact_when_only_one_peer_has_data(start_ring, tmp_path):
                                    "--optimizer", "sgd", "--momentum", "0.9", "--shuffle", "off",
                                    "--microbatches", "2", "--split", "even", "--out", str(out)))
     assert summary["passes"] == 2 and summary["epochs"] == 2  # empty heads' passes are skipped
-    assert 0 < summary["steady_samples_per_s"] < float("inf")
+    # (steady_samples_per_s: its arithmetic is test_steady_rate_leaves_out_the_first_step_of_each_pass's; the
+    # summary gives no counts to check the live figure against)
     for agent, cpu in zip(ring.agents, cpus):   # every thread, those started for the job included
         masks = []
         for tid in os.listdir(f"/proc/{agent.proc.pid}/task"):
@@ -107,11 +107,8 @@ def test_peers_disappear_when_they_stop_and_duplicate_ids_are_reported(start_rin
     ring = start_ring([[], [], []])
     gone = ring.agents[2]
     assert gone.stop() == 0  # clean exit on SIGTERM
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(
-            gone.peer_id in {p["peer"] for p in a.status()["peers"]} for a in ring.agents[:2]):
-        time.sleep(0.2)
-    assert all(gone.peer_id not in {p["peer"] for p in a.status()["peers"]} for a in ring.agents[:2])
+    wait_until(lambda: all({p["peer"] for p in a.status()["peers"]} == {b.peer_id for b in ring.agents[:2]} - {a.peer_id}
+                           for a in ring.agents[:2]), 60, "the stopped peer leaves every view")
     # a copied state dir (same peer id) advertised from another port: reported, not silently merged
     import shutil
     from peer.localring import AgentProcess
@@ -122,10 +119,9 @@ def test_peers_disappear_when_they_stop_and_duplicate_ids_are_reported(start_rin
     try:
         clone.wait_ready(60)
         assert clone.peer_id == ring.agents[0].peer_id
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not ring.agents[0].status()["conflicts"]:
-            time.sleep(0.2)
-        assert "duplicate peer id" in ring.agents[0].status()["conflicts"][0]
+        conflicts = wait_until(lambda: ring.agents[0].status()["conflicts"], 60, "the clone is reported")
+        assert len(conflicts) == 1 and f"duplicate peer id {clone.peer_id}" in conflicts[0]
+        assert ring.agents[0].url in conflicts[0] and clone.url in conflicts[0]
     finally:
         clone.stop()
 
@@ -149,12 +145,16 @@ def test_known_peers_without_mdns(start_ring, tmp_path):
             agents.append(AgentProcess(args, tmp_path / f"a{k}.log"))
         for a in agents:
             a.wait_ready(60)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not all(a.status()["peers"] for a in agents):
-            time.sleep(0.2)
-        assert [p["source"] for p in agents[0].status()["peers"]] == ["join"]
-        summary = summary_of(train_cli(agents[0].url, "--epochs", "1"))
-        assert len(summary["ring"]) == 2
+        wait_until(lambda: all(a.status()["peers"] for a in agents), 60, "both agents see each other")
+        for a, other in zip(agents, reversed(agents)):
+            assert [(p["peer"], p["url"], p["source"]) for p in a.status()["peers"]] == [(other.peer_id, other.url,
+                                                                                         "join")]
+        out = tmp_path / "model.pt"
+        summary = summary_of(train_cli(agents[0].url, "--epochs", "1", "--out", str(out)))
+        order = sorted(agents, key=lambda a: a.peer_id)
+        assert summary["ring"] == [a.peer_id for a in order]
+        heads = [data.load("digits", f"{agents.index(a)}/2") for a in order]
+        assert max_diff(load_out(out), reference.train(JobConfig(epochs=1), heads).state_dict()) <= 1e-5
     finally:
         for a in agents:
             a.stop()
@@ -165,7 +165,7 @@ def test_train_finds_the_ring_by_mdns(digits_ring):
     import sys
     proc = subprocess.run([sys.executable, "-m", "peer", "train", "--ring", digits_ring.ring, "--interface",
                            "127.0.0.1", "--epochs", "1", "--json"], capture_output=True, text=True, timeout=300)
-    assert len(summary_of(proc)["ring"]) == 3
+    assert summary_of(proc)["ring"] == [a.peer_id for a in digits_ring.ring_order()]
     st = subprocess.run([sys.executable, "-m", "peer", "status", "--ring", digits_ring.ring, "--interface",
                          "127.0.0.1"], capture_output=True, text=True, timeout=60)
     assert st.returncode == 0 and "sees 2 peer(s)" in st.stdout

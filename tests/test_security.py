@@ -3,6 +3,7 @@ and data-plane handler of a real Agent.app() (aiohttp test server) under hypothe
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -150,14 +151,48 @@ message_like = st.fixed_dictionaries(
                                        "config", "reason", "x", "y", "grad")})
 
 
+# the schema of the types message_like draws, stated independently of protocols.messages: required fields
+# (NAT: an int, not a bool, >= 0) and optional ones; nothing message_like draws is a tensor
+NAT, TENSOR = "a natural number", torch.Tensor
+REQUIRED = {"hello": {"peer": str, "ring": str}, "auth": {"proof": bytes},
+            "fwd": {"job": str, "rotation": NAT, "step": NAT, "mb": NAT, "mode": str, "x": TENSOR, "y": TENSOR},
+            "bwd": {"job": str, "rotation": NAT, "step": NAT, "mb": NAT, "grad": TENSOR},
+            "ping": {"seq": NAT}, "pong": {"seq": NAT}, "job_start": {"config": dict},
+            "job_abort": {"job": str, "reason": str}}
+OPTIONAL_FIELDS = {"hello": {"nonce": bytes, "proof": bytes}}
+
+
+def well_formed(msg) -> bool:
+    def fits(value, kind) -> bool:
+        if kind is NAT:
+            return type(value) is int and value >= 0
+        return isinstance(value, kind)
+    if not isinstance(msg, dict) or msg.get("v") != 1:   # (v == 1: True and 1.0 pass too, see the xfail below)
+        return False
+    kind = msg.get("type")
+    if not isinstance(kind, str) or kind not in REQUIRED:
+        return False
+    return all(f in msg and fits(msg[f], t) for f, t in REQUIRED[kind].items()) and \
+        all(fits(msg[f], t) for f, t in OPTIONAL_FIELDS.get(kind, {}).items() if f in msg)
+
+
 @fuzz(1000)
 @given(st.one_of(message_like, cbor_values))
-def test_schema_validation_only_accepts_or_raises_protocol_error(msg):
+def test_schema_validation_accepts_exactly_the_well_formed_messages(msg):
     try:
         out = validate(msg)
-    except ProtocolError:
+    except ProtocolError as e:
+        assert not well_formed(msg), msg
+        assert e.code in ("malformed", "version", "unknown_type") and e.message
         return
-    assert out["v"] == 1
+    assert out is msg and well_formed(msg), msg
+
+
+@pytest.mark.parametrize("v", [True, 1.0])
+def test_the_protocol_version_is_the_integer_1(v):
+    with pytest.raises(ProtocolError) as e:
+        validate({"v": v, "type": "ping", "seq": 1})
+    assert e.value.code == "version"
 
 
 def tensor_table():
@@ -166,15 +201,46 @@ def tensor_table():
     return st.lists(entry.map(list), max_size=3)
 
 
+ITEMSIZE = {"float32": 4, "int64": 8, "uint8": 1}
+
+
+def table_bytes(table) -> int | None:
+    """The payload bytes a tensor table asks for, or None if the table is not acceptable: a known dtype, at
+    most 8 dimensions, each from 0 to 2**40 - 1, the non-zero ones multiplying to under 2**62."""
+    total = 0
+    for name, shape in table:
+        if name not in ITEMSIZE or len(shape) > 8 or not all(0 <= d < 2**40 for d in shape) \
+                or math.prod(d for d in shape if d) >= 2**62:
+            return None
+        total += math.prod(shape) * ITEMSIZE[name]
+    return total
+
+
 @fuzz(1000)
 @given(message_like, tensor_table(), st.binary(max_size=64), st.booleans())
-def test_frame_decoder_only_decodes_or_raises_protocol_error(body, table, payload, truncate):
-    head = cbor2.dumps({"body": cbor2.dumps(body, default=lambda e, v: e.encode(None)), "tensors": table})
+def test_frame_decoder_decodes_exactly_the_frames_whose_table_and_payload_agree(body, table, payload, truncate):
+    """A frame (maybe cut in half) decodes iff its header is whole, its tensor table is acceptable and the
+    bytes after the header are exactly the payloads the table asks for; then to the body that was sent.
+    Anything else is refused with a code. The decoded message validates iff it is well formed."""
+    encoded_body = cbor2.dumps(body, default=lambda e, v: e.encode(None))
+    head = cbor2.dumps({"body": encoded_body, "tensors": table})
     frame = len(head).to_bytes(4, "big") + head + payload
+    frame = frame[:len(frame) // 2] if truncate else frame
+    wanted = table_bytes(table)
+    decodes = len(frame) >= 4 + len(head) and wanted is not None and len(frame) - 4 - len(head) == wanted
     try:
-        validate(decode_frame(frame[:len(frame) // 2] if truncate else frame, max_bytes=1 << 20))
+        msg = decode_frame(frame, max_bytes=1 << 20)
+    except ProtocolError as e:
+        assert not decodes, (table, len(payload), truncate, e.message)
+        assert e.code in ("malformed", "bad_dtype", "bad_shape", "too_large") and e.message
+        return
+    assert decodes and cbor2.dumps(msg) == encoded_body
+    try:
+        validate(msg)
     except ProtocolError:
-        pass
+        assert not well_formed(body)
+    else:
+        assert well_formed(body)
 
 
 # --- fuzzing: every handler of a real agent, in process ------------------------------------------

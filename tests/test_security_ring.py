@@ -4,6 +4,7 @@ an outsider's flood gives the same model as without it; cancelling and a peer's 
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import aiohttp
 import pytest
 import torch
 
-from conftest import http_post, load_out, max_diff, summary_of
+from conftest import http_post, load_out, max_diff, summary_of, wait_until
 from peer.localring import AgentProcess, LocalRing, get_json, train_cli
 from peer.security import ClientHandshake, RingAuthError, key_for, open_url
 from pipeline import data, reference
@@ -48,7 +49,12 @@ def cli(*args, timeout=120):
 
 
 def test_an_outsider_with_another_secret_never_joins(ring):
-    time.sleep(3)  # several discovery rounds: the outsider is announced by mDNS all along
+    # the outsider is announced by mDNS all along: wait until every member has asked it and been refused,
+    # and it has asked every member and been refused
+    logs = [ring.workdir / f"agent{k}.log" for k in range(len(ring.agents))]
+    wait_until(lambda: all("not a member of this ring" in log.read_text() and "refused GET /status" in log.read_text()
+                           for log in logs) and "not a member of this ring" in (ring.workdir / "outsider.log").read_text(),
+               60, "members and outsider have asked each other and been refused")
     members = {a.peer_id for a in ring.agents}
     for a in ring.agents:
         assert {p["peer"] for p in a.status()["peers"]} == members - {a.peer_id}
@@ -216,11 +222,21 @@ def test_a_data_plane_connection_that_never_proves_itself_is_closed(ring):
     from peer.transport import UPGRADE
 
     host, port = ring.urls[0].removeprefix("http://").split(":")
+    closed = "did not finish its handshake in"
+    before = (timeouts(ring), (ring.workdir / "agent0.log").read_text().count(closed))
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(f"GET /data HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE}\r\n\r\n".encode())
         assert s.recv(4096).startswith(b"HTTP/1.1 101")
-        t0 = time.monotonic()
-        s.settimeout(LIMITS.handshake_s + 10)
+        s.settimeout(LIMITS.handshake_s + 60)
         assert s.recv(4096) == b""   # closed by the agent, not by our timeout (which would raise)
-        assert LIMITS.handshake_s - 1 <= time.monotonic() - t0 <= LIMITS.handshake_s + 5
+    # closed because its handshake deadline passed (counted and logged as such), and the agent keeps serving
+    wait_until(lambda: (timeouts(ring), (ring.workdir / "agent0.log").read_text().count(closed)) ==
+               (before[0] + 1, before[1] + 1), 60, "the agent counts and logs one handshake timeout")
     assert get_json(ring.urls[0] + "/status")["peer"] == ring.agents[0].peer_id
+
+
+def timeouts(ring) -> float:
+    """Agent 0's count of data-plane connections closed for not finishing their handshake (/metrics)."""
+    with open_url(ring.urls[0] + "/metrics", ring.key, timeout=30) as r:
+        found = re.search(r'^splitring_rejected_total\{code="handshake_timeout"\} (\S+)$', r.read().decode(), re.M)
+    return float(found.group(1)) if found else 0.0

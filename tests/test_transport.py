@@ -161,6 +161,20 @@ async def stream_pair(max_frame: int = 1 << 30) -> tuple[FrameStream, FrameStrea
     return client, await accepted, server
 
 
+async def until(predicate, what: str, timeout: float = 60.0) -> None:
+    """Poll a state of this event loop's objects (each poll lets the loop run) until it holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def settle() -> None:
+    """Let every task that can run, run until it waits (no clock involved: yields to the loop)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 async def receive(stream: FrameStream) -> dict:
     frame = await stream.recv()
     assert isinstance(frame, RawFrame)
@@ -241,13 +255,21 @@ def test_a_receiver_that_stops_reading_stops_the_sender_with_bounded_buffers():
         frame = encode_parts({"t": torch.ones(1 << 20)})  # 4 MiB
         total = 64  # 256 MiB offered
 
+        sent = []
+
         async def send_all():
-            for _ in range(total):
+            for k in range(total):
                 await client.send(frame)
+                sent.append(k)
 
         sending = asyncio.create_task(send_all())
-        await asyncio.sleep(1.0)  # nobody calls server.recv(): buffers fill, then everything stops
-        assert not sending.done()
+        # nobody calls server.recv(): buffers fill until the receiver has stopped reading and the sender's
+        # transport has told it to pause writing (its send waits for room)
+        await until(lambda: not server.transport.is_reading() and not client._writable.is_set(),
+                    "the receiver stops reading and the sender is paused")
+        stuck = len(sent)
+        await settle()
+        assert not sending.done() and len(sent) == stuck < total   # everything stopped
         assert server.queued <= (16 << 20) + (4 << 20) + 64  # RECV_HIGH, plus the frame that crossed it
         assert client.transport.get_write_buffer_size() <= (16 << 20) + (4 << 20)  # WRITE_HIGH + CHUNK
         for _ in range(total):  # the consumer comes back: everything arrives, in order, intact
@@ -309,8 +331,8 @@ def test_mailbox_holds_a_bounded_number_of_unread_messages_per_kind():
             box.deliver(MessageKey(0, "train", 0, "fwd", 3), {})
         assert e.value.code == "overflow"
         waiting = asyncio.create_task(box.room("fwd"))
-        await asyncio.sleep(0.05)
-        assert not waiting.done()
+        await settle()
+        assert not waiting.done()   # it ran as far as it could: it waits for room
         assert (await box.get(MessageKey(0, "train", 0, "fwd", 0), 1))["mb"] == 0
         await asyncio.wait_for(waiting, 5)
         box.deliver(MessageKey(0, "train", 0, "fwd", 3), {})
