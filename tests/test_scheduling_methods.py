@@ -81,14 +81,30 @@ def test_ours_lies_between_the_optimum_and_balanced_greedy(inst):
     assert lower_bound(inst) <= optimum * (1 + 1e-9)
     try:
         greedy = simulate(inst, balanced_greedy_fcfs(inst))
-    except Infeasible:   # ours may still find room, or not: both its starts are greedy assignments
-        try:
-            assert optimum <= simulate(inst, solve(inst)) * (1 + 1e-9)
-        except Infeasible:
-            pass
+    except Infeasible:   # greedy finds no room; ours must, since an assignment fits
+        assert optimum <= simulate(inst, solve(inst)) * (1 + 1e-9)
         return
     ours = simulate(inst, solve(inst))
     assert optimum <= ours * (1 + 1e-9) and ours <= greedy * (1 + 1e-12)
+
+
+def test_ours_finds_room_where_neither_greedy_start_does():
+    """Demands (2, 1, 1, 2, 2) on capacities (3, 2, 3): both greedy orders strand a client of 2, yet the
+    clients fit (first-fit decreasing); with (2, 2, 2) on (3, 3) none fits and ours says so."""
+    def instance(demand, capacity):
+        k, n = len(demand), len(capacity)
+        ones = ((1.0,) * n,) * k
+        return Instance(release=ones, forward=ones, delay=ones, backward=ones, tail=ones, demand=demand,
+                        capacity=capacity)
+    tight = instance((2.0, 1.0, 1.0, 2.0, 2.0), (3.0, 2.0, 3.0))
+    with pytest.raises(Infeasible):
+        balanced_greedy_fcfs(tight)
+    schedule = solve(tight)
+    for h, cap in enumerate(tight.capacity):
+        assert sum(d for d, a in zip(tight.demand, schedule.assignment) if a == h) <= cap
+    assert simulate(tight, schedule) == pytest.approx(simulate(tight, brute_force(tight)))
+    with pytest.raises(Infeasible, match="no assignment"):
+        solve(instance((2.0, 2.0, 2.0), (3.0, 3.0)))
 
 
 def test_balanced_greedy_is_a_weak_baseline_on_a_slow_helper_and_ours_finds_the_optimum():

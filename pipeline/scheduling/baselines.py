@@ -39,6 +39,30 @@ def balanced_greedy_assignment(inst: Instance) -> list[int]:
     return assignment
 
 
+def packed_assignment(inst: Instance) -> list[int]:
+    """Any assignment that fits the helpers' memory: first-fit decreasing (largest demand first, each to
+    the first helper with room), else an exact feasibility MILP (HiGHS). Infeasible only when none fits."""
+    assignment, used = [0] * inst.clients, [0.0] * inst.helpers
+    try:
+        for j in sorted(range(inst.clients), key=lambda j: -inst.demand[j]):
+            h = _with_room(inst, used, j)[0]
+            assignment[j], used[h] = h, used[h] + inst.demand[j]
+        return assignment
+    except Infeasible:
+        pass
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    k, n = inst.clients, inst.helpers   # x[j * n + h] = 1: client j on helper h
+    once = np.kron(np.eye(k), np.ones(n))
+    room = np.kron(np.array(inst.demand, float), np.eye(n))   # row h: the demand placed on helper h
+    res = milp(np.zeros(k * n), integrality=np.ones(k * n), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(once, 1, 1), LinearConstraint(room, -np.inf, np.array(inst.capacity))])
+    if res.x is None:
+        raise Infeasible(f"no assignment of the {k} clients fits the helpers' memory")
+    return [int(np.argmax(res.x[j * n:(j + 1) * n])) for j in range(k)]
+
+
 def random_fcfs(inst: Instance, seed: int = 0) -> Schedule:
     return fcfs_schedule(inst, random_assignment(inst, seed))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.scheduling.baselines import balanced_greedy_assignment
+from pipeline.scheduling.baselines import balanced_greedy_assignment, packed_assignment
 from pipeline.scheduling.instance import Instance
 from pipeline.scheduling.solution import Infeasible, Schedule
 from pipeline.scheduling.sequencing import (Sequence, best_dispatch, exact_order, groups, longest_path, polish,
@@ -172,8 +172,8 @@ def solve(inst: Instance) -> Schedule:
             starts.append(_State.of(inst, paths, make(inst)))
         except Infeasible:
             pass  # memory too tight for this greedy order; the other may fit
-    if not starts:
-        raise Infeasible("neither greedy start fits the helpers' memory")
+    if not starts:   # memory too tight for both: start from any assignment that fits (or none does)
+        starts.append(_State.of(inst, paths, packed_assignment(inst)))
     st = min(starts, key=lambda s: s.makespan)
     floor = max(min(p) for p in paths)  # the longest own path on the client's best helper
     while st.makespan > floor + EPS:
