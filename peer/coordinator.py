@@ -281,7 +281,7 @@ class Coordinator:
         self.prepared = time.monotonic()
         self.facts = await self.gather_facts(ring)
         plan = JobPlan(cfg, self.facts)
-        next(iter(plan))   # the first pass is planned here, so a plan that cannot run fails before "started"
+        plan.check()   # a pass that cannot run fails before "started"
         self.emit_started(plan)
         self.journal = self.journal_record("running", version=None, commit_attempt=None, rotation=None, ranges={},
                                            checksums={}, lost=[], skipped=[], facts=facts_to_dict(self.facts),

@@ -168,6 +168,12 @@ class JobPlan:
         peer) is who holds each layer after restoring it, which the first pass's swap starts from."""
         return self._plan([t for t in self.schedule() if t[1] >= rotation], held)
 
+    def check(self) -> None:
+        """Plan every pass of the first epoch (later epochs repeat its chains), so that a pass that cannot run
+        (PlanError) fails before the job starts rather than when the job reaches it."""
+        for _ in self._plan(self.schedule()[:len(self.heads)]):
+            pass
+
     def one_epoch(self) -> Iterator[PassPlan]:
         """Every rotation of the first epoch, heads without data included: what `splitring plan` shows."""
         n = len(self.facts.ring)

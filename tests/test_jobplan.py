@@ -219,3 +219,16 @@ def test_a_ring_with_a_duplicate_id_is_refused_before_anything_starts():
                        "cannot tell their data apart: duplicate peer id b: used by two live agents, at u1 and u2",
                            "resumable": False}]   # it failed before its journal began
     assert all(name == "abort" for _, name in ring.calls)
+
+
+def test_a_pass_that_cannot_run_fails_the_check_before_the_job_starts():
+    """b can hold a small layer but not the big first one: the first pass (a at the head) fits, the second
+    (b at the head) does not; JobPlan.check finds that before any pass runs."""
+    big = LayerCost(forward_s=0.001, backward_s=0.002, param_bytes=40_000, optim_bytes=0, activation_bytes=512)
+    f = facts({"a": 5, "b": 5})
+    f.devices["b"] = Device("b", memory_budget=10_000, forward_s=(0.001,) * 6, backward_s=(0.002,) * 6)
+    f = Facts(f.ring, f.devices, [big] + [LAYER] * 5, f.samples, f.test_samples)
+    plan = JobPlan(JobConfig(), f)
+    assert next(iter(plan)).rotation == 0   # the first pass alone would have started the job
+    with pytest.raises(PlanError, match="cannot hold the model"):
+        plan.check()
