@@ -107,7 +107,7 @@ class Links:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._seq = itertools.count()
         self.errors: list[dict] = []  # error replies received (most recent last, bounded)
-        self._replay: dict[str, list] = {}   # see peer.faults
+        self._replay: dict[tuple[str, str], list] = {}   # see peer.faults
 
     async def _open(self, url: str) -> Link:
         stream = await connect(url, MAX_DATA_FRAME)
@@ -174,13 +174,13 @@ class Links:
         parts = await self.codec.encode_parts(msg, policy)
         link = await self.get(url)
         if faults.FAULTS:
-            await self._send_with_faults(link, msg["type"], parts)
+            await self._send_with_faults(link, (url, msg["type"]), parts)
         else:
             await link.stream.send(parts)
 
-    async def _send_with_faults(self, link: Link, kind: str, parts: list) -> None:
-        """send, with the test faults dup and replay (peer.faults)."""
-        fault = faults.reach(f"send_{kind}")
+    async def _send_with_faults(self, link: Link, kind: tuple[str, str], parts: list) -> None:
+        """send, with the test faults dup and replay (peer.faults); kind: (destination, message type)."""
+        fault = faults.reach(f"send_{kind[1]}")
         if kind in self._replay:
             await link.stream.send(self._replay.pop(kind))
         await link.stream.send(parts)
@@ -228,12 +228,15 @@ class Mailbox:
     pauses reading from that sender."""
 
     def __init__(self, limit: int = MAILBOX_LIMIT):
+        if limit < 1:
+            raise ValueError(f"a mailbox holds at least 1 message per box, not {limit}")
         self.limit = limit
         self.slots: dict[MessageKey, asyncio.Future] = {}
         self.consumed: set[MessageKey] = set()
         self.failure: Exception | None = None
         self._freed = asyncio.Event()
         self.peak_unread = 0   # most messages of one box that waited unread at once
+        self.waits = 0         # deliveries that waited for room (reading from their sender paused)
 
     def _slot(self, key: MessageKey) -> asyncio.Future:
         fut = self.slots.get(key)
@@ -245,6 +248,7 @@ class Mailbox:
         return sum(1 for k, f in self.slots.items() if k.box == box and f.done())
 
     async def room(self, box: str) -> None:
+        self.waits += self.failure is None and self.unread(box) >= self.limit
         while self.failure is None and self.unread(box) >= self.limit:
             self._freed.clear()
             await self._freed.wait()

@@ -224,8 +224,9 @@ class JobRuntime:
             """Peak accounting, for /status and tests, and the budget's enforcement: after every change of
             what this peer's stages hold (Stage.on_change: each state between two actions, not only those
             at a receive or send), all of them together. The planner refused a split whose predicted memory
-            (pipeline.planner.model, an upper bound of this) exceeds the budget, so going over is a bug."""
-            own = self.stage.memory_bytes(gradients=self.position not in roles.remote)
+            (pipeline.planner.model) exceeds the budget; going over means the model missed something (its
+            docstring says what it cannot see). A remote backward's owner keeps no gradients, in any mode."""
+            own = self.stage.memory_bytes(gradients=self.position not in self.roles_of["train"].remote)
             used = own + sum(st.memory_bytes() for st in self.backward_roles.values())
             self.peak_memory = max(self.peak_memory, used)
             if used > self.memory_budget:
@@ -239,10 +240,10 @@ class JobRuntime:
             except StopIteration:
                 return True, None
 
-        if self.memory_budget is not None:
-            owner.on_change = account
-            await self._compute(account)   # what the stage holds as the pass starts
         try:
+            if self.memory_budget is not None:
+                owner.on_change = account
+                await self._compute(account)   # what the stage holds as the pass starts
             done, req = await self._compute(advance, None)
             while not done:
                 value = None

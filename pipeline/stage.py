@@ -91,8 +91,9 @@ class Stage:
 
     def notify(self) -> None:
         """Tell the memory accounting (on_change), if any, that what the stage holds changed."""
-        if self.on_change is not None:
-            self.on_change()
+        hook = self.on_change   # (read once: the pass may clear it meanwhile)
+        if hook is not None:
+            hook()
 
     # compute ---------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, weights: dict[int, dict] | None = None) -> torch.Tensor:

@@ -18,6 +18,8 @@ from protocols.auth import sign_request
 from test_recovery import JOB, expected, shards  # noqa: F401  (shards: a fixture)
 
 SECRET = "the ring's secret"
+_T = JOB.index("--peer-timeout")
+STEADY = JOB[:_T] + JOB[_T + 2:]   # for tests not about detecting a lost peer: the default peer timeout
 
 
 def rejected(url: str) -> dict[str, float]:
@@ -39,7 +41,7 @@ def test_layer_state_corrupted_in_transit_is_refused_by_its_receiver_and_the_job
     sets, paths = shards
     ring = start_ring([["--data", p] for p in paths], env={1: {"SPLITRING_TEST_FAULT": "corrupt:swap_receive:1"}})
     coordinator = ring.agents[0]
-    failed = train_cli(coordinator.url, *JOB)
+    failed = train_cli(coordinator.url, *STEADY)
     assert failed.returncode == 1, failed.stderr
     assert "layer state does not match its checksum" in failed.stderr and ring.agents[1].peer_id in failed.stderr
     assert all(a.status()["stages"] == [] for a in ring.agents)   # nothing of the corrupted swap was kept
@@ -53,7 +55,7 @@ def test_a_receiver_whose_copy_is_not_what_was_sent_is_refused_by_the_sender(sta
     """The receiver answers with the checksum of what it got (here, a different one): the sender compares."""
     sets, paths = shards
     ring = start_ring([["--data", p] for p in paths], env={1: {"SPLITRING_TEST_FAULT": "lie:swap_receive:1"}})
-    failed = train_cli(ring.agents[0].url, *JOB)
+    failed = train_cli(ring.agents[0].url, *STEADY)
     assert failed.returncode == 1, failed.stderr
     assert f"layer transfer to {ring.agents[1].peer_id} failed verification" in failed.stderr, failed.stderr
     assert all(a.status()["stages"] == [] for a in ring.agents)
@@ -83,7 +85,7 @@ def test_duplicated_and_replayed_data_plane_messages_are_refused_and_the_model_i
     ring = start_ring([["--data", p] for p in paths],
                       env={0: {"SPLITRING_TEST_FAULT": "dup:send_fwd:3,replay:send_bwd:2"}})
     out = tmp_path / "model.pt"
-    summary = summary_of(train_cli(ring.agents[1].url, *JOB, "--out", str(out)))
+    summary = summary_of(train_cli(ring.agents[1].url, *STEADY, "--out", str(out)))
     assert summary["attempts"] == 1
     assert max_diff(load_out(out), expected(ring, sets, "nsplit")) <= 1e-5
     refused = [rejected(a.url) for a in ring.agents[1:]]
@@ -145,7 +147,8 @@ def test_a_receiver_that_falls_behind_stops_reading_and_the_model_is_exact(start
     cfg = JobConfig(epochs=1, batch_size=32, seed=5, microbatches=8)
     want = reference.train(cfg, [sets[ring.agents.index(a)] for a in ring.ring_order()]).state_dict()
     assert max_diff(load_out(out), want) <= 1e-5
-    assert ring.agents[1].status()["peak_unread_messages"] == 2   # backpressure held it at the limit
+    status = ring.agents[1].status()
+    assert status["peak_unread_messages"] == 2 and status["backpressure_waits"] > 0   # reading paused at the limit
     assert all(rejected(a.url) == {} for a in ring.agents)
 
 

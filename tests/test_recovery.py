@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import load_out, max_diff, save_npz, summary_of
+from conftest import load_out, max_diff, save_npz, summary_of, wait_until
 from peer.localring import train_cli
 from peer.state import audit
 from pipeline.jobplan import successor
@@ -47,16 +46,6 @@ def in_background(url: str, *args) -> tuple[threading.Thread, dict]:
     thread = threading.Thread(target=lambda: result.update(proc=train_cli(url, *args)))
     thread.start()
     return thread, result
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def rotation_of(agent) -> int:
@@ -101,7 +90,7 @@ def test_a_peer_killed_at_a_random_moment_and_restarted_leaves_the_model_exact(s
     victim, rotation, step = rng.choice(order[1:]), rng.randint(1, 6), rng.randint(1, 5)
     out = tmp_path / "model.pt"
     thread, result = in_background(order[0].url, *JOB, *SCHEMES[scheme], "--out", str(out))
-    wait_for(lambda: progress_of(victim) >= (rotation, step), 120, f"the job reaches step {step} of rotation {rotation}",
+    wait_until(lambda: progress_of(victim) >= (rotation, step), 120, f"the job reaches step {step} of rotation {rotation}",
              every=0.01)
     k = ring.agents.index(victim)
     ring.kill(k)
@@ -125,7 +114,7 @@ def test_a_peer_killed_during_a_swap_leaves_one_whole_version_and_the_model_exac
     coordinator = next(a for a in ring.ring_order() if a is not victim)
     out = tmp_path / "model.pt"
     thread, result = in_background(coordinator.url, *JOB, "--out", str(out))
-    wait_for(lambda: victim.proc.poll() is not None, 120, f"the victim kills itself at {point}")
+    wait_until(lambda: victim.proc.poll() is not None, 120, f"the victim kills itself at {point}")
     ring.restart(1)
     thread.join(300)
     summary = summary_of(result["proc"])
@@ -141,10 +130,10 @@ def test_a_hung_peer_is_detected_by_the_peer_timeout_and_rejoins_after_sigcont(s
     hung = order[1]
     out = tmp_path / "model.pt"
     thread, result = in_background(order[0].url, *JOB, "--out", str(out))
-    wait_for(lambda: rotation_of(hung) >= 2, 120, "the job reaches rotation 2")
+    wait_until(lambda: rotation_of(hung) >= 2, 120, "the job reaches rotation 2")
     hung.proc.send_signal(signal.SIGSTOP)
     try:
-        wait_for(lambda: any(s.get("event") in ("lost", "rollback") for s in order[0].status()["jobs"].values()),
+        wait_until(lambda: any(s.get("event") in ("lost", "rollback") for s in order[0].status()["jobs"].values()),
                  120, "the coordinator declares the hung peer lost")
     finally:
         hung.proc.send_signal(signal.SIGCONT)
@@ -164,7 +153,7 @@ def test_the_coordinator_killed_mid_job_and_resumed_from_another_peer_finishes_e
     order = ring.ring_order()
     coordinator, other = order[0], order[2]
     thread, result = in_background(coordinator.url, *JOB)
-    wait_for(lambda: rotation_of(other) >= 3, 120, "the job reaches rotation 3")
+    wait_until(lambda: rotation_of(other) >= 3, 120, "the job reaches rotation 3")
     k = ring.agents.index(coordinator)
     ring.kill(k)
     thread.join(60)
@@ -172,7 +161,7 @@ def test_the_coordinator_killed_mid_job_and_resumed_from_another_peer_finishes_e
     survivors = [a for a in ring.agents if a is not coordinator]
     # nobody keeps a stage for a job nobody drives: each survivor frees it and holds the job, because its
     # coordinator fell silent for peer_timeout
-    held = wait_for(lambda: all(a.status()["stages"] == [] and a.status()["held"] for a in survivors), 120,
+    held = wait_until(lambda: all(a.status()["stages"] == [] and a.status()["held"] for a in survivors), 120,
                     "the survivors free their stages and hold the job")
     job = survivors[0].status()["held"][0]["job"]
     for a in survivors:
@@ -192,7 +181,7 @@ def test_after_a_power_cut_every_agent_restarted_and_resume_finishes_exact(start
     ring = start_ring([["--data", p] for p in paths])
     order = ring.ring_order()
     thread, result = in_background(order[0].url, *JOB)
-    wait_for(lambda: rotation_of(order[1]) >= 4, 120, "the job reaches rotation 4")
+    wait_until(lambda: rotation_of(order[1]) >= 4, 120, "the job reaches rotation 4")
     job = order[1].status()["stages"][0]["job"]
     for k in range(3):
         ring.kill(k)
@@ -212,7 +201,7 @@ def test_ctrl_c_stops_the_job_cleanly_and_resume_finishes_it_exact(start_ring, s
     order = ring.ring_order()
     proc = subprocess.Popen([sys.executable, "-m", "peer", "train", "--peer", order[0].url, *JOB],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: rotation_of(order[1]) >= 2, 120, "the job reaches rotation 2")
+    wait_until(lambda: rotation_of(order[1]) >= 2, 120, "the job reaches rotation 2")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "resume it with `splitring train --resume" in err, err
@@ -253,7 +242,7 @@ def lose_for_good(start_ring, tmp_path, args: list[str], at_rotation: int):
     out = tmp_path / "model.pt"
     thread, result = in_background(order[0].url, *args, "--peer-timeout", "3", "--rejoin-timeout", "2",
                                    "--model-options", "depth=3", "--split", "even", "--out", str(out))  # a layer each
-    wait_for(lambda: rotation_of(victim) >= at_rotation, 120, f"the job reaches rotation {at_rotation}")
+    wait_until(lambda: rotation_of(victim) >= at_rotation, 120, f"the job reaches rotation {at_rotation}")
     ring.kill(ring.agents.index(victim))
     thread.join(300)
     summary = summary_of(result["proc"])

@@ -167,7 +167,7 @@ def well_formed(msg) -> bool:
         if kind is NAT:
             return type(value) is int and value >= 0
         return isinstance(value, kind)
-    if not isinstance(msg, dict) or msg.get("v") != 1:   # (v == 1: True and 1.0 pass too, see the xfail below)
+    if not isinstance(msg, dict) or type(msg.get("v")) is not int or msg["v"] != 1:   # (True and 1.0 are no version)
         return False
     kind = msg.get("type")
     if not isinstance(kind, str) or kind not in REQUIRED:

@@ -143,7 +143,8 @@ def show(events, args, command: str, seen: dict):
                 bar.close()
             if kind == "failed":
                 print(f"splitring {command}: job failed: {ev['error']}"
-                      + (f"\nits last commit is kept: resume it with `splitring train --resume {ev['job']}`"
+                      + (f"\nits journal is kept: resume it from its last commit with `splitring train --resume "
+                         f"{ev['job']}`"
                          if ev.get("resumable") else ""), file=sys.stderr)
                 return 1
             print(f"splitring {command}: job {ev['job']} stopped ({ev['reason']})"

@@ -39,6 +39,7 @@ class WorkService(Service):
         self.held: dict[str, dict] = {}   # jobs whose coordinator fell silent: their state waits on disk for resume
         self.peak_memory = 0  # over every job this agent ran
         self.peak_unread = 0  # most data-plane messages of one job and kind that waited unread, over every job
+        self.backpressure_waits = 0   # deliveries that waited for room in a mailbox, over every ended job
         self.m_peak = Gauge("splitring_stage_memory_peak_bytes", "most memory a stage of this agent has held",
                             registry=node.registry)
         self.m_held = Counter("splitring_jobs_held", "jobs this agent stopped working on because their "
@@ -65,6 +66,7 @@ class WorkService(Service):
     def status(self) -> dict:
         return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
                 "peak_unread_messages": max([self.peak_unread] + [rt.mailbox.peak_unread for rt in self.jobs.values()]),
+                "backpressure_waits": self.backpressure_waits + sum(rt.mailbox.waits for rt in self.jobs.values()),
                 "stages": [rt.status() for rt in self.jobs.values()], "held": list(self.held.values())}
 
     async def start(self):
@@ -83,9 +85,20 @@ class WorkService(Service):
                     self.hold(job, f"its coordinator {rt.coordinator} was silent for {silent:.0f} s (peer_timeout "
                                    f"{rt.cfg.peer_timeout:.0f} s)")
 
+    def retire(self, job: str):
+        """Take a job's runtime out of service (ended, aborted, held or replaced), keeping its peaks in this
+        agent's own; the runtime, or None."""
+        rt = self.jobs.pop(job, None)
+        if rt is not None:
+            self.peak_memory = max(self.peak_memory, rt.peak_memory)
+            self.peak_unread = max(self.peak_unread, rt.mailbox.peak_unread)
+            self.backpressure_waits += rt.mailbox.waits
+            self.m_peak.set(self.peak_memory)
+        return rt
+
     def hold(self, job: str, reason: str) -> None:
         """Stop working on a job and free its stage; its committed state stays on disk for resume."""
-        rt = self.jobs.pop(job, None)
+        rt = self.retire(job)
         if rt is None:
             return
         log.warning("job %s: stopped and held for resume: %s", job, reason)
@@ -171,7 +184,7 @@ class WorkService(Service):
             raise JobError(f"job {msg['job']} is driven by its coordinator {old.coordinator}, heard from "
                            f"{time.monotonic() - old.heard:.0f} s ago: one coordinator per job")
         if old is not None:   # a peer that hung through the job's failure: its earlier attempt ends here
-            self.jobs.pop(msg["job"]).abort(f"the job was resumed as attempt {attempt}")
+            self.retire(msg["job"]).abort(f"the job was resumed as attempt {attempt}")
         self.held.pop(msg["job"], None)
         if cfg.scheme in PARALLEL_SCHEMES:
             self.jobs[msg["job"]] = ParallelRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
@@ -345,7 +358,7 @@ class WorkService(Service):
 
     @serves("abort")
     async def abort(self, msg, request):
-        rt = self.jobs.pop(msg["job"], None)
+        rt = self.retire(msg["job"])
         if rt:
             log.warning("job %s aborted: %s", msg["job"], msg["reason"])
             rt.abort(msg["reason"])
@@ -353,12 +366,7 @@ class WorkService(Service):
 
     @serves("end")
     async def end(self, msg, request):
-        rt = self.jobs.pop(msg["job"], None)
-        if rt:
-            self.peak_memory = max(self.peak_memory, rt.peak_memory)
-            self.peak_unread = max(self.peak_unread, rt.mailbox.peak_unread)
-            self.m_peak.set(self.peak_memory)
-        return {"ended": rt is not None}
+        return {"ended": self.retire(msg["job"]) is not None}
 
     async def params(self, request):
         """The layers this peer holds for a job (CBOR): what the coordinator collects at the end."""

@@ -49,7 +49,8 @@ def packed_assignment(inst: Instance) -> list[int]:
             assignment[j], used[h] = h, used[h] + inst.demand[j]
         return assignment
     except Infeasible:
-        pass
+        if len(set(inst.demand)) == 1:   # equal demands (as live jobs have): first fit is exact
+            raise Infeasible(f"no assignment of the {inst.clients} clients fits the helpers' memory") from None
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -57,7 +58,10 @@ def packed_assignment(inst: Instance) -> list[int]:
     once = np.kron(np.eye(k), np.ones(n))
     room = np.kron(np.array(inst.demand, float), np.eye(n))   # row h: the demand placed on helper h
     res = milp(np.zeros(k * n), integrality=np.ones(k * n), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(once, 1, 1), LinearConstraint(room, -np.inf, np.array(inst.capacity))])
+               constraints=[LinearConstraint(once, 1, 1), LinearConstraint(room, -np.inf, np.array(inst.capacity))],
+               options={"time_limit": 60})
+    if res.status == 1:   # time limit, no assignment found yet
+        raise Infeasible(f"no assignment of the {k} clients that fits the helpers' memory was found in 60 s")
     if res.x is None:
         raise Infeasible(f"no assignment of the {k} clients fits the helpers' memory")
     return [int(np.argmax(res.x[j * n:(j + 1) * n])) for j in range(k)]
