@@ -107,7 +107,7 @@ class Links:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._seq = itertools.count()
         self.errors: list[dict] = []  # error replies received (most recent last, bounded)
-        self._replay: dict[tuple[str, str], list] = {}   # see peer.faults
+        self._replay: dict[tuple[str, str], list] = {}   # (url, message type) -> a frame to send again: peer.faults
 
     async def _open(self, url: str) -> Link:
         stream = await connect(url, MAX_DATA_FRAME)
@@ -174,20 +174,20 @@ class Links:
         parts = await self.codec.encode_parts(msg, policy)
         link = await self.get(url)
         if faults.FAULTS:
-            await self._send_with_faults(link, (url, msg["type"]), parts)
+            await self._send_with_faults(link, url, msg["type"], parts)
         else:
             await link.stream.send(parts)
 
-    async def _send_with_faults(self, link: Link, kind: tuple[str, str], parts: list) -> None:
-        """send, with the test faults dup and replay (peer.faults); kind: (destination, message type)."""
-        fault = faults.reach(f"send_{kind[1]}")
-        if kind in self._replay:
-            await link.stream.send(self._replay.pop(kind))
+    async def _send_with_faults(self, link: Link, url: str, kind: str, parts: list) -> None:
+        """send, with the test faults dup and replay (peer.faults)."""
+        fault = faults.reach(f"send_{kind}")
+        if (url, kind) in self._replay:
+            await link.stream.send(self._replay.pop((url, kind)))
         await link.stream.send(parts)
         if fault == "dup":
             await link.stream.send(parts)
         elif fault == "replay":
-            self._replay[kind] = parts
+            self._replay[url, kind] = parts
 
     async def ping(self, url: str, data: torch.Tensor | None = None, timeout: float = 60.0) -> float:
         """One round trip through the data plane (a ping carrying `data`, and its pong), in seconds."""
@@ -256,10 +256,11 @@ class Mailbox:
     def deliver(self, key: MessageKey, payload: dict) -> None:
         if key in self.consumed or (key in self.slots and self.slots[key].done()):
             raise ProtocolError("duplicate", f"duplicate message {key}")
-        if self.unread(key.box) >= self.limit:
+        unread = self.unread(key.box)
+        if unread >= self.limit:
             raise ProtocolError("overflow", f"{self.limit} {key.box} messages already wait unread")
         self._slot(key).set_result(payload)
-        self.peak_unread = max(self.peak_unread, self.unread(key.box))
+        self.peak_unread = max(self.peak_unread, unread + 1)
 
     def ready(self, key: MessageKey) -> bool:
         """Whether get(key) would return at once."""
