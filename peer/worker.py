@@ -232,7 +232,8 @@ class JobRuntime:
             if used > self.memory_budget:
                 raise JobError(f"peer {self.me} holds {used} bytes during the pass (rotation {self.rotation}, "
                                f"stage {stage}), over its memory budget of {self.memory_budget} by "
-                               f"{used - self.memory_budget}: the job stops before the kernel runs out of memory")
+                               f"{used - self.memory_budget}: the job stops before the kernel runs out of memory "
+                               f"(restarted with a larger --memory-budget, this agent lets it resume)")
 
         def advance(value):
             try:
