@@ -39,7 +39,7 @@ class WorkService(Service):
         self.held: dict[str, dict] = {}   # jobs whose coordinator fell silent: their state waits on disk for resume
         self.peak_memory = 0  # over every job this agent ran
         self.peak_unread = 0  # most data-plane messages of one job and kind that waited unread, over every job
-        self.backpressure_waits = 0   # deliveries that waited for room in a mailbox, over every ended job
+        self.backpressure_waits = 0   # deliveries that waited for room in a mailbox, over every retired job
         self.m_peak = Gauge("splitring_stage_memory_peak_bytes", "most memory a stage of this agent has held",
                             registry=node.registry)
         self.m_held = Counter("splitring_jobs_held", "jobs this agent stopped working on because their "
