@@ -15,7 +15,7 @@ from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
 from pipeline.execute import Recv, Send, StepDone, run_backward_role, run_forward_role, run_program
 from pipeline.local import make_step_input
 from pipeline.models import activation_shapes, build_layer, input_shape
-from pipeline.stage import Stage, checksum
+from pipeline.stage import Stage, checksum, peer_memory
 from peer.client import JobError, PeerClient
 from peer.dataplane import MAILBOX_LIMIT, Links, Mailbox, wire_policy
 from protocols import ProtocolError, message
@@ -226,8 +226,7 @@ class JobRuntime:
             at a receive or send), all of them together. The planner refused a split whose predicted memory
             (pipeline.planner.model) exceeds the budget; going over means the model missed something (its
             docstring says what it cannot see). A remote backward's owner keeps no gradients, in any mode."""
-            own = self.stage.memory_bytes(gradients=self.position not in self.roles_of["train"].remote)
-            used = own + sum(st.memory_bytes() for st in self.backward_roles.values())
+            used = peer_memory(self.stage, self.backward_roles.values(), self.position in self.roles_of["train"].remote)
             self.peak_memory = max(self.peak_memory, used)
             if used > self.memory_budget:
                 raise JobError(f"peer {self.me} holds {used} bytes during the pass (rotation {self.rotation}, "

@@ -8,7 +8,7 @@ from pipeline.config import JobConfig
 from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
 from pipeline.execute import (Recv, Send, StepDone, StepInput, StepResult, run_backward_role, run_forward_role,
                               run_program)
-from pipeline.stage import Stage
+from pipeline.stage import Stage, peer_memory
 from protocols.errors import SplitringError
 
 
@@ -78,8 +78,7 @@ def watch_memory(peaks: list[int], stages: list[Stage], hosted: list[Stage], rol
         mine = [hosted[p - n] for p in range(n, roles.programs) if roles.host(p) == j]
 
         def update():
-            used = stages[j].memory_bytes(gradients=j not in roles.remote) + sum(st.memory_bytes() for st in mine)
-            peaks[j] = max(peaks[j], used)
+            peaks[j] = max(peaks[j], peer_memory(stages[j], mine, j in roles.remote))
         return update
 
     for j, st in enumerate(stages):

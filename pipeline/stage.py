@@ -304,6 +304,12 @@ class Stage:
             self.add(int(i), module, optim)
 
 
+def peer_memory(own: Stage, hosted, remote_owner: bool) -> int:
+    """What one peer holds in a pass: its own stage (without gradients when its backward runs elsewhere)
+    and the backward roles it hosts (peer.worker and pipeline.local account alike)."""
+    return own.memory_bytes(gradients=not remote_owner) + sum(st.memory_bytes() for st in hosted)
+
+
 def checksum(layers: dict[int, dict]) -> str:
     """sha256 over every tensor of exported layers, in a canonical order."""
     h = hashlib.sha256()
