@@ -9,7 +9,7 @@ import signal
 from aiohttp import web
 
 from peer.node import Node
-from peer.services import CoordinationService, DataService, StatusService, WorkService
+from peer.services import CoordinationService, DashboardService, DataService, StatusService, WorkService
 
 log = logging.getLogger("splitring.agent")
 
@@ -22,7 +22,7 @@ class Agent(Node):
         self.work = WorkService(self)
         self.coordination = CoordinationService(self, self.work)
         self.mount(StatusService(self, self.work, self.coordination), DataService(self, self.work.deliver),
-                   self.coordination, self.work)
+                   self.coordination, self.work, DashboardService(self, self.work, self.coordination))
 
 
 async def serve(agent: Agent, ready=None) -> None:

@@ -24,6 +24,7 @@ from pipeline.planner import Device, LayerCost, too_big
 from pipeline.profiling import microbatch_rows, optimizer_state_ratio
 from peer.limits import JOB_LIMITS
 from peer.client import JobError, PeerClient, Unanswered
+from peer.trace import History, clock_offset, timeline
 
 log = logging.getLogger("splitring.coordinator")
 EVENTS_KEPT = 256   # a job's last events, for /jobs/ID and /status (listeners get every one as it happens)
@@ -31,6 +32,7 @@ ECHO_S = 1.0        # after a stage's failure, how long to wait for the other st
 SILENT_S = 2.0      # a peer that does not answer a heartbeat within this is named as the silent one
 MAX_RECOVERIES = 32  # peers lost in one job before it stops (resumable) rather than roll back again
 TRANSFER_S = 600.0   # deadline of a call that moves or restores stage state (the heartbeats watch the peer meanwhile)
+NOTED = ("lost", "rollback", "rejoined", "resumed", "replanned", "failed", "stopped")   # shown on a dashboard
 
 
 class Coordinator:
@@ -64,11 +66,19 @@ class Coordinator:
         self.summary: dict | None = None
         self.staleness: list[int] = []   # fast-async: how many steps had forward weights 0, 1, ... steps old
         self.steady = SteadyRate()
+        self.history = History()   # loss, samples/s and accuracy over the job, for the dashboard and plots
+        self.t0 = time.perf_counter()
+        self.current: dict | None = None   # the pass running now: its plan (the plan event's fields)
+        self.timeline: dict | None = None  # one training step of every stage, at the job's end
+        self.started: dict | None = None   # the started event
+        self._live: tuple[float, dict] | None = None   # (when, timeline) for watchers, fetched at most once a second
         self.correct = self.evaluated = 0   # the last evaluation's
         self.task: asyncio.Task | None = None
 
     # --- events -------------------------------------------------------------------------------
     def emit(self, event: dict) -> None:
+        if event["event"] == "started":
+            self.started = event
         self.events.append(event)
         for q in self.listeners:
             q.put_nowait(event)
@@ -141,7 +151,7 @@ class Coordinator:
                 for p in plan.one_epoch()]
 
     async def run(self) -> None:
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         self.emit({"event": "accepted", "job": self.job})
         try:
             await self._run(t0)
@@ -361,6 +371,9 @@ class Coordinator:
             if len(prog.plans) < JOB_LIMITS.summary_plans:
                 prog.plans.append(step.to_dict())
             prog.bytes_moved += step.bytes_moved
+            self.current = {**step.to_dict(), "chain": step.active, "epoch": step.epoch,
+                            "predicted": {s.peer: {"compute_s": s.compute_s, "send_s": s.send_s}
+                                          for s in step.split.stages}}
             self.emit({"event": "plan", **step.to_dict()})
             tc = time.perf_counter()
             await self._commit(step, version, by_id)
@@ -377,8 +390,11 @@ class Coordinator:
             prog.last_loss = loss if loss is not None else prog.last_loss
             if step.ends_epoch:
                 prog.accuracy = await self._evaluate(step.active, by_id, step.rotation) if step.evaluate else None
-                self.emit({"event": "epoch", "epoch": step.epoch + 1, "loss": prog.last_loss,
-                           "accuracy": prog.accuracy, "eval_peer": step.head if step.evaluate else None})
+                point = {"seconds": time.perf_counter() - self.t0, "job_step": prog.steps, "epoch": step.epoch + 1,
+                         "loss": prog.last_loss, "accuracy": prog.accuracy}
+                self.history.add("epochs", point)
+                self.emit({"event": "epoch", **point, "eval_peer": step.head if step.evaluate else None})
+        self.timeline = await self.traces(self.current["chain"] if self.current else [], by_id)
         model = await self._collect(ring)
         path = await asyncio.to_thread(self.save_model, self.job, model)
         del model
@@ -422,7 +438,41 @@ class Coordinator:
                 "max_staleness": cfg.max_staleness if cfg.scheme == "fast-async" else 0,
                 "staleness": self.staleness, "model_file": model_file,
                 "attempts": self.attempt + 1, "recoveries": self.recoveries, "lost": self.journal["lost"],
-                "skipped": self.journal["skipped"]}
+                "skipped": self.journal["skipped"], "history": self.history.to_dict(), "stages": prog.stages,
+                "timeline": self.timeline}
+
+    async def watched_view(self, after: dict) -> dict:
+        """What a dashboard shows of this job: its facts, the pass running now with its plan, the history
+        points past `after` (series -> seconds of the last point the watcher has), each stage's time per
+        kind so far, and one recent step of every stage (the timeline)."""
+        last = self.events[-1] if self.events else {}
+        step = next((e for e in reversed(self.events) if e["event"] == "step"), None)
+        running = self.task is not None and not self.task.done()
+        if running and self.current:
+            now = time.monotonic()
+            if self._live is None or now - self._live[0] > 1.0:
+                self._live = (now, await self.traces(self.current["chain"], {p["peer"]: p for p in self.ring}))
+            timeline_now = self._live[1]
+        else:
+            timeline_now = self.timeline
+        started = self.started or {}
+        return {"job": self.job, "scheme": self.cfg.scheme, "coordinator": self.me["peer"],
+                "state": last.get("event", "starting") if not running else "running", "ring": started.get("ring", []),
+                "urls": started.get("urls", {}), "total_steps": started.get("total_steps"), "current": self.current,
+                "last_step": step, "notes": [e for e in self.events if e["event"] in NOTED][-8:],
+                "history": {name: self.history.points(name, after.get(name)) for name in self.history.series},
+                "stages": self.progress.stages, "timeline": timeline_now, "summary": self.summary}
+
+    async def traces(self, peers: list[str], by_id: dict) -> dict:
+        """One training step of each of these peers' stages (their latest, as they traced it), on this
+        peer's clock (peer.trace.timeline): for the summary's and the dashboard's timeline."""
+        async def one(peer: str):
+            sent = time.monotonic()
+            reply = await self.client.call(by_id[peer], "trace", timeout=5, params={"job": self.job})
+            return reply["spans"], clock_offset(sent, time.monotonic(), reply["now"])
+        replies = await asyncio.gather(*(one(p) for p in peers), return_exceptions=True)
+        got = {p: r for p, r in zip(peers, replies) if not isinstance(r, BaseException)}
+        return timeline({p: r[0] for p, r in got.items()}, {p: r[1] for p, r in got.items()})
 
     # --- recovery -------------------------------------------------------------------------------
     async def _recover(self, e: "PeerLost") -> None:
@@ -507,10 +557,13 @@ class Coordinator:
             if self.cfg.scheme == "fast-async":
                 self.staleness += [0] * (staleness + 1 - len(self.staleness))
                 self.staleness[staleness] += 1
-            self.steady.step(time.perf_counter(), tail["samples"])
-            self.emit({"event": "step", "epoch": epoch + 1, "rotation": rotation, "head": active[0],
-                       "step": tail["step"] + 1, "steps": tail["steps"], "loss": tail["loss"], "staleness": staleness,
-                       "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
+            now = time.perf_counter()
+            self.steady.step(now, tail["samples"])
+            point = {"seconds": now - self.t0, "job_step": self.progress.steps + tail["step"] + 1, "epoch": epoch + 1,
+                     "rotation": rotation, "loss": tail["loss"], "samples_per_s": seen / max(now - t0, 1e-9)}
+            self.history.add("steps", point)
+            self.emit({"event": "step", **point, "head": active[0], "step": tail["step"] + 1, "steps": tail["steps"],
+                       "staleness": staleness})
 
         async def run(peer: str):
             nonlocal seen, steps, loss
@@ -525,6 +578,8 @@ class Coordinator:
                         self.evaluated += ev["samples"]
                     if mode == "train" and ev.get("event") in ("step", "stage_step"):
                         report(ev)
+                    if mode == "train" and ev.get("event") == "end":
+                        self.progress.add_stage(peer, ev)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 raise PassFailed(peer, f"its connection to the coordinator broke during the pass ({e!r})",
                                  "link") from None
@@ -596,6 +651,13 @@ class Progress:
     last_loss: float | None = None
     accuracy: float | None = None
     plans: list = field(default_factory=list)
+    stages: dict = field(default_factory=dict)   # peer -> seconds busy, waiting and sending, and steps, in training
+
+    def add_stage(self, peer: str, end: dict) -> None:
+        """A stage's report at the end of its pass (JobRuntime.run_pass)."""
+        mine = self.stages.setdefault(peer, {"busy_s": 0.0, "wait_s": 0.0, "send_s": 0.0, "steps": 0})
+        for k in mine:
+            mine[k] += end.get(k, 0)
 
 
 class PassFailed(JobError):

@@ -74,7 +74,7 @@ class ParallelCoordinator(Coordinator):
                    "missing": self.view.missing(), "layers": len(self.sizes), "samples": samples,
                    "config": cfg.to_dict(), "total_steps": per_round * cfg.rounds,
                    "clients": clients, "helpers": helpers, "labels": p.labels()})
-        history, loss, accuracy, trained, resolved = [], None, None, 0, False
+        loss, accuracy, trained, resolved, all_bytes = None, None, 0, False, 0
         train_seconds = 0.0
         for rnd in range(cfg.rounds):
             assignment, orders = schedule
@@ -105,13 +105,16 @@ class ParallelCoordinator(Coordinator):
             data_bytes = sum(self._data_bytes(p, shapes, v) for v in sizes)
             ran = {h: [[t["client"], t["kind"]] for t in reports[h]["tasks"] if t["step"] == 0] for h in helpers
                    if h in reports}
-            record = {"round": rnd, "loss": loss, "accuracy": accuracy, "makespan_s": makespan, "predicted_s": predicted,
+            all_bytes += data_bytes + moved
+            record = {"round": rnd, "seconds": time.perf_counter() - self.t0, "loss": loss, "accuracy": accuracy,
+                      "makespan_s": makespan, "predicted_s": predicted,
                       "round_s": round_s, "helper_busy": busy, "bytes": data_bytes + moved, "resolved": resolved,
                       "helper_compute_s": {h: sum(t["end"] - t["start"] for t in reports[h]["tasks"])
                                            for h in helpers if h in reports}}
             self.emit({"event": "round", **record, **plan, "ran": ran})
             # the summary keeps every round's figures, and the schedules of the first rounds (and re-solved ones)
-            history.append({**record, **plan, "ran": ran} if rnd < JOB_LIMITS.summary_plans or resolved else record)
+            self.history.add("rounds", {**record, **plan, "ran": ran} if rnd < JOB_LIMITS.summary_plans or resolved
+                             else record)
             # what this round measured replaces the instance's times; a drift from the prediction re-solves,
             # and the new schedule is taken if it is predicted to be shorter on the measured times
             seen = self.measured(reports, clients, helpers, assignment, links, sizes, cfg.batch_size, p.u_shaped, sl)
@@ -130,8 +133,8 @@ class ParallelCoordinator(Coordinator):
                         "samples_per_s": trained / max(train_seconds, 1e-9), "seconds": time.perf_counter() - t0,
                         "ring": [q["peer"] for q in peers], "clients": clients, "helpers": helpers,
                         "cut": [p.a, p.b], "labels": p.labels(), "assign": cfg.assign,
-                        "local_steps": cfg.local_steps, "layers": len(self.sizes), "history": history,
-                        "bytes_per_round": sum(r["bytes"] for r in history) / len(history),
+                        "local_steps": cfg.local_steps, "layers": len(self.sizes), "history": self.history.to_dict(),
+                        "bytes_per_round": all_bytes / cfg.rounds,
                         "model_file": str(path)}
         await self.call_all(peers, "end", job=self.job)
         self.emit({"event": "done", "summary": self.summary})

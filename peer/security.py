@@ -36,7 +36,8 @@ from protocols.auth import (H_AUTH, H_NONCE, H_REPLY, NONCE_BYTES, ReplayCache, 
 
 log = logging.getLogger("splitring.security")
 PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
-PUBLIC = "/status"           # GET without a signature: public facts only
+# GET without a signature: public facts only (the dashboard's routes show more only to a ring member's session)
+PUBLIC = {"/status", "/", "/dashboard/state", "/dashboard/events", "/dashboard/login"}
 IN_BAND = {"/ws", "/data"}   # the data plane authenticates in its own handshake
 
 
@@ -153,7 +154,7 @@ class Guard:
             if not self.allow(request):
                 return _refusal(429, "rate", "too many new connections from this address; slow down")
             return await handler(request)
-        if self.key is None or (request.method == "GET" and request.path == PUBLIC and H_AUTH not in request.headers):
+        if self.key is None or (request.method == "GET" and request.path in PUBLIC and H_AUTH not in request.headers):
             return await handler(request)
         try:
             nonce = check_request_headers(self.key, request.headers, request.method, request.raw_path, time.time(),

@@ -18,11 +18,13 @@ from pipeline.models import activation_shapes, build_layer, input_shape
 from pipeline.stage import Stage, checksum, peer_memory
 from peer.client import JobError, PeerClient
 from peer.dataplane import MAILBOX_LIMIT, Links, Mailbox, wire_policy
+from peer.trace import Trace
 from protocols import ProtocolError, message
 
 log = logging.getLogger("splitring.worker")
 EVAL_BATCH = 256
 TRANSFER_S = 600.0   # deadline of moving a stage's state to another peer (a swap, a replica)
+LABELS = {"fwd": "F", "bwd": "B"}   # a traced action's label: what it computed, awaited or sent, and its microbatch
 
 
 class JobRuntime:
@@ -55,6 +57,7 @@ class JobRuntime:
         self._shapes_of: dict[tuple, dict] = {}
         self.backward_roles: dict[int, Stage] = {}   # program -> stage: other stages' backward run here (this pass)
         self.progress = {"rotation": -1, "step": 0, "loss": None}
+        self.trace = Trace()   # what each action of this peer's passes took (busy, waiting, sending)
         self.task: asyncio.Task | None = None
 
     # --- helpers ------------------------------------------------------------------------------
@@ -240,19 +243,38 @@ class JobRuntime:
             except StopIteration:
                 return True, None
 
+        trace, clock, step, received = self.trace, self.trace.clock, 0, ""
+
+        def traced(kind: str, label: str, since: float) -> None:
+            trace.add(kind, label, self.rotation, mode, step, since, clock())
+
+        async def compute(value):
+            """A computation, named after what it produced (a message, a step), else what it took in."""
+            nonlocal step
+            t = clock()
+            done, req = await self._compute(advance, value)
+            step = step if done else req.step
+            traced("busy", "step" if isinstance(req, StepDone) else
+                   f"{LABELS.get(req.kind, req.kind)}{req.mb}" if isinstance(req, Send) else received, t)
+            return done, req
+
         try:
             if self.memory_budget is not None:
                 owner.on_change = account
                 await self._compute(account)   # what the stage holds as the pass starts
-            done, req = await self._compute(advance, None)
+            done, req = await compute(None)
             while not done:
                 value = None
                 if isinstance(req, Recv):
                     key = MessageKey(self.rotation, mode, req.step, box_of(req.kind, stage), req.mb)
+                    t = clock()
                     while req.slack and not self.mailbox.ready(key) and await self._compute(owner.work_ahead):
-                        pass
+                        traced("busy", "ahead", t)
+                        t = clock()
                     try:
                         value = await self.mailbox.get(key, self.cfg.recv_timeout)
+                        received = f"{LABELS.get(req.kind, req.kind)}{req.mb}"
+                        traced("wait", received, t)
                     except TimeoutError:
                         silent = self.chain[roles.host(roles.sender(program, req.kind))]
                         raise TimeoutError(f"peer {silent} sent nothing for {self.cfg.recv_timeout:.0f} s (peer "
@@ -264,6 +286,7 @@ class JobRuntime:
                     assert isinstance(req, Send)
                     to = roles.to(program, req.kind)
                     dest = self.chain[roles.host(to)]
+                    t = clock()
                     if dest == self.me:   # to another program of this peer (a backward role hosted here)
                         key = MessageKey(self.rotation, mode, req.step, box_of(req.kind, roles.stage(to)), req.mb)
                         await self.mailbox.room(key.box)
@@ -275,7 +298,8 @@ class JobRuntime:
                         if req.kind == "fwd":
                             msg["mode"] = mode
                         await self.links.send(self.urls[dest], msg, wire_policy(self.cfg))
-                done, req = await self._compute(advance, value)
+                    traced("send", f"{LABELS.get(req.kind, req.kind)}{req.mb}", t)
+                done, req = await compute(value)
         finally:
             owner.on_change = None
 
@@ -320,6 +344,7 @@ class JobRuntime:
             program = S.pass_program(self.cfg.scheme, self.cfg.pipeline, pos, n, mbs, k)
             gens = {pos: run_program(self.stage, program, pos, n, sizes, head_inputs)}
         t0 = time.perf_counter()
+        self.trace.new_pass()
 
         def step_done(stage: int):
             async def done(step, result):
@@ -336,7 +361,8 @@ class JobRuntime:
             for t in tasks:
                 t.cancel()
             self.backward_roles = {}
-        return {"steps": len(sizes), "seconds": time.perf_counter() - t0}
+        return {"steps": len(sizes), "seconds": time.perf_counter() - t0,
+                **{f"{kind}_s": s for kind, s in self.trace.totals.items()}}
 
     def abort(self, reason: str) -> None:
         self.mailbox.fail(JobError(reason))

@@ -111,6 +111,33 @@ class ReplayCache:
         self._seen[nonce] = now + 2 * self.window
 
 
+# --- dashboard links ----------------------------------------------------------------------------
+DASHBOARD_LINK_S = 120   # how long a dashboard link waits to be opened (once)
+
+
+def dashboard_link(key: bytes, peer: str, now: float, ttl: float = DASHBOARD_LINK_S) -> dict[str, str]:
+    """The query of a one-time link to `peer`'s private dashboard view (`splitring dashboard`): it proves
+    knowledge of the ring key without carrying it, names the peer it is for and expires after ttl."""
+    expires, nonce = str(int(now + ttl)), new_nonce()
+    return {"peer": peer, "expires": expires, "nonce": nonce, "mac": mac(key, "dashboard", peer, expires, nonce).hex()}
+
+
+def check_dashboard_link(key: bytes, peer: str, query, now: float, ttl: float = DASHBOARD_LINK_S) -> str:
+    """The link's nonce (for the caller to admit once), or ProtocolError saying why the link is refused."""
+    fields = {k: query.get(k) for k in ("peer", "expires", "nonce", "mac")}
+    if not all(isinstance(v, str) and v for v in fields.values()) or not fields["expires"].isdigit():
+        raise ProtocolError("unauthenticated", "not a dashboard link: make one with `splitring dashboard`")
+    if fields["peer"] != peer:
+        raise ProtocolError("unauthenticated", f"this dashboard link is for peer {fields['peer']}, not {peer}")
+    expires = int(fields["expires"])
+    if expires < now or expires > now + ttl + MAX_SKEW:
+        raise ProtocolError("stale", "this dashboard link has expired: make a new one with `splitring dashboard`")
+    want = mac(key, "dashboard", peer, fields["expires"], fields["nonce"]).hex()
+    if not hmac.compare_digest(want, fields["mac"]):
+        raise ProtocolError("unauthenticated", "this dashboard link was not made with the ring secret")
+    return fields["nonce"]
+
+
 # --- data plane handshake -----------------------------------------------------------------------
 def handshake_proof(key: bytes, role: str, client_nonce: bytes, server_nonce: bytes, client: str, server: str,
                     fingerprint: str = "") -> bytes:

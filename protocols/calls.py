@@ -44,6 +44,7 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     Call("follow_job", "GET", "/jobs/{job}/events", None, stream=True, events=JOB_EVENTS),
     Call("jobs", "GET", "/jobs", None, {"jobs": List}),
     Call("journal", "GET", "/jobs/{job}/journal", None, {"journal": (Dict, Opt)}),
+    Call("job_view", "POST", "/jobs/{job}/view", "job_view", {"job": Str, "view": Dict}),   # for a dashboard
     Call("data_probe", "POST", "/data/probe", "data_probe", {"url": Str, "bytes": Int, "count": Int,
                                                              "seconds": Float}),
     # a coordinator's calls to the peers of its job
@@ -57,6 +58,8 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     Call("swap_send", "POST", "/job/swap/send", "swap_send", {"sent": Int}),
     Call("abort", "POST", "/job/abort", "job_abort", {"aborted": Bool}),
     Call("end", "POST", "/job/end", "job_end", {"ended": Bool}),
+    # the dashboard's: a stage's per-action trace of its last training steps, on its own clock (now)
+    Call("trace", "GET", "/job/{job}/trace", None, {"now": Float, "spans": List}),
     # client/helper schemes (peer/parallel.py): a round's facts, running it, and the parts averaged or relayed
     Call("round_plan", "POST", "/job/round/plan", "round_plan", {"role": Str}),
     Call("run_round", "POST", "/job/round", "run_round", stream=True, events=ROUND_EVENTS),

@@ -44,6 +44,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "swap_send": {"job": Str, "rotation": Int, "moves": List},
     "swap_receive": {"job": Str, "rotation": Int, "attempt": Int, "layers": Dict, "checksum": Str},
     "job_end": {"job": Str},
+    "job_view": {"after": Dict},   # series -> the "seconds" of the last point the watcher has
     "job_heartbeat": {"job": Str},
     "journal_put": {"job": Str, "journal": Dict},
     "replica_put": {"job": Str, "owner": Str, "version": Int, "attempt": Int, "data": Tensor, "checksum": Str},

@@ -36,7 +36,7 @@ def run(ring: LocalRing, scheme: str, assign: str, args) -> dict:
     if proc.returncode:
         raise SystemExit(f"{scheme}/{assign} failed: {proc.stderr[-2000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    rounds = summary["history"]
+    rounds = summary["history"]["rounds"]
     warm = rounds[1:] or rounds
     helpers = sorted({h for r in rounds for h in r["helper_busy"]})
     return {"scheme": scheme, "clients": args.clients, "helpers": args.helpers, "assign": assign,

@@ -47,7 +47,7 @@ def run(ring: LocalRing, scheme: str, seed: int, partition: str, args) -> dict:
                      timeout=3600)
     if proc.returncode:
         raise SystemExit(f"{scheme} seed {seed} failed: {proc.stderr[-2000:]}")
-    history = json.loads(proc.stdout.strip().splitlines()[-1])["history"]
+    history = json.loads(proc.stdout.strip().splitlines()[-1])["history"]["rounds"]
     accuracy = [r["accuracy"] for r in history]
     elapsed = [sum(r["round_s"] for r in history[:k + 1]) for k in range(len(history))]
     out = {"scheme": scheme, "partition": partition, "seed": seed, "clients": args.clients, "helpers": args.helpers,

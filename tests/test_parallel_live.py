@@ -56,7 +56,7 @@ def test_each_scheme_equals_its_reference(ring, tmp_path, scheme, cut, extra, op
             *extra, *flags]
     summary, got = train(ring, tmp_path, *args)
     assert summary["clients"] == ["c0", "c1", "c2"]
-    assignments = [r["assignment"] for r in summary["history"]]
+    assignments = [r["assignment"] for r in summary["history"]["rounds"]]
     if scheme == "sl":   # clients in turn on one helper (whichever finishes them soonest), the same every round
         assert all(set(a) == {"c0", "c1", "c2"} and len(set(a.values())) == 1 for a in assignments), assignments
         assert len({a["c0"] for a in assignments}) == 1 and assignments[0]["c0"] in ("h0", "h1"), assignments
@@ -67,7 +67,8 @@ def test_each_scheme_equals_its_reference(ring, tmp_path, scheme, cut, extra, op
     cuts = [int(v) for v in cut.split(",")]
     cfg = JobConfig(model={"name": "mlp", "depth": 3}, scheme=scheme, cut=cuts, rounds=2, local_steps=3, batch_size=16,
                     optimizer="adam", lr=0.002, seed=3, **options)
-    want = reference.train_parallel(cfg, client_sets(), [(r["assignment"], r["orders"]) for r in summary["history"]],
+    rounds = summary["history"]["rounds"]
+    want = reference.train_parallel(cfg, client_sets(), [(r["assignment"], r["orders"]) for r in rounds],
                                     (cuts[0], cuts[1] if len(cuts) == 2 else 4))
     assert max_diff(got, want.state_dict()) <= 1e-5
     # the last round's held-out accuracy is the reference model's over every client's test set
@@ -75,8 +76,8 @@ def test_each_scheme_equals_its_reference(ring, tmp_path, scheme, cut, extra, op
     x, y = torch.cat([c.x_test for c in tests]), torch.cat([c.y_test for c in tests])
     with torch.no_grad():
         correct = int((want(x).argmax(1) == y).sum())
-    assert round(summary["history"][-1]["accuracy"] * len(y)) == correct
-    assert all(r["bytes"] > 0 for r in summary["history"])
+    assert round(summary["history"]["rounds"][-1]["accuracy"] * len(y)) == correct
+    assert all(r["bytes"] > 0 for r in summary["history"]["rounds"])
 
 
 def test_splitfed_v2_depends_on_the_helper_order_and_follows_it(ring, tmp_path):
@@ -86,8 +87,8 @@ def test_splitfed_v2_depends_on_the_helper_order_and_follows_it(ring, tmp_path):
     summary, got = train(ring, tmp_path, *args)
     cfg = JobConfig(model={"name": "mlp", "depth": 3}, scheme="splitfed-v2", cut=[1, 3], rounds=1, local_steps=2,
                     batch_size=16, lr=0.2)
-    (assignment, orders), = [(r["assignment"], r["orders"]) for r in summary["history"]]
-    assert summary["history"][0]["ran"] == {"h0": orders["h0"]}
+    (assignment, orders), = [(r["assignment"], r["orders"]) for r in summary["history"]["rounds"]]
+    assert summary["history"]["rounds"][0]["ran"] == {"h0": orders["h0"]}
     in_turn = [[j, k] for j in ("c0", "c1", "c2") for k in "FB"]
     forwards_first = [[j, "F"] for j in ("c0", "c1", "c2")] + [[j, "B"] for j in ("c0", "c1", "c2")]
     other = {"h0": in_turn if orders["h0"] != in_turn else forwards_first}

@@ -26,7 +26,7 @@ def test_helpers_run_the_schedule_and_random_is_the_seeded_draw(tmp_path):
     runs = {}
     with LocalRing(agents, peer_ids=clients + helpers) as ring:
         for assign in ("ours", "random"):
-            runs[assign] = summary_of(train_cli(ring.urls[5], *args, "--assign", assign))["history"]
+            runs[assign] = summary_of(train_cli(ring.urls[5], *args, "--assign", assign))["history"]["rounds"]
     for assign, history in runs.items():
         assert [r["round"] for r in history] == list(range(5))
         for r in history:
@@ -56,10 +56,10 @@ def test_each_scheme_learns_digits_with_five_clients_and_two_helpers(digits_clie
     """splitfed-v1: >= 95% within 30 rounds of local epochs; the others >= 93% (asked: within 40)."""
     summary = summary_of(train_cli(digits_clients.urls[0], "--scheme", scheme, "--rounds", str(rounds),
                                    "--optimizer", "adam", "--lr", "0.003", "--batch-size", "32"))
-    accuracy = [r["accuracy"] for r in summary["history"]]
+    accuracy = [r["accuracy"] for r in summary["history"]["rounds"]]
     assert max(accuracy) >= target, accuracy
     ids = [a.peer_id for a in digits_clients.agents]
     assert summary["clients"] == sorted(ids[:5]) and summary["helpers"] == sorted(ids[5:])   # data or not, ring order
     assert summary["local_steps"] == 0   # local epochs
     assert summary["labels"].startswith("travel" if scheme.startswith("loc") else "stay")   # default cuts
-    assert all(r["helper_compute_s"] and r["round_s"] >= r["makespan_s"] for r in summary["history"])
+    assert all(r["helper_compute_s"] and r["round_s"] >= r["makespan_s"] for r in summary["history"]["rounds"])

@@ -216,6 +216,18 @@ class CoordinationService(Service):
         plans = await coord.plan_only()
         return {"ring": [p["peer"] for p in coord.ring], "rotations": plans}
 
+    @serves("job_view")
+    async def job_view(self, msg, request):
+        coord = self.coordinated.get(request.match_info["job"])
+        if coord is None:
+            return json_error(404, "unknown_job", "no such job coordinated here")
+        return {"job": coord.job, "view": await coord.watched_view(msg["after"])}
+
+    def current(self) -> Coordinator | None:
+        """The job a dashboard shows first: the latest running here, else the latest finished."""
+        running = [c for c in self.coordinated.values() if c.task is not None and not c.task.done()]
+        return (running or list(self.coordinated.values()) or [None])[-1]
+
     @serves("job")
     async def job(self, msg, request):
         coord = self.coordinated.get(request.match_info["job"])

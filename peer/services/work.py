@@ -29,6 +29,7 @@ from pipeline.profiling import measure, microbatch_rows, optimizer_state_ratio
 from protocols import ProtocolError
 
 log = logging.getLogger("splitring.work")
+TRACED_STEPS = 3   # how many steps of a stage's trace the dashboard is given
 PARALLEL_MESSAGES = ("act", "grad")   # the client/helper schemes' data-plane messages; the others are N-split's
 
 
@@ -247,6 +248,12 @@ class WorkService(Service):
         faults.reach("commit")
         await rt.replicate(reply["checksum"])
         return reply
+
+    @serves("trace")
+    async def trace(self, msg, request):
+        rt = self.runtime(request.match_info["job"])
+        spans = rt.trace.recent(TRACED_STEPS) if isinstance(rt, JobRuntime) else []
+        return {"now": time.monotonic(), "spans": spans}
 
     @serves("run_pass")
     async def run_pass(self, msg, request):
