@@ -1,13 +1,14 @@
-"""The `splitring` command line: agent, train, status, demo, plan, schedule, cancel, jobs, attach."""
+"""The `splitring` command line: agent, train, status, demo, plan, schedule, cancel, jobs, attach, plot,
+dashboard."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from peer.cli import agent, cancel, demo, jobs, plan, schedule, status, train
+from peer.cli import agent, cancel, dashboard, demo, jobs, plan, plot, schedule, status, train
 
 # Each module registers one subcommand with `register(subparsers)`; its parser sets `func`.
-COMMANDS = [agent, train, status, demo, plan, schedule, cancel, jobs]
+COMMANDS = [agent, train, status, demo, plan, schedule, cancel, jobs, plot, dashboard]
 
 
 def build_parser() -> argparse.ArgumentParser:

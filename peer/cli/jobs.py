@@ -8,6 +8,7 @@ import time
 import urllib.error
 
 from peer.cli.common import add_ring_options, call, connect
+from peer.cli.train import add_output_options
 
 
 def register(sub) -> None:
@@ -19,6 +20,7 @@ def register(sub) -> None:
     add_ring_options(a)
     a.add_argument("job", help="the job's id")
     a.add_argument("--json", action="store_true", help="print the final summary as JSON (no progress bar)")
+    add_output_options(a)
     a.set_defaults(func=run_attach)
 
 

@@ -1,9 +1,12 @@
 """`splitring train`: start a job on the ring from any of its peers and follow it to the end."""
 from __future__ import annotations
 
+import csv
 import json
+import os
 import sys
 import urllib.error
+from pathlib import Path
 
 from peer.cli.common import add_ring_options, call, connect
 from peer.cli.options import add_job_options, job_config
@@ -19,7 +22,17 @@ def register(sub) -> None:
                    help="resume a stopped or held job from its last commit (its own config; job options are ignored)")
     p.add_argument("--detach", action="store_true",
                    help="print the job's id once it has started and leave it running (follow it with attach)")
+    add_output_options(p)
     p.set_defaults(func=run)
+
+
+def add_output_options(p) -> None:
+    """--plots, --metrics-out: for train and attach."""
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="once the job is done, draw its charts into DIR as `splitring plot` does (needs matplotlib)")
+    p.add_argument("--metrics-out", default=None, metavar="FILE",
+                   help="write every step, epoch and round event as it arrives, and the final summary, to FILE: "
+                        "JSON Lines if it ends in .jsonl or .json, CSV if in .csv (without the summary)")
 
 
 def config_from_args(args) -> dict:
@@ -55,12 +68,23 @@ def run(args) -> int:
 def follow(url: str, key, opened, args, command: str, job: str | None = None) -> int:
     """Show a job's events (from opened(), an iterator of them) until it ends; Ctrl-C stops the job cleanly
     (stages freed, journal kept: resumable). The exit status: 0 done, 1 failed, 130 stopped."""
+    from peer.cli import plot
     from peer.security import RingAuthError, open_url
     from protocols import ProtocolError
 
+    metrics_out, plots = getattr(args, "metrics_out", None), getattr(args, "plots", None)
+    try:   # before the job starts: a bad file name should not cost a training run
+        if plots and not plot.have_matplotlib():
+            raise ValueError(f"--plots: {plot.INSTALL}")
+        metrics = MetricsWriter(metrics_out) if metrics_out else None
+        if plots:
+            Path(plots).mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:
+        print(f"splitring {command}: {e}", file=sys.stderr)
+        return 2
     seen: dict = {"job": job} if job else {}   # the job's id, once known
     try:
-        summary = show(opened(), args, command, seen)
+        summary = show(recorded(opened(), metrics), args, command, seen)
     except KeyboardInterrupt:
         return stop(url, key, seen.get("job"), command)
     except urllib.error.HTTPError as e:
@@ -77,6 +101,9 @@ def follow(url: str, key, opened, args, command: str, job: str | None = None) ->
         print(f"splitring {command}: {url} answered with something else than job progress: {e.message}",
               file=sys.stderr)
         return 1
+    finally:
+        if metrics:
+            metrics.close()
     if isinstance(summary, int):
         return summary
     if getattr(args, "out", None):
@@ -87,7 +114,75 @@ def follow(url: str, key, opened, args, command: str, job: str | None = None) ->
         print(json.dumps(summary))
     else:
         print_summary(summary, getattr(args, "out", None))
+    return draw(summary, plots, command) if plots else 0
+
+
+def draw(summary: dict, plots: str, command: str) -> int:
+    """--plots: the charts of a finished job, their paths on stderr."""
+    from peer.cli import plot
+
+    try:
+        plot.report(plot.write_plots(summary, plots), sys.stderr)
+    except (plot.SummaryError, OSError) as e:
+        print(f"splitring {command}: no plots: {e}", file=sys.stderr)
+        return 1
     return 0
+
+
+METRIC_EVENTS = ("step", "epoch", "round", "done")
+
+
+def recorded(events, metrics: "MetricsWriter | None"):
+    """The events, each metric one written to `metrics` as it passes."""
+    for ev in events:
+        if metrics and ev["event"] in METRIC_EVENTS:
+            metrics.write(ev)
+        yield ev
+
+
+class MetricsWriter:
+    """--metrics-out: job events to a file, a line each and flushed, so that it can be tailed. JSON Lines
+    (.jsonl, .json) or CSV (.csv: an `event` column and the union of the events' fields, nested values as
+    JSON, the done event left out). A CSV field first seen after some rows rewrites the file with the wider
+    header (rare: each kind of event brings its fields with its first occurrence)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in (".jsonl", ".json", ".csv"):
+            raise ValueError(f"--metrics-out {path}: name a .jsonl, .json or .csv file")
+        self.csv = suffix == ".csv"
+        self.columns: list[str] = []
+        self.file = open(self.path, "w", newline="")
+
+    def write(self, ev: dict) -> None:
+        if not self.csv:
+            self.file.write(json.dumps(ev) + "\n")
+        elif ev["event"] != "done":
+            ordered = {"event": None, **ev}   # the event column first
+            row = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in ordered.items()}
+            new = [k for k in row if k not in self.columns]
+            if new:
+                self.widen(new)
+            csv.DictWriter(self.file, self.columns).writerow(row)
+        self.file.flush()
+
+    def widen(self, new: list[str]) -> None:
+        """Rewrite the CSV file with the new columns added to its header (the rows so far keep their values)."""
+        self.file.close()
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f)) if self.columns else []
+        self.columns += new
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, self.columns)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a", newline="")
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def show(events, args, command: str, seen: dict):

@@ -54,7 +54,7 @@ class DashboardService(Service):
         ends = self.sessions.get(request.cookies.get(self.cookie, ""))
         return ends is not None and ends > time.monotonic()
 
-    async def login(self, request: web.Request) -> web.StreamResponse:
+    async def login(self, request: web.Request) -> web.Response:
         node = self.node
         if node.key is not None:
             try:
@@ -69,12 +69,11 @@ class DashboardService(Service):
         self.sessions = {s: t for s, t in self.sessions.items() if t > now}
         session = secrets.token_urlsafe(32)
         self.sessions[session] = now + SESSION_S
-        resp = web.HTTPSeeOther("/")
+        # the link's query is spent, but kept out of caches and referrers all the same
+        resp = web.HTTPSeeOther("/", headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
         resp.set_cookie(self.cookie, session, max_age=SESSION_S, httponly=True, samesite="Strict",
                         secure=node.tls is not None, path="/")
-        resp.headers["Cache-Control"] = "no-store"
-        resp.headers["Referrer-Policy"] = "no-referrer"   # the link's query is spent, but keep it out of referrers
-        return resp
+        raise resp
 
     # --- the page and its data ---------------------------------------------------------------------
     async def index(self, request: web.Request) -> web.Response:
