@@ -114,7 +114,12 @@ class StatusWatch:
 
 # --- tests that could not run say so where nobody misses it ------------------------------------------
 def pytest_terminal_summary(terminalreporter):
-    """A multi-host (netns) test that was skipped leaves its guarantee untested: say so loudly, last."""
+    """A multi-host (netns) or browser test that was skipped leaves its guarantee untested: say so loudly, last."""
+    browser = [r for r in terminalreporter.stats.get("skipped", []) if "browser" in r.nodeid]
+    for r in browser:
+        terminalreporter.write_line(f"SKIPPED browser test: {r.nodeid}: the dashboard page was NOT tested in a "
+                                    f"browser ({r.longrepr[2] if isinstance(r.longrepr, tuple) else r.longrepr})",
+                                    red=True, bold=True)
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "netns" in getattr(r, "keywords", {})]
     if not skipped:
         return

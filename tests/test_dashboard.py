@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.localring import LocalRing
+from peer.localring import LocalRing, train_cli
 from peer.trace import History, Trace, clock_offset, stage_times, timeline
 from protocols import ProtocolError
 from protocols.auth import DASHBOARD_LINK_S, check_dashboard_link, dashboard_link, ring_key
@@ -181,6 +181,37 @@ def test_a_session_reads_but_starts_or_stops_nothing(secret_ring):
         status, reply, _ = b.get(req)
         assert status == 401 and json.loads(reply)["error"] == "unauthenticated", (method, path)
     assert b.state(a)["jobs"] == []   # nothing was started
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """One sample's value from Prometheus text (0 if absent)."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == want), 0.0)
+
+
+def test_metrics_give_the_numbers_the_dashboard_draws(secret_ring, tmp_path):
+    from peer.security import open_url
+
+    env = {**os.environ, "SPLITRING_SECRET_FILE": str(secret_ring.secret_file)}
+    coordinator = secret_ring.urls[2]
+    steps_file = tmp_path / "steps.jsonl"
+    proc = train_cli(coordinator, "--model", "mlp", "--epochs", "1", "--batch-size", "32", "--split", "even",
+                     "--metrics-out", str(steps_file), env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    events = [json.loads(line) for line in steps_file.read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "step"]
+    text = open_url(coordinator + "/metrics", secret_ring.key).read().decode()
+    job = summary["job"]
+    assert metric(text, "splitring_job_steps_total", job=job) == len(steps) == steps[-1]["job_step"]
+    assert metric(text, "splitring_job_loss", job=job) == pytest.approx(summary["final_loss"])
+    assert metric(text, "splitring_job_accuracy", job=job) == pytest.approx(summary["accuracy"])
+    assert metric(text, "splitring_job_samples_per_second", job=job) == pytest.approx(steps[-1]["samples_per_s"])
+    for url, agent in zip(secret_ring.urls, secret_ring.agents):   # every stage's time, as the summary adds it up
+        text = open_url(url + "/metrics", secret_ring.key).read().decode()
+        mine = summary["stages"][agent.peer_id]
+        for kind in ("busy", "wait", "send"):
+            assert metric(text, "splitring_stage_seconds_total", kind=kind) >= mine[f"{kind}_s"] > 0
 
 
 # --- the page in a real browser -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from aiohttp import web
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from peer.coordinator import Coordinator
 from peer.parallel_coordinator import ParallelCoordinator
@@ -33,6 +33,14 @@ class CoordinationService(Service):
                                 "lost; rollback: back to the last commit; rejoined: a lost peer back; resumed: a "
                                 "new attempt; replanned: going on without a lost peer; stopped, failed, done: how "
                                 "jobs ended)", ["event"], registry=node.registry)
+        # the numbers the dashboard draws, per job coordinated here (labels of forgotten jobs are removed)
+        self.m_loss = Gauge("splitring_job_loss", "the latest training loss (a step's, or a round's mean)", ["job"],
+                            registry=node.registry)
+        self.m_accuracy = Gauge("splitring_job_accuracy", "the latest held-out accuracy (an epoch's or a round's)",
+                                ["job"], registry=node.registry)
+        self.m_rate = Gauge("splitring_job_samples_per_second", "training samples per second over the current pass",
+                            ["job"], registry=node.registry)
+        self.m_steps = Counter("splitring_job_steps", "training steps done", ["job"], registry=node.registry)
 
     def other_routes(self):
         return [web.get("/jobs/{job}/model", self.model), web.post("/probe", self.probe)]
@@ -70,7 +78,7 @@ class CoordinationService(Service):
         (`splitring train --detach`, or a dropped connection): `follow_job` picks it up again."""
         self.coordinated[coord.job] = coord
         self._forget_old_jobs()
-        coord.observers.append(self.count)
+        coord.observers.append(lambda event: self.count(coord.job, event))
         queue: asyncio.Queue = asyncio.Queue()
         coord.listeners.add(queue)
         coord.task = asyncio.create_task(coord.run())
@@ -83,9 +91,19 @@ class CoordinationService(Service):
         finally:
             coord.listeners.discard(queue)
 
-    def count(self, event: dict) -> None:
-        if event["event"] in COUNTED:
-            self.m_events.labels(event["event"]).inc()
+    def count(self, job: str, event: dict) -> None:
+        kind = event["event"]
+        if kind in COUNTED:
+            self.m_events.labels(kind).inc()
+        if kind == "step":
+            self.m_steps.labels(job).inc()
+            self.m_loss.labels(job).set(event["loss"])
+            self.m_rate.labels(job).set(event["samples_per_s"])
+        elif kind in ("epoch", "round"):
+            if event.get("loss") is not None:
+                self.m_loss.labels(job).set(event["loss"])
+            if event.get("accuracy") is not None:
+                self.m_accuracy.labels(job).set(event["accuracy"])
 
     @serves("resume_job")
     async def resume_job(self, msg, request):
@@ -208,6 +226,11 @@ class CoordinationService(Service):
         finished = [j for j, c in self.coordinated.items() if c.task is not None and c.task.done()]
         for j in finished[:max(0, len(finished) - JOB_LIMITS.kept_jobs)]:
             del self.coordinated[j]
+            for metric in (self.m_loss, self.m_accuracy, self.m_rate, self.m_steps):
+                try:
+                    metric.remove(j)
+                except KeyError:   # never set for this job
+                    pass
 
     @serves("plan_job")
     async def plan_job(self, msg, request):

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge
 from peer import faults
 from peer.limits import JOB_LIMITS
 from peer.service import Service, serves
+from peer.trace import KINDS
 from peer.state import JOB_ID, StaleJournal, journal_problem, prune, write_atomic
 from peer.client import JobError
 from peer.parallel import ParallelRuntime
@@ -45,6 +46,9 @@ class WorkService(Service):
                             registry=node.registry)
         self.m_held = Counter("splitring_jobs_held", "jobs this agent stopped working on because their "
                               "coordinator fell silent", registry=node.registry)
+        self.m_seconds = Counter("splitring_stage_seconds", "seconds this agent's stages spent computing (busy), "
+                                 "waiting for a message (wait) and handing one to the data plane (send) in passes",
+                                 ["kind"], registry=node.registry)
         self.watcher: asyncio.Task | None = None
 
     def other_routes(self):
@@ -277,6 +281,9 @@ class WorkService(Service):
             events.put_nowait(ev)
 
         async for event in self.reported(rt, lambda: rt.run_pass(mode, on_step), events):
+            if event.get("event") == "end":
+                for kind in KINDS:
+                    self.m_seconds.labels(kind).inc(event.get(f"{kind}_s", 0.0))
             yield event
 
     async def reported(self, rt, work, events: asyncio.Queue):
