@@ -70,15 +70,14 @@ class Coordinator:
         self.t0 = time.perf_counter()
         self.current: dict | None = None   # the pass running now: its plan (the plan event's fields)
         self.timeline: dict | None = None  # one training step of every stage, at the job's end
-        self.started: dict | None = None   # the started event
+        self.latest: dict[str, dict] = {}   # the latest event of each kind
         self._live: tuple[float, dict] | None = None   # (when, timeline) for watchers, fetched at most once a second
         self.correct = self.evaluated = 0   # the last evaluation's
         self.task: asyncio.Task | None = None
 
     # --- events -------------------------------------------------------------------------------
     def emit(self, event: dict) -> None:
-        if event["event"] == "started":
-            self.started = event
+        self.latest[event["event"]] = event
         self.events.append(event)
         for q in self.listeners:
             q.put_nowait(event)
@@ -446,7 +445,6 @@ class Coordinator:
         points past `after` (series -> seconds of the last point the watcher has), each stage's time per
         kind so far, and one recent step of every stage (the timeline)."""
         last = self.events[-1] if self.events else {}
-        step = next((e for e in reversed(self.events) if e["event"] == "step"), None)
         running = self.task is not None and not self.task.done()
         if running and self.current:
             now = time.monotonic()
@@ -455,11 +453,12 @@ class Coordinator:
             timeline_now = self._live[1]
         else:
             timeline_now = self.timeline
-        started = self.started or {}
+        started = self.latest.get("started", {})
         return {"job": self.job, "scheme": self.cfg.scheme, "coordinator": self.me["peer"],
                 "state": last.get("event", "starting") if not running else "running", "ring": started.get("ring", []),
                 "urls": started.get("urls", {}), "total_steps": started.get("total_steps"), "current": self.current,
-                "last_step": step, "notes": [e for e in self.events if e["event"] in NOTED][-8:],
+                "last_step": self.latest.get("step"), "notes": [e for e in self.events if e["event"] in NOTED][-8:],
+                "schedule": self.latest.get("schedule"),
                 "history": {name: self.history.points(name, after.get(name)) for name in self.history.series},
                 "stages": self.progress.stages, "timeline": timeline_now, "summary": self.summary}
 

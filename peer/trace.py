@@ -78,7 +78,7 @@ class History:
     every other point is dropped and from then on only every `stride`-th point is kept, so the points stay
     evenly spread over the whole job; the latest point is always kept as well."""
 
-    def __init__(self, limit: int = 2000):
+    def __init__(self, limit: int = 1000):
         self.limit = limit
         self.series: dict[str, list[dict]] = {}
         self._stride: dict[str, int] = {}

@@ -214,6 +214,25 @@ def test_metrics_give_the_numbers_the_dashboard_draws(secret_ring, tmp_path):
             assert metric(text, "splitring_stage_seconds_total", kind=kind) >= mine[f"{kind}_s"] > 0
 
 
+def test_a_client_helper_job_shows_its_schedule_and_rounds(secret_ring):
+    env = {**os.environ, "SPLITRING_SECRET_FILE": str(secret_ring.secret_file)}
+    c0, c1, h = (a.peer_id for a in secret_ring.agents)
+    url = secret_ring.urls[1]
+    proc = train_cli(url, "--scheme", "splitfed-v1", "--clients", f"{c0},{c1}", "--helpers", h, "--rounds", "2",
+                     "--batch-size", "32", env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    b = Browserless()
+    assert b.get(link_for(url, secret_ring))[0] == 200
+    job = b.state(url)["job"]
+    assert job["job"] == summary["job"] and job["state"] == "done" and job["current"] is None
+    assert set(job["schedule"]["orders"]) == {h}
+    assert {c for c, _ in job["schedule"]["orders"][h]} == {c0, c1}
+    rounds = job["history"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] == [r["round"] for r in summary["history"]["rounds"]]
+    assert rounds[0]["seconds"] < rounds[1]["seconds"]
+
+
 # --- the page in a real browser -------------------------------------------------------------------
 def chrome():
     """A headless Chromium driven by Selenium through Debian's chromedriver, or a skip saying what is missing."""
