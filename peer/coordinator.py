@@ -4,6 +4,7 @@ epoch ends. Emits progress events (dicts) as it goes."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import logging
 import time
@@ -24,7 +25,7 @@ from pipeline.planner import Device, LayerCost, too_big
 from pipeline.profiling import microbatch_rows, optimizer_state_ratio
 from peer.limits import JOB_LIMITS
 from peer.client import JobError, PeerClient, Unanswered
-from peer.trace import History, clock_offset, timeline
+from peer.trace import History, clock_offset, timeline, valid_spans
 
 log = logging.getLogger("splitring.coordinator")
 EVENTS_KEPT = 256   # a job's last events, for /jobs/ID and /status (listeners get every one as it happens)
@@ -33,6 +34,7 @@ SILENT_S = 2.0      # a peer that does not answer a heartbeat within this is nam
 MAX_RECOVERIES = 32  # peers lost in one job before it stops (resumable) rather than roll back again
 TRANSFER_S = 600.0   # deadline of a call that moves or restores stage state (the heartbeats watch the peer meanwhile)
 NOTED = ("lost", "rollback", "rejoined", "resumed", "replanned", "failed", "stopped")   # shown on a dashboard
+HEADLINE = ("final_loss", "accuracy", "samples_per_s", "seconds", "epochs", "rounds")   # of a summary, in a list
 
 
 class Coordinator:
@@ -68,10 +70,11 @@ class Coordinator:
         self.steady = SteadyRate()
         self.history = History()   # loss, samples/s and accuracy over the job, for the dashboard and plots
         self.t0 = time.perf_counter()
-        self.current: dict | None = None   # the pass running now: its plan (the plan event's fields)
+        self.current_pass: dict | None = None   # the pass running now: its plan (the plan event's fields)
         self.timeline: dict | None = None  # one training step of every stage, at the job's end
         self.latest: dict[str, dict] = {}   # the latest event of each kind
         self._live: tuple[float, dict] | None = None   # (when, timeline) for watchers, fetched at most once a second
+        self._live_lock = asyncio.Lock()
         self.correct = self.evaluated = 0   # the last evaluation's
         self.task: asyncio.Task | None = None
 
@@ -365,12 +368,13 @@ class Coordinator:
         self.watched = list(ring)   # from before prepare (see WorkService.watch); itself too, so a stage of a job
         if self.prepared is None:   # whose coordination ended is freed here as anywhere
             await self._prepare_attempt()
-        prog = self.progress = Progress(**j["progress"])
+        prog = self.progress = Progress(**copy.deepcopy(j["progress"]))   # (the journal's own stays as it was)
+        self.history.cut("job_step", prog.steps)   # after a rollback: the steps done again replace those undone
         for step in passes:
             if len(prog.plans) < JOB_LIMITS.summary_plans:
                 prog.plans.append(step.to_dict())
             prog.bytes_moved += step.bytes_moved
-            self.current = {**step.to_dict(), "chain": step.active, "epoch": step.epoch,
+            self.current_pass = {**step.to_dict(), "chain": step.active, "epoch": step.epoch,
                             "predicted": {s.peer: {"compute_s": s.compute_s, "send_s": s.send_s}
                                           for s in step.split.stages}}
             self.emit({"event": "plan", **step.to_dict()})
@@ -393,7 +397,7 @@ class Coordinator:
                          "loss": prog.last_loss, "accuracy": prog.accuracy}
                 self.history.add("epochs", point)
                 self.emit({"event": "epoch", **point, "eval_peer": step.head if step.evaluate else None})
-        self.timeline = await self.traces(self.current["chain"] if self.current else [], by_id)
+        self.timeline = await self.traces(self.current_pass["chain"] if self.current_pass else [], by_id)
         model = await self._collect(ring)
         path = await asyncio.to_thread(self.save_model, self.job, model)
         del model
@@ -440,27 +444,30 @@ class Coordinator:
                 "skipped": self.journal["skipped"], "history": self.history.to_dict(), "stages": prog.stages,
                 "timeline": self.timeline}
 
-    async def watched_view(self, after: dict) -> dict:
+    async def job_view(self, after: dict) -> dict:
         """What a dashboard shows of this job: its facts, the pass running now with its plan, the history
         points past `after` (series -> seconds of the last point the watcher has), each stage's time per
-        kind so far, and one recent step of every stage (the timeline)."""
+        kind so far, one recent step of every stage (the timeline) and, once done, the summary's headline."""
         last = self.events[-1] if self.events else {}
         running = self.task is not None and not self.task.done()
-        if running and self.current:
-            now = time.monotonic()
-            if self._live is None or now - self._live[0] > 1.0:
-                self._live = (now, await self.traces(self.current["chain"], {p["peer"]: p for p in self.ring}))
+        if running and self.current_pass:
+            async with self._live_lock:   # one fetch for every watcher, at most once a second
+                now = time.monotonic()
+                if self._live is None or now - self._live[0] > 1.0:
+                    self._live = (now, await self.traces(self.current_pass["chain"], {p["peer"]: p for p in self.ring}))
             timeline_now = self._live[1]
         else:
             timeline_now = self.timeline
-        started = self.latest.get("started", {})
-        return {"job": self.job, "scheme": self.cfg.scheme, "coordinator": self.me["peer"],
-                "state": last.get("event", "starting") if not running else "running", "ring": started.get("ring", []),
-                "urls": started.get("urls", {}), "total_steps": started.get("total_steps"), "current": self.current,
+        ring = self.latest.get("replanned") or self.latest.get("started", {})   # (going on without a lost peer)
+        after = {k: v for k, v in after.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {"job": self.job, "attempt": self.attempt, "scheme": self.cfg.scheme, "coordinator": self.me["peer"],
+                "state": "running" if running else last.get("event", "starting"), "ring": ring.get("ring", []),
+                "total_steps": ring.get("total_steps"), "current": self.current_pass,
                 "last_step": self.latest.get("step"), "notes": [e for e in self.events if e["event"] in NOTED][-8:],
                 "schedule": self.latest.get("schedule"),
                 "history": {name: self.history.points(name, after.get(name)) for name in self.history.series},
-                "stages": self.progress.stages, "timeline": timeline_now, "summary": self.summary}
+                "stages": self.progress.stages, "timeline": timeline_now,
+                "summary": {k: self.summary.get(k) for k in HEADLINE} if self.summary else None}
 
     async def traces(self, peers: list[str], by_id: dict) -> dict:
         """One training step of each of these peers' stages (their latest, as they traced it), on this
@@ -468,7 +475,7 @@ class Coordinator:
         async def one(peer: str):
             sent = time.monotonic()
             reply = await self.client.call(by_id[peer], "trace", timeout=5, params={"job": self.job})
-            return reply["spans"], clock_offset(sent, time.monotonic(), reply["now"])
+            return valid_spans(reply["spans"]), clock_offset(sent, time.monotonic(), reply["now"])
         replies = await asyncio.gather(*(one(p) for p in peers), return_exceptions=True)
         got = {p: r for p, r in zip(peers, replies) if not isinstance(r, BaseException)}
         return timeline({p: r[0] for p, r in got.items()}, {p: r[1] for p, r in got.items()})
@@ -481,6 +488,7 @@ class Coordinator:
         self.lost_at = time.monotonic()
         self.recoveries.append({"peer": e.peer, "error": str(e), "rotation": self.journal["rotation"],
                                 "ranges": self.journal["ranges"], "attempt": self.attempt, "at": time.time()})
+        self.current_pass = None   # (its chain names the lost peer: nothing to trace until the next pass)
         self.emit({"event": "lost", "peer": e.peer, "error": str(e)})
         if len(self.recoveries) > MAX_RECOVERIES:
             raise JobError(f"{len(self.recoveries)} peers lost in one job; the job stops here (resumable): {e}")

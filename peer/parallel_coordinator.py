@@ -112,7 +112,8 @@ class ParallelCoordinator(Coordinator):
                       "helper_compute_s": {h: sum(t["end"] - t["start"] for t in reports[h]["tasks"])
                                            for h in helpers if h in reports}}
             self.emit({"event": "round", **record, **plan, "ran": ran})
-            # the summary keeps every round's figures, and the schedules of the first rounds (and re-solved ones)
+            # the summary keeps the rounds' figures (at most 1000, evenly spread: peer.trace.History), and the
+            # schedules of the first rounds (and re-solved ones)
             self.history.add("rounds", {**record, **plan, "ran": ran} if rnd < JOB_LIMITS.summary_plans or resolved
                              else record)
             # what this round measured replaces the instance's times; a drift from the prediction re-solves,

@@ -3,6 +3,7 @@ over time (History). Plain data; the worker and the coordinator fill them, the d
 read them."""
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -35,6 +36,15 @@ class Trace:
         last = [s for s in train if s[2] == rotation]
         first = max(s[4] for s in last) - steps + 1
         return [s for s in last if s[4] >= first]
+
+
+def valid_spans(spans) -> list[list]:
+    """The well-formed spans of a peer's trace reply (a peer's bad data must not break a view of the job)."""
+    def ok(s) -> bool:
+        return (isinstance(s, list) and len(s) == 7 and s[0] in KINDS and isinstance(s[1], str) and len(s[1]) <= 16
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                        for v in (s[2], s[4], s[5], s[6])) and s[3] in ("train", "eval"))
+    return [s for s in spans if ok(s)][:SPANS_KEPT] if isinstance(spans, list) else []
 
 
 def timeline(traces: dict[str, list[list]], offsets: dict[str, float], step: int | None = None) -> dict:
@@ -104,6 +114,14 @@ class History:
         latest = self._latest.get(series)
         out = kept + ([latest] if latest is not None and (not kept or kept[-1] is not latest) else [])
         return out if after is None else [p for p in out if p["seconds"] > after]
+
+    def cut(self, field: str, last: float) -> None:
+        """Drop the points whose `field` is past `last` (steps undone by a rollback)."""
+        for name, kept in self.series.items():
+            kept[:] = [p for p in kept if p.get(field, last) <= last]
+            latest = self._latest.get(name)
+            if latest is not None and latest.get(field, last) > last:
+                self._latest[name] = kept[-1] if kept else None
 
     def to_dict(self) -> dict:
         return {name: self.points(name) for name in self.series}

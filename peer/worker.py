@@ -24,7 +24,12 @@ from protocols import ProtocolError, message
 log = logging.getLogger("splitring.worker")
 EVAL_BATCH = 256
 TRANSFER_S = 600.0   # deadline of moving a stage's state to another peer (a swap, a replica)
-LABELS = {"fwd": "F", "bwd": "B"}   # a traced action's label: what it computed, awaited or sent, and its microbatch
+LABELS = {"fwd": "F", "bwd": "B"}
+
+
+def label(kind: str, mb: int) -> str:
+    """A traced action's label: the message it computed, awaited or sent (F3: microbatch 3's forward)."""
+    return f"{LABELS.get(kind, kind)}{mb}"
 
 
 class JobRuntime:
@@ -250,12 +255,13 @@ class JobRuntime:
 
         async def compute(value):
             """A computation, named after what it produced (a message, a step), else what it took in."""
-            nonlocal step
+            nonlocal step, received
             t = clock()
             done, req = await self._compute(advance, value)
             step = step if done else req.step
-            traced("busy", "step" if isinstance(req, StepDone) else
-                   f"{LABELS.get(req.kind, req.kind)}{req.mb}" if isinstance(req, Send) else received, t)
+            traced("busy", "step" if isinstance(req, StepDone) else label(req.kind, req.mb) if isinstance(req, Send)
+                   else received, t)
+            received = ""
             return done, req
 
         try:
@@ -273,7 +279,7 @@ class JobRuntime:
                         t = clock()
                     try:
                         value = await self.mailbox.get(key, self.cfg.recv_timeout)
-                        received = f"{LABELS.get(req.kind, req.kind)}{req.mb}"
+                        received = label(req.kind, req.mb)
                         traced("wait", received, t)
                     except TimeoutError:
                         silent = self.chain[roles.host(roles.sender(program, req.kind))]
@@ -298,7 +304,7 @@ class JobRuntime:
                         if req.kind == "fwd":
                             msg["mode"] = mode
                         await self.links.send(self.urls[dest], msg, wire_policy(self.cfg))
-                    traced("send", f"{LABELS.get(req.kind, req.kind)}{req.mb}", t)
+                    traced("send", label(req.kind, req.mb), t)
                 done, req = await compute(value)
         finally:
             owner.on_change = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections import OrderedDict
 
@@ -125,7 +126,7 @@ def dashboard_link(key: bytes, peer: str, now: float, ttl: float = DASHBOARD_LIN
 def check_dashboard_link(key: bytes, peer: str, query, now: float, ttl: float = DASHBOARD_LINK_S) -> str:
     """The link's nonce (for the caller to admit once), or ProtocolError saying why the link is refused."""
     fields = {k: query.get(k) for k in ("peer", "expires", "nonce", "mac")}
-    if not all(isinstance(v, str) and v for v in fields.values()) or not fields["expires"].isdigit():
+    if not all(isinstance(v, str) and v for v in fields.values()) or not re.fullmatch(r"[0-9]{1,12}", fields["expires"]):
         raise ProtocolError("unauthenticated", "not a dashboard link: make one with `splitring dashboard`")
     if fields["peer"] != peer:
         raise ProtocolError("unauthenticated", f"this dashboard link is for peer {fields['peer']}, not {peer}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from peer.localring import LocalRing, train_cli
-from peer.trace import History, Trace, clock_offset, stage_times, timeline
+from peer.trace import History, Trace, clock_offset, stage_times, timeline, valid_spans
 from protocols import ProtocolError
 from protocols.auth import DASHBOARD_LINK_S, check_dashboard_link, dashboard_link, ring_key
 from conftest import wait_until
@@ -54,6 +54,25 @@ def test_timeline_puts_every_stage_on_one_clock_at_their_common_step():
     assert timeline({"a": []}, {})["step"] is None
 
 
+def test_bad_spans_from_a_peer_are_left_out():
+    good = ["busy", "F0", 0, "train", 3, 1.0, 2.0]
+    bad = [["nap", "F0", 0, "train", 3, 1.0, 2.0], ["busy", "F0", 0, "train", 3, float("nan"), 2.0],
+           ["busy", "<img>" * 10, 0, "train", 3, 1.0, 2.0], ["busy", "F0", 0, "train"], "x", None,
+           ["busy", "F0", 0, "train", True, 1.0, 2.0]]
+    assert valid_spans([good, *bad]) == [good]
+    assert valid_spans({"not": "a list"}) == []
+
+
+def test_history_cut_drops_the_steps_a_rollback_undid():
+    h = History(limit=10)
+    for i in range(1, 8):
+        h.add("steps", {"seconds": float(i), "job_step": i})
+    h.add("epochs", {"seconds": 3.5, "job_step": 3, "accuracy": 0.5})
+    h.cut("job_step", 4)
+    assert [p["job_step"] for p in h.points("steps")] == [1, 2, 3, 4]
+    assert [p["job_step"] for p in h.points("epochs")] == [3]
+
+
 def test_clock_offset_is_exact_for_a_symmetric_round_trip():
     # their clock is ours + 7; the call took 2 s, answered in its middle
     assert clock_offset(sent=10.0, received=12.0, theirs=18.0) == -7.0
@@ -78,14 +97,16 @@ def test_dashboard_links_are_refused_unless_fresh_signed_and_for_this_peer():
     bad = {"other peer": (KEY, "peer-b", link, now),
            "expired": (KEY, "peer-a", link, now + DASHBOARD_LINK_S + 1),
            "other key": (ring_key(b"another", "lab"), "peer-a", link, now),
-           "longer life": (KEY, "peer-a", {**link, "expires": str(int(now) + 10 ** 6)}, now),
+           "longer life": (KEY, "peer-a", dashboard_link(KEY, "peer-a", now, ttl=10 ** 6), now),
+           "unicode digits": (KEY, "peer-a", {**link, "expires": "²"}, now),
+           "huge": (KEY, "peer-a", {**link, "expires": "9" * 5000}, now),
            "changed nonce": (KEY, "peer-a", {**link, "nonce": "00" * 16}, now),
            "no mac": (KEY, "peer-a", {k: v for k, v in link.items() if k != "mac"}, now),
            "not a number": (KEY, "peer-a", {**link, "expires": "soon"}, now)}
     for what, args in bad.items():
         with pytest.raises(ProtocolError) as e:
             check_dashboard_link(*args)
-        assert e.value.code in ("unauthenticated", "stale"), what
+        assert e.value.code == ("stale" if what in ("expired", "longer life") else "unauthenticated"), what
     assert "secret" not in json.dumps(link) and KEY.hex() not in json.dumps(link)
 
 
@@ -147,7 +168,7 @@ def test_forged_expired_reused_or_foreign_links_open_nothing(secret_ring):
     forged = {
         "no link": {},
         "another secret": dashboard_link(wrong_key, query["peer"], time.time()),
-        "expired": {**query, "expires": str(int(time.time()) - 1)},
+        "expired": dashboard_link(secret_ring.key, query["peer"], time.time() - DASHBOARD_LINK_S - 1),
         "another peer's": dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link_for(b_url, secret_ring)).query)),
     }
     for what, q in forged.items():
@@ -174,13 +195,40 @@ def test_a_session_reads_but_starts_or_stops_nothing(secret_ring):
     assert b.get(link_for(a, secret_ring))[0] == 200
     st = b.state(a)
     assert st["private"] and {p["peer"] for p in st["ring"]} == {x.peer_id for x in secret_ring.agents}
+    before = st["jobs"]
     body = json.dumps({"v": 1, "type": "job_start", "config": {}}).encode()
     for method, path, data in [("POST", "/jobs", body), ("POST", "/jobs/0123456789ab/cancel", b""),
                                ("GET", "/jobs", None), ("GET", "/metrics", None), ("POST", "/job/abort", b"{}")]:
         req = urllib.request.Request(a + path, data=data, method=method, headers={"Content-Type": "application/json"})
         status, reply, _ = b.get(req)
         assert status == 401 and json.loads(reply)["error"] == "unauthenticated", (method, path)
-    assert b.state(a)["jobs"] == []   # nothing was started
+    assert b.state(a)["jobs"] == before   # nothing was started
+
+
+def test_pages_without_a_session_cannot_crowd_out_the_ring(secret_ring):
+    from peer.services.dashboard import MAX_WATCHERS
+
+    url = secret_ring.urls[2]
+    streams = [urllib.request.urlopen(url + "/dashboard/events", timeout=30) for _ in range(MAX_WATCHERS[False])]
+    try:
+        assert all(s.readline().startswith(b"data: ") for s in streams)
+        status, body, _ = Browserless().get(url + "/dashboard/events")
+        assert status == 429 and json.loads(body)["error"] == "busy"
+        member = Browserless()   # a session still gets in
+        assert member.get(link_for(url, secret_ring))[0] == 200
+        with member.opener.open(url + "/dashboard/events", timeout=30) as r:
+            assert json.loads(r.readline().removeprefix(b"data: "))["private"] is True
+    finally:
+        for s in streams:
+            s.close()
+
+    def admitted() -> bool:   # the closed streams' slots are free again
+        try:
+            with urllib.request.urlopen(url + "/dashboard/events", timeout=30) as r:
+                return r.readline().startswith(b"data: ")
+        except urllib.error.HTTPError:
+            return False
+    wait_until(admitted, 30, "a slot freed by a page that left")
 
 
 def metric(text: str, name: str, **labels) -> float:
@@ -251,8 +299,6 @@ def chrome():
 
 
 def test_a_browser_shows_the_ring_the_chain_and_a_growing_loss_curve(secret_ring):
-    from selenium.webdriver.common.by import By
-
     url = secret_ring.urls[1]   # not the coordinator: its dashboard shows the job from its coordinator
     browser = chrome()
     train = subprocess.Popen([sys.executable, "-m", "peer", "train", "--peer", secret_ring.urls[0], "--secret-file",
@@ -261,24 +307,28 @@ def test_a_browser_shows_the_ring_the_chain_and_a_growing_loss_curve(secret_ring
     try:
         browser.get(link_for(url, secret_ring))
 
-        def rows():
-            return {r.get_attribute("data-peer") for r in browser.find_elements(By.CSS_SELECTOR, "#peers tbody tr")}
-        wait_until(lambda: rows() == {a.peer_id for a in secret_ring.agents}, 60, "the three peers listed")
-        wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#chain .stage")) == 3, 120, "the chain drawn")
-        stages = {s.get_attribute("data-peer"): s.text for s in browser.find_elements(By.CSS_SELECTOR, "#chain .stage")}
-        assert set(stages) == {a.peer_id for a in secret_ring.agents}
+        def page() -> dict:   # read at once: the page redraws every second
+            return browser.execute_script("""
+                const all = (q) => Array.from(document.querySelectorAll(q));
+                return {peers: all("#peers tbody tr").map((r) => r.dataset.peer),
+                        stages: Object.fromEntries(all("#chain .stage").map((s) => [s.dataset.peer, s.innerText])),
+                        points: Number(document.getElementById("loss-chart").dataset.points),
+                        lines: all("#loss-chart polyline").length,
+                        rows: Number(document.getElementById("timeline").dataset.rows)};""")
+        ids = {a.peer_id for a in secret_ring.agents}
+        wait_until(lambda: set(page()["peers"]) == ids, 60, "the three peers listed")
+        wait_until(lambda: len(page()["stages"]) == 3, 120, "the chain drawn")
+        stages = page()["stages"]
+        assert set(stages) == ids
         ranges = sorted(tuple(int(v) for v in text.split("layers [")[1].split(")")[0].split(", "))
                         for text in stages.values())
         assert ranges[0][0] == 0 and all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))   # the model, in order
 
-        def points():
-            return int(browser.find_element(By.ID, "loss-chart").get_attribute("data-points"))
-        wait_until(lambda: points() > 0, 60, "a first loss point")
-        first = points()
-        wait_until(lambda: points() > first, 60, f"the loss curve to grow past {first} points")
-        assert browser.find_elements(By.CSS_SELECTOR, "#loss-chart polyline")
-        wait_until(lambda: int(browser.find_element(By.ID, "timeline").get_attribute("data-rows")) == 3, 60,
-                   "a timeline row per stage")
+        wait_until(lambda: page()["points"] > 1, 60, "a loss curve")
+        first = page()["points"]
+        wait_until(lambda: page()["points"] > first, 60, f"the loss curve to grow past {first} points")
+        assert page()["lines"] == 1
+        wait_until(lambda: page()["rows"] == 3, 60, "a timeline row per stage")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "dashboard.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

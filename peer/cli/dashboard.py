@@ -19,8 +19,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     url, key = connect(args)
-    try:
-        peer = call(url, None, "status", timeout=10)["peer"]   # the public part names the peer
+    try:   # signed: the link names the peer that proved it is a ring member
+        peer = call(url, key, "status", timeout=10)["peer"]
     except (urllib.error.URLError, OSError) as e:
         print(f"splitring dashboard: cannot reach {url}: {e}", file=sys.stderr)
         return 1

@@ -244,9 +244,9 @@ class CoordinationService(Service):
         coord = self.coordinated.get(request.match_info["job"])
         if coord is None:
             return json_error(404, "unknown_job", "no such job coordinated here")
-        return {"job": coord.job, "view": await coord.watched_view(msg["after"])}
+        return {"job": coord.job, "view": await coord.job_view(msg["after"])}
 
-    def current(self) -> Coordinator | None:
+    def shown(self) -> Coordinator | None:
         """The job a dashboard shows first: the latest running here, else the latest finished."""
         running = [c for c in self.coordinated.values() if c.task is not None and not c.task.done()]
         return (running or list(self.coordinated.values()) or [None])[-1]

@@ -9,8 +9,11 @@ routes are GETs, and every other route ignores cookies and wants a signed reques
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from importlib import resources
@@ -28,7 +31,9 @@ log = logging.getLogger("splitring.dashboard")
 SESSION_S = 12 * 3600    # how long a dashboard session lasts (a night's training)
 UPDATE_S = 1.0           # seconds between two updates pushed to a page
 STATUS_S = 3.0           # how often the other peers' status is asked (for the ring table)
-MAX_WATCHERS = 8         # pages connected at once
+MAX_WATCHERS = {True: 8, False: 4}   # pages connected at once, with a session and without
+MAX_SESSIONS = 256       # sessions open at once (the oldest ends first)
+WRITE_S = 10.0           # a page that takes longer than this to take an update is dropped
 
 
 class DashboardService(Service):
@@ -40,8 +45,10 @@ class DashboardService(Service):
         self.cookie = f"splitring_{node.peer_id}"   # per peer: a browser sends one host's cookies to every port
         self.peers: dict[str, dict] = {}         # url -> its latest status, or why it has none
         self._asked = 0.0
-        self.watchers = 0
+        self.watchers = {True: 0, False: 0}   # pages connected now, with a session and without
+        self.closing = asyncio.Event()
         self.page = resources.files("peer").joinpath("dashboard.html").read_bytes()
+        self.csp = content_security_policy(self.page)
 
     def other_routes(self):
         return [web.get("/", self.index), web.get("/dashboard/login", self.login),
@@ -56,17 +63,18 @@ class DashboardService(Service):
 
     async def login(self, request: web.Request) -> web.Response:
         node = self.node
-        if node.key is not None:
-            try:
-                nonce = check_dashboard_link(node.key, node.peer_id, request.query, time.time())
-                self.links.admit(nonce, time.time())
-            except ProtocolError as e:
-                if not node.guard.allow(request):
-                    return json_error(429, "rate", "too many refused requests from this address; slow down")
-                log.warning("dashboard link refused from %s: %s", request.remote, e.message)
-                return json_error(401, e.code, e.message)
+        if node.key is None:   # an open ring: everyone sees everything already
+            raise web.HTTPSeeOther("/")
+        try:
+            nonce = check_dashboard_link(node.key, node.peer_id, request.query, time.time())
+            self.links.admit(nonce, time.time())
+        except ProtocolError as e:
+            if not node.guard.allow(request):
+                return json_error(429, "rate", "too many refused requests from this address; slow down")
+            log.warning("dashboard link refused from %s: %s", request.remote, e.message)
+            return json_error(401, e.code, e.message)
         now = time.monotonic()
-        self.sessions = {s: t for s, t in self.sessions.items() if t > now}
+        self.sessions = dict(list((s, t) for s, t in self.sessions.items() if t > now)[-(MAX_SESSIONS - 1):])
         session = secrets.token_urlsafe(32)
         self.sessions[session] = now + SESSION_S
         # the link's query is spent, but kept out of caches and referrers all the same
@@ -78,43 +86,48 @@ class DashboardService(Service):
     # --- the page and its data ---------------------------------------------------------------------
     async def index(self, request: web.Request) -> web.Response:
         return web.Response(body=self.page, content_type="text/html", headers={
-            "Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
-            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                                       "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"})
+            "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "Content-Security-Policy": self.csp})
 
     async def state(self, request: web.Request) -> web.Response:
         return web.json_response(await self.snapshot(self.private(request), {}))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """An update every UPDATE_S while the page is open: the whole picture, with only the history
-        points the page has not had yet."""
-        if self.watchers >= MAX_WATCHERS:
-            return json_error(429, "busy", f"at most {MAX_WATCHERS} dashboards may watch this peer at once")
+        points the page has not had yet (a page that reconnects starts afresh)."""
         private = self.private(request)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
-        await resp.prepare(request)
-        self.watchers += 1
-        seen: dict = {}   # job -> series -> seconds of the last point sent
+        if self.watchers[private] >= MAX_WATCHERS[private]:
+            return json_error(429, "busy", f"at most {MAX_WATCHERS[private]} dashboards "
+                                           f"{'with' if private else 'without'} a session may watch this peer at once")
+        self.watchers[private] += 1
         try:
-            while True:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+            await resp.prepare(request)
+            sent: dict = {}   # run ("job:attempt") -> series -> seconds of the last point sent
+            while not self.closing.is_set():
                 if private and not self.private(request):   # the session ended: say so, and stop
-                    await resp.write(b"event: expired\ndata: {}\n\n")
+                    await asyncio.wait_for(resp.write(b"event: expired\ndata: {}\n\n"), WRITE_S)
                     break
-                snap = await self.snapshot(private, seen)
-                await resp.write(f"data: {json.dumps(snap)}\n\n".encode())
-                await asyncio.sleep(UPDATE_S)
-        except (ConnectionResetError, asyncio.CancelledError):
+                snap = await self.snapshot(private, sent)
+                await asyncio.wait_for(resp.write(f"data: {json.dumps(snap)}\n\n".encode()), WRITE_S)
+                try:
+                    await asyncio.wait_for(self.closing.wait(), UPDATE_S)
+                except asyncio.TimeoutError:
+                    pass
+        except (ConnectionResetError, asyncio.TimeoutError):   # the page left, or stopped reading
             pass
         finally:
-            self.watchers -= 1
+            self.watchers[private] -= 1
         return resp
 
-    async def snapshot(self, private: bool, seen: dict) -> dict:
+    async def close(self):
+        self.closing.set()   # event streams end, so that the server's shutdown does not wait for them
+
+    async def snapshot(self, private: bool, sent: dict) -> dict:
         node = self.node
         me = {"peer": node.peer_id, "ring": node.ring, "version": PROTOCOL_VERSION, "capabilities": CAPABILITIES}
         if not private:
             return {"me": me, "private": False}
-        job = await self.job_view(seen)
+        job = await self.job(sent)
         return {"me": {**me, "url": node.url, "role": node.role, "memory_budget": node.memory_budget,
                        "data": {"name": node.data.name, "samples": len(node.data)}},
                 "private": True, "ring": await self.ring(), "job": job, "jobs": self.past_jobs()}
@@ -126,6 +139,7 @@ class DashboardService(Service):
         if now - self._asked > STATUS_S:
             self._asked = now
             targets = [{"peer": p["peer"], "url": p["url"]} for p in seen["peers"]]
+            self.peers = {p["url"]: self.peers[p["url"]] for p in targets if p["url"] in self.peers}
             replies = await asyncio.gather(*(node.client().call(p, "status", timeout=2) for p in targets),
                                            return_exceptions=True)
             for p, r in zip(targets, replies):
@@ -145,27 +159,33 @@ class DashboardService(Service):
         rows += [{**m, "missing": True, "failures": None} for m in seen["missing"]]
         return rows
 
-    async def job_view(self, seen: dict) -> dict | None:
+    async def job(self, sent: dict) -> dict | None:
         """The job to show: one running coordinated here, else one this peer works on (asked of its
-        coordinator), else the latest coordinated here."""
-        coord = self.coordination.current()
+        coordinator), else the latest coordinated here; with the history points not sent yet."""
+        coord = self.coordination.shown()
         remote = [(j, there) for j in list(self.work.jobs)
                   if j not in self.coordination.coordinated and (there := self.work.coordinator_of(j))]
+        if remote and (coord is None or coord.task is None or coord.task.done()):
+            job, there = remote[-1]
+
+            async def view_of(after: dict) -> dict:
+                return (await self.node.client().call(there, "job_view", timeout=5, params={"job": job},
+                                                      after=after))["view"]
+        elif coord is not None:
+            job, view_of = coord.job, coord.job_view
+        else:
+            return None
+        mine = sent.setdefault(job, {"attempt": None, "marks": {}})
         try:
-            if remote and (coord is None or coord.task is None or coord.task.done()):
-                job, there = remote[-1]
-                view = (await self.node.client().call(there, "job_view", timeout=5, params={"job": job},
-                                                      after=seen.get(job, {})))["view"]
-            elif coord is not None:
-                view = await coord.watched_view(seen.get(coord.job, {}))
-            else:
-                return None
+            view = await view_of(mine["marks"])
+            if view["attempt"] != mine["attempt"]:   # a new attempt has a history of its own: all of it
+                mine.update(attempt=view["attempt"], marks={})
+                view = await view_of({})
         except JobError as e:
             return {"job": job, "state": "unreachable", "error": str(e)}
-        mark = seen.setdefault(view["job"], {})
         for name, points in view["history"].items():
             if points:
-                mark[name] = points[-1]["seconds"]
+                mine["marks"][name] = points[-1]["seconds"]
         view["measured"] = stage_times(view["timeline"]) if view.get("timeline") else {}
         return view
 
@@ -178,3 +198,12 @@ class DashboardService(Service):
             out.append({"job": c.job, "scheme": c.cfg.scheme, "state": last if last in ("done", "failed", "stopped")
                         else "running", **{k: (c.summary or {}).get(k) for k in keys}})
         return out
+
+
+def content_security_policy(page: bytes) -> str:
+    """Only this page's own inline script and style run (by their hashes), nothing from elsewhere, no framing."""
+    def digests(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>".encode(), page, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b).digest()).decode()}'" for b in blocks)
+    return (f"default-src 'none'; script-src {digests('script')}; style-src {digests('style')}; img-src data:; "
+            f"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

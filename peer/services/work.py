@@ -47,7 +47,8 @@ class WorkService(Service):
         self.m_held = Counter("splitring_jobs_held", "jobs this agent stopped working on because their "
                               "coordinator fell silent", registry=node.registry)
         self.m_seconds = Counter("splitring_stage_seconds", "seconds this agent's stages spent computing (busy), "
-                                 "waiting for a message (wait) and handing one to the data plane (send) in passes",
+                                 "waiting for a message (wait) and handing one to the data plane (send) in training "
+                                 "passes",
                                  ["kind"], registry=node.registry)
         self.watcher: asyncio.Task | None = None
 
@@ -281,7 +282,7 @@ class WorkService(Service):
             events.put_nowait(ev)
 
         async for event in self.reported(rt, lambda: rt.run_pass(mode, on_step), events):
-            if event.get("event") == "end":
+            if event.get("event") == "end" and mode == "train":   # (as the summary's stages count them)
                 for kind in KINDS:
                     self.m_seconds.labels(kind).inc(event.get(f"{kind}_s", 0.0))
             yield event
