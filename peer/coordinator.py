@@ -75,7 +75,7 @@ class Coordinator:
         self.latest: dict[str, dict] = {}   # the latest event of each kind
         self._live: tuple[float, dict] | None = None   # (when, timeline) for watchers, fetched at most once a second
         self._live_lock = asyncio.Lock()
-        self.correct = self.evaluated = 0   # the last evaluation's
+        self.correct = self.evaluated = self.loss_sum = 0   # the last evaluation's (loss: summed per sample)
         self.task: asyncio.Task | None = None
 
     # --- events -------------------------------------------------------------------------------
@@ -135,8 +135,10 @@ class Coordinator:
                                backward_s=tuple(r["profile"]["backward_s"]), bandwidth=links[pid][0],
                                latency=links[pid][1]) for pid, r in replies.items()}
         prof = replies[ring[0]["peer"]]["profile"]  # sizes are the same on every peer; times are each one's own
-        layers = [LayerCost(f, b, pb, ob, ab) for f, b, pb, ob, ab in zip(
-            prof["forward_s"], prof["backward_s"], prof["param_bytes"], prof["optim_bytes"], prof["activation_bytes"])]
+        saved = [max(s) for s in zip(*(r["profile"]["saved_bytes"] for r in replies.values()))]   # (0: not built)
+        layers = [LayerCost(f, b, pb, ob, ab, sb) for f, b, pb, ob, ab, sb in zip(
+            prof["forward_s"], prof["backward_s"], prof["param_bytes"], prof["optim_bytes"], prof["activation_bytes"],
+            saved)]
         return devices, layers, replies
 
     async def gather_facts(self, ring: list[dict]) -> Facts:
@@ -394,7 +396,8 @@ class Coordinator:
             if step.ends_epoch:
                 prog.accuracy = await self._evaluate(step.active, by_id, step.rotation) if step.evaluate else None
                 point = {"seconds": time.perf_counter() - self.t0, "job_step": prog.steps, "epoch": step.epoch + 1,
-                         "loss": prog.last_loss, "accuracy": prog.accuracy}
+                         "loss": prog.last_loss, "accuracy": prog.accuracy,
+                         "held_out_loss": prog.held_out_loss if step.evaluate else None}
                 self.history.add("epochs", point)
                 self.emit({"event": "epoch", **point, "eval_peer": step.head if step.evaluate else None})
         self.timeline = await self.traces(self.current_pass["chain"] if self.current_pass else [], by_id)
@@ -429,7 +432,11 @@ class Coordinator:
 
     def summarize(self, plan: JobPlan, t0: float, model_file: str) -> dict:
         cfg, prog = self.cfg, self.progress
+        language = len(self.sizes[-1][0]) > 1   # scores at every position: a language model
         return {"job": self.job, "epochs": cfg.epochs, "final_loss": prog.last_loss, "accuracy": prog.accuracy,
+                "held_out_loss": prog.held_out_loss,
+                "perplexity": math.exp(min(prog.held_out_loss, 700)) if language and prog.held_out_loss is not None
+                else None,
                 "samples": prog.samples, "samples_per_s": prog.samples / max(prog.train_seconds, 1e-9),
                 "steady_samples_per_s": self.steady.rate,
                 "seconds": time.perf_counter() - t0, "ring": [p["peer"] for p in self.ring],
@@ -546,7 +553,7 @@ class Coordinator:
         t0 = time.perf_counter()
         seen, steps, loss = 0, 0, None
         pending: dict[int, list[dict]] = {}   # step -> the stages' reports so far
-        self.correct = self.evaluated = 0
+        self.correct = self.evaluated = self.loss_sum = 0
         if mode == "train":
             self.steady.new_pass()
 
@@ -583,6 +590,7 @@ class Coordinator:
                         steps, loss = steps + 1, ev["loss"]
                         self.correct += ev["correct"]
                         self.evaluated += ev["samples"]
+                        self.loss_sum += ev["loss"] * ev["samples"]
                     if mode == "train" and ev.get("event") in ("step", "stage_step"):
                         report(ev)
                     if mode == "train" and ev.get("event") == "end":
@@ -627,7 +635,10 @@ class Coordinator:
         return JobError(str(own[0] if own else failures[0]))
 
     async def _evaluate(self, active, by_id, rotation) -> float:
+        """Held-out accuracy (a language model's: of its next-token predictions); the held-out loss goes to
+        progress.held_out_loss."""
         await self._pass(active, by_id, rotation, "eval", 0)
+        self.progress.held_out_loss = self.loss_sum / max(self.evaluated, 1)
         return self.correct / max(self.evaluated, 1)
 
     async def _collect(self, ring: list[dict]) -> dict:
@@ -657,6 +668,7 @@ class Progress:
     bytes_moved: int = 0
     last_loss: float | None = None
     accuracy: float | None = None
+    held_out_loss: float | None = None   # mean per sample (a language model's: per token)
     plans: list = field(default_factory=list)
     stages: dict = field(default_factory=dict)   # peer -> seconds busy, waiting and sending, and steps, in training
 

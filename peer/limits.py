@@ -78,6 +78,9 @@ class JobLimits:
     model_options: dict = field(default_factory=lambda: {
         "mlp": {"in_features": (1, 1 << 20), "depth": (0, 1_024), "width": (1, 1 << 16), "classes": (2, 1 << 20)},
         "cnn": {"channels": (1, 1_024), "classes": (2, 1 << 20)},
+        "gpt": {"blocks": (1, 1_024), "width": (1, 1 << 15), "heads": (1, 1_024), "context": (1, 1 << 16),
+                "vocab": (2, 1 << 20)},
+        "resnet": {"depth": (18, 34), "width": (1, 1_024), "classes": (2, 1 << 20), "in_channels": (1, 64)},
     })
     # finished models the coordinator keeps on disk (its state dir's models/), and for how long
     kept_models: int = 20

@@ -96,7 +96,7 @@ class Admission:
             else:
                 payload = {"x": check(msg["x"], (size, *self.shapes[a]), torch.float32, "activation")}
                 if kind == "fwd":
-                    payload["y"] = check(msg["y"], (size,), torch.int64, "labels")
+                    payload["y"] = check(msg["y"], (size, *self.shapes[-1][:-1]), torch.int64, "labels")
             mb = msg["mb"]
         else:
             # lend before the first step, weights after one, return after the last

@@ -37,6 +37,50 @@ class Dataset:
     def n_test(self) -> int:
         return 0 if self.y_test is None else len(self.y_test)
 
+    def for_model(self, spec: dict) -> "Dataset":
+        """The samples a job of this model trains on (text is cut into sequences of the model's context)."""
+        return self
+
+
+@dataclass
+class Text(Dataset):
+    """Byte-level text (`--data text:FILE`): tokens 0..255, the first 90% of the file to train on (this
+    peer's shard: a contiguous block of it), the last 10% held out (the same tail on every peer given the
+    file). A job cuts both into sequences of its model's context length T: sample i is the tokens
+    [i*T, i*T + T) and its labels the next token at each position, [i*T + 1, i*T + T + 1)."""
+    tokens: torch.Tensor | None = None
+    test_tokens: torch.Tensor | None = None
+
+    def __len__(self) -> int:   # (for an agent's status: it has data, in tokens)
+        return len(self.tokens)
+
+    def for_model(self, spec: dict) -> Dataset:
+        from pipeline.models import input_shape
+
+        context = input_shape(spec)[0]
+        (x, y), (x_test, y_test) = sequences(self.tokens, context), sequences(self.test_tokens, context)
+        return Dataset(self.name, x, y, x_test, y_test)
+
+
+def sequences(tokens: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(0, (len(tokens) - 1) // context)
+    return tokens[:n * context].view(n, context), tokens[1:n * context + 1].view(n, context)
+
+
+def text(path: str, shard: str | None = None) -> Text:
+    if not os.path.isfile(path):
+        raise DataError(f"text file {path} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 20:
+        raise DataError(f"text file {path} has {len(raw)} bytes: too little to train on and hold out a tail")
+    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
+    cut = len(tokens) * 9 // 10
+    k, n = parse_shard(shard)
+    train = tokens[:cut].tensor_split(n)[k]
+    return Text(f"text:{os.path.basename(path)}", torch.empty(0, 0), torch.empty(0, dtype=torch.int64),
+                tokens=train, test_tokens=tokens[cut:])
+
 
 def empty() -> Dataset:
     return Dataset("none", torch.empty(0, 0), torch.empty(0, dtype=torch.int64))
@@ -90,15 +134,16 @@ def npz(path: str) -> Dataset:
 def fits_model(ds: Dataset, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> str | None:
     """Why a model with these per-sample input and output shapes cannot train on `ds` (its samples' shape,
     labels beyond the model's classes), or None. Empty data (a compute-only peer) fits anything."""
-    classes = output_shape[-1] if len(output_shape) == 1 else None
+    classes, positions = output_shape[-1], tuple(output_shape[:-1])   # scores per class, at each position
     for split, x, y in (("train", ds.x, ds.y), ("held-out", ds.x_test, ds.y_test)):
         if y is None or not len(y):
             continue
         if tuple(x.shape[1:]) != tuple(input_shape):
             return (f"its {split} data ({ds.name}) has samples of shape {list(x.shape[1:])}, the model expects "
                     f"{list(input_shape)}")
-        if classes is None:
-            return f"the model's output per sample is {list(output_shape)}, not one score per class"
+        if tuple(y.shape[1:]) != positions:
+            return (f"its {split} data ({ds.name}) has labels of shape {list(y.shape[1:])} per sample, but the model "
+                    f"scores {list(positions) or 'one position'} per sample (its output: {list(output_shape)})")
         top = int(y.max())
         if top >= classes:
             return (f"its {split} data ({ds.name}) has label {top} (sample {int(torch.argmax((y >= classes).int()))}), "
@@ -169,6 +214,10 @@ def load(source: str | None, shard: str | None = None, how: str = "blocks", seed
     data source."""
     if not source:
         return empty()
+    if source.startswith("text:"):
+        if how != "blocks":
+            raise DataError(f"--partition {how}: text is split into contiguous blocks (--shard k/n) only")
+        return text(source[len("text:"):], shard)
     ds = digits() if source == "digits" else npz(source)
     k, n = parse_shard(shard)
     block = partition(ds.y.numpy(), n, how, seed)[k]

@@ -14,6 +14,7 @@ from typing import Any, Generator, Iterator
 import torch
 
 from pipeline import schedule as S
+from pipeline.loss import summed as summed_loss
 from pipeline.stage import Stage
 
 
@@ -87,8 +88,9 @@ def run_program(stage: Stage, program: list[S.Action], position: int, n_stages: 
             if not train:   # one microbatch per evaluation step
                 out = stage.evaluate(x)
                 if tail:
-                    result.correct += int((out.argmax(1) == y).sum())
-                    result.loss_sum += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
+                    loss_sum, correct = summed_loss(out, y)
+                    result.correct += correct
+                    result.loss_sum += loss_sum.item()
                     result.samples += len(y)
                 else:
                     outbox["fwd", s, m] = {"x": out, "y": y}
@@ -135,7 +137,7 @@ def run_forward_role(stage: Stage, program: list[S.Action], max_staleness: int) 
             inbox[s, m] = yield Recv("fwd", s, m)
         elif k == S.F:
             msg = inbox.pop((s, m))
-            outbox["fwd", s, m] = {"x": stage.evaluate(msg["x"]), "y": msg["y"]}
+            outbox["fwd", s, m] = {"x": stage.forward_only(msg["x"]), "y": msg["y"]}
             outbox["input", s, m] = {"x": msg["x"]}
         elif k in (S.SEND_F, S.SEND_I):
             kind = S.MESSAGE[k]

@@ -44,8 +44,19 @@ def cnn(channels: int = 16, classes: int = 10) -> list[LayerFactory]:
     ]
 
 
+def _more() -> None:
+    """The larger built-ins, in modules of their own."""
+    from pipeline.gpt import gpt, gpt_input
+    from pipeline.resnet import resnet, resnet_input_shape
+
+    BUILTIN["gpt"], INPUT_SHAPES["gpt"], INPUT_DTYPES["gpt"] = gpt, gpt_input, torch.int64
+    BUILTIN["resnet"], INPUT_SHAPES["resnet"] = resnet, resnet_input_shape
+
+
 BUILTIN: dict[str, Callable[..., list[LayerFactory]]] = {"mlp": mlp, "cnn": cnn}
 INPUT_SHAPES = {"mlp": lambda o: (o.get("in_features", 64),), "cnn": lambda o: (64,)}
+INPUT_DTYPES: dict[str, torch.dtype] = {}   # a model's input dtype where it is not float32 (token ids)
+_more()
 
 
 CUSTOM_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -84,7 +95,7 @@ def _resolve(spec: dict) -> Callable[..., list[LayerFactory]]:
 
 
 def options(spec: dict) -> dict:
-    return {k: v for k, v in spec.items() if k not in ("name", "input_shape")}
+    return {k: v for k, v in spec.items() if k not in ("name", "input_shape", "input_dtype")}
 
 
 def layer_factories(spec: dict) -> list[LayerFactory]:
@@ -108,6 +119,25 @@ def input_shape(spec: dict) -> tuple[int, ...]:
     if spec["name"] in INPUT_SHAPES:
         return INPUT_SHAPES[spec["name"]](options(spec))
     raise SpecError(f"model {spec['name']!r} needs an 'input_shape' option")
+
+
+def input_dtype(spec: dict) -> torch.dtype:
+    """The dtype of the model's input: float32, int64 for token ids (a spec may say "input_dtype": "int64")."""
+    if spec.get("input_dtype") == "int64":
+        return torch.int64
+    return INPUT_DTYPES.get(spec["name"], torch.float32)
+
+
+def sample_input(spec: dict, rows: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Made-up input of `rows` samples (for sizing and profiling): standard normal, or token ids below the
+    model's vocab."""
+    shape = (rows, *input_shape(spec))
+    if input_dtype(spec) == torch.int64:
+        if device == "meta":
+            return torch.zeros(shape, dtype=torch.int64, device="meta")
+        return torch.randint(0, int(spec.get("vocab", 256)), shape, generator=generator)
+    return torch.randn(shape, generator=generator, device=device) if device != "meta" else \
+        torch.empty(shape, device="meta")
 
 
 def layer_seed(seed: int, index: int) -> int:
@@ -139,7 +169,7 @@ def footprint(spec: dict, max_layers: int | None = None) -> list[tuple[tuple[int
     factories = layer_factories(spec)
     if max_layers is not None and len(factories) > max_layers:
         raise SpecError(f"model {spec['name']!r} has {len(factories)} layers, more than the {max_layers} allowed")
-    x = torch.empty((1, *input_shape(spec)), device="meta")
+    x = sample_input(spec, 1, device="meta")
     out = []
     with torch.device("meta"):
         for i, f in enumerate(factories):

@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from pipeline.config import JobConfig
-from pipeline.models import build_layer, footprint, input_shape, layer_factories
+from pipeline.models import build_layer, footprint, input_shape, layer_factories, sample_input
 from pipeline.stage import make_optimizer
 
 PROBE_REPEATS = 3       # timed rounds per layer at least ...
@@ -41,7 +41,7 @@ def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS, budget: int | None = N
     factories = layer_factories(cfg.model)
     ratio = optimizer_state_ratio(cfg)
     out = {"forward_s": [], "backward_s": [], "update_s": [], "param_bytes": [], "optim_bytes": [],
-           "activation_bytes": [], "rows": rows, "estimated": []}
+           "activation_bytes": [], "saved_bytes": [], "rows": rows, "estimated": []}
     gen = torch.Generator().manual_seed(0)
     for i in range(len(factories)):
         params = sizes[i][1]
@@ -51,13 +51,16 @@ def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS, budget: int | None = N
         if budget is not None and probe_bytes(params, ratio, rows * math.prod(shapes[i]) * 4,
                                               rows * math.prod(shapes[i + 1]) * 4) > budget:
             out["estimated"].append(i)
+            out["saved_bytes"].append(0)   # (not built here: the coordinator takes another peer's measure)
             out["forward_s"].append(None)
             out["backward_s"].append(None)
             out["update_s"].append(None)
             continue
         layer = build_layer(cfg.model, cfg.seed, i, factories)
         opt = make_optimizer(replace(cfg, lr=1e-12), layer.parameters())   # its state, its cost; weights ~unchanged
-        x = torch.randn((rows, *shapes[i]), generator=gen).requires_grad_(i > 0)
+        x = sample_input(cfg.model, rows, gen) if i == 0 else torch.randn((rows, *shapes[i]), generator=gen)
+        x.requires_grad_(i > 0)
+        out["saved_bytes"].append(saved_bytes(layer, x))
         fwd, bwd, upd, spent, rounds = math.inf, math.inf, math.inf, 0.0, 0
         while rounds <= repeats or (spent < PROBE_BUDGET_S and rounds <= PROBE_MAX_REPEATS):
             t0 = time.perf_counter()
@@ -77,6 +80,22 @@ def measure(cfg: JobConfig, repeats: int = PROBE_REPEATS, budget: int | None = N
         del layer, x, y, opt
     _estimate(out)
     return out
+
+
+def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
+    """What autograd saves during the layer's forward on x for its backward, beyond the layer's input, output
+    and parameters: the activations inside a layer of several operations (a residual block's, a transformer
+    block's), floating-point storages once each (Stage.memory_bytes counts them the same way)."""
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dim():
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    known = {t.untyped_storage().data_ptr() for t in (x, y, *layer.parameters())}
+    return sum(n for ptr, n in kept.items() if ptr not in known)
 
 
 def probe_bytes(params: int, ratio: float, in_bytes: int, out_bytes: int) -> int:

@@ -10,6 +10,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from pipeline.config import JobConfig
+from pipeline.loss import summed as summed_loss
 from pipeline.data import Dataset, batch_sizes, microbatch_sizes, pass_order
 from pipeline.models import build_model, footprint
 
@@ -79,7 +80,7 @@ def train_stale(cfg: JobConfig, heads: list[Dataset], lag, ahead=None) -> torch.
                 steps = ahead(p, layer, s, m) if ahead else 0
                 t = w[k].detach() - cfg.lr * steps * buf[k] if steps and k in buf else w[k]
                 weights[k] = t.requires_grad_(True)
-            loss = F.cross_entropy(functional_call(model, weights, (ds.x[part],)), ds.y[part], reduction="sum") / len(idx)
+            loss = summed_loss(functional_call(model, weights, (ds.x[part],)), ds.y[part])[0] / len(idx)
             for param, g in zip(model.parameters(), torch.autograd.grad(loss, list(weights.values()))):
                 param.grad = g if param.grad is None else param.grad + g
         opt.step()
@@ -91,14 +92,31 @@ def train(cfg: JobConfig, heads: list[Dataset], skipped=()) -> torch.nn.Sequenti
     opt = _optimizer(cfg, model)
     for ds, idx in sample_order(cfg, heads, skipped):
         opt.zero_grad()
-        F.cross_entropy(model(ds.x[idx]), ds.y[idx]).backward()
+        (summed_loss(model(ds.x[idx]), ds.y[idx])[0] / len(idx)).backward()
         opt.step()
     return model
 
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(1) == y).float().mean())
+    """Held-out accuracy, in evaluation mode (a language model's: the fraction of tokens predicted right)."""
+    was = model.training
+    model.eval()
+    try:
+        return summed_loss(model(x), y)[1] / len(y)
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The mean held-out loss per sample, in evaluation mode (exp of it: a language model's perplexity)."""
+    was = model.training
+    model.eval()
+    try:
+        return summed_loss(model(x), y)[0].item() / len(y)
+    finally:
+        model.train(was)
 
 
 @one_thread

@@ -19,10 +19,10 @@ from typing import Callable, Hashable
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn import functional as F
 
 from pipeline import direct
 from pipeline.config import JobConfig
+from pipeline.loss import summed as summed_loss
 from pipeline.models import build_layer, layer_factories
 from pipeline.wgrad import Deferred
 
@@ -41,11 +41,14 @@ class Stage:
         self.deferred: dict[int, Deferred] = {}
         # key -> (input, output, version, forward weights used, direct.Tape or None for autograd's graph)
         self.buffers: dict[Hashable, tuple] = {}
+        # key -> {storage: bytes} of what autograd saved for that microbatch's backward (inside a layer: a
+        # block's intermediate activations), until its backward
+        self.saved: dict[Hashable, dict[int, int]] = {}
         self.forward_weights: dict[int, dict[str, torch.Tensor]] = {}   # copies for stale forwards, this version
         # a remote backward role's weights per version, layer, name (execute.run_backward_role), until unused
         self.versions: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
         self.version = 0
-        self._held: tuple[int, int] | None = None   # (parameter, optimizer state) bytes, until they change
+        self._held: tuple | None = None   # (parameter, optimizer state) bytes and parameter storages, until they change
         self._ops: list | None = None   # direct.ops_of the layers ([]: not such a stage), until they change
         self.autograd_only = False      # True: never pipeline.direct (tests compare the two)
         # storage -> tensor: the inputs of forwards that need no input gradient (the head's data, see
@@ -132,9 +135,21 @@ class Stage:
             self._keep(key, x, y, weights, tape)
             return y
         x.requires_grad_(needs_input_grad)
-        y = self._run(x, weights)
+        with self._saving(key):
+            y = self._run(x, weights)
         self._keep(key, x, y, weights)
         return y.detach()
+
+    def _saving(self, key: Hashable):
+        """Record the storages autograd saves for this microbatch's backward (see memory_bytes)."""
+        kept = self.saved[key] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point() and t.dim():   # (integer ones are data: labels, token ids; scalars, noise)
+                storage = t.untyped_storage()
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
     def _keep(self, key: Hashable, x: torch.Tensor, y: torch.Tensor, weights: dict[int, dict] | None,
               tape: direct.Tape | None = None) -> None:
@@ -160,15 +175,17 @@ class Stage:
             loss, correct, grad = direct.cross_entropy(logits, labels, batch)
             self._keep(key, x, grad, weights, tape)
             return loss, correct
-        logits = self._run(x.requires_grad_(needs_input_grad), weights)
-        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        with self._saving(key):
+            logits = self._run(x.requires_grad_(needs_input_grad), weights)
+            loss_sum, correct = summed_loss(logits, labels)
         self._keep(key, x, loss_sum / batch, weights)
-        return loss_sum.item(), int((logits.argmax(1) == labels).sum())
+        return loss_sum.item(), correct
 
     def backward(self, key: Hashable, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward one microbatch (grad of its output; None at the tail), freeing its buffer.
         Returns the gradient of its input (None at the head)."""
         x, y, _, used, tape = self.buffers.pop(key)
+        self.saved.pop(key, None)
         if tape is not None:   # at the last stage, y is the logits' gradient
             grad_in = direct.backward(tape, y if grad is None else grad)
             del x, y, tape   # what the deferred pairs do not keep is freed before the accounting
@@ -226,8 +243,8 @@ class Stage:
 
     def memory_bytes(self, gradients: bool = True) -> int:
         """Parameters, gradients (same size; not for a stage whose backward runs elsewhere), optimizer
-        state, the forward buffers (input, output, pipeline.direct's tape; not what autograd's graph keeps
-        in between), the deferred weight-gradient pairs (wgrad.Deferred), the weight copies of stale
+        state, the forward buffers (input, output, pipeline.direct's tape, and what autograd saved for each
+        microbatch's backward: a layer's intermediate activations), the deferred weight-gradient pairs (wgrad.Deferred), the weight copies of stale
         forwards held now (a copy lives while a microbatch that ran on it is in flight) and a remote
         backward role's weight versions: what pipeline.planner.model's memory model bounds. Each tensor
         once, however many views of it are held. Not counted, as in that model: the head's input (its
@@ -236,18 +253,24 @@ class Stage:
         if self._held is None:   # cached: this runs after every action of a pass
             self._held = (sum(p.numel() * p.element_size() for m in self.layers.values() for p in m.parameters()),
                           sum(v.numel() * v.element_size() for o in self.optimizers.values()
-                              for s in o.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()))
-        params, state = self._held
+                              for s in o.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()),
+                          {p.untyped_storage().data_ptr() for m in self.layers.values() for p in m.parameters()})
+        params, state, param_storages = self._held
         pairs = (t for d in self.deferred.values() for kept in d.pending.values() for pair in kept for t in pair)
         held = {(t.data_ptr(), t.numel()): t for x, y, _, _, tape in self.buffers.values()   # views once
                 for t in (x, y, *(tape.saved if tape else ()))}
         held.update({(t.data_ptr(), t.numel()): t for t in pairs})
         data = self._data
-        buffers = sum(t.numel() * t.element_size() for t in held.values()
-                      if not data or t.untyped_storage().data_ptr() not in data)
+        buffers = sum(t.numel() * t.element_size() for t in held.values()   # (the tail's y: a scalar, left out)
+                      if t.dim() and (not data or t.untyped_storage().data_ptr() not in data))
         copies = {id(w): w for used in [self.forward_weights, *(kept[3] for kept in self.buffers.values()),
                                         *self.versions.values()] for w in used.values()}
         buffers += sum(t.numel() * t.element_size() for w in copies.values() for t in w.values())
+        if self.saved:   # what autograd saved that is held nowhere else: not a parameter, buffer, copy or data
+            counted = {t.untyped_storage().data_ptr() for t in held.values()} | param_storages | set(data) | \
+                {t.untyped_storage().data_ptr() for w in copies.values() for t in w.values()}
+            saved = {ptr: n for kept in self.saved.values() for ptr, n in kept.items() if ptr not in counted}
+            buffers += sum(saved.values())
         return (2 if gradients else 1) * params + state + buffers
 
     def weights(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -255,8 +278,21 @@ class Stage:
         return {i: {k: v.detach() for k, v in m.state_dict().items()} for i, m in self.layers.items()}
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_only(self, x: torch.Tensor) -> torch.Tensor:
+        """A training-mode forward that keeps nothing (a remote backward's forward role: BatchNorm normalises
+        with the batch's statistics, as the backward role's recomputation does)."""
         return self._run(x)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' output in evaluation mode (BatchNorm with its running statistics, which stay as they were)."""
+        for m in self.layers.values():
+            m.eval()
+        try:
+            return self._run(x)
+        finally:
+            for m in self.layers.values():
+                m.train()
 
     def snapshot(self, ahead: int = 0) -> dict[int, dict[str, torch.Tensor]]:
         """A copy of the current weights, per layer. With `ahead`, extrapolated that many steps along SGD's

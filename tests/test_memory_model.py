@@ -15,6 +15,7 @@ import random
 import sys
 
 import pytest
+import torch
 
 from conftest import summary_of
 from peer.localring import train_cli
@@ -22,9 +23,9 @@ from pipeline import local
 from pipeline import schedule as S
 from pipeline.config import JobConfig
 from pipeline.data import Dataset, digits
-from pipeline.models import footprint
+from pipeline.models import build_layer, footprint, sample_input
 from pipeline.planner import Device, LayerCost, PlanInfeasible, evaluate, plan
-from pipeline.profiling import microbatch_rows, optimizer_state_ratio
+from pipeline.profiling import microbatch_rows, optimizer_state_ratio, saved_bytes
 from pipeline.swaps import even_split
 
 MLP5 = {"name": "mlp", "depth": 4, "width": 256}   # the issue's model: 5 layers
@@ -33,8 +34,11 @@ MLP5 = {"name": "mlp", "depth": 4, "width": 256}   # the issue's model: 5 layers
 def layer_costs(cfg: JobConfig) -> list[LayerCost]:
     """The layers' bytes as pipeline.profiling.measure reports them to the coordinator (times made up)."""
     rows, ratio = microbatch_rows(cfg), optimizer_state_ratio(cfg)
-    return [LayerCost(1e-3, 2e-3, params, int(params * ratio), rows * math.prod(shape) * 4)
-            for shape, params in footprint(cfg.model)]
+    sizes = footprint(cfg.model)
+    inputs = [sample_input(cfg.model, rows)] + [torch.randn(rows, *shape) for shape, _ in sizes]
+    saved = [saved_bytes(build_layer(cfg.model, cfg.seed, i), inputs[i].requires_grad_(i > 0)) for i in range(len(sizes))]
+    return [LayerCost(1e-3, 2e-3, params, int(params * ratio), rows * math.prod(shape) * 4, s)
+            for (shape, params), s in zip(sizes, saved)]
 
 
 def predicted(cfg: JobConfig, ranges: list[tuple[int, int]]) -> list[int]:
@@ -59,8 +63,8 @@ def test_profiled_sizes_are_the_ones_the_tests_predict_with():
     cfg = JobConfig(model={"name": "mlp", "depth": 1, "width": 16}, batch_size=8, microbatches=3, momentum=0.9)
     prof = measure(cfg, repeats=0)
     got = layer_costs(cfg)
-    assert [(l.param_bytes, l.optim_bytes, l.activation_bytes) for l in got] == list(
-        zip(prof["param_bytes"], prof["optim_bytes"], prof["activation_bytes"]))
+    assert [(l.param_bytes, l.optim_bytes, l.activation_bytes, l.saved_bytes) for l in got] == list(
+        zip(prof["param_bytes"], prof["optim_bytes"], prof["activation_bytes"], prof["saved_bytes"]))
 
 
 # --- the issue's example ---------------------------------------------------------------------------------

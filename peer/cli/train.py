@@ -213,7 +213,8 @@ def show(events, args, command: str, seen: dict):
                                 + (f" staleness {ev['staleness']}" if ev["staleness"] else ""))
         elif kind == "epoch" and bar:
             acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
-            bar.write(f"epoch {ev['epoch']}: loss {ev['loss']:.4f}, held-out accuracy {acc}")
+            held = f", held-out loss {ev['held_out_loss']:.4f}" if ev.get("held_out_loss") is not None else ""
+            bar.write(f"epoch {ev['epoch']}: loss {ev['loss']:.4f}{held}, held-out accuracy {acc}")
         elif kind == "round" and bar:
             acc = "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%"
             bar.write(f"round {ev['round'] + 1}: loss {ev['loss']:.4f}, held-out accuracy {acc}, "
@@ -282,6 +283,8 @@ def stop(url: str, key, job: str | None, command: str) -> int:
 
 def print_summary(summary: dict, out: str | None) -> None:
     acc = "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f}%"
+    if summary.get("perplexity") is not None:   # a language model: its held-out loss per token says more
+        acc = f"{acc} of tokens, held-out loss {summary['held_out_loss']:.4f}, perplexity {summary['perplexity']:.2f}"
     print(f"done: {summary['epochs']} epochs" if "epochs" in summary else f"done: {summary['rounds']} rounds", end="")
     print(f", final loss {summary['final_loss']:.4f}, held-out accuracy {acc}, "
           f"{summary['samples_per_s']:.0f} samples/s, {summary['seconds']:.1f}s"

@@ -178,7 +178,8 @@ class WorkService(Service):
             raise JobError(f"model spec hash differs: peer {node.peer_id} has {mine}, coordinator has "
                            f"{msg['spec_hash']}; run the same splitring version and model code on every peer")
         sizes = await asyncio.to_thread(footprint, cfg.model, JOB_LIMITS.max_layers)
-        problem = fits_model(node.data, input_shape(cfg.model), sizes[-1][0])
+        data = node.data.for_model(cfg.model)
+        problem = fits_model(data, input_shape(cfg.model), sizes[-1][0])
         if problem:
             raise JobError(f"peer {node.peer_id}: {problem}")
         attempt = msg.get("attempt", 0)
@@ -194,10 +195,10 @@ class WorkService(Service):
         self.held.pop(msg["job"], None)
         if cfg.scheme in PARALLEL_SCHEMES:
             self.jobs[msg["job"]] = ParallelRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"],
-                                                    node.data, node.links, node.compute_call, node.state,
+                                                    data, node.links, node.compute_call, node.state,
                                                     node.memory_budget, sizes, node.pending_messages)
         else:
-            rt = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"], node.data, node.links,
+            rt = JobRuntime(msg["job"], cfg, node.peer_id, msg["ring"], msg["coordinator"], data, node.links,
                             node.client(), node.compute_call, node.state, node.memory_budget, sizes, attempt,
                             node.pending_messages)
             restored = None
@@ -214,8 +215,8 @@ class WorkService(Service):
             rt.heard = time.monotonic()   # (a restore may take longer than the coordinator's silence allows)
             self.jobs[msg["job"]] = rt
             if restored is not None:
-                return {"samples": len(node.data), "test_samples": node.data.n_test, "restored": restored}
-        return {"samples": len(node.data), "test_samples": node.data.n_test}
+                return {"samples": len(data), "test_samples": data.n_test, "restored": restored}
+        return {"samples": len(data), "test_samples": data.n_test}
 
     @serves("profile")
     async def profile(self, msg, request):
@@ -223,13 +224,14 @@ class WorkService(Service):
         node = self.node
         cfg = node.job_config(msg["config"])
         prof = await asyncio.get_running_loop().run_in_executor(node.compute, self.measured, cfg)
-        return {"memory_budget": node.memory_budget, "profile": prof, "samples": len(node.data),
-                "test_samples": node.data.n_test}
+        data = node.data.for_model(cfg.model)
+        return {"memory_budget": node.memory_budget, "profile": prof, "samples": len(data),
+                "test_samples": data.n_test}
 
     def measured(self, cfg: JobConfig) -> dict:
         """This machine's per-layer costs for a job's model (cached per spec, microbatch, optimizer, budget)."""
         node = self.node
-        key = (f"v2-{spec_hash(cfg.model)}-{microbatch_rows(cfg)}-{optimizer_state_ratio(cfg)}-{cfg.seed}-"
+        key = (f"v3-{spec_hash(cfg.model)}-{microbatch_rows(cfg)}-{optimizer_state_ratio(cfg)}-{cfg.seed}-"
                f"{node.memory_budget}")
         path = node.state.root / "profiles" / f"{key}.json"
         if path.exists():

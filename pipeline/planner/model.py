@@ -73,6 +73,7 @@ class LayerCost:
     param_bytes: int
     optim_bytes: int        # optimizer state (SGD with momentum: = param_bytes; Adam: 2x)
     activation_bytes: int   # this layer's output: what crosses the wire if the chain is cut after it
+    saved_bytes: int = 0    # what autograd saves for backward inside the layer (beyond its input and output)
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def microbatch_bytes(layers: list[LayerCost], a: int, b: int) -> tuple[int, int]
     """(B, P) of a stage owning layers [a, b) (a < b): one forward buffer, and one microbatch's deferred
     weight-gradient pairs (see the module docstring)."""
     outputs = sum(l.activation_bytes for l in layers[a:b])
-    buffer = outputs + (layers[a - 1].activation_bytes if a > 0 else 0)
+    buffer = outputs + (layers[a - 1].activation_bytes if a > 0 else 0) + sum(l.saved_bytes for l in layers[a:b])
     return buffer, buffer + outputs - layers[b - 1].activation_bytes
 
 
