@@ -135,7 +135,8 @@ class Coordinator:
                                backward_s=tuple(r["profile"]["backward_s"]), bandwidth=links[pid][0],
                                latency=links[pid][1]) for pid, r in replies.items()}
         prof = replies[ring[0]["peer"]]["profile"]  # sizes are the same on every peer; times are each one's own
-        saved = [max(s) for s in zip(*(r["profile"]["saved_bytes"] for r in replies.values()))]   # (0: not built)
+        saved = [max(s) for s in zip(*(r["profile"].get("saved_bytes") or [0] * len(prof["param_bytes"])
+                                       for r in replies.values()))]   # (0: not built there)
         layers = [LayerCost(f, b, pb, ob, ab, sb) for f, b, pb, ob, ab, sb in zip(
             prof["forward_s"], prof["backward_s"], prof["param_bytes"], prof["optim_bytes"], prof["activation_bytes"],
             saved)]
@@ -673,10 +674,13 @@ class Progress:
     stages: dict = field(default_factory=dict)   # peer -> seconds busy, waiting and sending, and steps, in training
 
     def add_stage(self, peer: str, end: dict) -> None:
-        """A stage's report at the end of its pass (JobRuntime.run_pass)."""
-        mine = self.stages.setdefault(peer, {"busy_s": 0.0, "wait_s": 0.0, "send_s": 0.0, "steps": 0})
-        for k in mine:
+        """A stage's report at the end of its pass (JobRuntime.run_pass): time summed, peaks kept."""
+        mine = self.stages.setdefault(peer, {"busy_s": 0.0, "wait_s": 0.0, "send_s": 0.0, "steps": 0,
+                                             "peak_memory_bytes": 0, "peak_rss_bytes": 0, "swap_spills": 0})
+        for k in ("busy_s", "wait_s", "send_s", "steps"):
             mine[k] += end.get(k, 0)
+        for k in ("peak_memory_bytes", "peak_rss_bytes", "swap_spills"):   # (the runtime's own running counts)
+            mine[k] = max(mine.get(k, 0), end.get(k, 0))
 
 
 class PassFailed(JobError):

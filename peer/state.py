@@ -113,6 +113,22 @@ class StateDir:
         write_atomic(path, data)
         return path, hashlib.sha256(data).hexdigest()
 
+    def pending_path(self, job: str, rotation: int, attempt: int, layer: int) -> Path:
+        return self.job_dir(job) / f"pending-{int(rotation)}a{int(attempt)}-{int(layer)}.pt"
+
+    def save_pending(self, job: str, rotation: int, attempt: int, layer: int, state: dict) -> None:
+        """A layer received in a swap, kept on disk until the commit (a stage at its memory budget)."""
+        path = self.pending_path(job, rotation, attempt, layer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+
+    def load_pending(self, job: str, rotation: int, attempt: int, layer: int) -> dict:
+        """That layer, once (its file is removed)."""
+        path = self.pending_path(job, rotation, attempt, layer)
+        state = torch.load(path, weights_only=True)
+        path.unlink()
+        return state
+
     def save_replica(self, job: str, owner: str, version: int, attempt: int, data: bytes, digest: str) -> str:
         """Keep another peer's checkpoint; returns the sha256 of the bytes kept (its sender checks it)."""
         got = hashlib.sha256(data).hexdigest()

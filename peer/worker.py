@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 
 import torch
@@ -27,6 +28,19 @@ TRANSFER_S = 600.0   # deadline of moving a stage's state to another peer (a swa
 LABELS = {"fwd": "F", "bwd": "B"}
 
 
+def state_bytes(exported) -> int:
+    """Bytes of exported layers' tensors (Stage.export's entries: params, optimizer state; None: on disk)."""
+    return sum(t.numel() * t.element_size() for e in exported if e is not None
+               for t in [*e["params"].values(), *(v for s in e["optim"].values() for v in s.values())]
+               if torch.is_tensor(t))
+
+
+def peak_rss() -> int:
+    """The most resident memory this process has had, in bytes (the kernel's count: tensors, libraries,
+    everything)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def label(kind: str, mb: int) -> str:
     """A traced action's label: the message it computed, awaited or sent (F3: microbatch 3's forward)."""
     return f"{LABELS.get(kind, kind)}{mb}"
@@ -47,7 +61,8 @@ class JobRuntime:
         self.data, self.links, self.client, self.state_dir = data, links, client, state_dir
         self._compute = compute  # async callable(fn, *args): runs fn on the agent's compute thread
         self.memory_budget = memory_budget
-        self.peak_memory = 0
+        self.peak_memory = 0   # most bytes held, as the budget counts them (accounted only under a budget)
+        self.spilled = 0       # layers received in swaps that waited on disk for the commit (at the budget)
         outputs = [shape for shape, _ in sizes] if sizes is not None else activation_shapes(cfg.model)
         self.shapes = [input_shape(cfg.model)] + outputs  # shapes[i] = input of layer i
         self.stage = Stage(cfg, {})
@@ -108,12 +123,16 @@ class JobRuntime:
         a, b = ranges.get(self.me, (0, 0))
         if self.rotation < 0 and not self.restored:  # first assignment: build own layers from (spec, seed, i)
             self.stage = Stage.build(self.cfg, a, b)
-        else:
-            self.stage.install(self.pending.pop(rotation, {}))
+        else:   # the layers given away are freed first (the last commit's checkpoint has them): the stage never
+            received = self.pending.pop(rotation, {})   # holds old and new at once beyond what the swap did
             for i in [i for i in self.stage.layers if not a <= i < b]:
                 self.stage.remove(i)
+            self.stage.install({i: state for i, state in received.items() if state is not None})
+            for i in [i for i, state in received.items() if state is None]:
+                self.stage.install({i: self.state_dir.load_pending(self.job, rotation, self.attempt, i)})
         owner = self.me in chain and chain.index(self.me) in remote
         used = self.stage.memory_bytes(gradients=not owner)   # a remote backward's owner keeps no gradients
+        self.peak_memory = max(self.peak_memory, used) if self.memory_budget is not None else self.peak_memory
         if self.memory_budget is not None and used > self.memory_budget:
             raise JobError(f"peer {self.me} would hold {used} bytes for layers [{a},{b}), over its memory budget of "
                            f"{self.memory_budget}")
@@ -132,7 +151,8 @@ class JobRuntime:
 
     def status(self) -> dict:
         return {"job": self.job, "scheme": self.cfg.scheme, "rotation": self.rotation, "layers": list(self.stage.range),
-                "position": self.position, "progress": self.progress, "peak_memory_bytes": self.peak_memory}
+                "position": self.position, "progress": self.progress, "peak_memory_bytes": self.peak_memory,
+                "swap_spills": self.spilled}
 
     def layers(self) -> dict[int, dict]:
         """{layer: state dict} of the layers this peer holds now."""
@@ -170,14 +190,16 @@ class JobRuntime:
                 by_dest.setdefault(dst, []).append(layer)
         sent = 0
         for dst, layers in by_dest.items():
-            state = self.stage.export(layers)
-            digest = await self._compute(checksum, state)
-            reply = await self.client.call({"peer": dst, "url": self.urls[dst]}, "swap_receive", timeout=TRANSFER_S,
-                                           job=self.job, rotation=rotation, attempt=self.attempt, layers=state,
-                                           checksum=digest)
-            if reply["checksum"] != digest:
-                raise JobError(f"layer transfer to {dst} failed verification")
-            sent += len(layers)
+            for layer in layers:   # a layer at a time: neither end holds more than one extra layer's copy
+                state = self.stage.export([layer])
+                digest = await self._compute(checksum, state)
+                reply = await self.client.call({"peer": dst, "url": self.urls[dst]}, "swap_receive",
+                                               timeout=TRANSFER_S, job=self.job, rotation=rotation,
+                                               attempt=self.attempt, layers=state, checksum=digest)
+                if reply["checksum"] != digest:
+                    raise JobError(f"layer transfer to {dst} failed verification")
+                del state
+                sent += 1
         return {"sent": sent}
 
     def receive_layers(self, rotation: int, attempt: int, layers: dict, digest: str) -> str:
@@ -189,7 +211,21 @@ class JobRuntime:
         if got != digest:
             raise ProtocolError("checksum", f"layer state does not match its checksum (sha256 {got[:12]}..., "
                                             f"sent as {digest[:12]}...): corrupted in transit")
-        self.pending.setdefault(rotation, {}).update(layers)
+        pending = self.pending.setdefault(rotation, {})
+        if self.memory_budget is not None:
+            held = self.stage.memory_bytes() + state_bytes(layers.values())
+            if held > self.memory_budget:   # (the plan checked this; a peer that misjudged is refused here)
+                raise JobError(f"peer {self.me} would hold {held} bytes with layers {sorted(layers)} received for "
+                               f"rotation {rotation}, over its memory budget of {self.memory_budget}")
+            self.peak_memory = max(self.peak_memory, held)
+            if held + state_bytes(pending.values()) > self.memory_budget:   # kept on disk until the commit
+                for i, state in layers.items():
+                    self.state_dir.save_pending(self.job, rotation, self.attempt, i, state)
+                pending.update({i: None for i in layers})   # (None: on disk)
+                self.spilled += len(layers)
+                return got
+            self.peak_memory = max(self.peak_memory, held + state_bytes(pending.values()))
+        pending.update(layers)
         return got
 
     # --- data plane input ---------------------------------------------------------------------
@@ -368,7 +404,8 @@ class JobRuntime:
                 t.cancel()
             self.backward_roles = {}
         return {"steps": len(sizes), "seconds": time.perf_counter() - t0,
-                **{f"{kind}_s": s for kind, s in self.trace.totals.items()}}
+                **{f"{kind}_s": s for kind, s in self.trace.totals.items()},
+                "peak_memory_bytes": self.peak_memory, "peak_rss_bytes": peak_rss(), "swap_spills": self.spilled}
 
     def abort(self, reason: str) -> None:
         self.mailbox.fail(JobError(reason))

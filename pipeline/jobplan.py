@@ -111,17 +111,25 @@ def split(cfg: JobConfig, chain: list[str], devices: dict[str, Device], layers: 
     """One chain's split and remote backwards: the planner's (fewest bytes moved among the fastest) or an
     even one, checked against the budgets. A link between two peers is taken as the slower of their links
     to the coordinator (a star LAN)."""
-    chained = [replace(devices[p], bandwidth=min(devices[p].bandwidth, devices[q].bandwidth))
+    # room for a layer received in a swap beside those a peer holds until the commit (see swaps.swap_peaks)
+    room = max(l.param_bytes + l.optim_bytes for l in layers) if len(chain) > 1 else 0
+    chained = [replace(devices[p], bandwidth=min(devices[p].bandwidth, devices[q].bandwidth),
+                       memory_budget=None if devices[p].memory_budget is None else max(0, devices[p].memory_budget - room))
                for p, q in zip(chain, chain[1:] + chain[:1])]
     try:
         p, remote = plan_chain(chained, layers, cfg.scheme, cfg.microbatches, cfg.max_staleness, cfg.split,
                                "auto" if cfg.backward_at == "auto" else cfg.remote_backward(), previous)
     except PlanInfeasible as e:
-        raise PlanError(f"the ring cannot hold the model: {e}") from None
+        raise PlanError(f"the ring cannot hold the model: {e}{kept_room(room)}") from None
     if not p.fits:
         raise PlanError(f"the {cfg.split} split does not fit the memory budgets"
-                        f"{' with --backward-at' if cfg.backward_at else ''}: {over_budget(p)}")
+                        f"{' with --backward-at' if cfg.backward_at else ''}: {over_budget(p)}{kept_room(room)}")
     return p, remote
+
+
+def kept_room(room: int) -> str:
+    return (f" (each budget less {room} bytes: room for a layer received in a swap beside those held until the "
+            f"commit)") if room else ""
 
 
 class JobPlan:

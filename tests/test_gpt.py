@@ -100,3 +100,72 @@ def test_a_ring_trains_gpt_on_text_exactly(start_ring, tmp_path, scheme):
     assert summary["held_out_loss"] == pytest.approx(reference.held_out_loss(want, tail.x_test, tail.y_test), rel=1e-4)
     assert summary["perplexity"] == pytest.approx(math.exp(summary["held_out_loss"]))
     assert summary["held_out_loss"] < math.log(256)   # it learned something of the bytes' statistics
+
+
+BIG = {"name": "gpt", "blocks": 8, "width": 128, "heads": 4, "context": 16}   # parameters dominate at batch 4
+
+
+def training_state(cfg: JobConfig) -> int:
+    """What training the whole model in one place holds, as the planner counts it: parameters, gradients,
+    optimizer state and a microbatch's activations kept for backward (measured per layer)."""
+    from pipeline.planner.model import LayerCost, stage_memory
+    from pipeline.profiling import measure
+
+    prof = measure(cfg, repeats=0)
+    layers = [LayerCost(0.0, 0.0, p, o, a, s) for p, o, a, s in zip(
+        prof["param_bytes"], prof["optim_bytes"], prof["activation_bytes"], prof["saved_bytes"])]
+    return stage_memory(layers, 0, len(layers), buffers=1)
+
+
+def test_a_ring_trains_a_gpt_none_of_its_peers_could_hold_within_every_budget(start_ring, tmp_path):
+    """Four agents, each with a budget 2.5 times smaller than the model's whole training state: the plan
+    fits it across them (swaps included: a layer that does not fit beside the old ones waits on disk until
+    the commit), every agent's measured peak stays within its budget, and the result equals plain PyTorch.
+    One agent with the same budget is refused before training, the shortfall named."""
+    cfg = JobConfig(model=BIG, epochs=1, batch_size=4, optimizer="sgd", momentum=0.9, lr=0.05)
+    budget = int(training_state(cfg) / 2.5)
+    options = ",".join(f"{k}={v}" for k, v in BIG.items() if k != "name")
+    args = ("--model", "gpt", "--model-options", options, "--epochs", "1", "--batch-size", "4",
+            "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05")
+    alone = start_ring([["--data", f"text:{TEXT}", "--memory-budget", str(budget)]])
+    refused = train_cli(alone.urls[0], *args)
+    assert refused.returncode != 0 and "cannot hold the model" in refused.stderr, refused.stderr
+    assert " short" in refused.stderr and "resume" not in refused.stderr   # the shortfall; nothing to resume
+    ring = start_ring([["--data", f"text:{TEXT}", "--shard", f"{k}/4", "--memory-budget", str(budget)]
+                       for k in range(4)])
+    out = tmp_path / "model.pt"
+    summary = summary_of(train_cli(ring.urls[0], *args, "--out", str(out)))
+    for agent in ring.agents:
+        peaks = summary["stages"][agent.peer_id]
+        assert 0 < peaks["peak_memory_bytes"] <= budget, (agent.peer_id, peaks, budget)
+        assert peaks["peak_rss_bytes"] > peaks["peak_memory_bytes"]
+    assert summary["bytes_moved"] > 0   # layers were swapped
+    order = [ring.agents.index(a) for a in ring.ring_order()]
+    heads = [load(f"text:{TEXT}", f"{k}/4").for_model(BIG) for k in order]
+    assert max_diff(load_out(out), reference.one_thread(reference.train)(cfg, heads).state_dict()) <= 1e-5
+
+
+def test_the_largest_model_offline_is_what_a_live_ring_accepts(start_ring):
+    """`splitring plan --max-model` with 3 devices of 6 MiB says how many blocks fit; a live ring of 3 agents with
+    those budgets plans that model and refuses one block more, naming the peer that runs out."""
+    import subprocess
+    import sys
+
+    options = "width=64,heads=4,context=16"
+    common = ("--batch-size", "4", "--optimizer", "sgd", "--momentum", "0.9")
+    proc = subprocess.run([sys.executable, "-m", "peer", "plan", "--max-model", "gpt", "--model-options", options,
+                           *common, "--devices", "a,b,c", "--memory-budget", "6MiB", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    blocks = got["largest"]
+    assert got["option"] == "blocks" and blocks >= 2 and "short" in got["next_refused"]
+    ring = start_ring([["--data", f"text:{TEXT}", "--shard", f"{k}/3", "--memory-budget", "6MiB"] for k in range(3)])
+
+    def live(n: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "peer", "plan", "--peer", ring.urls[0], "--model", "gpt",
+                               "--model-options", f"{options},blocks={n}", *common, "--json"],
+                              capture_output=True, text=True, timeout=300)
+    assert live(blocks).returncode == 0, live(blocks).stderr
+    refused = live(blocks + 1)
+    assert refused.returncode != 0 and "cannot hold the model" in refused.stderr, refused.stderr

@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 from conftest import http_post, load_out, max_diff, summary_of
 from peer.localring import train_cli
@@ -118,6 +119,62 @@ def test_a_commit_over_the_memory_budget_is_refused_naming_the_shortfall(start_r
     assert status == 409 and "over its memory budget of 409600" in body["message"], body
     assert "would hold" in body["message"]
     assert commit(agent.url, agent.peer_id, "b0d9e7000001", 1, [0, 1])[0] == 200   # one layer fits
+
+
+def test_layers_received_in_a_swap_over_the_memory_budget_are_refused(start_ring):
+    """The stage holds layer 0 (parameters and gradients: 2 x 33 KB) within 120 KiB. Layer 1 (66 KB) would fit
+    alone, but not on top of layer 0, which stays until the commit: refused, nothing kept. Layer 2 (5 KB) fits
+    beside layer 0 and is taken."""
+    from pipeline.stage import Stage, checksum
+    from protocols import message
+    from protocols.frames import encode_frame
+
+    cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 128})
+    ring = start_ring([["--data", "digits", "--memory-budget", "120KiB"]])
+    agent, job = ring.agents[0], "b0d9e7000003"
+    assert prepare(agent.url, agent.peer_id, cfg, job)[0] == 200
+    assert commit(agent.url, agent.peer_id, job, 0, [0, 1])[0] == 200
+    whole = Stage.build(cfg, 0, 3)
+    layer1 = sum(t.numel() * t.element_size() for t in whole.export([1])[1]["params"].values())
+    assert whole.memory_bytes() > 120 * 1024 > layer1   # (its state as received: no gradients yet)
+
+    def receive(layers: list[int]) -> tuple[int, dict]:
+        state = whole.export(layers)
+        msg = message("swap_receive", job=job, rotation=1, attempt=0, layers=state, checksum=checksum(state))
+        return http_post(agent.url + "/job/swap/receive", encode_frame(msg), {"Content-Type": "application/cbor"})
+    status, body = receive([1])
+    assert status == 409 and "over its memory budget of 122880" in body["message"], body
+    assert "layers [1] received for rotation 1" in body["message"]
+    assert receive([2])[0] == 200
+
+
+def test_a_received_layer_that_does_not_fit_beside_the_others_waits_on_disk_for_the_commit(start_ring):
+    """The stage holds layers 0-1 (198 656 bytes with gradients) and gets layers 2-3 for the next rotation.
+    Layer 2 fits beside them (264 704 of 266 000); layer 3 does too, but not with layer 2 kept as well
+    (269 864): it goes to disk. The commit frees layers 0-1, then takes 2 and 3: within the budget, and
+    layer 3 is the one sent."""
+    from pipeline.stage import Stage, checksum
+    from protocols import message
+    from protocols.frames import decode_frame, encode_frame
+
+    cfg = JobConfig(model={"name": "mlp", "depth": 3, "width": 128})
+    ring = start_ring([["--data", "digits", "--memory-budget", "266000"]])
+    agent, job = ring.agents[0], "b0d9e7000004"
+    assert prepare(agent.url, agent.peer_id, cfg, job)[0] == 200
+    assert commit(agent.url, agent.peer_id, job, 0, [0, 2])[0] == 200
+    whole = Stage.build(cfg, 0, 4)
+    for i in (2, 3):
+        state = whole.export([i])
+        msg = message("swap_receive", job=job, rotation=1, attempt=0, layers=state, checksum=checksum(state))
+        status, body = http_post(agent.url + "/job/swap/receive", encode_frame(msg),
+                                 {"Content-Type": "application/cbor"})
+        assert status == 200, body
+    stage, = json.loads(urllib.request.urlopen(agent.url + "/status").read())["stages"]
+    assert stage["swap_spills"] == 1 and 264_704 <= stage["peak_memory_bytes"] <= 266_000
+    assert commit(agent.url, agent.peer_id, job, 1, [2, 4])[0] == 200
+    held = decode_frame(urllib.request.urlopen(f"{agent.url}/job/{job}/params").read())["layers"]
+    assert sorted(held) == [2, 3]
+    assert all(torch.equal(held[3][k], v) for k, v in whole.export([3])[3]["params"].items())
 
 
 def test_a_commit_missing_a_layer_is_refused_naming_it(start_ring):

@@ -232,3 +232,39 @@ def test_a_pass_that_cannot_run_fails_the_check_before_the_job_starts():
     assert next(iter(plan)).rotation == 0   # the first pass alone would have started the job
     with pytest.raises(PlanError, match="cannot hold the model"):
         plan.check()
+
+
+def swap_peaks(held: dict[int, str], moves, kept_bytes, sent_bytes) -> dict[str, int]:
+    """What each peer that receives layers in a swap holds at its peak: every layer it held (kept until the
+    commit, so that a failed swap loses nothing) and the largest layer it receives (layers come one at a time;
+    one that does not fit beside the rest waits on disk until the commit has freed the old ones)."""
+    largest: dict[str, int] = {}
+    for i, _, to in moves:
+        largest[to] = max(largest.get(to, 0), sent_bytes(i))
+    return {to: sum(kept_bytes(i) for i, p in held.items() if p == to) + big for to, big in largest.items()}
+
+
+def test_swap_peaks_count_kept_and_received_layers():
+    held = {0: "a", 1: "a", 2: "b", 3: "b"}
+    moves = [(1, "a", "b"), (2, "b", "c")]
+    assert swap_peaks(held, moves, lambda i: 10 * (i + 1), lambda i: i + 1) == {"b": 30 + 40 + 2, "c": 3}
+    assert swap_peaks(held, [(0, "a", "c"), (1, "a", "c")], lambda i: 0, lambda i: i + 1) == {"c": 2}   # the larger
+
+
+@pytest.mark.parametrize("budget", [30_000, 32_000, 40_000, None])
+def test_every_planned_swap_stays_within_the_budgets(budget):
+    """Each of a, b holds 3 layers (parameters and gradients: 24 000 bytes); rotating the chain moves all 6, one
+    at a time, and a peer keeps its old layers until the commit: it holds 24 000 and a received layer (4 000)
+    at once. The plan leaves that room in every budget, or refuses the job saying so."""
+    layers = [LAYER] * 6
+    plan = JobPlan(JobConfig(split="even", epochs=2), facts({"a": 5, "b": 5}, budget=budget))
+    if budget is not None and budget < 24_000 + 4 * LAYER.activation_bytes + 4_000:   # its buffers: 4 activations
+        with pytest.raises(PlanError, match="room for a layer received in a swap"):
+            plan.check()
+        return
+    passes = list(plan)
+    for before, after in zip(passes, passes[1:]):
+        held = {i: p for p, (a, b) in before.ranges.items() for i in range(a, b)}
+        peaks = swap_peaks(held, after.moves, lambda i: 2 * layers[i].param_bytes + layers[i].optim_bytes,
+                           lambda i: layers[i].param_bytes + layers[i].optim_bytes)
+        assert peaks and all(need <= (budget or need) for need in peaks.values()), peaks

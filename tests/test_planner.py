@@ -54,8 +54,10 @@ def reference(devices, layers, ranges, scheme, m):
             busy.append(wire)
         inp = layers[a - 1].activation_bytes if a else 0
         outs = [l.activation_bytes for l in layers[a:b]]
-        buffer = inp + sum(outs)                       # a forward buffer: input and every layer's output
-        pair = inp + sum(outs[:-1]) + sum(outs)        # weight-gradient pairs: each Linear's input and output gradient
+        saved = sum(l.saved_bytes for l in layers[a:b])   # what autograd keeps inside the layers
+        buffer = inp + sum(outs) + saved               # a forward buffer: input, every layer's output, saved
+        pair = inp + sum(outs[:-1]) + sum(outs) + saved   # weight-gradient pairs: each Linear's input and output
+        # gradient (and what the forward buffer saved, as microbatch_bytes counts it)
         memory.append(sum((2 + copies) * l.param_bytes + l.optim_bytes for l in layers[a:b])
                       + buffers * buffer + pairs * pair)
     step = m * one_pass if scheme == "nsplit" else one_pass + (m - 1) * max(busy)
@@ -103,7 +105,7 @@ def instances(draw, identical=False):
     n_layers, n_devices = draw(st.integers(1, 10)), draw(st.integers(2 if identical else 1, 4))
     seconds_ = st.integers(0, 8).map(lambda i: i / 8) if identical else seconds
     activation = st.sampled_from([0, 0, 64]) if identical else size
-    layers = [LayerCost(draw(seconds_), draw(seconds_), draw(size), draw(size), draw(activation))
+    layers = [LayerCost(draw(seconds_), draw(seconds_), draw(size), draw(size), draw(activation), draw(activation))
               for _ in range(n_layers)]
     budget = st.one_of(st.none(), st.integers(0, 12000))
     if identical:

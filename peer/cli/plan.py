@@ -138,11 +138,40 @@ def live_plans(args: argparse.Namespace) -> tuple[list[Plan], list[dict]]:
     return plans, [{j: h for j, h in d.get("backward_at", [])} for d in reply["rotations"]]
 
 
+def max_model(args: argparse.Namespace) -> int:
+    """--max-model: grow one option of the spec while every pass of an epoch fits the devices' budgets."""
+    from pipeline.capacity import GROWN, largest
+
+    cfg = job_config(argparse.Namespace(**{**vars(args), "model": args.max_model}), JOB_FIELDS)
+    option = args.grow or GROWN.get(args.max_model)
+    if option is None:
+        raise ValueError(f"--max-model {args.max_model}: say which option to grow with --grow")
+    if not args.devices:
+        raise ValueError("--max-model needs --devices (names) and their --memory-budget")
+    names = [s.strip() for s in args.devices.split(",")]
+    budgets = per_device(args.memory_budget, names, lambda s: int(quantity(s, BYTE_UNITS, "memory budget")),
+                         "--memory-budget")
+    got = largest(cfg, [Device(n, b) for n, b in zip(names, budgets)], option)
+    if args.json:
+        print(json.dumps({"model": cfg.model["name"], "option": got.option, "largest": got.largest,
+                          "params": got.params, "next_refused": got.next_refused}))
+    elif got.largest is None:
+        print(f"no {cfg.model['name']} fits, not even {option}=1: {got.next_refused}")
+    else:
+        print(f"largest {cfg.model['name']} these {len(names)} peers can train: {option}={got.largest} "
+              f"({got.params / 1e6:.1f} M parameters)")
+        if got.next_refused:
+            print(f"{option}={got.largest + 1} does not fit: {got.next_refused}")
+    return 0 if got.largest is not None else 1
+
+
 def run(args: argparse.Namespace) -> int:
     if args.show_schedule:
         show_schedule(args, args.stages or (len(args.devices.split(",")) if args.devices else 3))
         return 0
     try:
+        if args.max_model:
+            return max_model(args)
         if args.peer or args.ring:
             plans, remotes = live_plans(args)
             print_plans(plans, args.json, True, remotes)
@@ -197,6 +226,11 @@ def register(subparsers) -> None:
     p.add_argument("--rotations", action="store_true",
                    help="plan every rotation of the ring and show the bytes each swap moves")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--max-model", default=None, metavar="NAME",
+                   help="the largest model of this spec (options from --model-options) that --devices (names) with "
+                        "their --memory-budget can train, grown along --grow; and which peer runs out first beyond")
+    p.add_argument("--grow", default=None, metavar="OPTION",
+                   help="the option --max-model grows (default: gpt blocks, mlp depth, cnn channels, resnet width)")
     live = p.add_argument_group("live ring (plans with the peers' measured profiles, budgets and links)")
     add_options(live, ConnectOptions, ring=None)
     job = p.add_argument_group(

@@ -21,7 +21,7 @@ from peer.trace import KINDS
 from peer.state import JOB_ID, StaleJournal, journal_problem, prune, write_atomic
 from peer.client import JobError
 from peer.parallel import ParallelRuntime
-from peer.worker import JobRuntime
+from peer.worker import JobRuntime, peak_rss
 from pipeline.config import PARALLEL_SCHEMES, JobConfig
 from pipeline.data import fits_model
 from pipeline.jobplan import reports_step
@@ -71,6 +71,7 @@ class WorkService(Service):
 
     def status(self) -> dict:
         return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
+                "peak_rss_bytes": peak_rss(),
                 "peak_unread_messages": max([self.peak_unread] + [rt.mailbox.peak_unread for rt in self.jobs.values()]),
                 "backpressure_waits": self.backpressure_waits + sum(rt.mailbox.waits for rt in self.jobs.values()),
                 "stages": [rt.status() for rt in self.jobs.values()], "held": list(self.held.values())}

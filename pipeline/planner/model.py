@@ -160,7 +160,8 @@ def check(devices: list[Device], layers: list[LayerCost], scheme: str, microbatc
         (scheme not in SCHEMES, f"unknown scheme {scheme!r} ({', '.join(SCHEMES)})"),
         (microbatches < 1, "microbatches must be >= 1"),
         (not all(0 <= t < math.inf for t in times), "layer times must be finite and >= 0"),
-        (any(min(l.param_bytes, l.optim_bytes, l.activation_bytes) < 0 for l in layers), "byte sizes must be >= 0"),
+        (any(min(l.param_bytes, l.optim_bytes, l.activation_bytes, l.saved_bytes) < 0 for l in layers),
+         "byte sizes must be >= 0"),
         (any(d.speed <= 0 or d.bandwidth <= 0 or d.latency < 0 for d in devices),
          "speed and bandwidth must be > 0, latency >= 0"),
         (any(d.memory_budget is not None and d.memory_budget < 0 for d in devices), "memory budgets must be >= 0"),
@@ -205,7 +206,8 @@ def held_microbatches(scheme: str, microbatches: int, position: int = 0, stages:
 
 def microbatch_bytes(layers: list[LayerCost], a: int, b: int) -> tuple[int, int]:
     """(B, P) of a stage owning layers [a, b) (a < b): one forward buffer, and one microbatch's deferred
-    weight-gradient pairs (see the module docstring)."""
+    weight-gradient pairs (see the module docstring). Both count what autograd saves inside the layers: the
+    buffer holds it until the backward; P, which held_microbatches needs to be at least B, overestimates by it."""
     outputs = sum(l.activation_bytes for l in layers[a:b])
     buffer = outputs + (layers[a - 1].activation_bytes if a > 0 else 0) + sum(l.saved_bytes for l in layers[a:b])
     return buffer, buffer + outputs - layers[b - 1].activation_bytes

@@ -95,12 +95,14 @@ class _Instance:
         # Memory of [a, b) on device k = Q[b] - h[a]; h is nondecreasing, so the fitting a are a window [lo, b).
         # With nb forward buffers, np microbatches of weight-gradient pairs and `copies` weight copies held
         # (model.held_microbatches, model.stage_memory):
-        # sum over [a, b) of (fixed + copies * params + (nb + 2 np) * act), + (nb + np) * act[a-1] (the
-        # input, kept by both), - np * act[b-1] (the last layer's output is no Linear's input).
+        # sum over [a, b) of (fixed + copies * params + (nb + 2 np) * act + (nb + np) * saved), + (nb + np) *
+        # act[a-1] (the input, kept by both), - np * act[b-1] (the last layer's output is no Linear's input).
         params = np.array([l.param_bytes for l in layers], dtype=np.int64)
         fixed = np.array([2 * l.param_bytes + l.optim_bytes for l in layers], dtype=np.int64)
         act = np.array([l.activation_bytes for l in layers], dtype=np.int64)
-        self.Q = np.stack([_cumsum0(fixed + copies * params + (nb + 2 * np_) * act) for nb, np_, copies in held])
+        saved = np.array([l.saved_bytes for l in layers], dtype=np.int64)
+        self.Q = np.stack([_cumsum0(fixed + copies * params + (nb + 2 * np_) * act + (nb + np_) * saved)
+                           for nb, np_, copies in held])
         self.h = self.Q.copy()
         for k, (nb, np_, _) in enumerate(held):
             self.Q[k, 1:] -= np_ * act
