@@ -16,7 +16,6 @@ from conftest import load_out, max_diff, save_npz, summary_of, wait_until
 from peer.localring import train_cli
 from peer.state import audit
 from pipeline.jobplan import successor
-from pipeline.models import build_model
 from pipeline import data, reference
 from pipeline.config import JobConfig
 
@@ -196,8 +195,10 @@ def test_after_a_power_cut_every_agent_restarted_and_resume_finishes_exact(start
 
 
 def test_ctrl_c_stops_the_job_cleanly_and_resume_finishes_it_exact(start_ring, shards, tmp_path):
+    """Agents 10x slower (a second or more per pass), so that the job is surely running when Ctrl-C comes:
+    on an idle machine it ends within a second, sooner than a loaded one delivers the signal."""
     sets, paths = shards
-    ring = start_ring([["--data", p] for p in paths])
+    ring = start_ring([["--data", p, "--compute-slowdown", "10"] for p in paths])
     order = ring.ring_order()
     proc = subprocess.Popen([sys.executable, "-m", "peer", "train", "--peer", order[0].url, *JOB],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -253,8 +254,8 @@ def lose_for_good(start_ring, tmp_path, args: list[str], at_rotation: int):
 
 def test_a_peer_lost_for_good_the_job_goes_on_without_it(start_ring, tmp_path):
     """4 peers, one killed and not restarted: its layers come back from the replica on its successor, the
-    survivors re-plan, its own passes are skipped (and reported); held-out accuracy is within 2 points of a
-    3-peer run over the survivors' data (plain PyTorch, which a 3-peer ring equals: the tests above)."""
+    survivors re-plan, its own passes are skipped (and reported), and the model is plain PyTorch's over the
+    passes that ran (which ones depends on when the peer was lost)."""
     cfg = JobConfig(model={"name": "mlp", "depth": 3}, epochs=12, lr=0.2)
     order, victim, summary, got, heads = lose_for_good(start_ring, tmp_path, ["--epochs", "12", "--lr", "0.2"], 6)
     (lost,) = summary["recoveries"]
@@ -264,10 +265,8 @@ def test_a_peer_lost_for_good_the_job_goes_on_without_it(start_ring, tmp_path):
         (victim.peer_id, e * 4 + 2) for e in range(12) if e * 4 + 2 >= lost["rotation"]]
     assert summary["ring"] == [p.peer_id for p in order if p is not victim]
     assert all(set(p["ranges"]) == set(summary["ring"]) for p in summary["plans"] if p["rotation"] > lost["rotation"])
-    model, test = build_model(cfg.model, 0), data.digits()
-    model.load_state_dict(got)
-    three = reference.train(cfg, [h for k, h in enumerate(heads) if k != 2])
-    assert abs(reference.accuracy(model, test.x_test, test.y_test) - reference.accuracy(three, test.x_test, test.y_test)) <= 0.02
+    skipped = {(s["epoch"], 2) for s in summary["skipped"]}
+    assert max_diff(got, reference.train(cfg, heads, skipped=skipped).state_dict()) <= 1e-5
 
 
 def test_going_on_without_a_lost_peer_equals_plain_pytorch_over_the_passes_that_ran(start_ring, tmp_path):
