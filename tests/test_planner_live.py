@@ -18,9 +18,10 @@ def test_slow_peer_gets_fewer_layers_and_the_plan_beats_an_even_split(start_ring
     planned = summary_of(train_cli(ring.urls[0], *fast_args))
     even = summary_of(train_cli(ring.urls[0], *fast_args, "--split", "even"))
     others = [a.peer_id for a in ring.agents[:2]]
-    for p in planned["plans"]:
-        sizes = {k: b - a for k, (a, b) in p["ranges"].items()}
-        assert all(sizes[slow] < sizes[o] for o in others), p
+    # over the epoch's rotations (a rotation alone may put every layer on its head when the links measure
+    # slow, as they do on a loaded machine: then the slow peer and another both hold none)
+    held = {k: sum(p["ranges"][k][1] - p["ranges"][k][0] for p in planned["plans"]) for k in [slow, *others]}
+    assert all(held[slow] < held[o] for o in others), planned["plans"]
     assert all(len(set(b - a for a, b in p["ranges"].values())) <= 2 for p in even["plans"])
     # both jobs see the same measured layer costs (cached per model spec): the planner's split is predicted
     # faster than the even one for every chain (how much faster it really runs is for a benchmark, not a test)
