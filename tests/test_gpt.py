@@ -168,3 +168,6 @@ def test_the_largest_model_offline_is_what_a_live_ring_accepts(start_ring):
     assert live(blocks).returncode == 0, live(blocks).stderr
     refused = live(blocks + 1)
     assert refused.returncode != 0 and "cannot hold the model" in refused.stderr, refused.stderr
+    asked = subprocess.run([sys.executable, "-m", "peer", "plan", "--max-model", "gpt", "--model-options", options,
+                            *common, "--peer", ring.urls[1], "--json"], capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0 and json.loads(asked.stdout)["largest"] == blocks, asked.stderr   # the live ring's

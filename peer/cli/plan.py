@@ -138,6 +138,16 @@ def live_plans(args: argparse.Namespace) -> tuple[list[Plan], list[dict]]:
     return plans, [{j: h for j, h in d.get("backward_at", [])} for d in reply["rotations"]]
 
 
+def ring_budgets(args: argparse.Namespace) -> tuple[list[str], list[int | None]]:
+    """The peers of a live ring (the one asked, then those it sees) and their memory budgets."""
+    url, key = connect(args)
+    me = call(url, key, "status", timeout=10)
+    if "private" in me:
+        raise ValueError("the ring's peers and budgets are private to the ring: give --secret-file")
+    others = [call(p["url"], key, "status", timeout=10) for p in me["peers"]]
+    return [s["peer"] for s in [me, *others]], [s["memory_budget"] for s in [me, *others]]
+
+
 def max_model(args: argparse.Namespace) -> int:
     """--max-model: grow one option of the spec while every pass of an epoch fits the devices' budgets."""
     from pipeline.capacity import GROWN, largest
@@ -146,11 +156,14 @@ def max_model(args: argparse.Namespace) -> int:
     option = args.grow or GROWN.get(args.max_model)
     if option is None:
         raise ValueError(f"--max-model {args.max_model}: say which option to grow with --grow")
-    if not args.devices:
-        raise ValueError("--max-model needs --devices (names) and their --memory-budget")
-    names = [s.strip() for s in args.devices.split(",")]
-    budgets = per_device(args.memory_budget, names, lambda s: int(quantity(s, BYTE_UNITS, "memory budget")),
-                         "--memory-budget")
+    if args.peer or args.ring:   # a live ring: its peers and their budgets, as the peer asked sees them
+        names, budgets = ring_budgets(args)
+    elif args.devices:
+        names = [s.strip() for s in args.devices.split(",")]
+        budgets = per_device(args.memory_budget, names, lambda s: int(quantity(s, BYTE_UNITS, "memory budget")),
+                             "--memory-budget")
+    else:
+        raise ValueError("--max-model needs --devices (names) and their --memory-budget, or a live ring (--peer)")
     got = largest(cfg, [Device(n, b) for n, b in zip(names, budgets)], option)
     if args.json:
         print(json.dumps({"model": cfg.model["name"], "option": got.option, "largest": got.largest,
