@@ -266,7 +266,10 @@ def test_a_peer_lost_for_good_the_job_goes_on_without_it(start_ring, tmp_path):
     assert summary["ring"] == [p.peer_id for p in order if p is not victim]
     assert all(set(p["ranges"]) == set(summary["ring"]) for p in summary["plans"] if p["rotation"] > lost["rotation"])
     skipped = {(s["epoch"], 2) for s in summary["skipped"]}
-    assert max_diff(got, reference.train(cfg, heads, skipped=skipped).state_dict()) <= 1e-5
+    # 12 epochs at lr 0.2: ~900 steps, over which the agents' and one process's last-bit rounding differences
+    # grow past 1e-5 on some runs (the 3-epoch test below holds 1e-5); a skipped or repeated pass is 1e-1 off
+    diff = max_diff(got, reference.train(cfg, heads, skipped=skipped).state_dict())
+    assert diff <= 1e-4, diff
 
 
 def test_going_on_without_a_lost_peer_equals_plain_pytorch_over_the_passes_that_ran(start_ring, tmp_path):
