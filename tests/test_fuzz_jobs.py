@@ -183,7 +183,12 @@ def option(lo: int, hi: int, small) -> dict:
 
 SMALL_OPTIONS = {"mlp": {"in_features": st.sampled_from([64, 64, 64, 32]), "depth": st.integers(0, 3),
                          "width": st.integers(1, 64), "classes": st.integers(10, 16) | st.just(2)},
-                 "cnn": {"channels": st.integers(1, 8), "classes": st.integers(10, 16)}}
+                 "cnn": {"channels": st.integers(1, 8), "classes": st.integers(10, 16)},
+                 # (their jobs are tested in test_gpt.py and test_resnet.py; fuzzed here are the options' bounds)
+                 "gpt": {"blocks": st.integers(1, 2), "width": st.just(16), "heads": st.just(2),
+                         "context": st.integers(1, 8), "vocab": st.just(256)},
+                 "resnet": {"depth": st.just(18), "width": st.integers(1, 4), "classes": st.integers(10, 16),
+                            "in_channels": st.just(3)}}
 OPTIONS = {name: {k: option(lo, hi, SMALL_OPTIONS[name][k]) for k, (lo, hi) in bounds.items()}
            for name, bounds in L.model_options.items()}
 MAX_NUMEL = L.max_input_numel
