@@ -676,10 +676,11 @@ class Progress:
     def add_stage(self, peer: str, end: dict) -> None:
         """A stage's report at the end of its pass (JobRuntime.run_pass): time summed, peaks kept."""
         mine = self.stages.setdefault(peer, {"busy_s": 0.0, "wait_s": 0.0, "send_s": 0.0, "steps": 0,
-                                             "peak_memory_bytes": 0, "peak_rss_bytes": 0, "swap_spills": 0})
+                                             "peak_memory_bytes": 0, "peak_swap_bytes": 0, "peak_rss_bytes": 0,
+                                             "swap_spills": 0})
         for k in ("busy_s", "wait_s", "send_s", "steps"):
             mine[k] += end.get(k, 0)
-        for k in ("peak_memory_bytes", "peak_rss_bytes", "swap_spills"):   # (the runtime's own running counts)
+        for k in ("peak_memory_bytes", "peak_swap_bytes", "peak_rss_bytes", "swap_spills"):   # (running counts)
             mine[k] = max(mine.get(k, 0), end.get(k, 0))
 
 

@@ -61,7 +61,8 @@ class JobRuntime:
         self.data, self.links, self.client, self.state_dir = data, links, client, state_dir
         self._compute = compute  # async callable(fn, *args): runs fn on the agent's compute thread
         self.memory_budget = memory_budget
-        self.peak_memory = 0   # most bytes held, as the budget counts them (accounted only under a budget)
+        self.peak_memory = 0   # most bytes held in a pass, as the budget counts them (accounted only under a budget)
+        self.peak_swap = 0     # most bytes held at a swap or commit (old layers and received ones; under a budget)
         self.spilled = 0       # layers received in swaps that waited on disk for the commit (at the budget)
         outputs = [shape for shape, _ in sizes] if sizes is not None else activation_shapes(cfg.model)
         self.shapes = [input_shape(cfg.model)] + outputs  # shapes[i] = input of layer i
@@ -132,7 +133,7 @@ class JobRuntime:
                 self.stage.install({i: self.state_dir.load_pending(self.job, rotation, self.attempt, i)})
         owner = self.me in chain and chain.index(self.me) in remote
         used = self.stage.memory_bytes(gradients=not owner)   # a remote backward's owner keeps no gradients
-        self.peak_memory = max(self.peak_memory, used) if self.memory_budget is not None else self.peak_memory
+        self.peak_swap = max(self.peak_swap, used) if self.memory_budget is not None else self.peak_swap
         if self.memory_budget is not None and used > self.memory_budget:
             raise JobError(f"peer {self.me} would hold {used} bytes for layers [{a},{b}), over its memory budget of "
                            f"{self.memory_budget}")
@@ -152,7 +153,7 @@ class JobRuntime:
     def status(self) -> dict:
         return {"job": self.job, "scheme": self.cfg.scheme, "rotation": self.rotation, "layers": list(self.stage.range),
                 "position": self.position, "progress": self.progress, "peak_memory_bytes": self.peak_memory,
-                "swap_spills": self.spilled}
+                "peak_swap_bytes": self.peak_swap, "swap_spills": self.spilled}
 
     def layers(self) -> dict[int, dict]:
         """{layer: state dict} of the layers this peer holds now."""
@@ -217,14 +218,14 @@ class JobRuntime:
             if held > self.memory_budget:   # (the plan checked this; a peer that misjudged is refused here)
                 raise JobError(f"peer {self.me} would hold {held} bytes with layers {sorted(layers)} received for "
                                f"rotation {rotation}, over its memory budget of {self.memory_budget}")
-            self.peak_memory = max(self.peak_memory, held)
+            self.peak_swap = max(self.peak_swap, held)
             if held + state_bytes(pending.values()) > self.memory_budget:   # kept on disk until the commit
                 for i, state in layers.items():
                     self.state_dir.save_pending(self.job, rotation, self.attempt, i, state)
                 pending.update({i: None for i in layers})   # (None: on disk)
                 self.spilled += len(layers)
                 return got
-            self.peak_memory = max(self.peak_memory, held + state_bytes(pending.values()))
+            self.peak_swap = max(self.peak_swap, held + state_bytes(pending.values()))
         pending.update(layers)
         return got
 
@@ -405,7 +406,8 @@ class JobRuntime:
             self.backward_roles = {}
         return {"steps": len(sizes), "seconds": time.perf_counter() - t0,
                 **{f"{kind}_s": s for kind, s in self.trace.totals.items()},
-                "peak_memory_bytes": self.peak_memory, "peak_rss_bytes": peak_rss(), "swap_spills": self.spilled}
+                "peak_memory_bytes": self.peak_memory, "peak_swap_bytes": self.peak_swap, "peak_rss_bytes": peak_rss(),
+                "swap_spills": self.spilled}
 
     def abort(self, reason: str) -> None:
         self.mailbox.fail(JobError(reason))

@@ -60,8 +60,9 @@ def main() -> None:
         "one_agent": {"returncode": refused.returncode, "said": refused.stderr.strip()[-600:]},
         "steps": sum(s["steps"] for s in summary["stages"].values() if s["steps"]) // max(1, len(summary["stages"])),
         "seconds": summary["seconds"], "samples_per_s": summary["samples_per_s"],
-        "peaks": {p: {"peak_memory_bytes": s["peak_memory_bytes"], "peak_rss_bytes": s["peak_rss_bytes"],
-                      "swap_spills": s["swap_spills"], "within_budget": 0 < s["peak_memory_bytes"] <= budget}
+        "peaks": {p: {"peak_memory_bytes": s["peak_memory_bytes"], "peak_swap_bytes": s["peak_swap_bytes"],
+                      "peak_rss_bytes": s["peak_rss_bytes"], "swap_spills": s["swap_spills"],
+                      "within_budget": 0 < max(s["peak_memory_bytes"], s["peak_swap_bytes"]) <= budget}
                   for p, s in summary["stages"].items()},
         "held_out_loss_per_epoch": [e["held_out_loss"] for e in epochs if e["event"] == "epoch"],
         "first_step_loss": next(e["loss"] for e in epochs if e["event"] == "step"),

@@ -170,7 +170,7 @@ def test_a_received_layer_that_does_not_fit_beside_the_others_waits_on_disk_for_
                                  {"Content-Type": "application/cbor"})
         assert status == 200, body
     stage, = json.loads(urllib.request.urlopen(agent.url + "/status").read())["stages"]
-    assert stage["swap_spills"] == 1 and 264_704 <= stage["peak_memory_bytes"] <= 266_000
+    assert stage["swap_spills"] == 1 and 264_704 <= stage["peak_swap_bytes"] <= 266_000
     assert commit(agent.url, agent.peer_id, job, 1, [2, 4])[0] == 200
     held = decode_frame(urllib.request.urlopen(f"{agent.url}/job/{job}/params").read())["layers"]
     assert sorted(held) == [2, 3]

@@ -208,6 +208,11 @@ def worst(cfg: JobConfig) -> int:
     return max(predicted(cfg, LIVE_RANGES))
 
 
+def room(cfg: JobConfig) -> int:
+    """What a plan keeps free in every budget for a layer received in a swap (pipeline.jobplan.split)."""
+    return max(l.param_bytes + l.optim_bytes for l in layer_costs(cfg))
+
+
 def peaks(ring) -> list[int]:
     return [a.status()["peak_memory_bytes"] for a in ring.agents]
 
@@ -219,7 +224,7 @@ def test_live_budgets_hold_under_every_pipelined_schedule(start_ring):
     jobs = [(["--scheme", "fast", "--pipeline", p], live_cfg("fast", p)) for p in ("1f1b", "gpipe", "eager")]
     jobs += [(["--scheme", "fast-async"], live_cfg("fast-async")),
              (["--scheme", "fast-async", "--backward-at", "1:2"], live_cfg("fast-async", backward_at=[[1, 2]]))]
-    budget = max(worst(cfg) for _, cfg in jobs)
+    budget = max(worst(cfg) for _, cfg in jobs) + room(jobs[0][1])   # (passes' peaks; swaps use the room)
     ring = start_ring([["--data", "digits", "--shard", f"{k}/3", "--memory-budget", str(budget)] for k in range(3)],
                       peer_ids=[f"p{k}" for k in range(3)])
     limit = 0   # the agents report their peak over every job so far: the predictions only grow down the list
@@ -229,7 +234,7 @@ def test_live_budgets_hold_under_every_pipelined_schedule(start_ring):
         assert worst(cfg) >= limit
         limit = worst(cfg)
         for peak in peaks(ring):
-            assert 0 < peak <= limit <= budget, (args, peaks(ring), limit)
+            assert 0 < peak <= limit <= budget - room(cfg), (args, peaks(ring), limit)
             if cfg.scheme == "fast":
                 assert peak == limit, (args, peaks(ring))
 
@@ -238,30 +243,39 @@ def test_live_a_fast_job_whose_prediction_exceeds_the_budget_is_refused_before_t
     """A budget between the nsplit and the fast predictions: the fast job is refused before any pass, naming
     the peers and bytes short; an nsplit job on the same ring runs within it."""
     fast, nsplit = predicted(live_cfg("fast"), LIVE_RANGES), predicted(live_cfg("nsplit"), LIVE_RANGES)
-    budget = (max(nsplit) + max(fast)) // 2
-    assert max(nsplit) < budget < max(fast)
+    planned = (max(nsplit) + max(fast)) // 2   # the budget less the room a plan keeps for swaps
+    assert max(nsplit) < planned < max(fast)
+    budget = planned + room(live_cfg("fast"))
     ring = start_ring([["--data", "digits", "--shard", f"{k}/3", "--memory-budget", str(budget)] for k in range(3)],
                       peer_ids=[f"p{k}" for k in range(3)])
     proc = train_cli(ring.urls[0], *LIVE, "--scheme", "fast")
     assert proc.returncode == 1
     assert "does not fit the memory budgets" in proc.stderr
     for j in (j for j in range(3) if fast[j] > budget):
-        assert f"({fast[j] - budget} bytes short)" in proc.stderr, proc.stderr
+        assert f"({fast[j] - planned} bytes short)" in proc.stderr, proc.stderr
     assert peaks(ring) == [0, 0, 0] and all(a.status()["stages"] == [] for a in ring.agents)
     summary_of(train_cli(ring.urls[0], *LIVE, "--scheme", "nsplit"))
     assert all(0 < peak <= max(nsplit) for peak in peaks(ring)), peaks(ring)
 
 
-WIDE_LAYER = """from torch import nn
+WIDE_LAYER = """import torch
+from torch import nn
+class Surprise(nn.Module):
+    # keeps 2 x 256 copies of its input for backward, but only on inputs without negative values (a ReLU's
+    # outputs), not on the profile's made-up normal samples
+    def forward(self, x):
+        if x.is_meta or x.min() < 0:
+            return x
+        big = x.repeat(1, 256)
+        return x + (big * big).mean(1, keepdim=True)
 def build():
-    return [lambda: nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 64), nn.ReLU()),
-            lambda: nn.Linear(64, 10)]
+    return [lambda: nn.Sequential(nn.Linear(64, 64), nn.ReLU()), lambda: nn.Sequential(Surprise(), nn.Linear(64, 10))]
 """
 
 
 def test_live_a_pass_that_holds_more_than_its_budget_fails(start_ring, tmp_path):
-    """The model takes a layer's deferred pairs as its input and output; a layer of two Linears with a wide
-    hidden width keeps far more. With budgets at the prediction, the plan is accepted, and the pass fails
+    """A layer whose memory depends on its data keeps far more on real inputs than the profile measured on
+    made-up ones (more than the room a plan keeps for swaps, which the pass may use). With budgets at the prediction, the plan is accepted, and the pass fails
     as soon as a peer holds more than its budget, saying so."""
     (tmp_path / "widemodels.py").write_text(WIDE_LAYER)
     spec = {"name": "widemodels:build", "input_shape": [64]}
@@ -269,8 +283,8 @@ def test_live_a_pass_that_holds_more_than_its_budget_fails(start_ring, tmp_path)
     try:
         cfg = JobConfig(model=spec, batch_size=64, microbatches=4, momentum=0.9, scheme="fast")
         ranges = [(0, 1), (1, 2)]
-        budget = max(predicted(cfg, ranges))
-        assert measured(cfg, ranges)[0] > budget   # what the model misses, in one process
+        budget = max(predicted(cfg, ranges)) + room(cfg)
+        assert measured(cfg, ranges)[1] > budget   # what the model misses, in one process
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("widemodels", None)
