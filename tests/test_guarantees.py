@@ -109,6 +109,16 @@ def commit(url: str, peer: str, job: str, rotation: int, layers: list[int]) -> t
     return http_post(url + "/job/commit", json.dumps(msg).encode(), {"Content-Type": "application/json"})
 
 
+def swap_receive(url: str, job: str, state: dict) -> tuple[int, dict]:
+    """Layers (Stage.export) sent to `url` as a swap into rotation 1 sends them."""
+    from pipeline.stage import checksum
+    from protocols import message
+    from protocols.frames import encode_frame
+
+    msg = message("swap_receive", job=job, rotation=1, attempt=0, layers=state, checksum=checksum(state))
+    return http_post(url + "/job/swap/receive", encode_frame(msg), {"Content-Type": "application/cbor"})
+
+
 def test_a_commit_over_the_memory_budget_is_refused_naming_the_shortfall(start_ring):
     cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 512})
     ring = start_ring([["--data", "digits", "--memory-budget", "400KiB"]])
@@ -125,9 +135,7 @@ def test_layers_received_in_a_swap_over_the_memory_budget_are_refused(start_ring
     """The stage holds layer 0 (parameters and gradients: 2 x 33 KB) within 120 KiB. Layer 1 (66 KB) would fit
     alone, but not on top of layer 0, which stays until the commit: refused, nothing kept. Layer 2 (5 KB) fits
     beside layer 0 and is taken."""
-    from pipeline.stage import Stage, checksum
-    from protocols import message
-    from protocols.frames import encode_frame
+    from pipeline.stage import Stage
 
     cfg = JobConfig(model={"name": "mlp", "depth": 2, "width": 128})
     ring = start_ring([["--data", "digits", "--memory-budget", "120KiB"]])
@@ -139,9 +147,7 @@ def test_layers_received_in_a_swap_over_the_memory_budget_are_refused(start_ring
     assert whole.memory_bytes() > 120 * 1024 > layer1   # (its state as received: no gradients yet)
 
     def receive(layers: list[int]) -> tuple[int, dict]:
-        state = whole.export(layers)
-        msg = message("swap_receive", job=job, rotation=1, attempt=0, layers=state, checksum=checksum(state))
-        return http_post(agent.url + "/job/swap/receive", encode_frame(msg), {"Content-Type": "application/cbor"})
+        return swap_receive(agent.url, job, whole.export(layers))
     status, body = receive([1])
     assert status == 409 and "over its memory budget of 122880" in body["message"], body
     assert "layers [1] received for rotation 1" in body["message"]
@@ -153,9 +159,8 @@ def test_a_received_layer_that_does_not_fit_beside_the_others_waits_on_disk_for_
     Layer 2 fits beside them (264 704 of 266 000); layer 3 does too, but not with layer 2 kept as well
     (269 864): it goes to disk. The commit frees layers 0-1, then takes 2 and 3: within the budget, and
     layer 3 is the one sent."""
-    from pipeline.stage import Stage, checksum
-    from protocols import message
-    from protocols.frames import decode_frame, encode_frame
+    from pipeline.stage import Stage
+    from protocols.frames import decode_frame
 
     cfg = JobConfig(model={"name": "mlp", "depth": 3, "width": 128})
     ring = start_ring([["--data", "digits", "--memory-budget", "266000"]])
@@ -164,10 +169,7 @@ def test_a_received_layer_that_does_not_fit_beside_the_others_waits_on_disk_for_
     assert commit(agent.url, agent.peer_id, job, 0, [0, 2])[0] == 200
     whole = Stage.build(cfg, 0, 4)
     for i in (2, 3):
-        state = whole.export([i])
-        msg = message("swap_receive", job=job, rotation=1, attempt=0, layers=state, checksum=checksum(state))
-        status, body = http_post(agent.url + "/job/swap/receive", encode_frame(msg),
-                                 {"Content-Type": "application/cbor"})
+        status, body = swap_receive(agent.url, job, whole.export([i]))
         assert status == 200, body
     stage, = json.loads(urllib.request.urlopen(agent.url + "/status").read())["stages"]
     assert stage["swap_spills"] == 1 and 264_704 <= stage["peak_swap_bytes"] <= 266_000
