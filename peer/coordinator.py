@@ -11,7 +11,7 @@ import time
 import uuid
 
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import aiohttp
 import torch
@@ -133,7 +133,8 @@ class Coordinator:
         links = {p["peer"]: await self.client.probe_link(p) for p in ring}
         devices = {pid: Device(pid, memory_budget=r["memory_budget"], forward_s=tuple(r["profile"]["forward_s"]),
                                backward_s=tuple(r["profile"]["backward_s"]), bandwidth=links[pid][0],
-                               latency=links[pid][1]) for pid, r in replies.items()}
+                               latency=links[pid][1], pending_messages=r["pending_messages"])
+                   for pid, r in replies.items()}
         prof = replies[ring[0]["peer"]]["profile"]  # sizes are the same on every peer; times are each one's own
         saved = [max(s) for s in zip(*(r["profile"].get("saved_bytes") or [0] * len(prof["param_bytes"])
                                        for r in replies.values()))]   # (0: not built there)
@@ -287,8 +288,10 @@ class Coordinator:
 
     async def _begin(self) -> None:
         """A new job: snapshot the ring, prepare and profile every peer, plan; the journal starts here."""
-        cfg = self.cfg
         self.ring = ring = await self.snapshot_ring()
+        if any(p.get("memory_budget") is not None for p in ring):   # evaluating holds no more than training
+            self.cfg = replace(self.cfg, eval_batch=min(self.cfg.eval_batch, microbatch_rows(self.cfg)))
+        cfg = self.cfg
         self.check_fits(ring)
         self.watched = list(ring)   # from before prepare: see WorkService.watch
         await self.call_all(ring, "prepare", timeout=TRANSFER_S, job=self.job, config=cfg.to_dict(), ring=ring,
@@ -676,11 +679,11 @@ class Progress:
     def add_stage(self, peer: str, end: dict) -> None:
         """A stage's report at the end of its pass (JobRuntime.run_pass): time summed, peaks kept."""
         mine = self.stages.setdefault(peer, {"busy_s": 0.0, "wait_s": 0.0, "send_s": 0.0, "steps": 0,
-                                             "peak_memory_bytes": 0, "peak_swap_bytes": 0, "peak_rss_bytes": 0,
-                                             "swap_spills": 0})
+                                             "peak_memory_bytes": 0, "peak_stage_bytes": 0, "peak_swap_bytes": 0,
+                                             "peak_rss_bytes": 0, "swap_spills": 0})
         for k in ("busy_s", "wait_s", "send_s", "steps"):
             mine[k] += end.get(k, 0)
-        for k in ("peak_memory_bytes", "peak_swap_bytes", "peak_rss_bytes", "swap_spills"):   # (running counts)
+        for k in ("peak_memory_bytes", "peak_stage_bytes", "peak_swap_bytes", "peak_rss_bytes", "swap_spills"):
             mine[k] = max(mine.get(k, 0), end.get(k, 0))
 
 

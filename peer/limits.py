@@ -21,8 +21,9 @@ class Limits:
     # largest control-API request body; swaps carry a stage's layer state through it
     max_control_body: int = 1 << 30
     # data-plane messages of one job and kind (fwd, bwd) waiting unread; the connection is not
-    # read further until there is room, so a neighbour cannot queue more than this
-    pending_messages: int = 64
+    # read further until there is room, so a neighbour cannot queue more than this (and a plan keeps
+    # room for them in the peer's memory budget: pipeline.jobplan.kept_room)
+    pending_messages: int = 4
     # new data-plane connections and refused (unauthenticated) requests per second from one remote
     # address, with a burst allowance; more are answered 429 without further work
     connections_per_s: float = 20.0
@@ -114,7 +115,8 @@ def check_job(cfg: JobConfig, allowed_models=(), limits: JobLimits = JOB_LIMITS)
         (all(v < L.max_layers for v in cfg.cut), f"cut must be < {L.max_layers}"),
         (cfg.mix_updates <= L.max_mix_updates, f"mix_updates must be <= {L.max_mix_updates}"),
         (cfg.mixup_alpha <= 1e6, "mixup_alpha must be <= 1e6"),
-        (cfg.batch_size <= L.max_batch_size, f"batch_size must be <= {L.max_batch_size}"),
+        (max(cfg.batch_size, cfg.eval_batch) <= L.max_batch_size,
+         f"batch_size and eval_batch must be <= {L.max_batch_size}"),
         (cfg.microbatches <= L.max_microbatches, f"microbatches must be <= {L.max_microbatches}"),
         (cfg.lr <= L.max_lr, f"lr must be <= {L.max_lr}"),
         (cfg.momentum < L.max_momentum, f"momentum must be < {L.max_momentum}"),

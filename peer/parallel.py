@@ -57,6 +57,11 @@ class ParallelRuntime:
     def rotation(self) -> int:
         return self.facts.round if self.facts else -1
 
+    @property
+    def peak_held(self) -> int:
+        """Its stages' own peak: all of peak_memory here (messages waiting unread are not counted)."""
+        return self.peak_memory
+
     def status(self) -> dict:
         return {"job": self.job, "scheme": self.cfg.scheme, "role": self.role, "round": self.rotation,
                 "layers": [list(s.range) for s in self.stages], "labels": self.parts.labels(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
 import re
@@ -38,20 +37,37 @@ def journal_order(j: dict) -> tuple[int, int]:
     return (-1 if j["version"] is None else j["version"], j["attempt"])
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, rename, fsync the directory: readers see old or new, whole."""
+REPLICA_PART = 16 << 20   # bytes of a checkpoint per replica_put: neither end holds a whole checkpoint's bytes
+
+
+def write_atomic(path: Path, data: bytes | None = None, write=None) -> None:
+    """Write `data` (or call write(file)) to a temporary file, fsync, rename, fsync the directory: readers
+    see old or new, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        if write is None:
+            f.write(data)
+        else:
+            write(f)
         f.flush()
         os.fsync(f.fileno())
+    rename_durably(tmp, path)
+
+
+def rename_durably(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     dfd = os.open(path.parent, os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read a piece at a time."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def prune(folder: Path, pattern: str, keep: int, keep_s: float = float("inf")) -> None:
@@ -105,13 +121,11 @@ class StateDir:
         return self.job_dir(job) / f"replica-{owner}-{int(version)}a{int(attempt)}.pt"
 
     def save_checkpoint(self, job: str, version: int, attempt: int, payload: dict) -> tuple[Path, str]:
-        """(path, sha256 of the file) of this peer's checkpoint, written atomically."""
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        data = buf.getvalue()
+        """(path, sha256 of the file) of this peer's checkpoint, written atomically (straight to the file: no
+        copy of its bytes in memory)."""
         path = self.checkpoint_path(job, version, attempt)
-        write_atomic(path, data)
-        return path, hashlib.sha256(data).hexdigest()
+        write_atomic(path, write=lambda f: torch.save(payload, f))
+        return path, file_sha256(path)
 
     def pending_path(self, job: str, rotation: int, attempt: int, layer: int) -> Path:
         return self.job_dir(job) / f"pending-{int(rotation)}a{int(attempt)}-{int(layer)}.pt"
@@ -129,25 +143,43 @@ class StateDir:
         path.unlink()
         return state
 
-    def save_replica(self, job: str, owner: str, version: int, attempt: int, data: bytes, digest: str) -> str:
-        """Keep another peer's checkpoint; returns the sha256 of the bytes kept (its sender checks it)."""
-        got = hashlib.sha256(data).hexdigest()
+    def save_replica(self, job: str, owner: str, version: int, attempt: int, offset: int, size: int, data,
+                     digest: str) -> tuple[int, str | None]:
+        """Keep another peer's checkpoint of `size` bytes, sent a piece at a time (`data`, a bytes-like
+        object, from byte `offset`; a transfer starts again at 0). Returns (bytes here, sha256 of the kept
+        file once all have come, its sender checks it; else None); refuses it if that is not `digest`."""
+        path = self.checkpoint_path(job, version, attempt, owner)
+        part = path.with_name(f".{path.name}.part")
+        here = part.stat().st_size if offset and part.exists() else 0
+        if size < 1 or offset != here or offset + len(data) > size:
+            raise ValueError(f"a piece of {len(data)} bytes at byte {offset} of a {size}-byte replica of peer "
+                             f"{owner}'s checkpoint, with {here} bytes of it here")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        with open(part, "ab" if offset else "wb") as f:
+            f.write(data)
+            f.flush()
+            if offset + len(data) == size:
+                os.fsync(f.fileno())
+        if offset + len(data) < size:
+            return offset + len(data), None
+        got = file_sha256(part)
         if got != digest:
+            part.unlink()
             raise CorruptFile(f"the replica of peer {owner}'s checkpoint of commit {version} does not match "
                               f"its checksum")
-        write_atomic(self.checkpoint_path(job, version, attempt, owner), data)
-        return got
+        rename_durably(part, path)
+        return size, got
 
     def load_checkpoint(self, job: str, version: int, attempt: int, digest: str, owner: str | None = None) -> dict:
         """A checkpoint (or replica), refused unless its bytes match the sha256 the journal recorded."""
         path = self.checkpoint_path(job, version, attempt, owner)
         try:
-            data = path.read_bytes()
+            ok = file_sha256(path) == digest
         except FileNotFoundError:
             raise CorruptFile(f"{path} is missing") from None
-        if hashlib.sha256(data).hexdigest() != digest:
+        if not ok:
             raise CorruptFile(f"{path} does not match the checksum its journal recorded")
-        return torch.load(io.BytesIO(data), weights_only=True)
+        return torch.load(path, weights_only=True)
 
     def save_journal(self, job: str, record: dict) -> None:
         """Write the job's journal atomically, then delete the versions older than its commit. A journal of
@@ -195,10 +227,8 @@ class StateDir:
 
     def save_model(self, job: str, state_dict: dict, keep: int, keep_s: float) -> Path:
         """Write a finished model, then delete all but the newest `keep` models and any older than `keep_s`."""
-        buf = io.BytesIO()
-        torch.save(state_dict, buf)
         path = self.model_path(job)
-        write_atomic(path, buf.getvalue())
+        write_atomic(path, write=lambda f: torch.save(state_dict, f))
         prune(path.parent, "*.pt", keep, keep_s)
         return path
 
@@ -249,7 +279,7 @@ def audit(root: str | os.PathLike, job: str) -> list[str]:
             continue
         owner = me if f.name.startswith("stage-") else f.name.removeprefix("replica-").rsplit("-", 1)[0]
         if version is not None and f.stem.endswith(f"-{tag}") and owner in sums and \
-                hashlib.sha256(f.read_bytes()).hexdigest() != sums[owner]:
+                file_sha256(f) != sums[owner]:
             problems.append(f"{f}: does not match the checksum the journal records")
     if version is not None and me in sums and not (folder / f"stage-{tag}.pt").exists():
         problems.append(f"{folder}/stage-{tag}.pt: missing")

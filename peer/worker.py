@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import time
 
@@ -19,11 +20,11 @@ from pipeline.models import activation_shapes, build_layer, input_shape
 from pipeline.stage import Stage, checksum, peer_memory
 from peer.client import JobError, PeerClient
 from peer.dataplane import MAILBOX_LIMIT, Links, Mailbox, wire_policy
+from peer.state import REPLICA_PART
 from peer.trace import Trace
 from protocols import ProtocolError, message
 
 log = logging.getLogger("splitring.worker")
-EVAL_BATCH = 256
 TRANSFER_S = 600.0   # deadline of moving a stage's state to another peer (a swap, a replica)
 LABELS = {"fwd": "F", "bwd": "B"}
 
@@ -74,7 +75,9 @@ class JobRuntime:
         self.roles_of = {"train": S.Roles(0), "eval": S.Roles(0)}   # this rotation's, per mode (see roles)
         self.ranges: dict[str, tuple[int, int]] = {}
         self.head_samples = self.head_test_samples = 0
-        self.mailbox = Mailbox(pending_messages)
+        self.mailbox = Mailbox(pending_messages)   # (the plan keeps room for them: pipeline.jobplan.kept_room)
+        self.held = 0       # what this peer's stages held at their last change (see _drive.account)
+        self.peak_held = 0  # the most of it: peak_memory less the messages waiting unread
         self._shapes_of: dict[tuple, dict] = {}
         self.backward_roles: dict[int, Stage] = {}   # program -> stage: other stages' backward run here (this pass)
         self.progress = {"rotation": -1, "step": 0, "loss": None}
@@ -166,16 +169,23 @@ class JobRuntime:
             "layers": self.stage.export()})
 
     async def replicate(self, digest: str) -> None:
-        """Send this peer's checkpoint of the current commit, byte for byte (as a uint8 tensor: a frame's raw
-        payload), to its successor in ring order, which keeps it (verified by checksum) so that the layers
-        outlive this peer."""
+        """Send this peer's checkpoint of the current commit, byte for byte (as uint8 tensors: frames' raw
+        payloads, REPLICA_PART bytes at a time), to its successor in ring order, which keeps it (verified by
+        checksum) so that the layers outlive this peer."""
         if len(self.ring) < 2:
             return
         succ = self.ring[(self.ring.index(self.me) + 1) % len(self.ring)]
-        data = await asyncio.to_thread(self.state_dir.checkpoint_path(self.job, self.version, self.attempt).read_bytes)
-        reply = await self.client.call({"peer": succ, "url": self.urls[succ]}, "replica_put", timeout=TRANSFER_S,
-                                       job=self.job, owner=self.me, version=self.version, attempt=self.attempt,
-                                       data=torch.frombuffer(bytearray(data), dtype=torch.uint8), checksum=digest)
+        path = self.state_dir.checkpoint_path(self.job, self.version, self.attempt)
+        with open(path, "rb") as f:
+            size, offset = os.fstat(f.fileno()).st_size, 0
+            buf = bytearray(min(size, REPLICA_PART))
+            while offset < size:
+                n = await asyncio.to_thread(f.readinto, buf)
+                reply = await self.client.call({"peer": succ, "url": self.urls[succ]}, "replica_put",
+                                               timeout=TRANSFER_S, job=self.job, owner=self.me, version=self.version,
+                                               attempt=self.attempt, offset=offset, size=size,
+                                               data=torch.frombuffer(buf, dtype=torch.uint8)[:n], checksum=digest)
+                offset += n
         if reply["checksum"] != digest:
             raise JobError(f"the replica of {self.me}'s checkpoint on {succ} failed verification")
 
@@ -240,13 +250,28 @@ class JobRuntime:
         more from that neighbour: backpressure) if this peer expects it from that sender (pipeline.admission)."""
         await self.mailbox.room(box_of(msg["type"], msg.get("stage", self.position)))
         self.mailbox.deliver(*self.admission().admit(sender, msg))
+        if self.memory_budget is not None:
+            try:
+                self.check_budget(f"a message from {sender} received")
+            except JobError as e:
+                self.mailbox.fail(e)
+
+    def check_budget(self, where: str) -> None:
+        """Peak accounting and the budget's enforcement: what the stages hold and the messages waiting unread."""
+        used = self.held + self.mailbox.unread_bytes
+        self.peak_memory = max(self.peak_memory, used)
+        if used > self.memory_budget:
+            raise JobError(f"peer {self.me} holds {used} bytes during the pass (rotation {self.rotation}, {where}; "
+                           f"{self.mailbox.unread_bytes} of them in messages waiting unread), over its memory budget "
+                           f"of {self.memory_budget} by {used - self.memory_budget}: the job stops before the kernel "
+                           f"runs out of memory (restarted with a larger --memory-budget, this agent lets it resume)")
 
     def admission(self) -> Admission:
         """What this peer expects in the current rotation, as plain facts."""
         cfg = self.cfg
         return Admission(self.me, self.rotation, self.attempt, self.chain, self.ranges,
                          {"train": Mode(self.roles("train"), self.head_samples, cfg.batch_size, cfg.microbatches),
-                          "eval": Mode(self.roles("eval"), self.head_test_samples, EVAL_BATCH, 1)},
+                          "eval": Mode(self.roles("eval"), self.head_test_samples, cfg.eval_batch, 1)},
                          self.shapes, self._layer_shapes)
 
     def _layer_shapes(self, i: int, state: bool) -> dict[str, tuple]:
@@ -268,16 +293,14 @@ class JobRuntime:
         def account():
             """Peak accounting, for /status and tests, and the budget's enforcement: after every change of
             what this peer's stages hold (Stage.on_change: each state between two actions, not only those
-            at a receive or send), all of them together. The planner refused a split whose predicted memory
-            (pipeline.planner.model) exceeds the budget; going over means the model missed something (its
-            docstring says what it cannot see). A remote backward's owner keeps no gradients, in any mode."""
-            used = peer_memory(self.stage, self.backward_roles.values(), self.position in self.roles_of["train"].remote)
-            self.peak_memory = max(self.peak_memory, used)
-            if used > self.memory_budget:
-                raise JobError(f"peer {self.me} holds {used} bytes during the pass (rotation {self.rotation}, "
-                               f"stage {stage}), over its memory budget of {self.memory_budget} by "
-                               f"{used - self.memory_budget}: the job stops before the kernel runs out of memory "
-                               f"(restarted with a larger --memory-budget, this agent lets it resume)")
+            at a receive or send), all of them together, with the messages waiting unread (check_budget). The
+            planner refused a split whose predicted memory (pipeline.planner.model) and the room kept for those
+            messages (pipeline.jobplan.kept_room) exceed the budget; going over means the model missed something
+            (its docstring says what it cannot see). A remote backward's owner keeps no gradients, in any mode."""
+            self.held = peer_memory(self.stage, self.backward_roles.values(),
+                                    self.position in self.roles_of["train"].remote)
+            self.peak_held = max(self.peak_held, self.held)
+            self.check_budget(f"stage {stage}")
 
         def advance(value):
             try:
@@ -352,7 +375,7 @@ class JobRuntime:
             ds, size, mbs = self.data, self.cfg.batch_size, self.cfg.microbatches
         else:
             ds = Dataset("test", self.data.x_test, self.data.y_test)
-            order, size, mbs = torch.arange(len(ds)), EVAL_BATCH, 1
+            order, size, mbs = torch.arange(len(ds)), self.cfg.eval_batch, 1
         start = 0
         for n in batch_sizes(len(order), size):
             yield make_step_input(ds, order[start:start + n], mbs)
@@ -366,7 +389,7 @@ class JobRuntime:
         if pos < 0:
             return {"steps": 0}
         total = self.head_samples if mode == "train" else self.head_test_samples
-        sizes = batch_sizes(total, self.cfg.batch_size if mode == "train" else EVAL_BATCH)
+        sizes = batch_sizes(total, self.cfg.batch_size if mode == "train" else self.cfg.eval_batch)
         if pos == 0 and mode == "train" and len(self.data) != total:
             raise JobError(f"head {self.me} has {len(self.data)} samples, the coordinator expected {total}")
         roles, k = self.roles(mode), self.cfg.max_staleness
@@ -406,8 +429,8 @@ class JobRuntime:
             self.backward_roles = {}
         return {"steps": len(sizes), "seconds": time.perf_counter() - t0,
                 **{f"{kind}_s": s for kind, s in self.trace.totals.items()},
-                "peak_memory_bytes": self.peak_memory, "peak_swap_bytes": self.peak_swap, "peak_rss_bytes": peak_rss(),
-                "swap_spills": self.spilled}
+                "peak_memory_bytes": self.peak_memory, "peak_stage_bytes": self.peak_held,
+                "peak_swap_bytes": self.peak_swap, "peak_rss_bytes": peak_rss(), "swap_spills": self.spilled}
 
     def abort(self, reason: str) -> None:
         self.mailbox.fail(JobError(reason))

@@ -17,7 +17,7 @@ AUX_HEADS = ("linear", "mlp")
 SCHEMES = NSPLIT_SCHEMES + PARALLEL_SCHEMES
 ASSIGNS = ("ours", "random", "greedy", "exact")
 OPTIMIZERS = ("sgd", "adam")
-SPLITS = ("planned", "even")
+SPLITS = ("planned", "even", "proportional")
 
 
 class ConfigError(SplitringError, ValueError):
@@ -25,7 +25,7 @@ class ConfigError(SplitringError, ValueError):
 
 
 # fields checked for type first; upper limits on values live in peer.limits (an agent's own policy)
-TYPES = {"seed": int, "epochs": int, "batch_size": int, "microbatches": int, "max_staleness": int,
+TYPES = {"seed": int, "epochs": int, "batch_size": int, "eval_batch": int, "microbatches": int, "max_staleness": int,
          "lr": float, "momentum": float, "weight_decay": float, "recv_timeout": float, "shuffle": bool,
          "peer_timeout": float, "rejoin_timeout": float,
          "optimizer": str, "scheme": str, "pipeline": str, "split": str, "wire_dtype": str, "compress": str,
@@ -48,6 +48,9 @@ class JobConfig:
     seed: int = knob(0, "initial weights: layer i from (seed, i); shuffling: from (seed, epoch)")
     epochs: int = knob(1, "an epoch is N passes, one per peer of the ring")
     batch_size: int = knob(32, "samples per optimizer step")
+    eval_batch: int = knob(256, "samples per evaluation message (held-out accuracy or loss); on a ring with memory "
+                                "budgets at most a training microbatch's, so that evaluating holds no more than "
+                                "training", metavar="N")
     microbatches: int = knob(1, "a step's batch is cut into this many microbatches (gradients accumulate)",
                              metavar="M")
     optimizer: str = knob("sgd", "one optimizer state per layer, moving with the layer", choices=OPTIMIZERS)
@@ -79,8 +82,9 @@ class JobConfig:
                                        "rotation, for each middle stage that does not fit its peer's memory budget",
                                    metavar="STAGE:HOST,...|auto")
     split: str = knob("planned", "planned: the split planner chooses each peer's layers from measured speed, "
-                                 "memory and links; even: equal layer counts (checked against memory budgets)",
-                      choices=SPLITS)
+                                 "memory and links; even: equal layer counts; proportional: each peer's share of "
+                                 "the compute proportional to its measured speed (both baselines, checked against "
+                                 "memory budgets)", choices=SPLITS)
     # clients and helpers (PARALLEL_SCHEMES)
     cut: list = knob([], "client/helper schemes: A: clients hold layers [0,A), helpers the rest with the loss "
                          "(labels travel with the activations); A,B: U-shaped, clients also hold [B,L) with the "
@@ -129,7 +133,7 @@ class JobConfig:
         checks = [
             (self.seed >= 0, "seed must be >= 0"),
             (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.batch_size >= 1 and self.eval_batch >= 1, "batch_size and eval_batch must be >= 1"),
             (self.microbatches >= 1, "microbatches must be >= 1"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r} (sgd, adam)"),
             (self.lr > 0, "lr must be > 0"),
@@ -161,7 +165,7 @@ class JobConfig:
             (all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in (self.clients, self.helpers))
              and not set(self.clients) & set(self.helpers), "clients and helpers are disjoint lists of peer ids"),
             (self.resolve_drift > 0, "resolve_drift must be > 0"),
-            (self.split in SPLITS, f"unknown split {self.split!r} (planned, even)"),
+            (self.split in SPLITS, f"unknown split {self.split!r} ({', '.join(SPLITS)})"),
             (self.pipeline in PIPELINES, f"unknown pipeline schedule {self.pipeline!r} ({', '.join(PIPELINES)})"),
             (isinstance(self.model, dict) and isinstance(self.model.get("name"), str), "model must be a spec map"),
             (self.wire_dtype in WIRE_DTYPES, f"unknown wire dtype {self.wire_dtype!r} ({', '.join(WIRE_DTYPES)})"),

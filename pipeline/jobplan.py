@@ -111,25 +111,42 @@ def split(cfg: JobConfig, chain: list[str], devices: dict[str, Device], layers: 
     """One chain's split and remote backwards: the planner's (fewest bytes moved among the fastest) or an
     even one, checked against the budgets. A link between two peers is taken as the slower of their links
     to the coordinator (a star LAN)."""
-    # room for a layer received in a swap beside those a peer holds until the commit (see swaps.swap_peaks)
-    room = max(l.param_bytes + l.optim_bytes for l in layers) if len(chain) > 1 else 0
+    rooms = {p: max(kept_room(layers, len(chain), devices[p].pending_messages)) for p in chain}
     chained = [replace(devices[p], bandwidth=min(devices[p].bandwidth, devices[q].bandwidth),
-                       memory_budget=None if devices[p].memory_budget is None else max(0, devices[p].memory_budget - room))
+                       memory_budget=None if devices[p].memory_budget is None else
+                       max(0, devices[p].memory_budget - rooms[p]))
                for p, q in zip(chain, chain[1:] + chain[:1])]
     try:
         p, remote = plan_chain(chained, layers, cfg.scheme, cfg.microbatches, cfg.max_staleness, cfg.split,
                                "auto" if cfg.backward_at == "auto" else cfg.remote_backward(), previous)
     except PlanInfeasible as e:
-        raise PlanError(f"the ring cannot hold the model: {e}{kept_room(room)}") from None
+        raise PlanError(f"the ring cannot hold the model: {e}{why_room(rooms)}") from None
     if not p.fits:
         raise PlanError(f"the {cfg.split} split does not fit the memory budgets"
-                        f"{' with --backward-at' if cfg.backward_at else ''}: {over_budget(p)}{kept_room(room)}")
+                        f"{' with --backward-at' if cfg.backward_at else ''}: {over_budget(p)}{why_room(rooms)}")
     return p, remote
 
 
-def kept_room(room: int) -> str:
-    return (f" (each budget less {room} bytes: room for a layer received in a swap beside those held until the "
-            f"commit)") if room else ""
+def kept_room(layers: list[LayerCost], chain: int, pending_messages: int) -> tuple[int, int]:
+    """(swap, messages): what a peer's budget must hold outside a chain's plan, the larger of which it keeps
+    (a swap happens between passes, when no messages come): room for a layer received in a swap beside those
+    it holds until the commit (see swaps.swap_peaks), and in a pass for the messages its neighbours sent:
+    per kind (fwd from the one before, bwd from the one after) `pending_messages` waiting unread and one
+    more read and waiting for room (peer.dataplane.Mailbox), each the size of the largest activation (the
+    cut is not chosen yet; evaluation messages are no larger, see JobConfig.eval_batch). Nothing on a chain
+    of one."""
+    if chain < 2:
+        return 0, 0
+    return (max(l.param_bytes + l.optim_bytes for l in layers),
+            2 * (pending_messages + 1) * max(l.activation_bytes for l in layers))
+
+
+def why_room(rooms: dict[str, int]) -> str:
+    if not any(rooms.values()):
+        return ""
+    return (" (each budget less its room for a layer received in a swap beside those held until the commit, or "
+            "for the messages it lets wait unread (--pending-messages): "
+            + ", ".join(f"{p} {n} bytes" for p, n in rooms.items()) + ")")
 
 
 class JobPlan:

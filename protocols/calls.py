@@ -50,7 +50,8 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     # a coordinator's calls to the peers of its job
     Call("prepare", "POST", "/job/prepare", "job_prepare", {"samples": Int, "test_samples": Int}),
     Call("profile", "POST", "/job/profile", "job_profile", {"memory_budget": (Int, Opt), "profile": Dict,
-                                                            "samples": Int, "test_samples": Int}),
+                                                            "samples": Int, "test_samples": Int,
+                                                            "pending_messages": Int}),
     Call("commit", "POST", "/job/commit", "job_commit", {"layers": List, "checksum": Str}),
     Call("heartbeat", "POST", "/job/heartbeat", "job_heartbeat", {"known": Bool, "attempt": (Int, Opt)}),
     Call("journal_put", "POST", "/job/journal", "journal_put", {"saved": Bool}),
@@ -66,7 +67,7 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     Call("part_set", "POST", "/job/part", "part_set", {"layers": List}),
     # a peer's call to another at a swap
     Call("swap_receive", "POST", "/job/swap/receive", "swap_receive", {"checksum": Str}),
-    Call("replica_put", "POST", "/job/replica", "replica_put", {"checksum": Str}),
+    Call("replica_put", "POST", "/job/replica", "replica_put", {"received": Int, "checksum": (Str, Opt)}),
 ]}
 
 # what each event carries (beyond "event"), checked as replies are

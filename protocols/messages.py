@@ -47,7 +47,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "job_view": {"after": Dict},   # series -> the "seconds" of the last point the watcher has
     "job_heartbeat": {"job": Str},
     "journal_put": {"job": Str, "journal": Dict},
-    "replica_put": {"job": Str, "owner": Str, "version": Int, "attempt": Int, "data": Tensor, "checksum": Str},
+    "replica_put": {"job": Str, "owner": Str, "version": Int, "attempt": Int, "offset": Int, "size": Int,
+                    "data": Tensor, "checksum": Str},
     "job_abort": {"job": Str, "reason": Str},
     "round_plan": {"job": Str, "round": Int, "assignment": Dict, "orders": Dict, "samples": Dict,
                    "test_samples": Dict},

@@ -207,7 +207,8 @@ def test_a_receiver_that_falls_behind_stops_reading_and_the_model_is_exact(start
     want = reference.train(cfg, [sets[ring.agents.index(a)] for a in ring.ring_order()]).state_dict()
     assert max_diff(load_out(out), want) <= 1e-5
     status = ring.agents[1].status()
-    assert status["peak_unread_messages"] == 2 and status["backpressure_waits"] > 0   # reading paused at the limit
+    # reading paused at the limit
+    assert status["peak_unread_messages"] == 2 and status["backpressure_waits"] > 0, status["stages"]
     assert all(rejected(a.url) == {} for a in ring.agents)
 
 
@@ -241,12 +242,19 @@ def test_a_checkpoint_that_does_not_match_the_journal_is_refused_on_restore(star
 def test_a_replica_whose_bytes_do_not_match_its_checksum_is_not_kept(tmp_path):
     from peer.state import CorruptFile, StateDir
     state, job = StateDir(tmp_path), "b0d9e7000004"
-    data = b"the bytes of a checkpoint"
+    data, digest = b"the bytes of a checkpoint", hashlib.sha256(b"the bytes of a checkpoint").hexdigest()
     with pytest.raises(CorruptFile, match="does not match its checksum"):
-        state.save_replica(job, "p1", 3, 0, data, hashlib.sha256(b"other bytes").hexdigest())
+        state.save_replica(job, "p1", 3, 0, 0, len(data), data, hashlib.sha256(b"other bytes").hexdigest())
     assert not state.checkpoint_path(job, 3, 0, "p1").exists()
-    assert state.save_replica(job, "p1", 3, 0, data, hashlib.sha256(data).hexdigest()) == hashlib.sha256(data).hexdigest()
+    # in pieces: nothing is kept until the last, and a piece out of place is refused
+    assert state.save_replica(job, "p1", 3, 0, 0, len(data), data[:10], digest) == (10, None)
+    with pytest.raises(ValueError, match="at byte 12 .* with 10 bytes of it here"):
+        state.save_replica(job, "p1", 3, 0, 12, len(data), data[12:], digest)
+    assert not state.checkpoint_path(job, 3, 0, "p1").exists()
+    assert state.save_replica(job, "p1", 3, 0, 10, len(data), data[10:], digest) == (len(data), digest)
     assert state.checkpoint_path(job, 3, 0, "p1").read_bytes() == data
+    with pytest.raises(ValueError, match="at byte 0 of a 5-byte replica"):   # more than it said it would send
+        state.save_replica(job, "p1", 4, 0, 0, 5, data, digest)
 
 
 def test_a_journal_older_than_the_one_held_is_refused(start_ring):

@@ -105,6 +105,7 @@ class FakeRing:
         self.calls.append((peer["peer"], name))
         if name in ("prepare", "profile"):
             return {"samples": self.samples[peer["peer"]], "test_samples": 0, "memory_budget": None,
+                    "pending_messages": 4,
                     "profile": {"forward_s": [0.001] * 4, "backward_s": [0.002] * 4, "param_bytes": [4000] * 4,
                                 "optim_bytes": [0] * 4, "activation_bytes": [512] * 4}}
         if name == "commit":

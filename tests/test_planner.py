@@ -349,6 +349,15 @@ def test_place_backward_relieves_the_stages_that_do_not_fit():
     assert place_backward(roomy, layers, even, "fast-async", 4, 1) == {}      # everything fits: nothing moves
 
 
+def test_plan_chain_proportional_gives_each_device_work_by_its_speed():
+    """--split proportional: a baseline a job can run; a device twice as fast gets twice the layers here."""
+    layers = [LayerCost(1.0, 2.0, 100, 100, 10) for _ in range(6)]
+    devices = [Device("a", speed=2.0), Device("b", speed=1.0)]
+    p, remote = plan_chain(devices, layers, "nsplit", 1, split="proportional")
+    assert p.ranges == [(0, 4), (4, 6)] and remote == {}
+    assert p == evaluate(devices, layers, [(0, 4), (4, 6)], "nsplit", 1)
+
+
 def test_plan_chain_places_backwards_over_the_planned_or_an_even_split():
     """plan_chain, as the coordinator and `splitring plan` use it: given pairs are counted; with auto, a split
     the solver finds fitting needs no remote roles, and when it finds none, the even split with placed roles."""

@@ -339,6 +339,22 @@ def test_mailbox_holds_a_bounded_number_of_unread_messages_per_kind():
     asyncio.run(main())
 
 
+def test_mailbox_counts_the_bytes_of_messages_waiting_unread():
+    """What a peer holds for its neighbours, counted against its memory budget (peer.worker.check_budget)."""
+    async def main():
+        box = Mailbox(limit=2)
+        a, b = MessageKey(0, "train", 0, "fwd", 0), MessageKey(0, "train", 0, "bwd", 0)
+        box.deliver(a, {"x": torch.zeros(4, 8), "mb": 0})            # 128 bytes
+        box.deliver(b, {"g": torch.zeros(2, 8, dtype=torch.float64)})   # 128 bytes
+        assert box.unread_bytes == 256
+        await box.get(a, 1)
+        assert box.unread_bytes == 128
+        box.deliver(MessageKey(1, "train", 0, "fwd", 0), {"x": torch.zeros(3)})
+        box.new_rotation(1)   # what rotation 0 left unread is forgotten, and no longer counted
+        assert box.unread_bytes == 12
+    asyncio.run(main())
+
+
 def test_quantize_matches_its_definition_on_a_hand_example():
     x = torch.tensor([0.0, 1.0, -2.54, 0.5] + [0.0] * (BLOCK - 4) + [3.0])
     got = round_trip(x, "int8")

@@ -59,7 +59,8 @@ class AgentConfig(RingOptions):
                                       "(see docs/security.md)", metavar="PACKAGE.MODULE:FUNCTION")
     pending_messages: int = knob(LIMITS.pending_messages, "data-plane messages of one job and kind (fwd, bwd) that "
                                  "may wait unread here; then this agent stops reading from their sender until its "
-                                 "stage takes one (backpressure: bounds what a fast neighbour can queue)", metavar="N")
+                                 "stage takes one (backpressure: bounds what a fast neighbour can queue; a plan keeps "
+                                 "room for them in --memory-budget)", metavar="N")
     log_level: str = knob("INFO", "DEBUG, INFO, WARNING or ERROR")
     compute_slowdown: float = knob(1.0, "make every computation X times slower, like a slower device", metavar="X",
                                    testing=True)

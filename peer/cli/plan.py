@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from peer.cli.common import ConnectOptions, call, connect
 from peer.cli.options import add_job_options, add_options, job_config
+from peer.limits import LIMITS
 from pipeline.planner import (Device, Plan, PlanInfeasible, devices_from_profile, format_bytes, layers_from_profile,
                               over_budget, plan, plan_chain, plan_rotations)
 from pipeline.device_profiles import available
@@ -138,14 +139,15 @@ def live_plans(args: argparse.Namespace) -> tuple[list[Plan], list[dict]]:
     return plans, [{j: h for j, h in d.get("backward_at", [])} for d in reply["rotations"]]
 
 
-def ring_budgets(args: argparse.Namespace) -> tuple[list[str], list[int | None]]:
-    """The peers of a live ring (the one asked, then those it sees) and their memory budgets."""
+def ring_devices(args: argparse.Namespace) -> list[Device]:
+    """The peers of a live ring (the one asked, then those it sees) with their memory budgets and the
+    messages they let wait unread."""
     url, key = connect(args)
     me = call(url, key, "status", timeout=10)
     if "private" in me:
         raise ValueError("the ring's peers and budgets are private to the ring: give --secret-file")
     others = [call(p["url"], key, "status", timeout=10) for p in me["peers"]]
-    return [s["peer"] for s in [me, *others]], [s["memory_budget"] for s in [me, *others]]
+    return [Device(s["peer"], s["memory_budget"], pending_messages=s["pending_messages"]) for s in [me, *others]]
 
 
 def max_model(args: argparse.Namespace) -> int:
@@ -157,14 +159,15 @@ def max_model(args: argparse.Namespace) -> int:
     if option is None:
         raise ValueError(f"--max-model {args.max_model}: say which option to grow with --grow")
     if args.peer or args.ring:   # a live ring: its peers and their budgets, as the peer asked sees them
-        names, budgets = ring_budgets(args)
-    elif args.devices:
+        devices = ring_devices(args)
+    elif args.devices:   # agents as started by default
         names = [s.strip() for s in args.devices.split(",")]
         budgets = per_device(args.memory_budget, names, lambda s: int(quantity(s, BYTE_UNITS, "memory budget")),
                              "--memory-budget")
+        devices = [Device(n, b, pending_messages=LIMITS.pending_messages) for n, b in zip(names, budgets)]
     else:
         raise ValueError("--max-model needs --devices (names) and their --memory-budget, or a live ring (--peer)")
-    got = largest(cfg, [Device(n, b) for n, b in zip(names, budgets)], option)
+    got = largest(cfg, devices, option)
     if args.json:
         print(json.dumps({"model": cfg.model["name"], "option": got.option, "largest": got.largest,
                           "params": got.params, "next_refused": got.next_refused}))

@@ -32,6 +32,7 @@ class StatusService(Service):
             **node.discovery.public(),   # peers, conflicts, missing
             "data": {"name": node.data.name, "samples": len(node.data), "test_samples": node.data.n_test},
             "memory_budget": node.memory_budget,
+            "pending_messages": node.pending_messages,
             "role": node.role,
             "allowed_models": node.allow_models,
             "busy_poll": node.busy_poll,

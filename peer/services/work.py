@@ -40,6 +40,7 @@ class WorkService(Service):
         self.jobs: dict[str, JobRuntime] = {}
         self.held: dict[str, dict] = {}   # jobs whose coordinator fell silent: their state waits on disk for resume
         self.peak_memory = 0  # over every job this agent ran
+        self.peak_stage = 0   # of which its stages' own (without the messages waiting unread)
         self.peak_unread = 0  # most data-plane messages of one job and kind that waited unread, over every job
         self.backpressure_waits = 0   # deliveries that waited for room in a mailbox, over every retired job
         self.m_peak = Gauge("splitring_stage_memory_peak_bytes", "most memory a stage of this agent has held",
@@ -71,6 +72,7 @@ class WorkService(Service):
 
     def status(self) -> dict:
         return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
+                "peak_stage_bytes": max([self.peak_stage] + [rt.peak_held for rt in self.jobs.values()]),
                 "peak_rss_bytes": peak_rss(),
                 "peak_unread_messages": max([self.peak_unread] + [rt.mailbox.peak_unread for rt in self.jobs.values()]),
                 "backpressure_waits": self.backpressure_waits + sum(rt.mailbox.waits for rt in self.jobs.values()),
@@ -98,6 +100,7 @@ class WorkService(Service):
         rt = self.jobs.pop(job, None)
         if rt is not None:
             self.peak_memory = max(self.peak_memory, rt.peak_memory)
+            self.peak_stage = max(self.peak_stage, rt.peak_held)
             self.peak_unread = max(self.peak_unread, rt.mailbox.peak_unread)
             self.backpressure_waits += rt.mailbox.waits
             self.m_peak.set(self.peak_memory)
@@ -141,16 +144,18 @@ class WorkService(Service):
 
     @serves("replica_put")
     async def replica_put(self, msg, request):
-        """Keep another peer's committed checkpoint, byte for byte, verified by its checksum."""
+        """Keep another peer's committed checkpoint, byte for byte, verified by its checksum once every piece
+        has come."""
         data = msg["data"]
         if data.dtype != torch.uint8 or data.dim() != 1:
             raise ProtocolError("malformed", "a replica is the checkpoint file's bytes, a 1-D uint8 tensor")
         try:
-            digest = await asyncio.to_thread(self.node.state.save_replica, msg["job"], msg["owner"], msg["version"],
-                                             msg["attempt"], data.numpy().tobytes(), msg["checksum"])
+            received, digest = await asyncio.to_thread(
+                self.node.state.save_replica, msg["job"], msg["owner"], msg["version"], msg["attempt"],
+                msg["offset"], msg["size"], data.numpy(), msg["checksum"])
         except ValueError as e:
             raise ProtocolError("malformed", str(e)) from None
-        return {"checksum": digest}
+        return {"received": received, "checksum": digest}
 
     def coordinator_of(self, job: str) -> dict | None:
         """The coordinator ({"peer", "url"}) of a job this peer works on, if it is another peer."""
@@ -227,7 +232,7 @@ class WorkService(Service):
         prof = await asyncio.get_running_loop().run_in_executor(node.compute, self.measured, cfg)
         data = node.data.for_model(cfg.model)
         return {"memory_budget": node.memory_budget, "profile": prof, "samples": len(data),
-                "test_samples": data.n_test}
+                "test_samples": data.n_test, "pending_messages": node.pending_messages}
 
     def measured(self, cfg: JobConfig) -> dict:
         """This machine's per-layer costs for a job's model (cached per spec, microbatch, optimizer, budget)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from pipeline.planner.baselines import proportional_split
 from pipeline.planner.model import Device, LayerCost, Plan, PlanInfeasible, evaluate, format_bytes, place_backward
 from pipeline.planner.solve import plan
 from pipeline.swaps import even_split
@@ -13,15 +14,17 @@ def plan_chain(devices: list[Device], layers: list[LayerCost], scheme: str, micr
                max_staleness: int = 0, split: str = "planned", backward_at: dict[int, int] | str | None = None,
                previous: dict[str, tuple[int, int]] | None = None) -> tuple[Plan, dict[int, int]]:
     """(plan, {stage: host} remote backwards). split "planned": the planner's split (fewest bytes moved
-    from `previous` among the fastest); "even": equal layer counts. backward_at "auto": each middle stage
+    from `previous` among the fastest); "even": equal layer counts; "proportional": compute shares
+    proportional to speed (baselines.proportional_split). backward_at "auto": each middle stage
     that does not fit goes to the peer with most room (place_backward), over the planner's split or, if
     the solver finds none that fits (it counts every stage with its own backward), an even one. The
     plan's memory counts the remote roles; check `plan.fits`. Raises PlanInfeasible when no split fits."""
     auto = backward_at == "auto"
     remote = {} if auto else dict(backward_at or {})
     even = even_split(len(layers), len(devices))
-    if split == "even":
-        p = evaluate(devices, layers, even, scheme, microbatches, max_staleness)
+    if split in ("even", "proportional"):
+        ranges = even if split == "even" else proportional_split(devices, layers)
+        p = evaluate(devices, layers, ranges, scheme, microbatches, max_staleness)
     else:
         try:
             p = plan(devices, layers, scheme, microbatches, previous, max_staleness)

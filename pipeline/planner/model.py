@@ -33,8 +33,9 @@ the points of its programs (`schedule.held`). "nsplit": 1 buffer, no pairs (no d
 step (P >= B, so no other point holds more). "fast-async" (1F1B across steps): M pairs and the buffers of
 the next step's forwards that run before the step (at most stages-1-j at chain position j), and up to
 min(max_staleness, ceil((stages-1-j)/M)) + 1 copies.
-Not counted, by the model nor by Stage.memory_bytes: messages on their way (the data plane's mailbox, a
-received gradient before its backward, an input gradient before its send; but see remote_backward_costs),
+Not counted, by the model nor by Stage.memory_bytes: messages on their way (the data plane's mailbox, for
+which pipeline.jobplan.kept_room keeps room in every budget and peer.worker counts; a received gradient
+before its backward, an input gradient before its send; but see remote_backward_costs),
 what lives only inside one action (a flush's concatenations, a recomputed forward), what autograd's graph
 keeps inside a layer besides its input and output (Linear/ReLU stages run pipeline.direct, whose tape is
 counted), and weight padding (wgrad.pad_rows).
@@ -87,6 +88,8 @@ class Device:
     backward_s: tuple[float, ...] | None = None
     bandwidth: float = DEFAULT_BANDWIDTH      # bytes/s on the link to its successor in the ring
     latency: float = DEFAULT_LATENCY          # seconds, one way, on that link
+    pending_messages: int = 0                 # data-plane messages of a kind it lets wait unread (room for them
+    #                                           is kept in its budget: pipeline.jobplan.kept_room)
 
     def forward_times(self, layers: list[LayerCost]) -> list[float]:
         """Forward seconds of each layer, for one microbatch on this device."""
