@@ -223,7 +223,8 @@ def rss(pid: int) -> int:
 
 
 def test_finished_models_leave_the_coordinators_memory(start_ring, tmp_path):
-    """About 17 MB a model: 20 jobs kept in memory would add over 300 MB."""
+    """About 17 MB a model: the 18 jobs after the second, kept in memory, would add over 300 MB. The allocator
+    keeps some freed memory (more under load: 55 MB was seen), so the bound is half of that."""
     ring = start_ring([["--data", "digits", "--shard", f"{k}/2"] for k in range(2)])
     coordinator = ring.agents[0]
     args = ["--model-options", "depth=2,width=2048", "--batch-size", "128", "--shuffle", "off"]
@@ -234,7 +235,7 @@ def test_finished_models_leave_the_coordinators_memory(start_ring, tmp_path):
         assert out.stat().st_size > 16_000_000
         if k in (2, 20):
             after[k] = rss(coordinator.proc.pid)
-    assert after[20] - after[2] < 50 * 2 ** 20, after
+    assert after[20] - after[2] < 150 * 2 ** 20, after
     kept = list((ring.workdir / "agent0" / "models").glob("*.pt"))
     assert len(kept) == 20
 

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import posixpath
 import time
 
 import aiohttp
@@ -360,6 +361,7 @@ def test_without_the_secret_every_private_call_is_refused(secret_agent, data, bo
     headers = {"none": {}, "wrong key": sign_request(WRONG, method, path, body, now=time.time()),
                "garbage": {H_TIME: "nan", H_NONCE: "x", H_BODY: "y", H_AUTH: "z"}}[forged]
     status, raw, resp_headers = secret_agent.run(answer(secret_agent.client, method, path, body, ctype, headers))
+    path = posixpath.normpath(path)   # as the client sends it: /jobs/.. is /, the dashboard's page
     if (method, path) == ("GET", "/status") and forged == "none":
         assert status == 200 and set(json.loads(raw)) == {"peer", "ring", "version", "capabilities", "private"}
     elif (method, path) == ("GET", "/") and forged == "none":   # the dashboard's page: the same to anyone
