@@ -1,5 +1,6 @@
 """The job plan as data, and the coordinator carrying it out against a fake ring, in one process."""
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from peer.client import Unanswered
 from peer.coordinator import Coordinator
 from pipeline import schedule as S
 from pipeline.config import JobConfig
-from pipeline.jobplan import Facts, JobPlan, PlanError, reporting_programs, reports_step
+from pipeline.jobplan import Facts, JobPlan, PlanError, kept_room, reporting_programs, reports_step
 from pipeline.planner import Device, LayerCost
 from pipeline.swaps import even_split, swap_moves
 
@@ -250,6 +251,25 @@ def test_swap_peaks_count_kept_and_received_layers():
     moves = [(1, "a", "b"), (2, "b", "c")]
     assert swap_peaks(held, moves, lambda i: 10 * (i + 1), lambda i: i + 1) == {"b": 30 + 40 + 2, "c": 3}
     assert swap_peaks(held, [(0, "a", "c"), (1, "a", "c")], lambda i: 0, lambda i: i + 1) == {"c": 2}   # the larger
+
+
+@pytest.mark.parametrize("pending", [0, 3, 5])
+def test_every_budget_keeps_room_for_the_messages_its_peer_lets_wait(pending):
+    """A pass holds each stage's 3 layers and buffers (24 000 + 4 activations of 512 bytes), and per kind (fwd,
+    bwd) the `pending` messages its peer lets wait unread and one more read, each at most 512 bytes; a swap
+    holds a received layer (4 000) instead. A budget of 31 000 holds the larger of the two up to 3 messages
+    waiting of each kind."""
+    f = facts({"a": 5, "b": 5}, budget=31_000)
+    f.devices.update({p: dataclasses.replace(d, pending_messages=pending) for p, d in f.devices.items()})
+    plan = JobPlan(JobConfig(split="even"), f)
+    room = max(4_000, 2 * (pending + 1) * 512)
+    assert room == max(kept_room([LAYER] * 6, 2, pending))
+    if pending > 3:
+        assert 24_000 + 4 * 512 + room > 31_000
+        with pytest.raises(PlanError, match=f"for the messages it lets wait unread .*a {room} bytes"):
+            plan.check()
+    else:
+        plan.check()
 
 
 @pytest.mark.parametrize("budget", [30_000, 32_000, 40_000, None])

@@ -8,6 +8,7 @@ not fit is refused before training with the shortfall named, and a pass that hol
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import math
@@ -336,3 +337,22 @@ def test_live_messages_waiting_unread_count_against_the_budget(start_ring, tmp_p
     assert ring.agents[1].status()["backpressure_waits"] > 0
     journal = json.loads((ring.workdir / "agent0" / "jobs" / summary["job"] / "journal.json").read_text())
     assert journal["config"]["eval_batch"] == 4   # a training microbatch: 32 samples in 8
+
+
+def test_messages_waiting_unread_count_in_the_peak_and_against_the_budget():
+    """What a peer's stages hold and its neighbours' messages waiting unread, together (peer.worker)."""
+    from peer.client import JobError
+    from peer.worker import JobRuntime
+    from pipeline.admission import MessageKey
+
+    rt = JobRuntime("b0d9e7000009", JobConfig(), "p0", [], "p0", None, None, None, None, None, memory_budget=1000)
+
+    async def main():
+        rt.mailbox.deliver(MessageKey(0, "train", 0, "fwd@0", 0), {"x": torch.zeros(50)})   # 200 bytes
+        rt.held = 700
+        rt.check_budget("a test")
+        assert rt.peak_memory == 900
+        rt.held = 900
+        with pytest.raises(JobError, match="holds 1100 bytes .* 200 of them in messages waiting unread"):
+            rt.check_budget("a test")
+    asyncio.run(main())
