@@ -1,14 +1,21 @@
-"""Fast N-split against its baselines, in one run, on the same compute-heavy model and samples.
+"""Fast N-split against the strongest baselines, in one run, on the same compute-heavy model and samples.
 
 Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatches, SGD.
-  single_1thread_sps    plain PyTorch, one process, 1 thread
+  single_1thread_sps    plain PyTorch, one process, 1 thread (on one core)
+  single_2thread_sps    plain PyTorch, one process, 2 threads on both cores: what a sceptic runs instead
   nsplit_sps            splitring sequential N-split, 2 agents (processes), 1 thread each
   fast_sps              splitring Fast N-split (--pipeline eager), 2 agents, 1 thread each
   fast_1f1b_sps         the same with the default schedule, 1F1B
   fast_async_sps        splitring Fast N-split, asynchronous (--max-staleness 1), 2 agents, 1 thread each
-  torch_pipelining_sps  torch.distributed.pipelining Schedule1F1B, 2 gloo ranks, 1 thread each
+  torch_pipelining_sps  torch.distributed.pipelining Schedule1F1B on its even split, 2 gloo ranks, 1 thread each
+  torch_pipelining_schedules  every schedule torch.distributed.pipelining offers, on the split splitring's
+                        planner chose for fast_sps (rank 0 holds as many layers as splitring's head): 1F1B and
+                        GPipe with one stage per rank, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble (two
+                        stages per rank, looped) and ZBVZeroBubble, DualPipeV (two per rank, V-shaped); the layers
+                        of each stage are in `torch_pipelining_split`. `torch_pipelining_best_sps` is the best
+                        of them, `torch_pipelining_best_schedule` its name.
 Each agent and each gloo rank runs on a core of its own (`splitring agent --cpus`), as it would on its own
-device, and the single process on one core; the agents busy-poll (`--busy-poll`: compute on the event loop's
+device, and the 1-thread process on one core; the agents busy-poll (`--busy-poll`: compute on the event loop's
 thread, which polls instead of sleeping between messages). `fast_unpinned_sps` is the same Fast N-split with agents
 as started by default (left to the OS scheduler, no busy polling), `torch_pipelining_unpinned_sps` the gloo
 ranks left to the OS scheduler. Every process runs with the allocator setting agents use (keep_freed_memory).
@@ -18,9 +25,11 @@ The busiest stage bounds any 2-stage pipeline of these microbatches: `fast_ceili
 Every throughput leaves the first step out (warm-up: allocators, caches, for splitring also the pipeline's
 fill and the pass's start), timing the rest, as the baselines are timed; `fast_whole_pass_sps` is Fast
 N-split's over the whole pass, first step included.
-With --repeats R every throughput is the best of R runs (these machines are noisy; the best run is the
-one least disturbed); each repeat measures everything back to back, and `fast_vs_single_paired` and
-`fast_vs_torch_pipelining_paired` are the medians of the ratios within a repeat.
+Headline: paired ratios. Each of --repeats R repeats measures everything back to back, and
+`fast_vs_single_2thread_paired`, `fast_vs_torch_best_paired` (against the best schedule of that repeat),
+`fast_vs_single_paired`, `fast_vs_torch_pipelining_paired` and `fast_async_vs_single_2thread_paired` are
+the medians of the ratios within a repeat, each with `_min` and `_max`. The plain figures are each the
+best of the R runs.
 Usage: python scripts/bench_pipeline.py [--json] [--steps N] [--repeats R]
 """
 from __future__ import annotations
@@ -60,13 +69,13 @@ def samples(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(steps * BATCH, WIDTH, generator=g), torch.randint(0, 10, (steps * BATCH,), generator=g)
 
 
-def single(steps: int, cpu: int | None = None) -> float:
-    """Plain PyTorch on 1 thread (on CPU `cpu` if given)."""
+def single(steps: int, cpus: set[int] | None = None, threads: int = 1) -> float:
+    """Plain PyTorch on `threads` threads (on the CPUs `cpus` if given)."""
     mask = os.sched_getaffinity(0)
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         model = build_model(SPEC, 0)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         x, y = samples(steps + 1)
@@ -79,6 +88,7 @@ def single(steps: int, cpu: int | None = None) -> float:
         return steps * BATCH / (time.perf_counter() - t0)
     finally:
         os.sched_setaffinity(0, mask)
+        torch.set_num_threads(1)
 
 
 def stage_ms(ranges: list[tuple[int, int]], steps: int) -> list[float]:
@@ -128,9 +138,32 @@ def splitring(steps: int, scheme: str, agents: int = 2, *extra: str, cpus: list[
             return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _pipelining_rank(rank: int, port: int, steps: int, result, cpus: list[str] | None) -> None:
+# torch.distributed.pipelining's schedules: one stage per rank, or two (loop: rank r holds stages r and r+2;
+# V: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2)
+SCHEDULES = {"1F1B": ("Schedule1F1B", None), "GPipe": ("ScheduleGPipe", None),
+             "Interleaved1F1B": ("ScheduleInterleaved1F1B", "loop"), "LoopedBFS": ("ScheduleLoopedBFS", "loop"),
+             "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", "loop"),
+             "ZBVZeroBubble": ("ScheduleZBVZeroBubble", "v"), "DualPipeV": ("ScheduleDualPipeV", "v")}
+
+
+def torch_stages(head_layers: int, n_layers: int, style: str | None) -> list[list[tuple[int, int]]]:
+    """Per rank, the layer ranges of its stages, rank 0 holding `head_layers` layers in all as under the
+    planner's split: one stage each, or two each, rank 0's halves and rank 1's halves in chain order."""
+    if style is None:
+        return [[(0, head_layers)], [(head_layers, n_layers)]]
+    a1 = -(-head_layers // 2)                      # rank 0's first stage
+    b1 = -(-(n_layers - head_layers) // 2)         # rank 1's first stage
+    if style == "loop":   # stages 0 (r0) 1 (r1) 2 (r0) 3 (r1)
+        cuts = [0, a1, a1 + b1, head_layers + b1, n_layers]
+        return [[(cuts[0], cuts[1]), (cuts[2], cuts[3])], [(cuts[1], cuts[2]), (cuts[3], cuts[4])]]
+    cuts = [0, a1, a1 + b1, a1 + (n_layers - head_layers), n_layers]   # V: stages 0 (r0) 1 (r1) 2 (r1) 3 (r0)
+    return [[(cuts[0], cuts[1]), (cuts[3], cuts[4])], [(cuts[1], cuts[2]), (cuts[2], cuts[3])]]
+
+
+def _pipelining_rank(rank: int, port: int, steps: int, result, cpus: list[str] | None, schedule: str,
+                     head_layers: int) -> None:
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.distributed import pipelining
 
     if cpus:
         pin_to({int(cpus[rank])})
@@ -138,11 +171,17 @@ def _pipelining_rank(rank: int, port: int, steps: int, result, cpus: list[str] |
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = build_model(SPEC, 0)
-    a, b = even_split(len(model), 2)[rank]
-    part = torch.nn.Sequential(*list(model)[a:b])
-    stage = PipelineStage(part, rank, 2, torch.device("cpu"))
-    sched = Schedule1F1B(stage, MICRO, loss_fn=lambda out, target: F.cross_entropy(out, target))
-    opt = torch.optim.SGD(part.parameters(), lr=0.01)
+    name, style = SCHEDULES[schedule]
+    ranges = torch_stages(head_layers, len(model), style)
+    order = sorted((r for rk in ranges for r in rk))   # stage index = position in the chain
+    mine = [(order.index(r), torch.nn.Sequential(*list(model)[r[0]:r[1]])) for r in ranges[rank]]
+    stages = [pipelining.PipelineStage(part, i, len(order), torch.device("cpu")) for i, part in mine]
+    loss = lambda out, target: F.cross_entropy(out, target)   # noqa: E731
+    cls = getattr(pipelining, name)
+    sched = cls(stages[0] if style is None else stages, MICRO, loss_fn=loss)
+    opt = torch.optim.SGD([p for _, part in mine for p in part.parameters()], lr=0.01)
+    has_first = any(i == 0 for i, _ in mine)
+    has_last = any(i == len(order) - 1 for i, _ in mine)
     x, y = samples(steps + 1)
     for s in range(steps + 1):
         if s == 1:
@@ -150,10 +189,8 @@ def _pipelining_rank(rank: int, port: int, steps: int, result, cpus: list[str] |
             t0 = time.perf_counter()
         opt.zero_grad()
         xb, yb = x[s * BATCH:(s + 1) * BATCH], y[s * BATCH:(s + 1) * BATCH]
-        if rank == 0:
-            sched.step(xb)
-        else:
-            sched.step(target=yb)
+        args = (xb,) if has_first else ()
+        sched.step(*args, **({"target": yb} if has_last else {}))
         opt.step()
     dist.barrier()
     if rank == 1:
@@ -161,20 +198,30 @@ def _pipelining_rank(rank: int, port: int, steps: int, result, cpus: list[str] |
     dist.destroy_process_group()
 
 
-def torch_pipelining(steps: int, cpus: list[str] | None = None) -> float:
+def torch_pipelining(steps: int, cpus: list[str] | None = None, schedule: str = "1F1B",
+                     head_layers: int | None = None) -> float:
+    """Samples/s of torch.distributed.pipelining on 2 gloo ranks (1 thread each), rank 0 holding
+    `head_layers` layers (default: torch's even split, as `even_split`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    head = even_split(DEPTH + 1, 2)[0][1] if head_layers is None else head_layers
     ctx = mp.get_context("spawn")
     result = ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_pipelining_rank, args=(r, port, steps, result, cpus)) for r in range(2)]
+    procs = [ctx.Process(target=_pipelining_rank, args=(r, port, steps, result, cpus, schedule, head))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
         if p.exitcode != 0:
-            raise RuntimeError("torch.distributed.pipelining rank failed")
+            raise RuntimeError(f"torch.distributed.pipelining {schedule} rank failed")
     return result.value
+
+
+def paired(ratios: list[float], key: str) -> dict:
+    """The median of per-repeat ratios, with their min and max."""
+    return {key: statistics.median(ratios), f"{key}_min": min(ratios), f"{key}_max": max(ratios)}
 
 
 def main() -> None:
@@ -194,15 +241,22 @@ def main() -> None:
     # under the same conditions (`*_paired`: their median); the plain figures are each the best run.
     rounds: list[dict] = []
     for _ in range(args.repeats):
-        r = {"single": single(args.steps, cores[0])}
+        r = {"single": single(args.steps, {cores[0]}), "single_2thread": single(args.steps, set(cores[:2]), 2)}
         r.update({scheme: splitring(args.steps, scheme, 2, *extra, cpus=cpus, options=DEDICATED)
                   for scheme, extra in (("nsplit", ()), ("fast", FAST), ("fast-async", ()))})
         r["fast_1f1b"] = splitring(args.steps, "fast", 2, cpus=cpus, options=DEDICATED)[RATE]
         r["fast_unpinned"] = splitring(args.steps, "fast", 2, *FAST)[RATE]
         r["torch"] = torch_pipelining(args.steps, cpus)
         r["torch_unpinned"] = torch_pipelining(args.steps)
+        head = r["fast"]["plans"][0]["ranges"]["p0"][1]   # the planner's split: the head's layers [0, head)
+        for name in SCHEDULES:
+            try:
+                r[f"torch_{name}"] = torch_pipelining(args.steps, cpus, name, head)
+            except RuntimeError as e:   # a schedule that does not fit this model or microbatch count
+                print(f"bench_pipeline: {e}", file=sys.stderr)
         rounds.append(r)
-    res = {"single_1thread_sps": max(r["single"] for r in rounds)}
+    res = {"single_1thread_sps": max(r["single"] for r in rounds),
+           "single_2thread_sps": max(r["single_2thread"] for r in rounds)}
     for scheme in ("nsplit", "fast", "fast-async"):
         best = max((r[scheme] for r in rounds), key=lambda summary: summary[RATE])
         key = scheme.replace("-", "_")
@@ -214,6 +268,12 @@ def main() -> None:
     res["fast_unpinned_sps"] = max(r["fast_unpinned"] for r in rounds)
     res["torch_pipelining_sps"] = max(r["torch"] for r in rounds)
     res["torch_pipelining_unpinned_sps"] = max(r["torch_unpinned"] for r in rounds)
+    ran = [name for name in SCHEDULES if all(f"torch_{name}" in r for r in rounds)]
+    res["torch_pipelining_schedules"] = {name: max(r[f"torch_{name}"] for r in rounds) for name in ran}
+    res["torch_pipelining_best_schedule"] = max(ran, key=res["torch_pipelining_schedules"].get)
+    res["torch_pipelining_best_sps"] = res["torch_pipelining_schedules"][res["torch_pipelining_best_schedule"]]
+    res["torch_pipelining_split"] = {"head_layers": head, "stages": {
+        name: torch_stages(head, DEPTH + 1, SCHEDULES[name][1]) for name in ran}}
     res["fast_stage_ms"] = stage_ms([tuple(r) for r in res["fast_ranges"].values()], args.steps)
     res["fast_ceiling_sps"] = BATCH / (max(res["fast_stage_ms"]) / 1000)
     res["pinned_cpus"] = cpus
@@ -222,15 +282,20 @@ def main() -> None:
     res["fast_vs_torch_pipelining"] = res["fast_sps"] / res["torch_pipelining_sps"]
     res["fast_async_vs_single"] = res["fast_async_sps"] / res["single_1thread_sps"]
     res["fast_ceiling_vs_single"] = res["fast_ceiling_sps"] / res["single_1thread_sps"]
-    res["fast_vs_single_paired"] = statistics.median(r["fast"][RATE] / r["single"] for r in rounds)
-    res["fast_vs_torch_pipelining_paired"] = statistics.median(r["fast"][RATE] / r["torch"]
-                                                               for r in rounds)
+    # headline: paired ratios, the median over repeats of the ratio within one repeat, with min and max
+    res.update(paired([r["fast"][RATE] / r["single"] for r in rounds], "fast_vs_single_paired"))
+    res.update(paired([r["fast"][RATE] / r["single_2thread"] for r in rounds], "fast_vs_single_2thread_paired"))
+    res.update(paired([r["fast"][RATE] / r["torch"] for r in rounds], "fast_vs_torch_pipelining_paired"))
+    res.update(paired([r["fast"][RATE] / max(r[f"torch_{name}"] for name in ran) for r in rounds],
+                      "fast_vs_torch_best_paired"))
+    res.update(paired([r["fast-async"][RATE] / r["single_2thread"] for r in rounds],
+                      "fast_async_vs_single_2thread_paired"))
     res.update(steps=args.steps, repeats=args.repeats, batch=BATCH, microbatches=MICRO, width=WIDTH, depth=DEPTH)
     if args.json:
         print(json.dumps(res))
     else:
         for k, v in res.items():
-            print(f"{k:26s} {v:.3f}" if isinstance(v, float) else f"{k:26s} {v}")
+            print(f"{k:38s} {v:.3f}" if isinstance(v, float) else f"{k:38s} {v}")
 
 
 if __name__ == "__main__":

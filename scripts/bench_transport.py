@@ -1,22 +1,30 @@
-"""Data-plane throughput and latency against its baselines, in one run, on loopback.
+"""Data-plane throughput and latency against the strongest baselines, in one run, on loopback.
 
-For each tensor size (64 KiB to 64 MiB, x4 steps), interleaved so that all three see the same machine:
+For each tensor size (64 KiB to 64 MiB, x4 steps), each repeat measures every transport back to back (in
+an order that rotates from repeat to repeat), so that their ratios within a repeat compare runs made under
+the same conditions:
   splitring_gbps    float32 tensors from one agent (process) to another through the real data plane
                     (Links, frame encoding, the upgraded stream, decoding into tensors), via POST /data/probe
-  gloo_gbps         torch.distributed gloo send/recv between two processes (one tensor, reused)
-  raw_socket_gbps   a blocking TCP socket: sendall / recv_into a reused buffer, two processes
+  raw_gbps          a tuned raw TCP socket between two processes: one buffer of the largest size allocated
+                    before any timing on each side, sendall of a view of it, reads of at most 256 KiB into it
+                    (recv_into, bounded), TCP_NODELAY; nothing allocated in the timed window
+  gloo_gbps         torch.distributed gloo, blocking send/recv of one reused tensor, one message at a time
+  gloo_async_gbps   gloo streaming: isend/irecv with up to 4 messages in flight (4 preallocated tensors)
   splitring_rtt_ms  one ping carrying a tensor of that size and its pong, one at a time (median of the batch)
   ping_rtt_ms       an empty ping and its pong (small-message round trip)
-Every figure is the best of --repeat measurements (GB/s = 1e9 bytes/s). The 64 MiB line also gives the
-latency of GET /status on the sending and on the receiving agent while 64 MiB tensors are in flight
+Headline, per size: `vs_raw_paired` and `vs_gloo_async_paired` (and `vs_gloo_paired`), the median over
+repeats of splitring's throughput divided by the baseline's in the same repeat, each with `_min` and `_max`.
+The `*_gbps` figures are medians over repeats (GB/s = 1e9 bytes/s). The 64 MiB line also gives the latency
+of GET /status on the sending and on the receiving agent while 64 MiB tensors are in flight
 (status_ms_sending / status_ms_receiving: the worst of the polls, with the number of polls).
-Usage: python scripts/bench_transport.py [--json] [--repeat N] [--total-mib N]
+Usage: python scripts/bench_transport.py [--json] [--repeat N] [--total-mib N] [--sizes 65536,...]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import socket
+import statistics
 import struct
 import sys
 import threading
@@ -33,6 +41,8 @@ from peer.localring import LocalRing  # noqa: E402
 
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 _HEAD = struct.Struct(">QQ")  # raw socket: size, count
+READ = 256 << 10               # raw socket: bytes per recv_into
+WINDOW = 4                     # gloo streaming: messages in flight
 
 
 def counts(size: int, total: int) -> int:
@@ -82,13 +92,25 @@ def gloo_rank(rank: int, port: int, conn) -> None:
         size, count = job.tolist()
         if size == 0:
             break
-        t = torch.zeros(size // 4)
+        streaming = count < 0
+        count = abs(count)
+        bufs = [torch.zeros(size // 4) for _ in range(WINDOW if streaming else 1)]
         for _ in range(2):  # warm-up
-            dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
+            dist.send(bufs[0], 1) if rank == 0 else dist.recv(bufs[0], 0)
         dist.barrier()
         t0 = time.perf_counter()
-        for _ in range(count):
-            dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
+        if streaming:   # up to WINDOW messages in flight, each with a buffer of its own
+            pending = []
+            for k in range(count):
+                if len(pending) == WINDOW:
+                    pending.pop(0).wait()
+                t = bufs[k % WINDOW]
+                pending.append(dist.isend(t, 1) if rank == 0 else dist.irecv(t, 0))
+            for w in pending:
+                w.wait()
+        else:
+            for _ in range(count):
+                dist.send(bufs[0], 1) if rank == 0 else dist.recv(bufs[0], 0)
         dist.barrier()
         if rank == 0:
             conn.send(time.perf_counter() - t0)
@@ -104,8 +126,8 @@ class Gloo:
         for p in self.procs:
             p.start()
 
-    def measure(self, size: int, count: int) -> float:
-        self.conn.send([size, count])
+    def measure(self, size: int, count: int, streaming: bool = False) -> float:
+        self.conn.send([size, -count if streaming else count])
         return self.conn.recv()
 
     def close(self):
@@ -115,37 +137,38 @@ class Gloo:
 
 
 # --- raw socket -------------------------------------------------------------------------------
-def raw_receiver(port_out) -> None:
+def raw_receiver(port_out, largest: int) -> None:
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen()
     port_out.send(srv.getsockname()[1])
     conn, _ = srv.accept()
+    buf = memoryview(bytearray(largest))   # allocated once, before anything is timed
     head = bytearray(_HEAD.size)
     while True:
         conn.recv_into(head, _HEAD.size, socket.MSG_WAITALL)
         size, count = _HEAD.unpack(head)
         if size == 0:
             return
-        buf = memoryview(bytearray(size))
         for _ in range(count):
             got = 0
             while got < size:
-                got += conn.recv_into(buf[got:])
+                got += conn.recv_into(buf[got:min(size, got + READ)])
         conn.sendall(b"k")
 
 
 class Raw:
-    def __init__(self):
+    def __init__(self, largest: int):
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=raw_receiver, args=(child,))
+        self.proc = ctx.Process(target=raw_receiver, args=(child, largest))
         self.proc.start()
         self.sock = socket.create_connection(("127.0.0.1", parent.recv()))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.data = memoryview(bytearray(largest))
 
     def measure(self, size: int, count: int) -> float:
-        data = memoryview(bytearray(size))
+        data = self.data[:size]
         t0 = time.perf_counter()
         self.sock.sendall(_HEAD.pack(size, count))
         for _ in range(count):
@@ -165,45 +188,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def paired(ratios: list[float], key: str) -> dict:
+    return {key: round(statistics.median(ratios), 3), f"{key}_min": round(min(ratios), 3),
+            f"{key}_max": round(max(ratios), 3)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="one JSON object per line, one per size")
-    ap.add_argument("--repeat", type=int, default=3, help="measurements per figure; the best is kept")
+    ap.add_argument("--repeat", type=int, default=5, help="repeats per size; ratios are paired within a repeat")
     ap.add_argument("--total-mib", type=int, default=256, help="bytes moved per measurement (at least 4 tensors)")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="tensor sizes in bytes")
     args = ap.parse_args()
+    sizes = [int(v) for v in args.sizes.split(",")]
     total = args.total_mib << 20
-    gloo, raw = Gloo(), Raw()
+    gloo, raw = Gloo(), Raw(max(sizes))
     try:
         with LocalRing([[], []]) as ring:
             sender, receiver = ring.urls
             probe(sender, receiver, 1 << 20, 8)  # connect and warm up
             if not args.json:
-                print(f"{'size':>9} {'splitring':>10} {'gloo':>8} {'raw':>8} {'vs gloo':>8} {'vs raw':>7} "
-                      f"{'rtt ms':>8} {'ping ms':>8}   (GB/s, best of {args.repeat})")
-            for size in SIZES:
+                print(f"{'size':>9} {'splitring':>10} {'raw':>8} {'gloo':>8} {'gloo-a':>8} {'vs raw':>7} "
+                      f"{'vs gloo-a':>9} {'rtt ms':>8} {'ping ms':>8}   (GB/s medians, paired ratios of {args.repeat})")
+            for size in sizes:
                 n = counts(size, total)
-                best = {"splitring": 0.0, "gloo": 0.0, "raw": 0.0}
-                for _ in range(args.repeat):
-                    for name, seconds in (("splitring", lambda: probe(sender, receiver, size, n)),
-                                          ("gloo", lambda: gloo.measure(size, n)),
-                                          ("raw", lambda: raw.measure(size, n))):
-                        best[name] = max(best[name], size * n / seconds() / 1e9)
+                runs = {"splitring": lambda: probe(sender, receiver, size, n), "raw": lambda: raw.measure(size, n),
+                        "gloo": lambda: gloo.measure(size, n), "gloo_async": lambda: gloo.measure(size, n, True)}
+                names, got = list(runs), {name: [] for name in runs}
+                for r in range(args.repeat):
+                    for name in names[r % len(names):] + names[:r % len(names)]:   # rotating order
+                        got[name].append(size * n / runs[name]() / 1e9)
                 k = max(3, min(50, n // 4))
-                rtt = min(probe(sender, receiver, size, k, round_trips=True) / k for _ in range(args.repeat))
-                ping = min(probe(sender, receiver, 0, 200, round_trips=True) / 200 for _ in range(args.repeat))
-                row = {"size_bytes": size, "splitring_gbps": round(best["splitring"], 3),
-                       "gloo_gbps": round(best["gloo"], 3), "raw_socket_gbps": round(best["raw"], 3),
+                rtt = statistics.median(probe(sender, receiver, size, k, round_trips=True) / k
+                                        for _ in range(args.repeat))
+                ping = statistics.median(probe(sender, receiver, 0, 200, round_trips=True) / 200
+                                         for _ in range(args.repeat))
+                ours = got["splitring"]
+                row = {"size_bytes": size, **{f"{name}_gbps": round(statistics.median(v), 3) for name, v in got.items()},
+                       **paired([a / b for a, b in zip(ours, got["raw"])], "vs_raw_paired"),
+                       **paired([a / b for a, b in zip(ours, got["gloo_async"])], "vs_gloo_async_paired"),
+                       **paired([a / b for a, b in zip(ours, got["gloo"])], "vs_gloo_paired"),
                        "splitring_rtt_ms": round(1e3 * rtt, 3), "ping_rtt_ms": round(1e3 * ping, 3),
-                       "vs_gloo": round(best["splitring"] / best["gloo"], 2),
-                       "vs_raw_socket": round(best["splitring"] / best["raw"], 2)}
+                       "repeats": args.repeat, "messages": n}
                 if size == SIZES[-1]:
                     row.update(status_latency(ring.urls, sender, receiver))
                 if args.json:
                     print(json.dumps(row), flush=True)
                 else:
-                    print(f"{size >> 10:>6}KiB {row['splitring_gbps']:>10.2f} {row['gloo_gbps']:>8.2f} "
-                          f"{row['raw_socket_gbps']:>8.2f} {row['vs_gloo']:>8.2f} {row['vs_raw_socket']:>7.2f} "
-                          f"{row['splitring_rtt_ms']:>8.3f} {row['ping_rtt_ms']:>8.3f}", flush=True)
+                    print(f"{size >> 10:>6}KiB {row['splitring_gbps']:>10.2f} {row['raw_gbps']:>8.2f} "
+                          f"{row['gloo_gbps']:>8.2f} {row['gloo_async_gbps']:>8.2f} {row['vs_raw_paired']:>7.2f} "
+                          f"{row['vs_gloo_async_paired']:>9.2f} {row['splitring_rtt_ms']:>8.3f} "
+                          f"{row['ping_rtt_ms']:>8.3f}", flush=True)
                     if "status_ms_sending" in row:
                         print(f"GET /status while 64 MiB tensors are in flight: worst {row['status_ms_sending']} ms "
                               f"(sending agent), {row['status_ms_receiving']} ms (receiving agent), "
