@@ -95,6 +95,7 @@ def test_an_allowed_custom_model_trains_and_is_named_in_status(start_ring, tmp_p
     ({"lr": "NaN"}, "lr must be a finite number"),
     ({"model": {"name": "mlp", "classes": 0}}, "classes must be an integer from 2"),
     ({"batch_size": 10 ** 9}, "batch_size must be <="),
+    ({"eval_batch": 10 ** 9}, "eval_batch must be <="),
     ({"microbatches": 10 ** 6}, "microbatches must be <="),
     ({"model": {"name": "mlp", "width": 10 ** 9}}, "width must be an integer"),
     ({"model": {"name": "mlp", "depth": 2.5}}, "depth must be an integer"),
