@@ -1,6 +1,6 @@
 """Fast N-split against the strongest baselines, in one run, on the same compute-heavy model and samples.
 
-Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatches, SGD.
+Model: MLP with 8 hidden layers of width 1024 (9 layers), batch 256, 8 microbatches (--microbatches), SGD.
   single_1thread_sps    plain PyTorch, one process, 1 thread (on one core)
   single_2thread_sps    plain PyTorch, one process, 2 threads on both cores: what a sceptic runs instead
   nsplit_sps            splitring sequential N-split, 2 agents (processes), 1 thread each
@@ -30,7 +30,7 @@ Headline: paired ratios. Each of --repeats R repeats measures everything back to
 `fast_vs_single_paired`, `fast_vs_torch_pipelining_paired` and `fast_async_vs_single_2thread_paired` are
 the medians of the ratios within a repeat, each with `_min` and `_max`. The plain figures are each the
 best of the R runs.
-Usage: python scripts/bench_pipeline.py [--json] [--steps N] [--repeats R]
+Usage: python scripts/bench_pipeline.py [--json] [--steps N] [--repeats R] [--microbatches M]
 """
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def torch_stages(head_layers: int, n_layers: int, style: str | None) -> list[lis
 
 
 def _pipelining_rank(rank: int, port: int, steps: int, result, cpus: list[str] | None, schedule: str,
-                     head_layers: int) -> None:
+                     head_layers: int, microbatches: int) -> None:
     import torch.distributed as dist
     from torch.distributed import pipelining
 
@@ -178,7 +178,7 @@ def _pipelining_rank(rank: int, port: int, steps: int, result, cpus: list[str] |
     stages = [pipelining.PipelineStage(part, i, len(order), torch.device("cpu")) for i, part in mine]
     loss = lambda out, target: F.cross_entropy(out, target)   # noqa: E731
     cls = getattr(pipelining, name)
-    sched = cls(stages[0] if style is None else stages, MICRO, loss_fn=loss)
+    sched = cls(stages[0] if style is None else stages, microbatches, loss_fn=loss)
     opt = torch.optim.SGD([p for _, part in mine for p in part.parameters()], lr=0.01)
     has_first = any(i == 0 for i, _ in mine)
     has_last = any(i == len(order) - 1 for i, _ in mine)
@@ -208,7 +208,7 @@ def torch_pipelining(steps: int, cpus: list[str] | None = None, schedule: str = 
     head = even_split(DEPTH + 1, 2)[0][1] if head_layers is None else head_layers
     ctx = mp.get_context("spawn")
     result = ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_pipelining_rank, args=(r, port, steps, result, cpus, schedule, head))
+    procs = [ctx.Process(target=_pipelining_rank, args=(r, port, steps, result, cpus, schedule, head, MICRO))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -225,11 +225,15 @@ def paired(ratios: list[float], key: str) -> dict:
 
 
 def main() -> None:
+    global MICRO
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--microbatches", type=int, default=MICRO,
+                    help=f"microbatches per step of {BATCH} samples (default: %(default)s)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    MICRO = args.microbatches
     if args.steps < 2:
         ap.error("--steps must be 2 or more: every throughput leaves the first step out")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
