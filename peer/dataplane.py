@@ -238,7 +238,6 @@ class Mailbox:
         self.peak_unread = 0   # most messages of one box that waited unread at once
         self.waits = 0         # deliveries that waited for room (reading from their sender paused)
         self.sizes: dict[MessageKey, int] = {}   # tensor bytes of each message waiting unread
-        self.unread_bytes = 0  # their sum: memory a peer holds for its neighbours (counted against its budget)
 
     def _slot(self, key: MessageKey) -> asyncio.Future:
         fut = self.slots.get(key)
@@ -264,7 +263,11 @@ class Mailbox:
         self._slot(key).set_result(payload)
         self.peak_unread = max(self.peak_unread, unread + 1)
         self.sizes[key] = tensor_bytes(payload)
-        self.unread_bytes += self.sizes[key]
+
+    @property
+    def unread_bytes(self) -> int:
+        """Memory a peer holds for its neighbours (counted against its budget): a few messages per box."""
+        return sum(self.sizes.values())
 
     def ready(self, key: MessageKey) -> bool:
         """Whether get(key) would return at once."""
@@ -285,7 +288,7 @@ class Mailbox:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.slots.pop(key, None)
                 self.consumed.add(key)
-                self.unread_bytes -= self.sizes.pop(key, 0)
+                self.sizes.pop(key, None)
                 self._freed.set()
 
     def fail(self, exc: Exception) -> None:
@@ -300,5 +303,4 @@ class Mailbox:
         self.slots = {k: f for k, f in self.slots.items() if k.rotation >= rotation}
         self.consumed = {k for k in self.consumed if k.rotation >= rotation}
         self.sizes = {k: n for k, n in self.sizes.items() if k in self.slots}
-        self.unread_bytes = sum(self.sizes.values())
         self._freed.set()

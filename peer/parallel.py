@@ -58,7 +58,7 @@ class ParallelRuntime:
         return self.facts.round if self.facts else -1
 
     @property
-    def peak_held(self) -> int:
+    def peak_stage(self) -> int:
         """Its stages' own peak: all of peak_memory here (messages waiting unread are not counted)."""
         return self.peak_memory
 

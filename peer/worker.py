@@ -76,8 +76,8 @@ class JobRuntime:
         self.ranges: dict[str, tuple[int, int]] = {}
         self.head_samples = self.head_test_samples = 0
         self.mailbox = Mailbox(pending_messages)   # (the plan keeps room for them: pipeline.jobplan.kept_room)
-        self.held = 0       # what this peer's stages held at their last change (see _drive.account)
-        self.peak_held = 0  # the most of it: peak_memory less the messages waiting unread
+        self.stage_bytes = 0  # what this peer's stages held at their last change (see _drive.account)
+        self.peak_stage = 0   # the most of it: peak_memory less the messages waiting unread
         self._shapes_of: dict[tuple, dict] = {}
         self.backward_roles: dict[int, Stage] = {}   # program -> stage: other stages' backward run here (this pass)
         self.progress = {"rotation": -1, "step": 0, "loss": None}
@@ -258,7 +258,7 @@ class JobRuntime:
 
     def check_budget(self, where: str) -> None:
         """Peak accounting and the budget's enforcement: what the stages hold and the messages waiting unread."""
-        used = self.held + self.mailbox.unread_bytes
+        used = self.stage_bytes + self.mailbox.unread_bytes
         self.peak_memory = max(self.peak_memory, used)
         if used > self.memory_budget:
             raise JobError(f"peer {self.me} holds {used} bytes during the pass (rotation {self.rotation}, {where}; "
@@ -297,9 +297,9 @@ class JobRuntime:
             planner refused a split whose predicted memory (pipeline.planner.model) and the room kept for those
             messages (pipeline.jobplan.kept_room) exceed the budget; going over means the model missed something
             (its docstring says what it cannot see). A remote backward's owner keeps no gradients, in any mode."""
-            self.held = peer_memory(self.stage, self.backward_roles.values(),
-                                    self.position in self.roles_of["train"].remote)
-            self.peak_held = max(self.peak_held, self.held)
+            self.stage_bytes = peer_memory(self.stage, self.backward_roles.values(),
+                                           self.position in self.roles_of["train"].remote)
+            self.peak_stage = max(self.peak_stage, self.stage_bytes)
             self.check_budget(f"stage {stage}")
 
         def advance(value):
@@ -429,7 +429,7 @@ class JobRuntime:
             self.backward_roles = {}
         return {"steps": len(sizes), "seconds": time.perf_counter() - t0,
                 **{f"{kind}_s": s for kind, s in self.trace.totals.items()},
-                "peak_memory_bytes": self.peak_memory, "peak_stage_bytes": self.peak_held,
+                "peak_memory_bytes": self.peak_memory, "peak_stage_bytes": self.peak_stage,
                 "peak_swap_bytes": self.peak_swap, "peak_rss_bytes": peak_rss(), "swap_spills": self.spilled}
 
     def abort(self, reason: str) -> None:

@@ -359,8 +359,8 @@ MUTANTS = [
     dict(name="unread-messages-counted",
          guarantee="Messages waiting unread count in a peer's peak and against its memory budget.",
          file="peer/worker.py",
-         old="        used = self.held + self.mailbox.unread_bytes",
-         new="        used = self.held",
+         old="        used = self.stage_bytes + self.mailbox.unread_bytes",
+         new="        used = self.stage_bytes",
          tests=["tests/test_memory_model.py", "-k", "count_in_the_peak"]),
     dict(name="eval-batch-under-budgets",
          guarantee="On a ring with memory budgets, evaluation messages are no larger than a training "

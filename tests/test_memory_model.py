@@ -349,10 +349,10 @@ def test_messages_waiting_unread_count_in_the_peak_and_against_the_budget():
 
     async def main():
         rt.mailbox.deliver(MessageKey(0, "train", 0, "fwd@0", 0), {"x": torch.zeros(50)})   # 200 bytes
-        rt.held = 700
+        rt.stage_bytes = 700
         rt.check_budget("a test")
         assert rt.peak_memory == 900
-        rt.held = 900
+        rt.stage_bytes = 900
         with pytest.raises(JobError, match="holds 1100 bytes .* 200 of them in messages waiting unread"):
             rt.check_budget("a test")
     asyncio.run(main())

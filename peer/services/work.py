@@ -72,7 +72,7 @@ class WorkService(Service):
 
     def status(self) -> dict:
         return {"peak_memory_bytes": max([self.peak_memory] + [rt.peak_memory for rt in self.jobs.values()]),
-                "peak_stage_bytes": max([self.peak_stage] + [rt.peak_held for rt in self.jobs.values()]),
+                "peak_stage_bytes": max([self.peak_stage] + [rt.peak_stage for rt in self.jobs.values()]),
                 "peak_rss_bytes": peak_rss(),
                 "peak_unread_messages": max([self.peak_unread] + [rt.mailbox.peak_unread for rt in self.jobs.values()]),
                 "backpressure_waits": self.backpressure_waits + sum(rt.mailbox.waits for rt in self.jobs.values()),
@@ -100,7 +100,7 @@ class WorkService(Service):
         rt = self.jobs.pop(job, None)
         if rt is not None:
             self.peak_memory = max(self.peak_memory, rt.peak_memory)
-            self.peak_stage = max(self.peak_stage, rt.peak_held)
+            self.peak_stage = max(self.peak_stage, rt.peak_stage)
             self.peak_unread = max(self.peak_unread, rt.mailbox.peak_unread)
             self.backpressure_waits += rt.mailbox.waits
             self.m_peak.set(self.peak_memory)
