@@ -65,12 +65,9 @@ class Codec:
         """A whole frame as bytes (HTTP bodies: swaps, parameters). Always exact."""
         return await self._run(tensor_bytes(msg) > OFFLOAD_BYTES, encode_frame, msg)
 
-    async def encode_parts(self, msg: dict, policy: WirePolicy = EXACT) -> list:
-        """A frame as [header, payload views...], role fields packed by `policy` (the only work, done on
-        the codec thread)."""
-        if policy.lossy:
-            msg = await self._run(True, apply_policy, msg, policy)
-        return encode_parts(msg)
+    async def pack(self, msg: dict, policy: WirePolicy) -> dict:
+        """The message with its role fields packed by a lossy `policy` (on the codec thread)."""
+        return await self._run(True, apply_policy, msg, policy)
 
     async def decode(self, frame: bytes | RawFrame, max_bytes: int) -> dict:
         if isinstance(frame, RawFrame):  # payloads are in place already; only packed ones need work
@@ -171,8 +168,10 @@ class Links:
 
     async def send(self, url: str, msg: dict, policy: WirePolicy = EXACT) -> None:
         """Send a message; returns once it is handed to the connection (which holds a bounded amount)."""
-        parts = await self.codec.encode_parts(msg, policy)
-        link = await self.get(url)
+        parts = encode_parts(await self.codec.pack(msg, policy) if policy.lossy else msg)
+        link = self.links.get(url)
+        if not link or link.closed:
+            link = await self.get(url)
         if faults.FAULTS:
             await self._send_with_faults(link, url, msg["type"], parts)
         else:

@@ -29,7 +29,7 @@ from protocols.frames import MAX_FRAME_BYTES, header_length, read_header
 UPGRADE = "splitring-data/1"
 PATH = "/data"
 RECV_POOL = BufferPool()  # where received payloads land (one pool per process)
-SMALL = 64 << 10         # frames up to this size are joined into one write
+COALESCE = 256 << 10     # frames smaller than this sent in one turn of the event loop are written together
 CHUNK = 4 << 20          # bytes per transport write (a view of the tensor: the transport copies nothing)
 WRITE_HIGH = 16 << 20    # a sender waits while its transport holds more than this
 READ_MAX = 256 << 10     # bytes per socket read: pieces this small are copied while still in cache (measured)
@@ -61,9 +61,14 @@ class FrameStream(asyncio.BufferedProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._send_lock = asyncio.Lock()
+        self._pending: list = []  # parts of small frames to write at the end of this turn of the loop
+        self._pending_bytes, self._flush_soon = 0, False
         self._frame: RawFrame | None = None
         self._views: deque = deque()
-        self._expect(bytearray(4), self._got_prefix)
+        self._ahead = memoryview(bytearray(READ_MAX))
+        self._direct = False
+        self._prefix = memoryview(bytearray(4))   # reused: every frame starts with one
+        self._next_frame()
 
     # --- connection ---------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -96,6 +101,7 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport:
+            self._flush()
             self.transport.close()
 
     # --- reading ------------------------------------------------------------------------------
@@ -103,14 +109,33 @@ class FrameStream(asyncio.BufferedProtocol):
         self._target, self._pos, self._then = memoryview(buf).cast("B"), 0, then
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._target[self._pos:self._pos + READ_MAX]
+        # a large payload's rest: the kernel copies straight into the tensor; anything else (prefixes,
+        # headers, small payloads, the start of the next frame) is read ahead into `_ahead` and copied out
+        # while in cache: one read for many small frames instead of three for each
+        self._direct = len(self._target) - self._pos >= READ_MAX
+        return self._target[self._pos:self._pos + READ_MAX] if self._direct else self._ahead
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._pos += nbytes
-        if self._pos < len(self._target):
-            return
         try:
-            self._then()
+            if self._direct:
+                self._pos += nbytes
+                if self._pos == len(self._target):
+                    self._then()
+                return
+            data = self._ahead[:nbytes]
+            while data:
+                if self._target is self._prefix and not self._pos and len(data) > 4:
+                    end = 4 + header_length(data)
+                    if len(data) >= end:   # a whole header read ahead: parse it where it lies
+                        head, data = data[4:end], data[end:]
+                        self._got_header(head)
+                        continue
+                take = min(len(data), len(self._target) - self._pos)
+                self._target[self._pos:self._pos + take] = data[:take]
+                self._pos += take
+                data = data[take:]
+                if self._pos == len(self._target):
+                    self._then()
         except ProtocolError as e:  # the stream cannot be resynchronised: the consumer replies and closes
             self._broken = True
             self._pause()
@@ -119,18 +144,23 @@ class FrameStream(asyncio.BufferedProtocol):
     def _got_prefix(self) -> None:
         self._expect(bytearray(header_length(self._target)), self._got_header)
 
-    def _got_header(self) -> None:
-        body, table = read_header(self._target)
-        size = 4 + len(self._target) + sum(nbytes for _, _, nbytes in table)
+    def _got_header(self, head=None) -> None:
+        head = self._target if head is None else head
+        body, table = read_header(head)
+        size = 4 + len(head) + sum(nbytes for _, _, nbytes in table)
         if size > self.max_frame:
             raise ProtocolError("too_large", f"frame of {size} bytes exceeds the limit of {self.max_frame}")
         tensors, self._views = [], deque()
         for dtype, shape, nbytes in table:
-            if nbytes:
+            if nbytes >= READ_MAX:   # pooled: fresh pages of a large buffer cost as much as the copy
                 t, view = RECV_POOL.tensor(dtype, shape, nbytes)
-                self._views.append(view)
+            elif nbytes:             # small: the allocator's own free lists are quicker than the pool
+                view = bytearray(nbytes)
+                t = torch.frombuffer(view, dtype=dtype).view(shape)
             else:
                 t = torch.empty(shape, dtype=dtype)
+            if nbytes:
+                self._views.append(view)
             tensors.append(t)
         self._frame = RawFrame(body, tensors, size)
         self._next_payload()
@@ -140,8 +170,11 @@ class FrameStream(asyncio.BufferedProtocol):
             self._expect(self._views.popleft(), self._next_payload)
             return
         frame, self._frame = self._frame, None
-        self._expect(bytearray(4), self._got_prefix)
+        self._next_frame()
         self._push(frame, frame.nbytes)
+
+    def _next_frame(self) -> None:
+        self._target, self._pos, self._then = self._prefix, 0, self._got_prefix
 
     def _push(self, item, nbytes: int) -> None:
         self._frames.append(item)
@@ -183,10 +216,12 @@ class FrameStream(asyncio.BufferedProtocol):
     async def send(self, parts: list) -> None:
         """Write one frame (protocols.frames.encode_parts). Returns once all of it is handed to the
         transport, whose buffer may still reference the last WRITE_HIGH bytes of the tensors."""
+        size = sum(len(p) for p in parts)
+        if size < COALESCE and self._writable.is_set() and not self._send_lock.locked():
+            self._coalesce(parts, size)   # nothing to wait for: no awaits
+            return
         async with self._send_lock:
-            if sum(len(p) for p in parts) <= SMALL:  # one write, one segment: copying is cheaper here
-                await self._write_when_ready(self.transport.write, b"".join(parts))
-                return
+            self._flush()   # frames queued before this one go first
             batch, room = [], CHUNK   # views of up to CHUNK bytes per writelines (uvloop: one writev)
             for part in parts:
                 view = memoryview(part).cast("B")
@@ -195,16 +230,40 @@ class FrameStream(asyncio.BufferedProtocol):
                     batch.append(piece)
                     room -= len(piece)
                     if not room:
-                        await self._write_when_ready(self.transport.writelines, batch)
+                        await self._write_when_ready(batch)
                         batch, room = [], CHUNK
             if batch:
-                await self._write_when_ready(self.transport.writelines, batch)
+                await self._write_when_ready(batch)
 
-    async def _write_when_ready(self, write, data) -> None:
+    def _coalesce(self, parts: list, size: int) -> None:
+        """Queue a frame smaller than COALESCE to go out with the others sent in this turn of the event
+        loop: one write (one system call, one wake-up of the reader) for them all. The queue is written at
+        the end of the turn, before anything that waits (a computation awaits too), or as soon as it holds
+        COALESCE bytes."""
+        self._check_open()
+        self._pending += parts
+        self._pending_bytes += size
+        if self._pending_bytes >= COALESCE:
+            self._flush()
+        elif not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        if self._pending:
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            if not self.closed:   # else lost with the connection, as the transport's own buffer would be
+                self.transport.writelines(pending)
+
+    async def _write_when_ready(self, batch: list) -> None:
         await self._writable.wait()
-        if self.closed:
+        self._check_open()
+        self.transport.writelines(batch)
+
+    def _check_open(self) -> None:
+        if self.lost or self.transport.is_closing():
             raise ConnectionError("the data-plane connection is closed")
-        write(data)
 
 
 def adopt(transport, stream: FrameStream) -> FrameStream:

@@ -34,6 +34,7 @@ DTYPES = {
     "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_NUMPY_DTYPES = {d for d in DTYPES.values() if d is not torch.bfloat16}
 _LEN = struct.Struct(">I")
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -44,9 +45,13 @@ if sys.byteorder != "little":  # pragma: no cover - every supported device is li
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor (of a contiguous copy if it is not contiguous), without copying."""
-    t = t.detach().contiguous()
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
+    if t.dtype in _NUMPY_DTYPES:  # the short way (a few microseconds less a message)
+        return memoryview(t.numpy()).cast("B")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 

@@ -184,7 +184,7 @@ async def receive(stream: FrameStream) -> dict:
 def test_stream_carries_frames_of_every_size_into_writable_tensors():
     async def main():
         client, server, srv = await stream_pair()
-        sizes = [0, 1, 1000, transport.SMALL, 3 * transport.CHUNK + 5]
+        sizes = [0, 1, 1000, transport.COALESCE - 64, transport.READ_MAX, 3 * transport.CHUNK + 5]
         sent = [{"i": i, "t": torch.randn(n // 4 + 1), "b": torch.arange(n % 7, dtype=torch.bfloat16)}
                 for i, n in enumerate(sizes)]
         sender = asyncio.create_task(asyncio.wait([asyncio.create_task(client.send(encode_parts(m))) for m in sent]))
@@ -243,10 +243,65 @@ def test_a_frame_goes_out_in_writes_of_at_most_chunk_bytes_and_arrives_intact():
         assert max(recording.writes) == chunk and len(recording.writes) == 3   # 2.5 chunks and a bit
         small = encode_parts({"t": torch.rand(32 * 1024)})   # 128 KiB: header and payload in one write
         await client.send(small)
-        assert recording.writes[3:] == [sum(len(p) for p in small)]
         await receive(server)
+        assert recording.writes[3:] == [sum(len(p) for p in small)]
         srv.close()
     asyncio.run(main())
+
+
+def test_frames_sent_in_one_turn_of_the_loop_go_out_in_one_write_in_order():
+    """Frames under COALESCE bytes are queued and written together at the end of the turn (or once COALESCE
+    bytes wait); a larger frame first writes what is queued, so the order holds."""
+    writes = []
+
+    async def main():
+        client, server, srv = await stream_pair()
+        inner = client.transport.writelines
+        client.transport.writelines = lambda views: (writes.append(sum(len(v) for v in views)), inner(views))
+        small = [encode_parts({"i": i, "t": torch.rand(4096)}) for i in range(3)]   # 16 KiB each
+        large = encode_parts({"i": 3, "t": torch.rand(transport.COALESCE // 4)})
+        for parts in small:
+            await client.send(parts)
+        assert writes == []   # queued: this turn of the loop has not ended
+        await client.send(large)
+        assert writes[0] == sum(len(p) for parts in small for p in parts)   # the queue first, in one write
+        many = [encode_parts({"i": 4 + i, "t": torch.rand(16 << 10)}) for i in range(5)]   # 64 KiB each
+        for parts in many:
+            await client.send(parts)   # the fourth fills the queue to COALESCE: written at once
+        assert len(writes) == 3 and writes[-1] == sum(len(p) for parts in many[:4] for p in parts)
+        for i in range(9):
+            assert (await receive(server))["i"] == i
+        srv.close()
+    asyncio.run(main())
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 3, 100, 4000, transport.READ_MAX // 4 - 1, transport.READ_MAX // 4,
+                                       transport.READ_MAX // 4 + 7, transport.READ_MAX // 2]), min_size=1, max_size=8),
+       reads=st.lists(st.integers(1, 3 * transport.READ_MAX), min_size=1, max_size=20))
+def test_frames_are_read_whole_however_the_stream_is_cut(sizes, reads):
+    """The reader reads ahead and parses headers where they lie, or reads a large payload's rest straight
+    into its tensor: frames arrive intact whatever the kernel hands over per read (cut anywhere, many
+    frames in one read)."""
+    class Transport:
+        def pause_reading(self): pass
+
+    sent = [{"i": i, "t": torch.rand(n), "e": torch.zeros(0, 2), "b": torch.arange(n % 5, dtype=torch.bfloat16)}
+            for i, n in enumerate(sizes)]
+    data = memoryview(b"".join(b"".join(encode_parts(m)) for m in sent))
+    stream = FrameStream()
+    stream.transport = Transport()
+    pos, k = 0, 0
+    while pos < len(data):
+        buf = stream.get_buffer(-1)
+        n = min(len(buf), reads[k % len(reads)], len(data) - pos)
+        buf[:n] = data[pos:pos + n]
+        stream.buffer_updated(n)
+        pos, k = pos + n, k + 1
+    got = [assemble(f.body, f.tensors) for f in stream._frames]
+    assert len(got) == len(sent)
+    for g, m in zip(got, sent):
+        assert g["i"] == m["i"] and all(torch.equal(g[k], m[k]) and g[k].shape == m[k].shape for k in "teb")
 
 
 def test_a_receiver_that_stops_reading_stops_the_sender_with_bounded_buffers():

@@ -104,15 +104,16 @@ class DataService(Service):
 
     async def _frames(self, remote, frames, reply, handshake: ServerHandshake, deadline) -> None:
         sender = None
+        counted = {}   # message type -> its counter (labels() costs a microsecond a message)
         async for frame in frames:
-            ref = None
+            msg = None
             try:
                 if isinstance(frame, ProtocolError):
                     raise frame
                 self.m_bytes.inc(frame.nbytes if isinstance(frame, RawFrame) else len(frame))
                 msg = validate(await self.node.codec.decode(frame, MAX_DATA_FRAME))
-                ref = {k: msg[k] for k in ("type", "job", "rotation", "step", "mb") if k in msg}
-                self.m_messages.labels(msg["type"]).inc()
+                kind = msg["type"]
+                (counted.get(kind) or counted.setdefault(kind, self.m_messages.labels(kind))).inc()
                 if sender is None:
                     answer = handshake.step(msg)
                     sender = handshake.sender
@@ -120,17 +121,18 @@ class DataService(Service):
                         deadline.reschedule(None)   # a proven neighbour may stay connected
                     if answer:
                         await reply(answer)
-                elif msg["type"] in STAGE_MESSAGES:
+                elif kind in STAGE_MESSAGES:
                     await self.deliver(sender, msg)
-                elif msg["type"] == "ping":
+                elif kind == "ping":
                     await reply(message("pong", seq=msg["seq"]))
-                elif msg["type"] == "sink":
+                elif kind == "sink":
                     pass
                 else:
                     raise ProtocolError("unknown_type", f"{msg['type']!r} is not a data-plane message")
             except ProtocolError as e:
                 self.node.m_rejected.labels(e.code).inc()
                 log.warning("data plane: refused a message from %s: %s", sender or remote, e.message)
+                ref = msg and {k: msg[k] for k in ("type", "job", "rotation", "step", "mb") if k in msg}
                 await reply(error_message(e.code, e.message, ref))
 
     @serves("data_probe")
