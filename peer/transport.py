@@ -33,6 +33,7 @@ COALESCE = 256 << 10     # frames smaller than this sent in one turn of the even
 CHUNK = 4 << 20          # bytes per transport write (a view of the tensor: the transport copies nothing)
 WRITE_HIGH = 16 << 20    # a sender waits while its transport holds more than this
 READ_MAX = 256 << 10     # bytes per socket read: pieces this small are copied while still in cache (measured)
+DIRECT = 64 << 10        # a payload with this much left to read is read straight into its tensor
 RECV_HIGH = 16 << 20     # a receiver stops reading while this much of whole frames awaits its consumer
 KEEPALIVE_S = 30         # idle connections are probed; one silent this long is closed
 
@@ -112,7 +113,7 @@ class FrameStream(asyncio.BufferedProtocol):
         # a large payload's rest: the kernel copies straight into the tensor; anything else (prefixes,
         # headers, small payloads, the start of the next frame) is read ahead into `_ahead` and copied out
         # while in cache: one read for many small frames instead of three for each
-        self._direct = len(self._target) - self._pos >= READ_MAX
+        self._direct = len(self._target) - self._pos >= DIRECT
         return self._target[self._pos:self._pos + READ_MAX] if self._direct else self._ahead
 
     def buffer_updated(self, nbytes: int) -> None:
