@@ -17,6 +17,7 @@ class BufferPool:
         self.free_bytes = 0
         self._free: dict[int, list[bytearray]] = {}
         self._lock = threading.Lock()  # buffers come back on whichever thread drops the last tensor
+        self._lent: dict[int, tuple] = {}   # id of a weak reference -> (it, the buffer it returns)
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> tuple[torch.Tensor, memoryview]:
         """An uninitialised writable tensor of `nbytes` bytes (nbytes > 0), and a view of its bytes."""
@@ -28,12 +29,15 @@ class BufferPool:
         if buf is None:
             buf = bytearray(nbytes)
         # every tensor made from `array` keeps it alive through its storage; when the last one goes, so does
-        # `array`, and its finalizer returns the buffer
+        # `array`, and the callback of its weak reference returns the buffer (a plain weak reference: a
+        # finalizer costs several microseconds more a frame)
         array = np.frombuffer(buf, dtype=np.uint8)
-        weakref.finalize(array, self._release, buf)
+        ref = weakref.ref(array, self._release)
+        self._lent[id(ref)] = ref, buf
         return torch.from_numpy(array).view(dtype).reshape(shape), memoryview(buf)
 
-    def _release(self, buf: bytearray) -> None:
+    def _release(self, ref: weakref.ref) -> None:
+        _, buf = self._lent.pop(id(ref))
         with self._lock:
             if self.free_bytes + len(buf) <= self.max_free_bytes:
                 self._free.setdefault(len(buf), []).append(buf)

@@ -29,11 +29,12 @@ from protocols.frames import MAX_FRAME_BYTES, header_length, read_header
 UPGRADE = "splitring-data/1"
 PATH = "/data"
 RECV_POOL = BufferPool()  # where received payloads land (one pool per process)
-COALESCE = 256 << 10     # frames smaller than this sent in one turn of the event loop are written together
+COALESCE = 1 << 20        # frames smaller than this sent in one turn of the event loop are written together
 CHUNK = 4 << 20          # bytes per transport write (a view of the tensor: the transport copies nothing)
 WRITE_HIGH = 16 << 20    # a sender waits while its transport holds more than this
 READ_MAX = 256 << 10     # bytes per socket read: pieces this small are copied while still in cache (measured)
 DIRECT = 64 << 10        # a payload with this much left to read is read straight into its tensor
+LARGE_HEAD = 4 << 10     # bytes read ahead at the start of a frame that follows one of READ_MAX or more
 RECV_HIGH = 16 << 20     # a receiver stops reading while this much of whole frames awaits its consumer
 KEEPALIVE_S = 30         # idle connections are probed; one silent this long is closed
 
@@ -67,6 +68,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self._frame: RawFrame | None = None
         self._views: deque = deque()
         self._ahead = memoryview(bytearray(READ_MAX))
+        self._head_read = READ_MAX
         self._direct = False
         self._prefix = memoryview(bytearray(4))   # reused: every frame starts with one
         self._next_frame()
@@ -114,7 +116,9 @@ class FrameStream(asyncio.BufferedProtocol):
         # headers, small payloads, the start of the next frame) is read ahead into `_ahead` and copied out
         # while in cache: one read for many small frames instead of three for each
         self._direct = len(self._target) - self._pos >= DIRECT
-        return self._target[self._pos:self._pos + READ_MAX] if self._direct else self._ahead
+        if self._direct:
+            return self._target[self._pos:self._pos + READ_MAX]
+        return self._ahead[:self._head_read] if self._target is self._prefix and not self._pos else self._ahead
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
@@ -152,6 +156,9 @@ class FrameStream(asyncio.BufferedProtocol):
         if size > self.max_frame:
             raise ProtocolError("too_large", f"frame of {size} bytes exceeds the limit of {self.max_frame}")
         tensors, self._views = [], deque()
+        # after a frame of READ_MAX or more, read the next header on its own: its payload is likely large
+        # too, and is then read straight into its tensor instead of through `_ahead`
+        self._head_read = LARGE_HEAD if size >= READ_MAX else READ_MAX
         for dtype, shape, nbytes in table:
             if nbytes >= READ_MAX:   # pooled: fresh pages of a large buffer cost as much as the copy
                 t, view = RECV_POOL.tensor(dtype, shape, nbytes)

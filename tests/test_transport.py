@@ -265,7 +265,7 @@ def test_frames_sent_in_one_turn_of_the_loop_go_out_in_one_write_in_order():
         assert writes == []   # queued: this turn of the loop has not ended
         await client.send(large)
         assert writes[0] == sum(len(p) for parts in small for p in parts)   # the queue first, in one write
-        many = [encode_parts({"i": 4 + i, "t": torch.rand(16 << 10)}) for i in range(5)]   # 64 KiB each
+        many = [encode_parts({"i": 4 + i, "t": torch.rand(transport.COALESCE // 16)}) for i in range(5)]   # 1/4 each
         for parts in many:
             await client.send(parts)   # the fourth fills the queue to COALESCE: written at once
         assert len(writes) == 3 and writes[-1] == sum(len(p) for parts in many[:4] for p in parts)
