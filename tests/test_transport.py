@@ -275,21 +275,11 @@ def test_frames_sent_in_one_turn_of_the_loop_go_out_in_one_write_in_order():
     asyncio.run(main())
 
 
-@settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.sampled_from([0, 1, 3, 100, 4000, transport.READ_MAX // 4 - 1, transport.READ_MAX // 4,
-                                       transport.READ_MAX // 4 + 7, transport.READ_MAX // 2]), min_size=1, max_size=8),
-       reads=st.lists(st.integers(1, 3 * transport.READ_MAX), min_size=1, max_size=20))
-def test_frames_are_read_whole_however_the_stream_is_cut(sizes, reads):
-    """The reader reads ahead and parses headers where they lie, or reads a large payload's rest straight
-    into its tensor: frames arrive intact whatever the kernel hands over per read (cut anywhere, many
-    frames in one read)."""
+def feed(stream: FrameStream, data: memoryview, reads: list[int]) -> list[dict]:
+    """Hand `data` to the stream's reader as the kernel would, in reads of the given sizes (cycled)."""
     class Transport:
         def pause_reading(self): pass
 
-    sent = [{"i": i, "t": torch.rand(n), "e": torch.zeros(0, 2), "b": torch.arange(n % 5, dtype=torch.bfloat16)}
-            for i, n in enumerate(sizes)]
-    data = memoryview(b"".join(b"".join(encode_parts(m)) for m in sent))
-    stream = FrameStream()
     stream.transport = Transport()
     pos, k = 0, 0
     while pos < len(data):
@@ -298,7 +288,28 @@ def test_frames_are_read_whole_however_the_stream_is_cut(sizes, reads):
         buf[:n] = data[pos:pos + n]
         stream.buffer_updated(n)
         pos, k = pos + n, k + 1
-    got = [assemble(f.body, f.tensors) for f in stream._frames]
+    return [assemble(f.body, f.tensors) for f in stream._frames]
+
+
+def test_two_frames_cut_at_every_byte_are_read_whole():
+    sent = [{"i": i, "t": torch.rand(5 + i)} for i in range(2)]
+    data = memoryview(b"".join(b"".join(encode_parts(m)) for m in sent))
+    for cut in range(1, len(data)):
+        got = feed(FrameStream(), data, [cut, len(data)])
+        assert [g["i"] for g in got] == [0, 1] and all(torch.equal(g["t"], m["t"]) for g, m in zip(got, sent)), cut
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 3, 100, 4000, transport.READ_MAX // 4 - 1, transport.READ_MAX // 4,
+                                       transport.READ_MAX // 4 + 7, transport.READ_MAX // 2]), min_size=1, max_size=8),
+       reads=st.lists(st.integers(1, 3 * transport.READ_MAX), min_size=1, max_size=20))
+def test_frames_are_read_whole_however_the_stream_is_cut(sizes, reads):
+    """The reader reads ahead and parses headers where they lie, or reads a large payload's rest straight
+    into its tensor: frames arrive intact whatever the kernel hands over per read (cut anywhere, many
+    frames in one read)."""
+    sent = [{"i": i, "t": torch.rand(n), "e": torch.zeros(0, 2), "b": torch.arange(n % 5, dtype=torch.bfloat16)}
+            for i, n in enumerate(sizes)]
+    got = feed(FrameStream(), memoryview(b"".join(b"".join(encode_parts(m)) for m in sent)), reads)
     assert len(got) == len(sent)
     for g, m in zip(got, sent):
         assert g["i"] == m["i"] and all(torch.equal(g[k], m[k]) and g[k].shape == m[k].shape for k in "teb")
