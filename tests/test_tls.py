@@ -113,7 +113,13 @@ class Relay:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
 
     def __exit__(self, *exc) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
+        async def shut():   # relays still running end here, not as coroutines the collector finds unfinished
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
