@@ -3,13 +3,15 @@
 The client sends `GET /data` with `Upgrade: splitring-data/1`, waits for `101 Switching Protocols`, and
 from then on the TCP connection carries protocols.frames frames back to back (a payload's length follows
 from its header entry, so no other framing is needed).
-Writing: the header and views of the payloads' memory, gathered into writes of at most CHUNK bytes (each
-one writelines: one writev under uvloop, which the agents run), waiting while the transport holds more
-than WRITE_HIGH bytes: a receiver that stops reading stops the sender there.
-Reading (asyncio.BufferedProtocol): the kernel copies each payload straight into a tensor made from the
-header's table, in a reused buffer (peer.buffers); whole frames wait for the consumer in a queue, and
-reading pauses while that queue holds RECV_HIGH bytes or more, which stops the sender through TCP flow
-control.
+Writing: the header and views of the payloads' memory, never copied. Frames under COALESCE bytes sent in
+one turn of the event loop go out together at its end (one writev: one system call, one wake-up of the
+reader); larger ones in writes of at most CHUNK bytes (each one writelines: one writev under uvloop, which
+the agents run), waiting while the transport holds more than WRITE_HIGH bytes: a receiver that stops
+reading stops the sender there.
+Reading (asyncio.BufferedProtocol): headers and small payloads are read ahead, up to READ_MAX bytes at a
+time, and parsed or copied from there; the rest of a large payload is read straight into its tensor (from
+a pool of reused buffers, peer.buffers). Whole frames wait for the consumer in a queue, and reading pauses
+while that queue holds RECV_HIGH bytes or more, which stops the sender through TCP flow control.
 """
 from __future__ import annotations
 
@@ -223,7 +225,8 @@ class FrameStream(asyncio.BufferedProtocol):
 
     async def send(self, parts: list) -> None:
         """Write one frame (protocols.frames.encode_parts). Returns once all of it is handed to the
-        transport, whose buffer may still reference the last WRITE_HIGH bytes of the tensors."""
+        transport (or queued for the end of this turn of the loop), whose buffer may still reference the
+        last WRITE_HIGH bytes of the tensors: a sender must not change a tensor it has sent."""
         size = sum(len(p) for p in parts)
         if size < COALESCE and self._writable.is_set() and not self._send_lock.locked():
             self._coalesce(parts, size)   # nothing to wait for: no awaits
