@@ -273,7 +273,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self.transport.writelines(batch)
 
     def _check_open(self) -> None:
-        if self.lost or self.transport.is_closing():
+        if self.closed:
             raise ConnectionError("the data-plane connection is closed")
 
 
