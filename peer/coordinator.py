@@ -24,6 +24,7 @@ from pipeline.jobplan import (Facts, JobPlan, facts_from_dict, facts_to_dict, ho
 from pipeline.planner import Device, LayerCost, too_big
 from pipeline.profiling import microbatch_rows, optimizer_state_ratio
 from peer.limits import JOB_LIMITS
+from peer import faults
 from peer.client import JobError, PeerClient, Unanswered
 from peer.trace import History, clock_offset, timeline, valid_spans
 
@@ -384,6 +385,8 @@ class Coordinator:
                             "predicted": {s.peer: {"compute_s": s.compute_s, "send_s": s.send_s}
                                           for s in step.split.stages}}
             self.emit({"event": "plan", **step.to_dict()})
+            if faults.reach("rotation") == "hold":
+                await faults.hold()
             tc = time.perf_counter()
             await self._commit(step, version, by_id)
             prog.commit_seconds += time.perf_counter() - tc

@@ -9,9 +9,12 @@ comma-separated list of ACTION:POINT:N, "at the N-th time this agent reaches POI
                            receiver whose copy is not what was sent)
     dup:send_fwd:3         send the 3rd fwd message twice in a row (send_bwd: bwd messages)
     replay:send_fwd:3      send the 3rd fwd message again, just before the next fwd message
+    hold:rotation:4        the coordinator waits, before its 4th rotation, until the job is stopped (so a
+                           stop surely finds the job running, however slowly the stop comes)
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -19,7 +22,7 @@ import signal
 import torch
 
 log = logging.getLogger("splitring.faults")
-ACTIONS = ("kill", "corrupt", "lie", "dup", "replay")
+ACTIONS = ("kill", "corrupt", "lie", "dup", "replay", "hold")
 
 
 def parse(text: str) -> dict[tuple[str, int], str]:
@@ -48,6 +51,11 @@ def reach(point: str) -> str | None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     return action
+
+
+async def hold() -> None:
+    """Wait until cancelled."""
+    await asyncio.get_running_loop().create_future()
 
 
 def corrupt(state: dict) -> bool:

@@ -195,14 +195,17 @@ def test_after_a_power_cut_every_agent_restarted_and_resume_finishes_exact(start
 
 
 def test_ctrl_c_stops_the_job_cleanly_and_resume_finishes_it_exact(start_ring, shards, tmp_path):
-    """Agents 10x slower (a second or more per pass), so that the job is surely running when Ctrl-C comes:
-    on an idle machine it ends within a second, sooner than a loaded one delivers the signal."""
+    """The coordinator holds before its 4th rotation until the job is stopped, so the job is surely running
+    when Ctrl-C comes (unheld, it ends within two seconds: a loaded machine once delivered the signal later)."""
     sets, paths = shards
-    ring = start_ring([["--data", p, "--compute-slowdown", "10"] for p in paths])
+    ring = start_ring([["--data", p] for p in paths], peer_ids=["p0", "p1", "p2"],
+                      env={0: {"SPLITRING_TEST_FAULT": "hold:rotation:4"}})
     order = ring.ring_order()
+    assert order[0] is ring.agents[0]
     proc = subprocess.Popen([sys.executable, "-m", "peer", "train", "--peer", order[0].url, *JOB],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: rotation_of(order[1]) >= 2, 120, "the job reaches rotation 2")
+    log = ring.workdir / "agent0.log"
+    wait_until(lambda: "test fault: hold at rotation:4" in log.read_text(), 120, "the coordinator holds")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "resume it with `splitring train --resume" in err, err
