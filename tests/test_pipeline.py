@@ -53,6 +53,13 @@ def test_digits_split_is_fixed_and_shards_are_disjoint():
     assert torch.equal(data.load("digits").y, full.y)  # deterministic
 
 
+def test_digits_are_what_scikit_learn_loads():
+    from sklearn.datasets import load_digits
+
+    table, d = data.digits_table(), load_digits()
+    assert np.array_equal(table[:, :-1], d.data) and np.array_equal(table[:, -1].astype(np.int64), d.target)
+
+
 def test_npz_loading_and_errors(tmp_path):
     good = tmp_path / "good.npz"
     np.savez(good, x=np.ones((5, 64), np.float32), y=np.arange(5), x_test=np.ones((2, 64), np.float32),
