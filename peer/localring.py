@@ -177,6 +177,19 @@ class LocalRing:
         self.stop()
 
 
+# The CLI as a terminal starts it, SIGINT at its default: a shell without job control starts background commands
+# with SIGINT ignored, and then Python never raises KeyboardInterrupt (a suite run started that way saw
+# `splitring train` ignore a test's Ctrl-C).
+_AS_FROM_A_TERMINAL = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                       "from peer.cli import main; sys.exit(main())")
+
+
+def train_process(peer_url: str, *args: str) -> subprocess.Popen:
+    """`splitring train --peer URL ARGS` in the background (text pipes), stopped by SIGINT as by Ctrl-C."""
+    return subprocess.Popen([sys.executable, "-c", _AS_FROM_A_TERMINAL, "train", "--peer", peer_url, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def train_cli(peer_url: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `splitring train --peer URL ARGS --json` and return the completed process."""
     return subprocess.run([sys.executable, "-m", "peer", "train", "--peer", peer_url, "--json", *args],

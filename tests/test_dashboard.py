@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.localring import LocalRing, train_cli
+from peer.localring import LocalRing, train_cli, train_process
 from peer.trace import History, Trace, clock_offset, stage_times, timeline, valid_spans
 from protocols import ProtocolError
 from protocols.auth import DASHBOARD_LINK_S, check_dashboard_link, dashboard_link, ring_key
@@ -301,9 +301,8 @@ def chrome():
 def test_a_browser_shows_the_ring_the_chain_and_a_growing_loss_curve(secret_ring):
     url = secret_ring.urls[1]   # not the coordinator: its dashboard shows the job from its coordinator
     browser = chrome()
-    train = subprocess.Popen([sys.executable, "-m", "peer", "train", "--peer", secret_ring.urls[0], "--secret-file",
-                              str(secret_ring.secret_file), "--model", "mlp", "--epochs", "30", "--batch-size", "8",
-                              "--split", "even", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train = train_process(secret_ring.urls[0], "--secret-file", str(secret_ring.secret_file), "--model", "mlp",
+                          "--epochs", "30", "--batch-size", "8", "--split", "even", "--json")
     try:
         browser.get(link_for(url, secret_ring))
 

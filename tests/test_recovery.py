@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_out, max_diff, save_npz, summary_of, wait_until
-from peer.localring import train_cli
+from peer.localring import train_cli, train_process
 from peer.state import audit
 from pipeline.jobplan import successor
 from pipeline import data, reference
@@ -202,8 +202,7 @@ def test_ctrl_c_stops_the_job_cleanly_and_resume_finishes_it_exact(start_ring, s
                       env={0: {"SPLITRING_TEST_FAULT": "hold:rotation:4"}})
     order = ring.ring_order()
     assert order[0] is ring.agents[0]
-    proc = subprocess.Popen([sys.executable, "-m", "peer", "train", "--peer", order[0].url, *JOB],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = train_process(order[0].url, *JOB)
     log = ring.workdir / "agent0.log"
     wait_until(lambda: "test fault: hold at rotation:4" in log.read_text(), 120, "the coordinator holds")
     proc.send_signal(signal.SIGINT)
