@@ -89,7 +89,7 @@ def empty() -> Dataset:
 
 def digits_table() -> np.ndarray:
     """scikit-learn's bundled digits as its file holds them: 64 pixels then the label, a row per image.
-    Read without importing sklearn, which would cost every agent 0.45 s at start (load_digits reads the same
+    Read without importing sklearn, which would cost every agent 0.7 s at start (load_digits reads the same
     file: a test compares the two)."""
     package = importlib.util.find_spec("sklearn").submodule_search_locations[0]
     return np.loadtxt(os.path.join(package, "datasets", "data", "digits.csv.gz"), delimiter=",")
