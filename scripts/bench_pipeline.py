@@ -30,7 +30,10 @@ Headline: paired ratios. Each of --repeats R repeats measures everything back to
 `fast_vs_single_paired`, `fast_vs_torch_pipelining_paired` and `fast_async_vs_single_2thread_paired` are
 the medians of the ratios within a repeat, each with `_min` and `_max`. The plain figures are each the
 best of the R runs.
-Usage: python scripts/bench_pipeline.py [--json] [--steps N] [--repeats R] [--microbatches M]
+--trace instead runs Fast N-split once and shows where a step goes: the job's per-action timeline of one step
+of each stage (the summary's `timeline`: busy, wait and send spans in ms), each stage's busy/wait/send ms in
+that step live, the same stages' compute alone (`fast_stage_ms`) and the single process on 1 and 2 threads.
+Usage: python scripts/bench_pipeline.py [--json] [--steps N] [--repeats R] [--microbatches M] [--trace]
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from peer.cli.common import keep_freed_memory, pin_to  # noqa: E402
 from peer.localring import LocalRing, train_cli  # noqa: E402
+from peer.trace import stage_times  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.stage import Stage  # noqa: E402
@@ -224,6 +228,20 @@ def paired(ratios: list[float], key: str) -> dict:
     return {key: statistics.median(ratios), f"{key}_min": min(ratios), f"{key}_max": max(ratios)}
 
 
+def trace(steps: int, cpus: list[str] | None, cores: list[int]) -> dict:
+    """One Fast N-split run's per-action timeline of a step, beside the compute it would need and the
+    single process's step, all in ms."""
+    run = splitring(steps, "fast", 2, *FAST, cpus=cpus, options=DEDICATED)
+    tl = run["timeline"]
+    spans = {peer: [[kind, label, round(1e3 * t0, 2), round(1e3 * t1, 2)] for kind, label, t0, t1 in s]
+             for peer, s in tl["spans"].items()}
+    live = {peer: {k: round(1e3 * v, 2) for k, v in t.items()} for peer, t in stage_times(tl).items()}
+    single_ms = {f"single_{n}thread_ms": 1e3 * BATCH / single(steps, set(cores[:n]), n) for n in (1, 2)}
+    return {"fast_sps": run[RATE], "fast_ms": 1e3 * BATCH / run[RATE], "step": tl["step"], "live_ms": live,
+            "fast_stage_ms": stage_ms([tuple(r) for r in run["plans"][0]["ranges"].values()], steps),
+            **single_ms, "microbatches": MICRO, "spans_ms": spans}
+
+
 def main() -> None:
     global MICRO
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,6 +250,7 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=MICRO,
                     help=f"microbatches per step of {BATCH} samples (default: %(default)s)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="one Fast N-split run: where its step goes")
     args = ap.parse_args()
     MICRO = args.microbatches
     if args.steps < 2:
@@ -241,6 +260,9 @@ def main() -> None:
     # Each agent (and each gloo rank) on a core of its own, as on two devices; the single process on one.
     cores = sorted(os.sched_getaffinity(0))
     cpus = [str(c) for c in cores[:2]] if len(cores) >= 2 else None
+    if args.trace:
+        print(json.dumps(trace(args.steps, cpus, cores)))
+        return
     # Every repeat measures everything once, back to back, so each repeat's ratios compare runs made
     # under the same conditions (`*_paired`: their median); the plain figures are each the best run.
     rounds: list[dict] = []
