@@ -257,6 +257,13 @@ MUTANTS = [
          old="        await self.mailbox.room(box_of(msg[\"type\"], msg.get(\"stage\", self.position)))\n",
          new="",
          tests=["tests/test_guarantees.py::test_a_receiver_that_falls_behind_stops_reading_and_the_model_is_exact"]),
+    dict(name="low-water-mark",
+         guarantee="The reader's low-water mark (SO_RCVLOWAT) never asks for more than is still due: it follows a "
+                   "large payload's rest read by read and is back at one byte after it.",
+         file="peer/transport.py",
+         old="                self._set_lowat(min(left, READ_MAX) if left >= DIRECT else 1)\n",
+         new="",
+         tests=["tests/test_transport.py::test_the_readers_low_water_mark_never_waits_for_bytes_not_yet_sent"]),
     dict(name="commit-planned-layers",
          guarantee="A commit refuses a stage that lacks a layer of its planned range, naming the layer.",
          file="peer/worker.py",

@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import math
+import socket
 import subprocess
 import sys
 
@@ -195,6 +196,24 @@ def test_stream_carries_frames_of_every_size_into_writable_tensors():
         await sender
         client.close()
         assert await server.recv() is None
+        srv.close()
+    asyncio.run(main())
+
+
+def test_the_readers_low_water_mark_never_waits_for_bytes_not_yet_sent():
+    """While a large payload's rest is due the reader asks to be woken only once it is there (SO_RCVLOWAT,
+    at most READ_MAX): after each read the mark must follow what is still due, and after the payload be back
+    at one byte, or the reader would wait for bytes that never come."""
+    async def main():
+        client, server, srv = await stream_pair()
+        sock = server.transport.get_extra_info("socket")
+        for n in (transport.DIRECT, transport.READ_MAX + 5, 3 * transport.CHUNK):
+            big = torch.rand(n // 4)
+            await client.send(encode_parts({"t": big}))
+            assert torch.equal((await asyncio.wait_for(receive(server), 30))["t"], big)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+            await client.send(encode_parts({"i": n}))   # 30-odd bytes, alone on the wire
+            assert (await asyncio.wait_for(receive(server), 10))["i"] == n
         srv.close()
     asyncio.run(main())
 
