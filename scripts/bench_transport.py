@@ -22,11 +22,14 @@ Usage: python scripts/bench_transport.py [--json] [--repeat N] [--total-mib N] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import socket
 import statistics
 import struct
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -37,7 +40,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from peer.localring import LocalRing  # noqa: E402
+import netns  # noqa: E402  (scripts/)
+from peer.localring import AgentProcess, LocalRing  # noqa: E402
 
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 _HEAD = struct.Struct(">QQ")  # raw socket: size, count
@@ -47,6 +51,32 @@ WINDOW = 4                     # gloo streaming: messages in flight
 
 def counts(size: int, total: int) -> int:
     return max(4, total // size)
+
+
+# --- where each end runs ---------------------------------------------------------------------
+LOOPBACK = [(None, "127.0.0.1")] * 2   # (network namespace or None for this one, address): sender, receiver
+
+
+def enter(place: tuple) -> None:
+    if place[0]:
+        netns.enter(place[0])
+
+
+@contextlib.contextmanager
+def host_agents(hosts: netns.Hosts, workdir: str):
+    """Agent k in host k's namespace, on its address; yields their URLs."""
+    agents = []
+    try:
+        for k in range(hosts.n):
+            agents.append(AgentProcess(["--ring", "bench", "--interface", hosts.address(k), "--port", "7000",
+                                        "--threads", "1", "--state-dir", f"{workdir}/h{k}"],
+                                       Path(workdir) / f"h{k}.log", prefix=hosts.prefix(k)))
+        for a in agents:
+            a.wait_ready(60)
+        yield [a.url for a in agents]
+    finally:
+        for a in agents:
+            a.stop()
 
 
 # --- splitring --------------------------------------------------------------------------------
@@ -79,9 +109,12 @@ def status_latency(urls: list[str], sender: str, receiver: str) -> dict:
 
 
 # --- gloo -------------------------------------------------------------------------------------
-def gloo_rank(rank: int, port: int, conn) -> None:
+def gloo_rank(rank: int, port: int, conn, places: list) -> None:
+    enter(places[rank])
+    if places[rank][0]:   # in a namespace of netns.Hosts: its one interface
+        os.environ["GLOO_SOCKET_IFNAME"] = "eth0"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://{places[0][1]}:{port}", rank=rank, world_size=2)
     job = torch.zeros(2, dtype=torch.int64)
     while True:
         if rank == 0:
@@ -118,11 +151,11 @@ def gloo_rank(rank: int, port: int, conn) -> None:
 
 
 class Gloo:
-    def __init__(self):
+    def __init__(self, places: list):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         port = free_port()
-        self.procs = [ctx.Process(target=gloo_rank, args=(r, port, child if r == 0 else None)) for r in (0, 1)]
+        self.procs = [ctx.Process(target=gloo_rank, args=(r, port, child if r == 0 else None, places)) for r in (0, 1)]
         for p in self.procs:
             p.start()
 
@@ -137,9 +170,10 @@ class Gloo:
 
 
 # --- raw socket -------------------------------------------------------------------------------
-def raw_receiver(port_out, largest: int) -> None:
+def raw_receiver(port_out, largest: int, place: tuple) -> None:
+    enter(place)
     srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
+    srv.bind((place[1], 0))
     srv.listen()
     port_out.send(srv.getsockname()[1])
     conn, _ = srv.accept()
@@ -157,29 +191,45 @@ def raw_receiver(port_out, largest: int) -> None:
         conn.sendall(b"k")
 
 
+def raw_sender(jobs, largest: int, place: tuple, to: tuple) -> None:
+    enter(place)
+    sock = socket.create_connection(to)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = memoryview(bytearray(largest))   # allocated once, before anything is timed
+    while True:
+        size, count = jobs.recv()
+        if size == 0:
+            sock.sendall(_HEAD.pack(0, 0))
+            return sock.close()
+        t0 = time.perf_counter()
+        sock.sendall(_HEAD.pack(size, count))
+        for _ in range(count):
+            sock.sendall(data[:size])
+        sock.recv(1)
+        jobs.send(time.perf_counter() - t0)
+
+
 class Raw:
-    def __init__(self, largest: int):
+    """A receiving and a sending process, each where `places` puts it."""
+
+    def __init__(self, largest: int, places: list):
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=raw_receiver, args=(child, largest))
-        self.proc.start()
-        self.sock = socket.create_connection(("127.0.0.1", parent.recv()))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.data = memoryview(bytearray(largest))
+        self.procs = [ctx.Process(target=raw_receiver, args=(child, largest, places[1]))]
+        self.procs[0].start()
+        to = (places[1][1], parent.recv())
+        self.jobs, child = ctx.Pipe()
+        self.procs.append(ctx.Process(target=raw_sender, args=(child, largest, places[0], to)))
+        self.procs[1].start()
 
     def measure(self, size: int, count: int) -> float:
-        data = self.data[:size]
-        t0 = time.perf_counter()
-        self.sock.sendall(_HEAD.pack(size, count))
-        for _ in range(count):
-            self.sock.sendall(data)
-        self.sock.recv(1)
-        return time.perf_counter() - t0
+        self.jobs.send((size, count))
+        return self.jobs.recv()
 
     def close(self):
-        self.sock.sendall(_HEAD.pack(0, 0))
-        self.sock.close()
-        self.proc.join(30)
+        self.jobs.send((0, 0))
+        for p in self.procs:
+            p.join(30)
 
 
 def free_port() -> int:
@@ -198,54 +248,61 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object per line, one per size")
     ap.add_argument("--repeat", type=int, default=5, help="repeats per size; ratios are paired within a repeat")
     ap.add_argument("--total-mib", type=int, default=256, help="bytes moved per measurement (at least 4 tensors)")
+    ap.add_argument("--hosts", action="store_true",
+                    help="each sender in one network namespace and each receiver in another, on a bridge (root)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="tensor sizes in bytes")
     args = ap.parse_args()
     sizes = [int(v) for v in args.sizes.split(",")]
     total = args.total_mib << 20
-    gloo, raw = Gloo(), Raw(max(sizes))
-    try:
-        with LocalRing([[], []]) as ring:
-            sender, receiver = ring.urls
-            probe(sender, receiver, 1 << 20, 8)  # connect and warm up
-            if not args.json:
-                print(f"{'size':>9} {'splitring':>10} {'raw':>8} {'gloo':>8} {'gloo-a':>8} {'vs raw':>7} "
-                      f"{'vs gloo-a':>9} {'rtt ms':>8} {'ping ms':>8}   (GB/s medians, paired ratios of {args.repeat})")
-            for size in sizes:
-                n = counts(size, total)
-                runs = {"splitring": lambda: probe(sender, receiver, size, n), "raw": lambda: raw.measure(size, n),
-                        "gloo": lambda: gloo.measure(size, n), "gloo_async": lambda: gloo.measure(size, n, True)}
-                names, got = list(runs), {name: [] for name in runs}
-                for r in range(args.repeat):
-                    for name in names[r % len(names):] + names[:r % len(names)]:   # rotating order
-                        got[name].append(size * n / runs[name]() / 1e9)
-                k = max(3, min(50, n // 4))
-                rtt = statistics.median(probe(sender, receiver, size, k, round_trips=True) / k
-                                        for _ in range(args.repeat))
-                ping = statistics.median(probe(sender, receiver, 0, 200, round_trips=True) / 200
-                                         for _ in range(args.repeat))
-                ours = got["splitring"]
-                row = {"size_bytes": size, **{f"{name}_gbps": round(statistics.median(v), 3) for name, v in got.items()},
-                       **paired([a / b for a, b in zip(ours, got["raw"])], "vs_raw_paired"),
-                       **paired([a / b for a, b in zip(ours, got["gloo_async"])], "vs_gloo_async_paired"),
-                       **paired([a / b for a, b in zip(ours, got["gloo"])], "vs_gloo_paired"),
-                       "splitring_rtt_ms": round(1e3 * rtt, 3), "ping_rtt_ms": round(1e3 * ping, 3),
-                       "repeats": args.repeat, "messages": n}
-                if size == SIZES[-1]:
-                    row.update(status_latency(ring.urls, sender, receiver))
-                if args.json:
-                    print(json.dumps(row), flush=True)
-                else:
-                    print(f"{size >> 10:>6}KiB {row['splitring_gbps']:>10.2f} {row['raw_gbps']:>8.2f} "
-                          f"{row['gloo_gbps']:>8.2f} {row['gloo_async_gbps']:>8.2f} {row['vs_raw_paired']:>7.2f} "
-                          f"{row['vs_gloo_async_paired']:>9.2f} {row['splitring_rtt_ms']:>8.3f} "
-                          f"{row['ping_rtt_ms']:>8.3f}", flush=True)
-                    if "status_ms_sending" in row:
-                        print(f"GET /status while 64 MiB tensors are in flight: worst {row['status_ms_sending']} ms "
-                              f"(sending agent), {row['status_ms_receiving']} ms (receiving agent), "
-                              f"{row['status_polls']} polls")
-    finally:
-        gloo.close()
-        raw.close()
+    with contextlib.ExitStack() as stack:
+        if args.hosts:   # two namespaces on a bridge: every sender in one, every receiver in the other
+            hosts = stack.enter_context(netns.Hosts(2))
+            places = [(hosts.namespaces[k], hosts.address(k)) for k in range(2)]
+            urls = stack.enter_context(host_agents(hosts, stack.enter_context(tempfile.TemporaryDirectory())))
+        else:
+            places, urls = LOOPBACK, stack.enter_context(LocalRing([[], []])).urls
+        gloo = Gloo(places)
+        stack.callback(gloo.close)
+        raw = Raw(max(sizes), places)
+        stack.callback(raw.close)
+        sender, receiver = urls
+        probe(sender, receiver, 1 << 20, 8)  # connect and warm up
+        if not args.json:
+            print(f"{'size':>9} {'splitring':>10} {'raw':>8} {'gloo':>8} {'gloo-a':>8} {'vs raw':>7} "
+                  f"{'vs gloo-a':>9} {'rtt ms':>8} {'ping ms':>8}   (GB/s medians, paired ratios of {args.repeat})")
+        for size in sizes:
+            n = counts(size, total)
+            runs = {"splitring": lambda: probe(sender, receiver, size, n), "raw": lambda: raw.measure(size, n),
+                    "gloo": lambda: gloo.measure(size, n), "gloo_async": lambda: gloo.measure(size, n, True)}
+            names, got = list(runs), {name: [] for name in runs}
+            for r in range(args.repeat):
+                for name in names[r % len(names):] + names[:r % len(names)]:   # rotating order
+                    got[name].append(size * n / runs[name]() / 1e9)
+            k = max(3, min(50, n // 4))
+            rtt = statistics.median(probe(sender, receiver, size, k, round_trips=True) / k
+                                    for _ in range(args.repeat))
+            ping = statistics.median(probe(sender, receiver, 0, 200, round_trips=True) / 200
+                                     for _ in range(args.repeat))
+            ours = got["splitring"]
+            row = {"size_bytes": size, **{f"{name}_gbps": round(statistics.median(v), 3) for name, v in got.items()},
+                   **paired([a / b for a, b in zip(ours, got["raw"])], "vs_raw_paired"),
+                   **paired([a / b for a, b in zip(ours, got["gloo_async"])], "vs_gloo_async_paired"),
+                   **paired([a / b for a, b in zip(ours, got["gloo"])], "vs_gloo_paired"),
+                   "splitring_rtt_ms": round(1e3 * rtt, 3), "ping_rtt_ms": round(1e3 * ping, 3),
+                   "repeats": args.repeat, "messages": n}
+            if size == SIZES[-1]:
+                row.update(status_latency(urls, sender, receiver))
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"{size >> 10:>6}KiB {row['splitring_gbps']:>10.2f} {row['raw_gbps']:>8.2f} "
+                      f"{row['gloo_gbps']:>8.2f} {row['gloo_async_gbps']:>8.2f} {row['vs_raw_paired']:>7.2f} "
+                      f"{row['vs_gloo_async_paired']:>9.2f} {row['splitring_rtt_ms']:>8.3f} "
+                      f"{row['ping_rtt_ms']:>8.3f}", flush=True)
+                if "status_ms_sending" in row:
+                    print(f"GET /status while 64 MiB tensors are in flight: worst {row['status_ms_sending']} ms "
+                          f"(sending agent), {row['status_ms_receiving']} ms (receiving agent), "
+                          f"{row['status_polls']} polls")
     return 0
 
 
