@@ -1,4 +1,5 @@
-"""Data-plane throughput and latency against the strongest baselines, in one run, on loopback.
+"""Data-plane throughput and latency against the strongest baselines, in one run, on loopback or (--hosts, as
+root) between two network namespaces on a bridge (scripts/netns.py): every sender in one, every receiver in the other.
 
 For each tensor size (64 KiB to 64 MiB, x4 steps), each repeat measures every transport back to back (in
 an order that rotates from repeat to repeat), so that their ratios within a repeat compare runs made under
@@ -17,7 +18,7 @@ repeats of splitring's throughput divided by the baseline's in the same repeat, 
 The `*_gbps` figures are medians over repeats (GB/s = 1e9 bytes/s). The 64 MiB line also gives the latency
 of GET /status on the sending and on the receiving agent while 64 MiB tensors are in flight
 (status_ms_sending / status_ms_receiving: the worst of the polls, with the number of polls).
-Usage: python scripts/bench_transport.py [--json] [--repeat N] [--total-mib N] [--sizes 65536,...]
+Usage: python scripts/bench_transport.py [--json] [--repeat N] [--total-mib N] [--sizes 65536,...] [--hosts]
 """
 from __future__ import annotations
 
