@@ -1,4 +1,5 @@
 """Multi-host: one agent per network namespace on a bridge made here, real mDNS between them."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,4 +59,17 @@ def test_namespaces_are_removed_after_a_failure():
         with hosts:
             assert hosts.exec(0, ["ip", "link", "show", "eth0"], capture_output=True).returncode == 0
             raise RuntimeError("boom")
+    assert netns.leftovers(hosts.tag) == []
+
+
+def test_a_process_that_enters_a_hosts_namespace_has_that_hosts_address():
+    """netns.enter (the transport benchmark's --hosts puts its raw-socket and gloo processes in place with it)."""
+    bind = "import socket, sys; s = socket.socket(); s.bind((sys.argv[1], 0)); print('bound')"
+    hosts = netns.Hosts(1)
+    with hosts:
+        here = subprocess.run([sys.executable, "-c", bind, hosts.address(0)], capture_output=True, text=True)
+        assert here.returncode != 0 and "Cannot assign requested address" in here.stderr   # not ours out here
+        inside = subprocess.run([sys.executable, "-c", f"import netns; netns.enter({hosts.namespaces[0]!r}); " + bind,
+                                 hosts.address(0)], capture_output=True, text=True, cwd=Path(netns.__file__).parent)
+        assert inside.stdout.strip() == "bound", inside.stderr
     assert netns.leftovers(hosts.tag) == []
