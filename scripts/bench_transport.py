@@ -202,10 +202,11 @@ def raw_sender(jobs, largest: int, place: tuple, to: tuple) -> None:
         if size == 0:
             sock.sendall(_HEAD.pack(0, 0))
             return sock.close()
+        view = data[:size]
         t0 = time.perf_counter()
         sock.sendall(_HEAD.pack(size, count))
         for _ in range(count):
-            sock.sendall(data[:size])
+            sock.sendall(view)
         sock.recv(1)
         jobs.send(time.perf_counter() - t0)
 
