@@ -95,8 +95,10 @@ def single(steps: int, cpus: set[int] | None = None, threads: int = 1) -> float:
         torch.set_num_threads(1)
 
 
-def stage_ms(ranges: list[tuple[int, int]], steps: int) -> list[float]:
-    """Milliseconds per step of each stage's own compute under Fast N-split, one thread, no I/O."""
+def stage_ms(plan_ranges: dict, steps: int) -> list[float]:
+    """Milliseconds per step of each stage's own compute under Fast N-split, one thread, no I/O, for a
+    plan's `ranges` ({peer: [a, b]}, in stage order)."""
+    ranges = [tuple(r) for r in plan_ranges.values()]
     torch.set_num_threads(1)
     cfg = JobConfig(model=SPEC, scheme="fast", microbatches=MICRO, batch_size=BATCH, lr=0.01)
     x, y = samples(1)
@@ -238,7 +240,7 @@ def trace(steps: int, cpus: list[str] | None, cores: list[int]) -> dict:
     live = {peer: {k: round(1e3 * v, 2) for k, v in t.items()} for peer, t in stage_times(tl).items()}
     single_ms = {f"single_{n}thread_ms": 1e3 * BATCH / single(steps, set(cores[:n]), n) for n in (1, 2)}
     return {"fast_sps": run[RATE], "fast_ms": 1e3 * BATCH / run[RATE], "step": tl["step"], "live_ms": live,
-            "fast_stage_ms": stage_ms([tuple(r) for r in run["plans"][0]["ranges"].values()], steps),
+            "fast_stage_ms": stage_ms(run["plans"][0]["ranges"], steps),
             **single_ms, "microbatches": MICRO, "spans_ms": spans}
 
 
@@ -302,7 +304,7 @@ def main() -> None:
     res["torch_pipelining_best_sps"] = res["torch_pipelining_schedules"][res["torch_pipelining_best_schedule"]]
     res["torch_pipelining_split"] = {"head_layers": head, "stages": {
         name: torch_stages(head, DEPTH + 1, SCHEDULES[name][1]) for name in ran}}
-    res["fast_stage_ms"] = stage_ms([tuple(r) for r in res["fast_ranges"].values()], args.steps)
+    res["fast_stage_ms"] = stage_ms(res["fast_ranges"], args.steps)
     res["fast_ceiling_sps"] = BATCH / (max(res["fast_stage_ms"]) / 1000)
     res["pinned_cpus"] = cpus
     res["agent_options"], res["fast_options"] = list(DEDICATED), list(FAST)
